@@ -1,0 +1,133 @@
+"""Training data: read and check the user's text, tokenise it once into cached token files, draw batches."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from . import atomic
+from .tokenizer import Tokenizer
+
+TINY_SHAKESPEARE_URL = "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt"
+VAL_FRACTION = 0.1  # the last 10% of the text is the validation split, as in nanoGPT
+
+
+class DataError(ValueError):
+    """The training text cannot be used; the message says why and what to do."""
+
+
+def read_text(path: str | Path) -> str:
+    """The text of a UTF-8 file, or a DataError naming the problem (missing, empty, not UTF-8)."""
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(
+            f"No training text at {path}: put your text there, e.g. Tiny Shakespeare "
+            f"(curl -o input.txt {TINY_SHAKESPEARE_URL}), or pass --data PATH."
+        )
+    raw = path.read_bytes()
+    return decode_text(raw, str(path))
+
+
+def decode_text(raw: bytes, where: str = "the text") -> str:
+    """Decode UTF-8 bytes, or raise a DataError giving the offset of the first bad byte."""
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise DataError(
+            f"{where} is not valid UTF-8: byte 0x{raw[e.start]:02x} at offset {e.start} cannot be decoded; "
+            "convert the file to UTF-8 (e.g. iconv -t UTF-8)."
+        ) from None
+    if not text.strip():
+        raise DataError(f"{where} is empty: put some text in it (Tiny Shakespeare works well: {TINY_SHAKESPEARE_URL}).")
+    return text
+
+
+def split_text(text: str, val_fraction: float = VAL_FRACTION) -> tuple[str, str]:
+    """Train and validation text: the last val_fraction of the characters is validation."""
+    n = int(len(text) * (1.0 - val_fraction))
+    return text[:n], text[n:]
+
+
+@dataclass
+class TokenData:
+    """Token ids of both splits (memory-mapped) and how many characters each split holds."""
+
+    train: np.ndarray
+    val: np.ndarray
+    train_chars: int
+    val_chars: int
+
+    def check(self, block_size: int) -> None:
+        """Raise a DataError when a split is too short to train or validate on with this context."""
+        if len(self.train) < block_size + 1:
+            raise DataError(
+                f"The training split has {len(self.train)} tokens, fewer than one window of "
+                f"{block_size + 1}: use a longer text or a smaller --block-size."
+            )
+        if len(self.val) < 2:
+            raise DataError(
+                f"The validation split (last {VAL_FRACTION:.0%} of the text, {self.val_chars} characters) has "
+                f"{len(self.val)} token(s), too few to measure: use a longer text."
+            )
+
+
+def _dtype_for(n_vocab: int) -> np.dtype:
+    return np.dtype(np.uint16) if n_vocab <= 65536 else np.dtype(np.uint32)
+
+
+def prepare(text_path: str | Path, cache_dir: str | Path, tokenizer: Tokenizer) -> TokenData:
+    """Tokenise the text into cache_dir/{train,val}.bin once; re-tokenise when text or tokenizer change."""
+    text_path, cache_dir = Path(text_path), Path(cache_dir)
+    if not text_path.is_file():
+        read_text(text_path)  # raises the missing-file error
+    raw = text_path.read_bytes()
+    key = {"sha256": hashlib.sha256(raw).hexdigest(), "tokenizer": tokenizer.spec}
+    meta_path = cache_dir / "meta.json"
+    dtype = _dtype_for(tokenizer.n_vocab)
+    meta = None
+    if meta_path.is_file():
+        try:
+            meta = json.loads(meta_path.read_text())
+        except (OSError, json.JSONDecodeError):
+            meta = None
+    if not (meta and meta.get("key") == key and all((cache_dir / f"{s}.bin").is_file() for s in ("train", "val"))):
+        text = decode_text(raw, str(text_path))
+        train_text, val_text = split_text(text)
+        sizes = {}
+        for split, part in (("train", train_text), ("val", val_text)):
+            ids = np.array(tokenizer.encode(part), dtype=dtype)
+            atomic.write_bytes(cache_dir / f"{split}.bin", ids.tobytes())
+            sizes[split] = len(ids)
+        meta = {"key": key, "dtype": dtype.name, "train_chars": len(train_text), "val_chars": len(val_text),
+                "train_tokens": sizes["train"], "val_tokens": sizes["val"]}
+        atomic.write_text(meta_path, json.dumps(meta, indent=2))
+
+    def load(split: str) -> np.ndarray:
+        path = cache_dir / f"{split}.bin"
+        if path.stat().st_size == 0:
+            return np.zeros(0, dtype=np.dtype(meta["dtype"]))
+        return np.memmap(path, dtype=np.dtype(meta["dtype"]), mode="r")
+
+    return TokenData(load("train"), load("val"), int(meta["train_chars"]), int(meta["val_chars"]))
+
+
+def get_batch(data: np.ndarray, batch_size: int, block_size: int, generator: torch.Generator,
+              device: str | torch.device = "cpu") -> tuple[torch.Tensor, torch.Tensor]:
+    """batch_size random windows: inputs and the next-token targets, each (batch_size, block_size)."""
+    ix = torch.randint(len(data) - block_size, (batch_size,), generator=generator).tolist()
+    x = torch.stack([torch.from_numpy(data[i:i + block_size].astype(np.int64)) for i in ix])
+    y = torch.stack([torch.from_numpy(data[i + 1:i + 1 + block_size].astype(np.int64)) for i in ix])
+    if torch.device(device).type == "cuda":
+        return x.pin_memory().to(device, non_blocking=True), y.pin_memory().to(device, non_blocking=True)
+    return x.to(device), y.to(device)
+
+
+def val_windows(data: np.ndarray, block_size: int) -> list[tuple[int, int]]:
+    """(start, length) windows that cover the whole split once: every token after the first is predicted."""
+    n_pred = len(data) - 1
+    return [(s, min(block_size, n_pred - s)) for s in range(0, n_pred, block_size)]

@@ -1,0 +1,38 @@
+"""One call that turns any checkpoint directory this kit understands into a ready-to-generate model."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .checkpoint import CheckpointError, load_fp32, read_config
+from .config import GPTConfig
+from .tokenizer import Tokenizer, load_tokenizer
+
+
+@dataclass
+class Loaded:
+    """A model in eval mode with its tokenizer; kind says which checkpoint format it came from."""
+
+    model: torch.nn.Module
+    tokenizer: Tokenizer
+    config: GPTConfig
+    kind: str  # "fp32" or "int8"
+    meta: dict[str, Any]  # the checkpoint's config.json
+
+
+def load(path: str | Path, device: str = "cpu") -> Loaded:
+    """Load a checkpoint directory (fp32 or int8) and its tokenizer."""
+    path = Path(path)
+    meta = read_config(path)
+    kind = meta.get("kind", "fp32")
+    if kind == "fp32":
+        model, meta = load_fp32(path)
+        model = model.to(device)
+    else:
+        raise CheckpointError(f"{path} holds a checkpoint of kind {kind!r}, which this version cannot load.")
+    return Loaded(model=model, tokenizer=load_tokenizer(meta["tokenizer"]),
+                  config=GPTConfig.from_dict(meta["model"]), kind=kind, meta=meta)
