@@ -84,7 +84,9 @@ def load_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     try:
         return load_file(str(path))
     except (SafetensorError, OSError, ValueError, RuntimeError) as e:
-        raise CheckpointError(f"{path} is not a readable safetensors file ({e}); the checkpoint is damaged, train or copy it again.") from None
+        raise CheckpointError(
+            f"{path} is not a readable safetensors file ({e}); the checkpoint is damaged, train or copy it again."
+        ) from None
 
 
 def build_model(config: GPTConfig, state: dict[str, torch.Tensor], where: str) -> GPT:

@@ -1,0 +1,34 @@
+"""Shared test fixtures: the offline GPT-2 vocabulary and Tiny Shakespeare from ../shared when present."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED = ROOT.parent / "shared"
+TINY_SHAKESPEARE = SHARED / "data" / "tinyshakespeare.txt"
+TIKTOKEN_CACHE = SHARED / "tiktoken-cache"
+
+if "TIKTOKEN_CACHE_DIR" not in os.environ and TIKTOKEN_CACHE.is_dir():
+    os.environ["TIKTOKEN_CACHE_DIR"] = str(TIKTOKEN_CACHE)
+
+
+@pytest.fixture(scope="session")
+def gpt2_tokenizer():
+    """GPT-2 BPE, loaded offline; skips (with the reason) when no cached vocabulary is available."""
+    from model.tokenizer import TokenizerError, gpt2
+
+    try:
+        return gpt2()
+    except TokenizerError as e:
+        pytest.skip(f"GPT-2 vocabulary unavailable offline: {e}")
+
+
+@pytest.fixture(scope="session")
+def shakespeare_path() -> Path:
+    if not TINY_SHAKESPEARE.is_file():
+        pytest.skip(f"Tiny Shakespeare not found at {TINY_SHAKESPEARE} (the ../shared folder beside the project)")
+    return TINY_SHAKESPEARE
