@@ -1,4 +1,12 @@
-"""Tokenizers: tiktoken encodings, described by a small JSON-able spec saved with every checkpoint."""
+"""Tokenizers: tiktoken encodings, described by a small JSON-able spec saved with every checkpoint.
+
+Three kinds, all able to encode any text:
+  gpt2          GPT-2's BPE as is (50257 tokens).
+  gpt2-compact  the GPT-2 tokens one training text uses, the pieces BPE passes through to build them and the
+                256 single bytes, renumbered densely in GPT-2 rank order; it encodes the training text into
+                exactly GPT-2's tokens, with a far smaller (cheaper) output layer. The spec lists the kept ranks.
+  bytes         256 single-byte tokens, no merges: char-level for ASCII text, needs no vocabulary file.
+"""
 
 from __future__ import annotations
 
@@ -9,6 +17,10 @@ import tiktoken
 # GPT-2's BPE. tiktoken's "r50k_base" has exactly GPT-2's ranks, pattern and <|endoftext|> (50256),
 # and unlike "gpt2" it loads offline from a single cached ranks file (TIKTOKEN_CACHE_DIR).
 GPT2_ENCODING = "r50k_base"
+EOT = "<|endoftext|>"
+NAMES = ("gpt2", "gpt2-compact", "bytes")
+# GPT-2's pre-tokenisation pattern (contractions, letters, numbers, other symbols, whitespace).
+GPT2_PATTERN = r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}++| ?\p{N}++| ?[^\s\p{L}\p{N}]++|\s++$|\s+(?!\S)|\s"""
 
 
 class TokenizerError(RuntimeError):
@@ -59,6 +71,65 @@ def gpt2() -> Tokenizer:
     return Tokenizer(enc, {"name": "gpt2"}, enc.eot_token)
 
 
+def byte_level() -> Tokenizer:
+    """256 single-byte tokens plus <|endoftext|> (256): any text, tiny output layer, no vocabulary file."""
+    ranks = {bytes([i]): i for i in range(256)}
+    enc = tiktoken.Encoding("bytes", pat_str=GPT2_PATTERN, mergeable_ranks=ranks, special_tokens={EOT: 256})
+    return Tokenizer(enc, {"name": "bytes"}, 256)
+
+
+def _gpt2_ranks(enc: tiktoken.Encoding) -> dict[bytes, int]:
+    """GPT-2's mergeable tokens as {bytes: rank}, read through tiktoken's public API."""
+    return {enc.decode_single_token_bytes(r): r for r in range(enc.eot_token)}
+
+
+def _merge_path(token: bytes, ranks: dict[bytes, int]) -> set[bytes]:
+    """Every piece byte-pair merging passes through to build `token` (the lowest-rank pair merges first)."""
+    parts = [token[i:i + 1] for i in range(len(token))]
+    seen = set(parts)
+    while len(parts) > 1:
+        best, best_rank = -1, None
+        for i in range(len(parts) - 1):
+            r = ranks.get(parts[i] + parts[i + 1])
+            if r is not None and (best_rank is None or r < best_rank):
+                best, best_rank = i, r
+        if best < 0:
+            break
+        parts[best:best + 2] = [parts[best] + parts[best + 1]]
+        seen.add(parts[best])
+    return seen
+
+
+def compact_ranks(text: str) -> list[int]:
+    """GPT-2 ranks a compact vocabulary for `text` keeps: tokens used, their merge paths, all 256 bytes."""
+    enc = _base_encoding(GPT2_ENCODING)
+    ranks = _gpt2_ranks(enc)
+    keep = {ranks[bytes([i])] for i in range(256)}
+    for rank in set(enc.encode_ordinary(text)):
+        keep.update(ranks[piece] for piece in _merge_path(enc.decode_single_token_bytes(rank), ranks))
+    return sorted(keep)
+
+
+def gpt2_compact(kept_ranks: list[int]) -> Tokenizer:
+    """GPT-2 BPE restricted to kept_ranks, renumbered densely in rank order, <|endoftext|> last."""
+    enc = _base_encoding(GPT2_ENCODING)
+    kept = sorted(set(int(r) for r in kept_ranks))
+    ranks = {enc.decode_single_token_bytes(r): new for new, r in enumerate(kept) if 0 <= r < enc.eot_token}
+    if len(ranks) != len(kept) or any(bytes([i]) not in ranks for i in range(256)):
+        raise TokenizerError("The gpt2-compact spec is damaged (ranks out of range or single bytes missing); "
+                             "retrain the model or restore its config.json.")
+    eot = len(ranks)
+    compact = tiktoken.Encoding("gpt2-compact", pat_str=GPT2_PATTERN, mergeable_ranks=ranks, special_tokens={EOT: eot})
+    return Tokenizer(compact, {"name": "gpt2-compact", "ranks": kept}, eot)
+
+
+def build_tokenizer(name: str, train_text: str) -> Tokenizer:
+    """A new tokenizer of kind `name` for training on train_text (only gpt2-compact depends on the text)."""
+    if name == "gpt2-compact":
+        return gpt2_compact(compact_ranks(train_text))
+    return load_tokenizer(name)
+
+
 def load_tokenizer(spec: dict[str, Any] | str) -> Tokenizer:
     """Rebuild a tokenizer from its spec (as saved in config.json) or its name."""
     if isinstance(spec, str):
@@ -66,7 +137,13 @@ def load_tokenizer(spec: dict[str, Any] | str) -> Tokenizer:
     name = spec.get("name")
     if name == "gpt2":
         return gpt2()
-    raise TokenizerError(f"Unknown tokenizer {name!r}; this version knows: gpt2.")
+    if name == "bytes":
+        return byte_level()
+    if name == "gpt2-compact":
+        if not isinstance(spec.get("ranks"), list):
+            raise TokenizerError("The gpt2-compact spec lacks its list of kept ranks; retrain the model or restore its config.json.")
+        return gpt2_compact(spec["ranks"])
+    raise TokenizerError(f"Unknown tokenizer {name!r}; this version knows: {', '.join(NAMES)}.")
 
 
 def padded_vocab_size(n_vocab: int, multiple: int = 64) -> int:
