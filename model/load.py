@@ -10,6 +10,7 @@ import torch
 
 from .checkpoint import CheckpointError, load_fp32, read_config
 from .config import GPTConfig
+from .hf import is_hf_dir, load_hf
 from .tokenizer import Tokenizer, load_tokenizer
 
 
@@ -25,8 +26,11 @@ class Loaded:
 
 
 def load(path: str | Path, device: str = "cpu") -> Loaded:
-    """Load a checkpoint directory (fp32 or int8) and its tokenizer."""
+    """Load a checkpoint directory (fp32, int8, or a Hugging Face GPT-2 directory) and its tokenizer."""
     path = Path(path)
+    if is_hf_dir(path):  # a Hugging Face GPT-2 directory, converted on load to our fp32 GPT
+        model, meta = load_hf(path)
+        return Loaded(model=model.to(device), tokenizer=load_tokenizer(meta["tokenizer"]), config=model.config, kind="fp32", meta=meta)
     meta = read_config(path)
     kind = meta.get("kind", "fp32")
     if kind == "fp32":

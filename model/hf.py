@@ -1,0 +1,188 @@
+"""Hugging Face GPT-2 directories: import them as our GPT and export our GPT as one.
+
+Our module names are GPT-2's, so conversion is only: the optional "transformer." key prefix, GPT-2's Conv1D
+weights stored as (in, out) where our Linear holds (out, in), and the tied lm_head kept once. No network and
+no transformers import: config.json is read as JSON, weights with safetensors or torch.load(weights_only=True).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from . import atomic
+from .checkpoint import CONFIG, TIED_KEY, CheckpointError, build_model, read_json, write_json
+from .config import GPTConfig
+from .gpt import GPT
+
+SAFETENSORS = "model.safetensors"
+PYTORCH_BIN = "pytorch_model.bin"
+PREFIX = "transformer."
+CONV1D = (".attn.c_attn.weight", ".attn.c_proj.weight", ".mlp.c_fc.weight", ".mlp.c_proj.weight")  # stored (in, out)
+BUFFERS = (".attn.bias", ".attn.masked_bias")  # causal-mask buffers of older transformers versions
+TANH_GELU = ("gelu_new", "gelu_pytorch_tanh")
+GPT2_VOCAB = 50257
+GPT2_EOT = 50256
+LN_EPS = 1e-5  # PyTorch's LayerNorm default, which our GPT uses; GPT-2's too
+
+
+def is_hf_dir(path: str | Path) -> bool:
+    """True when path is a directory whose config.json describes a Hugging Face GPT-2 (and not one of our checkpoints)."""
+    cfg_path = Path(path) / CONFIG
+    if not cfg_path.is_file():
+        return False
+    try:
+        cfg = json.loads(cfg_path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return False
+    if not isinstance(cfg, dict) or "model" in cfg:
+        return False
+    return cfg.get("model_type") == "gpt2" or "GPT2LMHeadModel" in (cfg.get("architectures") or [])
+
+
+def config_from_hf(cfg: dict[str, Any], where: str) -> GPTConfig:
+    """Our GPTConfig for a Hugging Face GPT-2 config.json, or a CheckpointError naming the setting we cannot run."""
+    act = cfg.get("activation_function", "gelu_new")
+    if act not in TANH_GELU:
+        raise CheckpointError(f"{where} uses activation_function {act!r}; this kit runs only GPT-2's tanh GELU ('gelu_new').")
+    eps = float(cfg.get("layer_norm_epsilon", LN_EPS))
+    if abs(eps - LN_EPS) > 1e-12:
+        raise CheckpointError(f"{where} has layer_norm_epsilon {eps}; this kit's LayerNorm uses {LN_EPS} (GPT-2's), so it cannot run it.")
+    unsupported = {"scale_attn_weights": True, "scale_attn_by_inverse_layer_idx": False, "add_cross_attention": False}
+    for key, ours in unsupported.items():
+        if bool(cfg.get(key, ours)) != ours:
+            raise CheckpointError(f"{where} sets {key}={cfg[key]}, an attention variant this kit does not implement.")
+    try:
+        n_embd = int(cfg.get("n_embd", 768))
+        if cfg.get("n_inner") not in (None, 4 * n_embd):
+            raise CheckpointError(f"{where} sets n_inner={cfg['n_inner']}; this kit's MLP is 4 * n_embd = {4 * n_embd} wide.")
+        vocab = int(cfg.get("vocab_size", GPT2_VOCAB))
+        if vocab < GPT2_VOCAB:
+            raise CheckpointError(f"{where} has vocab_size {vocab} < {GPT2_VOCAB}: it does not use GPT-2's tokenizer, "
+                                  "the only one this kit can pair it with.")
+        return GPTConfig(block_size=int(cfg.get("n_positions", cfg.get("n_ctx", 1024))), vocab_size=vocab,
+                         n_layer=int(cfg.get("n_layer", 12)), n_head=int(cfg.get("n_head", 12)), n_embd=n_embd,
+                         dropout=0.0, bias=True)
+    except (TypeError, ValueError) as e:
+        raise CheckpointError(f"{where} has an invalid GPT-2 shape: {e}") from None
+
+
+def read_hf_weights(hf_dir: str | Path) -> dict[str, torch.Tensor]:
+    """The raw tensors of model.safetensors (preferred) or pytorch_model.bin, with a clear error when absent or corrupt."""
+    hf_dir = Path(hf_dir)
+    if (hf_dir / SAFETENSORS).is_file():
+        path = hf_dir / SAFETENSORS
+        try:
+            return load_file(str(path))
+        except (SafetensorError, OSError, ValueError, RuntimeError) as e:
+            raise CheckpointError(f"{path} is not a readable safetensors file ({e}); download or copy it again.") from None
+    if (hf_dir / PYTORCH_BIN).is_file():
+        path = hf_dir / PYTORCH_BIN
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as e:  # truncated zip, foreign pickle, disallowed global: all mean "not plain tensors"
+            raise CheckpointError(f"{path} is damaged or holds more than plain tensors ({type(e).__name__}); "
+                                  "download or copy it again, or convert it to model.safetensors.") from None
+        if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+            raise CheckpointError(f"{path} does not hold a plain dict of tensors; it is not a GPT-2 weights file.")
+        return state
+    if any(hf_dir.glob("*.index.json")):
+        raise CheckpointError(f"{hf_dir} holds sharded weights, which this kit does not read; save it unsharded "
+                              "(save_pretrained(..., max_shard_size='100GB')).")
+    raise CheckpointError(f"{hf_dir} has a GPT-2 config.json but no {SAFETENSORS} or {PYTORCH_BIN}; copy the weights file beside it.")
+
+
+def state_from_hf(hf_state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """HF GPT-2 tensors renamed and transposed into our GPT's state dict (fp32; tied head once, mask buffers dropped)."""
+    state = {}
+    for key, value in hf_state.items():
+        if key == TIED_KEY or key.endswith(BUFFERS):
+            continue
+        name = key if key.startswith(PREFIX) else PREFIX + key
+        value = value.float()
+        state[name] = value.t().contiguous() if name.endswith(CONV1D) else value
+    return state
+
+
+def load_hf(hf_dir: str | Path) -> tuple[GPT, dict[str, Any]]:
+    """The GPT in a Hugging Face GPT-2 directory (eval mode, CPU) and a config.json-like meta in our format."""
+    hf_dir = Path(hf_dir)
+    where = str(hf_dir / CONFIG)
+    hf_cfg = read_json(hf_dir / CONFIG)
+    config = config_from_hf(hf_cfg, where)
+    hf_state = read_hf_weights(hf_dir)
+    state = state_from_hf(hf_state)
+    wte = state.get(PREFIX + "wte.weight")
+    head = hf_state.get(TIED_KEY)
+    if head is not None and wte is not None and (head.shape != wte.shape or not torch.equal(head.float(), wte)):
+        raise CheckpointError(f"{hf_dir} has an lm_head that differs from its token embedding; this kit needs the tied head GPT-2 uses.")
+    model = build_model(config, state, str(hf_dir))
+    meta = {"kind": "fp32", "model": config.to_dict(), "tokenizer": {"name": "gpt2"}, "train": {},
+            "source": {"format": "huggingface", "path": str(hf_dir)}, "hf_config": hf_cfg}
+    return model.eval(), meta
+
+
+def hf_config(config: GPTConfig, tokenizer_spec: dict[str, Any] | None) -> dict[str, Any]:
+    """The config.json transformers.GPT2LMHeadModel needs for a GPT of `config`."""
+    cfg: dict[str, Any] = {
+        "model_type": "gpt2", "architectures": ["GPT2LMHeadModel"],
+        "vocab_size": config.vocab_size, "n_positions": config.block_size, "n_embd": config.n_embd,
+        "n_layer": config.n_layer, "n_head": config.n_head, "n_inner": None,
+        "activation_function": "gelu_new", "layer_norm_epsilon": LN_EPS, "initializer_range": 0.02,
+        "resid_pdrop": config.dropout, "embd_pdrop": config.dropout, "attn_pdrop": config.dropout,
+        "scale_attn_weights": True, "tie_word_embeddings": True, "torch_dtype": "float32",
+    }
+    if tokenizer_spec and tokenizer_spec.get("name") == "gpt2":
+        cfg["bos_token_id"] = cfg["eos_token_id"] = GPT2_EOT
+    return cfg
+
+
+def state_to_hf(model: GPT) -> dict[str, torch.Tensor]:
+    """Our GPT's weights under GPT-2's key names with Conv1D-transposed weights; zero biases where ours has none."""
+    state = {}
+    for key, value in model.state_dict().items():
+        if key == TIED_KEY:
+            continue
+        if not isinstance(value, torch.Tensor) or not value.is_floating_point():
+            raise CheckpointError("This model is quantized (int8); export the fp32 checkpoint it was quantized from instead.")
+        value = value.detach().float().cpu()
+        state[key] = (value.t() if key.endswith(CONV1D) else value).contiguous()
+    if not model.config.bias:  # GPT-2 has no bias-free variant: a zero bias computes the same thing
+        for key in list(state):
+            if (key.startswith(PREFIX + "h.") and key.endswith(".weight")) or key == PREFIX + "ln_f.weight":
+                out_features = state[key].shape[-1] if key.endswith(CONV1D) else state[key].shape[0]
+                state[key[: -len("weight")] + "bias"] = torch.zeros(out_features)
+    return state
+
+
+def export_hf(model: GPT, tokenizer_spec: dict[str, Any] | None, out_dir: str | Path) -> Path:
+    """Write `model` as a directory transformers.GPT2LMHeadModel.from_pretrained loads (model.safetensors + config.json).
+
+    A model trained with bias=False gets zero biases, since GPT-2 has no bias-free option; the function is unchanged.
+    Weights go first and config.json last, each atomically, so a crash never leaves a loadable-looking half directory.
+    """
+    out_dir = Path(out_dir)
+    if (out_dir / CONFIG).is_file() and not is_hf_dir(out_dir):
+        raise CheckpointError(f"{out_dir} already holds a checkpoint of this kit; export to another directory (--out).")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    with atomic.atomic_path(out_dir / SAFETENSORS) as tmp:
+        save_file(state_to_hf(model), str(tmp), metadata={"format": "pt"})
+    write_json(out_dir / CONFIG, hf_config(model.config, tokenizer_spec))
+    return out_dir
+
+
+def export_checkpoint(ckpt: str | Path, out_dir: str | Path) -> Path:
+    """Export a checkpoint directory (ours in fp32, or a Hugging Face GPT-2) as a Hugging Face GPT-2 directory; int8 is refused."""
+    from .load import load  # load.py imports this module
+
+    if Path(ckpt).resolve() == Path(out_dir).resolve():
+        raise CheckpointError(f"--out {out_dir} is the checkpoint itself; export to another directory.")
+    loaded = load(ckpt)
+    if loaded.kind != "fp32":
+        raise CheckpointError(f"{ckpt} is an {loaded.kind} checkpoint; export the fp32 checkpoint it was quantized from instead.")
+    return export_hf(loaded.model, loaded.tokenizer.spec, out_dir)
