@@ -36,6 +36,12 @@ def load(path: str | Path, device: str = "cpu") -> Loaded:
     if kind == "fp32":
         model, meta = load_fp32(path)
         model = model.to(device)
+    elif kind == "int8":
+        from .quantize import load_int8  # imported only when needed: it pulls in torch.ao.quantization
+
+        if torch.device(device).type != "cpu":
+            raise CheckpointError(f"{path} is an int8 checkpoint, which runs on CPU only: load it with device='cpu'.")
+        model, meta = load_int8(path)
     else:
         raise CheckpointError(f"{path} holds a checkpoint of kind {kind!r}, which this version cannot load.")
     return Loaded(model=model, tokenizer=load_tokenizer(meta["tokenizer"]),
