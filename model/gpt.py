@@ -21,10 +21,15 @@ class KVCache(nn.Module):
         self.register_buffer("v", torch.zeros(shape, dtype=dtype), persistent=False)
 
     def update(self, input_pos: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_len: int):
-        """Store k, v (B, H, T, D) at input_pos and return the cache up to kv_len."""
+        """Store k, v (b, H, T, D) at input_pos and return the first b rows of the cache up to kv_len.
+
+        A batch of 1 written into a larger cache fills every row: a shared prompt is prefilled once and
+        serves all sequences (valid when that write covers every position up to kv_len, as a prefill does).
+        """
         self.k[:, :, input_pos] = k.to(self.k.dtype)
         self.v[:, :, input_pos] = v.to(self.v.dtype)
-        return self.k[:, :, :kv_len], self.v[:, :, :kv_len]
+        b = k.shape[0]
+        return self.k[:b, :, :kv_len], self.v[:b, :, :kv_len]
 
 
 class CausalSelfAttention(nn.Module):
@@ -39,7 +44,7 @@ class CausalSelfAttention(nn.Module):
         self.kv_cache: KVCache | None = None
 
     def forward(self, x: torch.Tensor, input_pos: torch.Tensor | None = None,
-                mask: torch.Tensor | None = None) -> torch.Tensor:
+                mask: torch.Tensor | None = None, kv_len: int = 0) -> torch.Tensor:
         B, T, C = x.shape
         q, k, v = self.c_attn(x).split(self.n_embd, dim=2)
         hd = C // self.n_head
@@ -47,7 +52,7 @@ class CausalSelfAttention(nn.Module):
         k = k.view(B, T, self.n_head, hd).transpose(1, 2)
         v = v.view(B, T, self.n_head, hd).transpose(1, 2)
         if self.kv_cache is not None and input_pos is not None:
-            kv_len = mask.shape[-1]
+            # mask None: every cached position up to kv_len is visible (a one-token decode step).
             k, v = self.kv_cache.update(input_pos, k, v, kv_len)
             y = F.scaled_dot_product_attention(q, k.to(q.dtype), v.to(q.dtype), attn_mask=mask)
         else:
@@ -81,8 +86,8 @@ class Block(nn.Module):
         self.mlp = MLP(config)
 
     def forward(self, x: torch.Tensor, input_pos: torch.Tensor | None = None,
-                mask: torch.Tensor | None = None) -> torch.Tensor:
-        x = x + self.attn(self.ln_1(x), input_pos, mask)
+                mask: torch.Tensor | None = None, kv_len: int = 0) -> torch.Tensor:
+        x = x + self.attn(self.ln_1(x), input_pos, mask, kv_len)
         return x + self.mlp(self.ln_2(x))
 
 
@@ -150,16 +155,17 @@ class GPT(nn.Module):
             if T > self.config.block_size:
                 raise ValueError(f"Sequence of {T} tokens exceeds the context of {self.config.block_size}.")
             pos = torch.arange(T, device=idx.device)
-            mask = None
+            mask, kv_len = None, 0
         else:
             if self.causal_mask is None:
                 raise RuntimeError("Call setup_caches() before passing input_pos.")
             pos = input_pos
             kv_len = int(input_pos[-1]) + 1
-            mask = self.causal_mask[input_pos, :kv_len].view(1, 1, T, kv_len)
+            # A single new token sees the whole cache, so it needs no mask (SDPA's fastest path).
+            mask = None if T == 1 else self.causal_mask[input_pos, :kv_len].view(1, 1, T, kv_len)
         x = self.transformer.drop(self.transformer.wte(idx) + self.transformer.wpe(pos))
         for block in self.transformer.h:
-            x = block(x, pos if input_pos is not None else None, mask)
+            x = block(x, pos if input_pos is not None else None, mask, kv_len)
         x = self.transformer.ln_f(x)
         if last_only:
             x = x[:, -1:, :]

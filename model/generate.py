@@ -1,0 +1,232 @@
+"""Fast CPU generation: one prompt prefill, batched KV-cached decoding, sampling, stop rules, UTF-8 safe streaming.
+
+The engine only calls model.setup_caches(), model(idx, input_pos=..., last_only=True) and model.clear_caches(),
+so it serves fp32 and int8 models alike. One model generates one request at a time (the caches are per model).
+"""
+
+from __future__ import annotations
+
+import codecs
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import torch
+
+from .tokenizer import Tokenizer
+
+
+@dataclass
+class SamplingConfig:
+    """How to pick each next token, and when to stop."""
+
+    max_new_tokens: int = 200
+    temperature: float = 1.0  # 0 means greedy
+    top_k: int | None = 50  # None or 0 = off
+    top_p: float = 1.0  # 1.0 = off
+    repetition_penalty: float = 1.0  # 1.0 = off (CTRL-style on logits of tokens already present)
+    frequency_penalty: float = 0.0  # subtracted once per earlier occurrence of a token
+    stop: tuple[str, ...] = ()  # user stop strings; generation also always stops at <|endoftext|>
+    seed: int | None = None  # same seed, checkpoint, prompt and settings: same text
+
+    def validate(self) -> None:
+        """Raise ValueError, in one sentence a user can act on, for a setting that cannot work."""
+        if int(self.max_new_tokens) < 0:
+            raise ValueError(f"max_new_tokens must be 0 or more, got {self.max_new_tokens}.")
+        if not self.temperature >= 0:
+            raise ValueError(f"temperature must be 0 (greedy) or positive, got {self.temperature}.")
+        if self.top_k is not None and int(self.top_k) < 0:
+            raise ValueError(f"top_k must be 0 (off) or a positive integer, got {self.top_k}.")
+        if not 0 < self.top_p <= 1:
+            raise ValueError(f"top_p must be in (0, 1] (1 is off), got {self.top_p}.")
+        if not self.repetition_penalty > 0:
+            raise ValueError(f"repetition_penalty must be positive (1 is off), got {self.repetition_penalty}.")
+        if any(not s for s in self.stop):
+            raise ValueError("stop strings must not be empty; leave an empty one out.")
+
+
+DEFAULT_SAMPLING = SamplingConfig()  # the defaults above; never modified
+
+
+def apply_penalties(logits: torch.Tensor, counts: torch.Tensor, sampling: SamplingConfig) -> torch.Tensor:
+    """Discourage tokens already present (counts: (B, V) occurrences so far): CTRL repetition, then frequency."""
+    if sampling.repetition_penalty != 1.0:
+        p = sampling.repetition_penalty
+        logits = torch.where(counts > 0, torch.where(logits > 0, logits / p, logits * p), logits)
+    if sampling.frequency_penalty != 0.0:
+        logits = logits - sampling.frequency_penalty * counts
+    return logits
+
+
+def nucleus(sorted_logits: torch.Tensor, top_p: float) -> torch.Tensor:
+    """Keep the smallest prefix of descending-sorted logits whose probability reaches top_p; -inf the rest."""
+    probs = torch.softmax(sorted_logits, dim=-1)
+    before = torch.cumsum(probs, dim=-1) - probs  # probability of the tokens ranked above each one
+    return sorted_logits.masked_fill(before >= top_p, float("-inf"))
+
+
+def sample_next(logits: torch.Tensor, sampling: SamplingConfig, generator: torch.Generator,
+                counts: torch.Tensor | None = None) -> torch.Tensor:
+    """One next token per row of logits (B, V), with batched ops: penalties, temperature, top-k, top-p."""
+    logits = logits.float()
+    if counts is not None:
+        logits = apply_penalties(logits, counts, sampling)
+    if sampling.temperature == 0:
+        return logits.argmax(dim=-1)
+    logits = logits / sampling.temperature
+    k = int(sampling.top_k or 0)
+    if 0 < k < logits.shape[-1]:
+        cand, ids = torch.topk(logits, k, dim=-1)  # sorted, so top-p can work on the k candidates only
+    elif sampling.top_p < 1.0:
+        cand, ids = torch.sort(logits, dim=-1, descending=True)
+    else:
+        return torch.multinomial(torch.softmax(logits, dim=-1), 1, generator=generator).squeeze(1)
+    if sampling.top_p < 1.0:
+        cand = nucleus(cand, sampling.top_p)
+    choice = torch.multinomial(torch.softmax(cand, dim=-1), 1, generator=generator)
+    return ids.gather(1, choice).squeeze(1)
+
+
+def _device(model: torch.nn.Module) -> torch.device:
+    return next(iter(model.parameters())).device
+
+
+@torch.inference_mode()
+def decode_tokens(model: torch.nn.Module, prompt_ids: list[int], num_samples: int, sampling: SamplingConfig,
+                  n_vocab: int, keep: int | None = None) -> Iterator[torch.Tensor]:
+    """Yield the next token of each of num_samples sequences (a (num_samples,) tensor) per step.
+
+    The prompt is prefilled once (batch 1, shared by all rows); each step then decodes one token for all rows
+    together over the KV cache. When the cache is full, the last `keep` tokens (default half the context) are
+    re-prefilled at positions 0.. and decoding goes on, so long outputs slide instead of failing.
+    """
+    if not prompt_ids:
+        raise ValueError("The prompt has no tokens; give some text to continue.")
+    block = model.config.block_size
+    keep = keep or max(block // 2, 1)
+    if not 1 <= keep <= block:
+        raise ValueError(f"keep must be between 1 and the context ({block}), got {keep}.")
+    steps = int(sampling.max_new_tokens)
+    device = _device(model)
+    n_vocab = min(n_vocab, model.config.vocab_size)
+    generator = torch.Generator(device=device)
+    if sampling.seed is None:
+        generator.seed()
+    else:
+        generator.manual_seed(int(sampling.seed))
+    L = len(prompt_ids)
+    tokens = torch.empty(num_samples, L + steps, dtype=torch.long, device=device)  # every row's full history
+    tokens[:, :L] = torch.tensor(prompt_ids, dtype=torch.long, device=device)
+    positions = torch.arange(block, device=device)
+    counts = None
+    if sampling.repetition_penalty != 1.0 or sampling.frequency_penalty != 0.0:
+        counts = torch.zeros(num_samples, n_vocab, device=device)
+        ids = tokens[:, :L].clamp(max=n_vocab - 1)
+        counts.scatter_add_(1, ids, torch.ones_like(ids, dtype=counts.dtype))
+    was_training = model.training
+    model.eval()
+    model.setup_caches(num_samples, block)
+    try:
+        window = tokens[:1, max(0, L - block):L]
+        logits = model(window, input_pos=positions[:window.shape[1]], last_only=True)[0][:, -1, :n_vocab]
+        logits = logits.expand(num_samples, -1)
+        pos = window.shape[1]  # next free cache position
+        for step in range(steps):
+            nxt = sample_next(logits, sampling, generator, counts)
+            yield nxt
+            if step == steps - 1:
+                break
+            end = L + step + 1
+            tokens[:, end - 1] = nxt
+            if counts is not None:
+                counts.scatter_add_(1, nxt.view(-1, 1), torch.ones(num_samples, 1, device=device))
+            if pos < block:
+                logits = model(nxt.view(-1, 1), input_pos=positions[pos:pos + 1], last_only=True)[0][:, -1, :n_vocab]
+                pos += 1
+            else:  # cache full: slide the window, recomputing the cache once for the kept tokens
+                window = tokens[:, end - keep:end]
+                logits = model(window, input_pos=positions[:keep], last_only=True)[0][:, -1, :n_vocab]
+                pos = keep
+    finally:
+        model.clear_caches()
+        model.train(was_training)
+
+
+class _TextRow:
+    """One sequence's text: bytes become text only once a UTF-8 character is complete; stop strings are cut.
+
+    Text that could be the beginning of a stop string is held back until it is known not to be one.
+    """
+
+    def __init__(self, tokenizer: Tokenizer, stop: tuple[str, ...]):
+        self.tokenizer = tokenizer
+        self.stop = stop
+        self.utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")  # keeps an incomplete tail pending
+        self.pending = ""
+        self.done = False
+
+    def push(self, token: int) -> str:
+        """Add a token; return the text that is now safe to show."""
+        if self.done:
+            return ""
+        if token == self.tokenizer.eot_token:
+            self.done = True
+            return self.flush()
+        self.pending += self.utf8.decode(self.tokenizer.decode_bytes([token]))
+        hits = [i for i in (self.pending.find(s) for s in self.stop) if i >= 0]
+        if hits:
+            self.done = True
+            out, self.pending = self.pending[:min(hits)], ""
+            return out
+        hold = max((n for s in self.stop for n in range(1, len(s)) if self.pending.endswith(s[:n])), default=0)
+        cut = len(self.pending) - hold
+        out, self.pending = self.pending[:cut], self.pending[cut:]
+        return out
+
+    def flush(self) -> str:
+        """The held-back text at the end (an incomplete trailing UTF-8 character is dropped, never shown as garbage)."""
+        out, self.pending = self.pending, ""
+        return out
+
+
+def prompt_tokens(tokenizer: Tokenizer, prompt: str) -> list[int]:
+    """Token ids of the prompt; an empty prompt starts from <|endoftext|>, as a document boundary."""
+    ids = tokenizer.encode(prompt)
+    if not ids:
+        if tokenizer.eot_token is None:
+            raise ValueError("The prompt is empty and this tokenizer has no <|endoftext|> to start from; give some text.")
+        ids = [tokenizer.eot_token]
+    return ids
+
+
+def stream(model: torch.nn.Module, tokenizer: Tokenizer, prompt: str, num_samples: int = 1,
+           sampling: SamplingConfig = DEFAULT_SAMPLING) -> Iterator[list[str]]:
+    """Yields, after each decode step, a list of num_samples strings: the NEW text of each sequence since the previous
+    yield ('' if none). Stops early once every sequence hit <|endoftext|> or a stop string."""
+    sampling.validate()
+    if int(num_samples) < 1:
+        raise ValueError(f"num_samples must be at least 1, got {num_samples}.")
+    rows = [_TextRow(tokenizer, tuple(sampling.stop)) for _ in range(num_samples)]
+    steps = decode_tokens(model, prompt_tokens(tokenizer, prompt), num_samples, sampling, tokenizer.n_vocab)
+    try:
+        for step, nxt in enumerate(steps):
+            last = step == sampling.max_new_tokens - 1
+            new = []
+            for row, tok in zip(rows, nxt.tolist(), strict=True):
+                text = row.push(tok)
+                if last and not row.done:
+                    text += row.flush()
+                new.append(text)
+            yield new
+            if all(row.done for row in rows):
+                break
+    finally:
+        steps.close()  # frees the caches at once, also when the consumer stops early
+
+
+def generate(model: torch.nn.Module, tokenizer: Tokenizer, prompt: str, num_samples: int = 1,
+             sampling: SamplingConfig = DEFAULT_SAMPLING) -> list[str]:
+    """The full continuations (without the prompt), one per sample."""
+    out = [""] * num_samples
+    for new in stream(model, tokenizer, prompt, num_samples, sampling):
+        out = [a + b for a, b in zip(out, new, strict=True)]
+    return out
