@@ -16,7 +16,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from . import atomic
-from .checkpoint import CONFIG, TIED_KEY, CheckpointError, build_model, read_json, write_json
+from .checkpoint import CONFIG, TIED_KEY, CheckpointError, build_model, read_config, read_json, write_json
 from .config import GPTConfig
 from .gpt import GPT
 
@@ -169,9 +169,10 @@ def export_hf(model: GPT, tokenizer_spec: dict[str, Any] | None, out_dir: str | 
     out_dir = Path(out_dir)
     if (out_dir / CONFIG).is_file() and not is_hf_dir(out_dir):
         raise CheckpointError(f"{out_dir} already holds a checkpoint of this kit; export to another directory (--out).")
+    state = state_to_hf(model)
     out_dir.mkdir(parents=True, exist_ok=True)
     with atomic.atomic_path(out_dir / SAFETENSORS) as tmp:
-        save_file(state_to_hf(model), str(tmp), metadata={"format": "pt"})
+        save_file(state, str(tmp), metadata={"format": "pt"})
     write_json(out_dir / CONFIG, hf_config(model.config, tokenizer_spec))
     return out_dir
 
@@ -182,7 +183,8 @@ def export_checkpoint(ckpt: str | Path, out_dir: str | Path) -> Path:
 
     if Path(ckpt).resolve() == Path(out_dir).resolve():
         raise CheckpointError(f"--out {out_dir} is the checkpoint itself; export to another directory.")
+    kind = "fp32" if is_hf_dir(ckpt) else read_config(ckpt).get("kind", "fp32")
+    if kind != "fp32":
+        raise CheckpointError(f"{ckpt} is an {kind} checkpoint; export the fp32 checkpoint it was quantized from instead.")
     loaded = load(ckpt)
-    if loaded.kind != "fp32":
-        raise CheckpointError(f"{ckpt} is an {loaded.kind} checkpoint; export the fp32 checkpoint it was quantized from instead.")
     return export_hf(loaded.model, loaded.tokenizer.spec, out_dir)

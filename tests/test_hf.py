@@ -1,0 +1,209 @@
+"""Hugging Face GPT-2 import/export: logits match transformers both ways; clear errors for what we cannot load.
+
+transformers is a test-only dependency: it builds small random GPT-2s offline (no downloads) and checks exports.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+import export_hf
+from model.checkpoint import CheckpointError, save_config, save_weights
+from model.config import GPTConfig, preset
+from model.gpt import GPT
+from model.hf import export_checkpoint, is_hf_dir
+from model.hf import export_hf as export_model
+from model.load import load
+
+PROMPTS = ["ROMEO:", "To be, or not to be, that is the question:", "The quick brown fox jumps over the lazy dog.",
+           "First Citizen:\nBefore we proceed any further, hear me speak."]
+TOL = 1e-4
+
+
+@pytest.fixture(scope="module")
+def transformers():
+    return pytest.importorskip("transformers", reason="transformers (test-only dependency, requirements-dev.txt) is not installed")
+
+
+@pytest.fixture(scope="module")
+def hf_model(transformers):
+    """A small random GPT2LMHeadModel; every parameter (biases and LayerNorms too) is random so a mix-up shows."""
+    torch.manual_seed(0)
+    cfg = transformers.GPT2Config(n_layer=3, n_head=4, n_embd=64, n_positions=96, vocab_size=50257)
+    model = transformers.GPT2LMHeadModel(cfg).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0.0, 0.2)
+    return model
+
+
+@pytest.fixture(scope="module")
+def hf_dirs(hf_model, tmp_path_factory):
+    """The model saved two ways: save_pretrained (model.safetensors, "transformer." keys, no lm_head) and a
+    pytorch_model.bin as the hub's gpt2 has it (no key prefix, lm_head.weight and the attn.bias/masked_bias buffers)."""
+    st = tmp_path_factory.mktemp("hf_st")
+    hf_model.save_pretrained(st)
+    (st / "pytorch_model.bin").unlink(missing_ok=True)
+    binary = tmp_path_factory.mktemp("hf_bin")
+    hf_model.config.save_pretrained(binary)
+    n_pos = hf_model.config.n_positions
+    state = {k.removeprefix("transformer."): v.clone() for k, v in hf_model.state_dict().items()}
+    for i in range(hf_model.config.n_layer):
+        state[f"h.{i}.attn.bias"] = torch.tril(torch.ones(n_pos, n_pos)).view(1, 1, n_pos, n_pos)
+        state[f"h.{i}.attn.masked_bias"] = torch.tensor(-1e4)
+    torch.save(state, binary / "pytorch_model.bin")
+    return {"safetensors": st, "bin": binary}
+
+
+def hf_logits(model, ids: list[int]) -> torch.Tensor:
+    with torch.no_grad():
+        return model(torch.tensor([ids])).logits[0]
+
+
+def our_logits(model: GPT, ids: list[int]) -> torch.Tensor:
+    with torch.no_grad():
+        return model(torch.tensor([ids]))[0][0]
+
+
+def max_diff(a_model, b_model, tokenizer, a_is_hf: bool = True, b_is_hf: bool = False) -> float:
+    """Largest |logit difference| over all PROMPTS; also asserts the argmax agrees at every position."""
+    worst = 0.0
+    for prompt in PROMPTS:
+        ids = tokenizer.encode(prompt)
+        a = (hf_logits if a_is_hf else our_logits)(a_model, ids)
+        b = (hf_logits if b_is_hf else our_logits)(b_model, ids)
+        assert a.shape == b.shape
+        assert torch.equal(a.argmax(-1), b.argmax(-1)), prompt
+        worst = max(worst, (a - b).abs().max().item())
+    return worst
+
+
+@pytest.mark.parametrize("variant", ["safetensors", "bin"])
+def test_import_matches_transformers(hf_model, hf_dirs, gpt2_tokenizer, variant):
+    d = hf_dirs[variant]
+    assert is_hf_dir(d)
+    loaded = load(d)
+    assert isinstance(loaded.model, GPT) and loaded.kind == "fp32"
+    assert loaded.tokenizer.spec == {"name": "gpt2"} and loaded.meta["tokenizer"] == {"name": "gpt2"}
+    assert loaded.config == GPTConfig(block_size=96, vocab_size=50257, n_layer=3, n_head=4, n_embd=64, dropout=0.0, bias=True)
+    diff = max_diff(hf_model, loaded.model, gpt2_tokenizer)
+    print(f"import ({variant}): max |logit diff| vs transformers = {diff:.3g}")
+    assert diff < TOL
+
+
+def test_export_matches_transformers(transformers, gpt2_tokenizer, tmp_path):
+    """Our checkpoint (with and without biases) exported and loaded by transformers gives the same logits."""
+    for bias in (True, False):
+        torch.manual_seed(1)
+        config = GPTConfig(block_size=64, vocab_size=50304, n_layer=2, n_head=2, n_embd=64, bias=bias)
+        model = GPT(config).eval()
+        with torch.no_grad():
+            for p in model.parameters():
+                p.normal_(0.0, 0.2)
+        ckpt, out = tmp_path / f"ckpt{bias}", tmp_path / f"hf{bias}"
+        ckpt.mkdir()
+        save_weights(ckpt / "model.safetensors", model)
+        save_config(ckpt, config, {"name": "gpt2"})
+        export_checkpoint(ckpt, out)
+        cfg = json.loads((out / "config.json").read_text())
+        assert cfg["model_type"] == "gpt2" and cfg["n_positions"] == 64 and cfg["vocab_size"] == 50304
+        assert cfg["activation_function"] == "gelu_new" and cfg["tie_word_embeddings"] is True and cfg["eos_token_id"] == 50256
+        hf = transformers.GPT2LMHeadModel.from_pretrained(out).eval()
+        diff = max_diff(model, hf, gpt2_tokenizer, a_is_hf=False, b_is_hf=True)
+        print(f"export (bias={bias}): max |logit diff| vs transformers = {diff:.3g}")
+        assert diff < TOL
+        assert is_hf_dir(out) and max_diff(model, load(out).model, gpt2_tokenizer, a_is_hf=False) < TOL  # and back
+
+
+def test_hf_dir_roundtrip_through_export(transformers, hf_model, hf_dirs, gpt2_tokenizer, tmp_path):
+    export_checkpoint(hf_dirs["bin"], tmp_path / "again")
+    again = transformers.GPT2LMHeadModel.from_pretrained(tmp_path / "again").eval()
+    assert max_diff(hf_model, again, gpt2_tokenizer, b_is_hf=True) < TOL
+
+
+def test_finetune_from_imported_lowers_loss(hf_dirs, gpt2_tokenizer):
+    text = "Hark, the night is young and the moon is bright upon the hill. " * 8
+    ids = torch.tensor([gpt2_tokenizer.encode(text)[:65]])
+    model = load(hf_dirs["safetensors"]).model.train()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    losses = []
+    for _ in range(8):
+        _, loss = model(ids[:, :-1], ids[:, 1:])
+        losses.append(loss.item())
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    assert losses[-1] < losses[0] - 1.0, losses  # ~11 nats at the start (random weights)
+
+
+def write_hf_config(d, **overrides):
+    cfg = {"model_type": "gpt2", "architectures": ["GPT2LMHeadModel"], "n_layer": 1, "n_head": 2, "n_embd": 8,
+           "n_positions": 16, "vocab_size": 50257, "activation_function": "gelu_new", "layer_norm_epsilon": 1e-5}
+    cfg.update(overrides)
+    d.mkdir(parents=True, exist_ok=True)
+    (d / "config.json").write_text(json.dumps(cfg))
+    return d
+
+
+def test_config_without_weights_is_a_clear_error(tmp_path):
+    d = write_hf_config(tmp_path / "hf")
+    with pytest.raises(CheckpointError, match="no model.safetensors or pytorch_model.bin"):
+        load(d)
+
+
+def test_unsupported_activation_is_a_clear_error(tmp_path):
+    d = write_hf_config(tmp_path / "hf", activation_function="relu")
+    with pytest.raises(CheckpointError, match="activation_function 'relu'"):
+        load(d)
+
+
+@pytest.mark.parametrize("name", ["model.safetensors", "pytorch_model.bin"])
+def test_corrupt_weights_are_a_clear_error(tmp_path, name):
+    d = write_hf_config(tmp_path / "hf")
+    (d / name).write_bytes(b"\x00garbage, not a weights file" * 10)
+    with pytest.raises(CheckpointError, match="download or copy it again"):
+        load(d)
+
+
+def test_wrong_shapes_are_a_clear_error(hf_dirs, tmp_path):
+    """Weights of one GPT-2 under the config of another: caught by our loader, not a bare torch error."""
+    d = write_hf_config(tmp_path / "hf")
+    (d / "model.safetensors").write_bytes((hf_dirs["safetensors"] / "model.safetensors").read_bytes())
+    with pytest.raises(CheckpointError, match="do not match its config"):
+        load(d)
+
+
+def test_our_checkpoint_is_not_taken_for_hf(tmp_path):
+    model = GPT(preset("tiny"))
+    save_weights(tmp_path / "model.safetensors", model)
+    save_config(tmp_path, model.config, {"name": "gpt2"})
+    assert not is_hf_dir(tmp_path)
+    assert load(tmp_path).meta.get("source") is None
+
+
+def test_export_refuses_int8(tmp_path):
+    model = GPT(preset("tiny"))
+    save_weights(tmp_path / "model.safetensors", model)
+    save_config(tmp_path, model.config, {"name": "gpt2"}, kind="int8")
+    with pytest.raises(CheckpointError, match="int8 checkpoint; export the fp32"):
+        export_checkpoint(tmp_path, tmp_path / "hf")
+    quantized = torch.ao.quantization.quantize_dynamic(model.eval(), {torch.nn.Linear}, dtype=torch.qint8)
+    with pytest.raises(CheckpointError, match="quantized"):
+        export_model(quantized, {"name": "gpt2"}, tmp_path / "hf2")
+    assert not (tmp_path / "hf").exists() and not (tmp_path / "hf2").exists()
+
+
+def test_cli_exports_and_reports_errors_in_one_line(tmp_path, capsys):
+    model = GPT(preset("tiny"))
+    save_weights(tmp_path / "model.safetensors", model)
+    save_config(tmp_path, model.config, {"name": "gpt2"})
+    assert export_hf.main(["--ckpt", str(tmp_path), "--out", str(tmp_path / "hf")]) == 0
+    assert is_hf_dir(tmp_path / "hf") and (tmp_path / "hf" / "model.safetensors").is_file()
+    assert export_hf.main(["--ckpt", str(tmp_path / "missing"), "--out", str(tmp_path / "hf2")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: No checkpoint at") and "\n" not in err
+    assert export_hf.main(["--ckpt", str(tmp_path / "hf"), "--out", str(tmp_path)]) == 2  # would overwrite our checkpoint
+    assert "already holds a checkpoint of this kit" in capsys.readouterr().err
