@@ -10,12 +10,19 @@ fp32 tensors as plain tensors), config.json with "kind": "int8", and copies of m
 
 from __future__ import annotations
 
+import statistics
+import time
 import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np
 import torch
 import torch.ao.nn.quantized.dynamic as nnqd
 import torch.nn as nn
@@ -26,6 +33,8 @@ from torch.ao.quantization import default_dynamic_qconfig, per_channel_dynamic_q
 from . import atomic
 from .checkpoint import CONFIG, WEIGHTS, CheckpointError, load_state_dict, read_config, save_config
 from .config import GPTConfig
+from .data import val_windows
+from .generate import SamplingConfig, decode_tokens
 from .gpt import GPT
 
 SCHEMES = ("per_channel", "per_tensor")
@@ -111,8 +120,9 @@ def int8_state(qmodel: GPT) -> dict[str, torch.Tensor]:
         else:
             scale, zero_point = torch.tensor([w.q_scale()], dtype=torch.float64), torch.tensor([w.q_zero_point()])
         state[f"{name}.weight_int8"] = w.int_repr()
-        state[f"{name}.weight_scale"] = scale.to(torch.float64)
-        state[f"{name}.weight_zero_point"] = zero_point.to(torch.int64)
+        scale32 = scale.float()  # torch's observers compute scales in fp32: storing fp32 is lossless (else keep fp64)
+        state[f"{name}.weight_scale"] = scale32 if torch.equal(scale32.double(), scale.double()) else scale.double()
+        state[f"{name}.weight_zero_point"] = zero_point.to(torch.int8)  # qint8 zero points lie in [-128, 127]
         if b is not None:
             state[f"{name}.bias"] = b.detach().float()
     for key, tensor in qmodel.state_dict().items():  # LayerNorms and wpe; Int8Embedding's buffers are not persistent
@@ -189,3 +199,59 @@ def load_int8(ckpt_dir: str | Path) -> tuple[GPT, dict[str, Any]]:
 
 def file_size(path: str | Path) -> int:
     return Path(path).stat().st_size
+
+
+# Comparing an fp32 model with its int8 copy: what quantize.py reports.
+
+@torch.no_grad()
+def top1_agreement(a: nn.Module, b: nn.Module, data: np.ndarray, block_size: int, max_windows: int | None = None,
+                   batch_size: int = 16) -> float:
+    """Fraction of validation positions where both models predict the same next token (argmax of the logits)."""
+    windows = val_windows(data, block_size)
+    if max_windows is not None and len(windows) > max_windows:
+        windows = [windows[i] for i in sorted(set(np.linspace(0, len(windows) - 1, max_windows).round().astype(int).tolist()))]
+    by_len: dict[int, list[int]] = {}
+    for start, length in windows:
+        by_len.setdefault(length, []).append(start)
+    same = total = 0
+    for length, starts in by_len.items():
+        for i in range(0, len(starts), batch_size):
+            x = torch.from_numpy(np.stack([data[s:s + length] for s in starts[i:i + batch_size]]).astype(np.int64))
+            pa, pb = a(x)[0].argmax(-1), b(x)[0].argmax(-1)
+            same += int((pa == pb).sum())
+            total += pa.numel()
+    return same / max(total, 1)
+
+
+def tokens_per_second(models: dict[str, nn.Module], prompt_ids: list[int], n_tokens: int, n_vocab: int,
+                      repeats: int = 3) -> dict[str, float]:
+    """Greedy KV-cached generation speed of each model (model.generate's engine), alternating models per repeat
+    after one warm-up each, so that load from other processes hits all alike; the median of the repeats."""
+    sampling = SamplingConfig(max_new_tokens=n_tokens, temperature=0.0, seed=0)
+    times: dict[str, list[float]] = {name: [] for name in models}
+    for r in range(repeats + 1):
+        for name, model in models.items():
+            start = time.perf_counter()
+            for _ in decode_tokens(model, prompt_ids, 1, sampling, n_vocab):
+                pass
+            if r > 0:
+                times[name].append(time.perf_counter() - start)
+    return {name: n_tokens / statistics.median(t) for name, t in times.items()}
+
+
+def plot_report(report: dict[str, Any], path: str | Path) -> None:
+    """report.png: fp32 against int8 side by side for file size, validation nats/char and generation speed."""
+    panels = [("size (MB)", "size_fp32_bytes", "size_int8_bytes", 1e-6), ("val nats/char", "val_nats_per_char_fp32",
+              "val_nats_per_char_int8", 1.0), ("generation (tokens/s)", "tokens_per_s_fp32", "tokens_per_s_int8", 1.0)]
+    panels = [p for p in panels if report.get(p[1]) is not None and report.get(p[2]) is not None]
+    fig, axes = plt.subplots(1, len(panels), figsize=(4 * len(panels), 3.2), squeeze=False)
+    for ax, (title, k32, k8, unit) in zip(axes[0], panels, strict=True):
+        values = [report[k32] * unit, report[k8] * unit]
+        bars = ax.bar(["fp32", "int8"], values, color=["tab:blue", "tab:orange"])
+        ax.bar_label(bars, fmt="%.3g")
+        ax.set_title(title)
+    fig.suptitle(f"int8 ({report.get('scheme', '')}) vs fp32: {report.get('params', 0) / 1e6:.1f}M parameters")
+    fig.tight_layout()
+    with atomic.atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=100)
+    plt.close(fig)

@@ -1,0 +1,129 @@
+"""Quantize a trained checkpoint to int8 and report size, validation loss and generation speed against fp32.
+
+    python quantize.py                      # out -> out/int8, after a plain python train.py
+    python quantize.py --ckpt out --out out/int8 --data input.txt
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from tqdm import tqdm
+
+from model.checkpoint import METRICS, WEIGHTS, CheckpointError, read_json, write_json
+from model.data import DataError, prepare
+from model.evaluate import evaluate
+from model.load import load
+from model.quantize import SCHEMES, file_size, plot_report, quantize_model, save_int8, tokens_per_second, top1_agreement
+from model.tokenizer import TokenizerError
+
+ROWS = ["params", "size_fp32_bytes", "size_int8_bytes", "size_ratio", "val_nats_per_char_fp32", "val_nats_per_char_int8",
+        "top1_agreement", "tokens_per_s_fp32", "tokens_per_s_int8"]
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--ckpt", default="out", help="fp32 checkpoint directory written by train.py (default: out)")
+    p.add_argument("--out", default=None, help="int8 checkpoint directory to write (default: CKPT/int8)")
+    p.add_argument("--scheme", choices=SCHEMES, default="per_channel", help="weight scales of the block Linears")
+    p.add_argument("--data", default=None, help="text to validate on (default: the one recorded in CKPT/config.json)")
+    p.add_argument("--eval-windows", type=int, default=None, help="score only this many validation windows (default: all)")
+    p.add_argument("--gen-tokens", type=int, default=128, help="tokens generated per speed measurement")
+    p.add_argument("--repeats", type=int, default=3, help="speed measurements per model (median reported)")
+    p.add_argument("--prompt", default="\n", help="prompt of the speed measurement")
+    args = p.parse_args(argv)
+    if args.gen_tokens < 1 or args.repeats < 1 or (args.eval_windows is not None and args.eval_windows < 1):
+        p.error("--gen-tokens, --repeats and --eval-windows must be positive integers.")
+    return args
+
+
+def text_path(args: argparse.Namespace, meta: dict[str, Any]) -> Path | None:
+    """--data, else the training text recorded in config.json if it still exists, else None (with a note)."""
+    if args.data:
+        return Path(args.data)
+    recorded = (meta.get("train") or {}).get("data")
+    if recorded and Path(recorded).is_file():
+        return Path(recorded)
+    why = f"the recorded text {recorded} is missing" if recorded else "config.json records no training text"
+    print(f"note: {why}; validation figures are skipped (pass --data PATH to get them).", file=sys.stderr)
+    return None
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    ckpt = Path(args.ckpt)
+    out = Path(args.out) if args.out else ckpt / "int8"
+    if out.resolve() == ckpt.resolve():
+        raise CheckpointError("--out must differ from --ckpt: writing int8 weights there would replace the fp32 checkpoint.")
+    fp32 = load(ckpt)
+    if fp32.kind != "fp32":
+        raise CheckpointError(f"{ckpt} is already a {fp32.kind} checkpoint: pass the fp32 checkpoint train.py wrote (e.g. out).")
+    data_path = text_path(args, fp32.meta)
+    if data_path:  # read the validation text before writing anything, so a bad --data leaves no output behind
+        with tempfile.TemporaryDirectory() as cache:
+            td = prepare(data_path, cache, fp32.tokenizer)
+            td.check(1)
+            val, val_chars = np.array(td.val), td.val_chars
+    steps = tqdm(total=6 if data_path else 4, desc="quantize", unit="step")
+    steps.set_postfix_str("converting")
+    save_int8(out, quantize_model(fp32.model, args.scheme), fp32.meta)
+    if (ckpt / METRICS).is_file():
+        write_json(out / METRICS, read_json(ckpt / METRICS))
+    int8 = load(out)  # measure what was written, as users will load it
+    steps.update()
+    model, qmodel, block = fp32.model, int8.model, fp32.config.block_size
+    sizes = file_size(ckpt / WEIGHTS) if (ckpt / WEIGHTS).is_file() else sum(p.numel() * 4 for p in model.parameters())
+    report: dict[str, Any] = {"fp32_checkpoint": str(ckpt), "int8_checkpoint": str(out), "scheme": args.scheme,
+                              "params": model.num_params(non_embedding=False), "size_fp32_bytes": sizes,
+                              "size_int8_bytes": file_size(out / WEIGHTS)}
+    report["size_ratio"] = report["size_fp32_bytes"] / report["size_int8_bytes"]
+    if data_path:
+        report["val_data"] = str(data_path)
+        for name, m in (("fp32", model), ("int8", qmodel)):
+            steps.set_postfix_str(f"evaluating {name}")
+            ev = evaluate(m, val, val_chars, block, max_windows=args.eval_windows)
+            report[f"val_nats_per_token_{name}"] = ev["val_nats_per_token"]
+            report[f"val_nats_per_char_{name}"] = ev["val_nats_per_char"]
+            steps.update()
+        steps.set_postfix_str("top-1 agreement")
+        report["top1_agreement"] = top1_agreement(model, qmodel, val, block, args.eval_windows)
+        steps.update()
+    steps.set_postfix_str("generation speed")
+    prompt_ids = fp32.tokenizer.encode(args.prompt) or [fp32.tokenizer.eot_token or 0]
+    speed = tokens_per_second({"fp32": model, "int8": qmodel}, prompt_ids, args.gen_tokens, fp32.tokenizer.n_vocab, args.repeats)
+    report.update(tokens_per_s_fp32=speed["fp32"], tokens_per_s_int8=speed["int8"], gen_tokens=args.gen_tokens, repeats=args.repeats)
+    steps.update()
+    steps.set_postfix_str("writing report")
+    write_json(out / "report.json", report)
+    plot_report(report, out / "report.png")
+    steps.update()
+    steps.close()
+    return report
+
+
+def print_table(report: dict[str, Any]) -> None:
+    print(f"{'metric':<24} {'value':>14}")
+    for key in ROWS:
+        value = report.get(key)
+        shown = "skipped" if value is None else f"{value:,}" if isinstance(value, int) else f"{value:.4f}"
+        print(f"{key:<24} {shown:>14}")
+    print(f"wrote {report['int8_checkpoint']} (model.safetensors, config.json, report.json, report.png)")
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    try:
+        report = run(args)
+    except (CheckpointError, DataError, TokenizerError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print_table(report)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
