@@ -1,0 +1,47 @@
+"""Serve a trained (int8) smallgpt checkpoint in a Gradio app, or export it as a Hugging Face Space folder."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # never call home
+HERE = Path(__file__).resolve().parent
+if "TIKTOKEN_CACHE_DIR" not in os.environ and (HERE / "tiktoken-cache").is_dir():
+    os.environ["TIKTOKEN_CACHE_DIR"] = str(HERE / "tiktoken-cache")  # the vocabulary bundled in a Space folder
+
+
+def main() -> int:
+    from model.checkpoint import CheckpointError
+    from model.tokenizer import TokenizerError
+    from model.webapp import CKPT_ENV, ModelPool, default_checkpoint, launch
+
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--ckpt", type=Path, default=None,
+                    help=f"checkpoint directory (default: ${CKPT_ENV}, else out/int8 as written by quantize.py)")
+    ap.add_argument("--host", default=None, help="interface to bind (default 127.0.0.1; 0.0.0.0 on Spaces)")
+    ap.add_argument("--port", type=int, default=None, help="port (default $GRADIO_SERVER_PORT or 7860)")
+    ap.add_argument("--share", action="store_true", help="also serve through a temporary public gradio.live link")
+    ap.add_argument("--export-space", type=Path, default=None, metavar="DIR",
+                    help="instead of serving, write a self-contained Hugging Face Space folder to DIR")
+    args = ap.parse_args()
+    ckpt = args.ckpt or default_checkpoint()
+    try:
+        if args.export_space is not None:
+            from model.space import export_space
+
+            out = export_space(ckpt, args.export_space, app_file=Path(__file__).resolve())
+            print(f"Space folder written to {out}; upload it as described in docs/readme-app.md.")
+            return 0
+        pool = ModelPool(ckpt)
+    except (CheckpointError, TokenizerError, OSError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    launch(pool, host=args.host, port=args.port, share=args.share)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

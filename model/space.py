@@ -1,0 +1,126 @@
+"""Export a self-contained Hugging Face Space folder: app.py, the model package, the checkpoint, requirements, README."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import gradio
+import torch
+
+from .checkpoint import CONFIG, TRAIN_STATE, CheckpointError, read_config
+from .tokenizer import GPT2_ENCODING
+
+PACKAGE = Path(__file__).resolve().parent
+CKPT_IN_SPACE = Path("out") / "int8"  # the app's default checkpoint path, so the Space needs no flags
+MARKER = ".smallgpt-space"  # marks a folder this function wrote, so re-exporting may replace it
+TIKTOKEN_URL = f"https://openaipublic.blob.core.windows.net/encodings/{GPT2_ENCODING}.tiktoken"
+
+# On Spaces, the extra index serves CPU-only torch wheels (about 200 MB instead of a multi-GB CUDA build);
+# pip takes 2.x.y+cpu from it, since a local version sorts above the plain one on PyPI.
+REQUIREMENTS = """\
+--extra-index-url https://download.pytorch.org/whl/cpu
+torch=={torch}
+gradio=={gradio}
+tiktoken>=0.7
+numpy>=1.26
+safetensors>=0.4
+pandas>=2.0
+tqdm>=4.66
+matplotlib>=3.8
+"""
+
+README = """\
+---
+title: {title}
+emoji: ✍️
+colorFrom: indigo
+colorTo: yellow
+sdk: gradio
+sdk_version: {gradio}
+app_file: app.py
+python_version: "3.11"
+suggested_hardware: cpu-basic
+pinned: false
+short_description: A small GPT, int8 on CPU, that continues your text
+---
+
+# {title}
+
+A small GPT trained with smallgpt on one text file, quantized to int8 and served on CPU.
+Type the start of a text; the model writes up to five continuations, streamed token by token.
+The "Under the hood" panel shows the ten most likely next tokens after the prompt.
+
+Checkpoint: `out/int8` ({kind}, {size_mb:.1f} MB weights). Tokenizer: {tokenizer}.
+Run locally: `pip install -r requirements.txt && python app.py`.
+"""
+
+
+def torch_version() -> str:
+    """The installed torch version without its local tag (2.13.0+cpu -> 2.13.0)."""
+    return torch.__version__.split("+")[0]
+
+
+def export_space(ckpt: str | Path, out_dir: str | Path, app_file: str | Path, title: str = "smallgpt") -> Path:
+    """Write the Space folder out_dir (replacing an earlier export, never other folders); returns its path.
+
+    The folder is built beside out_dir and renamed into place, so a failure leaves nothing half-written.
+    """
+    ckpt, out_dir, app_file = Path(ckpt), Path(out_dir), Path(app_file)
+    if not ckpt.exists():
+        raise CheckpointError(f"No checkpoint at {ckpt}: run python train.py then python quantize.py (or pass --ckpt DIR).")
+    meta = read_config(ckpt)
+    if out_dir.exists() and (not out_dir.is_dir() or (any(out_dir.iterdir()) and not (out_dir / MARKER).exists())):
+        raise CheckpointError(f"{out_dir} exists and is not an earlier Space export; pass an empty or new folder to --export-space.")
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
+    try:
+        _fill(tmp, ckpt, meta, app_file, title)
+        if out_dir.exists():
+            old = out_dir.with_name(f".{out_dir.name}.old")
+            shutil.rmtree(old, ignore_errors=True)
+            os.replace(out_dir, old)
+            os.replace(tmp, out_dir)
+            shutil.rmtree(old)
+        else:
+            os.replace(tmp, out_dir)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return out_dir
+
+
+def _fill(dest: Path, ckpt: Path, meta: dict, app_file: Path, title: str) -> None:
+    shutil.copy2(app_file, dest / "app.py")
+    (dest / "model").mkdir()
+    for src in sorted(PACKAGE.glob("*.py")):
+        shutil.copy2(src, dest / "model" / src.name)
+    ckpt_dest = dest / CKPT_IN_SPACE
+    ckpt_dest.mkdir(parents=True)
+    for src in sorted(ckpt.iterdir()):
+        if src.is_file() and src.name != TRAIN_STATE and not src.name.startswith("."):
+            shutil.copy2(src, ckpt_dest / src.name)
+    if not (ckpt_dest / CONFIG).is_file():
+        raise CheckpointError(f"{ckpt} has no {CONFIG}; it is not a checkpoint of this kit.")
+    _bundle_vocabulary(dest / "tiktoken-cache", str(meta["tokenizer"].get("name", "")))
+    size_mb = sum(f.stat().st_size for f in ckpt_dest.glob("*.safetensors")) / 1e6
+    tokenizer = meta["tokenizer"].get("name", "?")
+    (dest / "requirements.txt").write_text(REQUIREMENTS.format(torch=torch_version(), gradio=gradio.__version__), encoding="utf-8")
+    (dest / "README.md").write_text(README.format(title=title, gradio=gradio.__version__, kind=meta.get("kind", "fp32"),
+                                                  size_mb=size_mb, tokenizer=tokenizer), encoding="utf-8")
+    (dest / MARKER).write_text("written by python app.py --export-space; safe to replace\n", encoding="utf-8")
+
+
+def _bundle_vocabulary(dest: Path, tokenizer_name: str) -> None:
+    """Copy GPT-2's cached BPE ranks file (tiktoken's cache name is the sha1 of its URL) so the Space starts offline."""
+    if not tokenizer_name.startswith("gpt2"):
+        return
+    name = hashlib.sha1(TIKTOKEN_URL.encode()).hexdigest()
+    cache = os.environ.get("TIKTOKEN_CACHE_DIR") or os.environ.get("DATA_GYM_CACHE_DIR") or ""
+    src = Path(cache) / name
+    if not src.is_file():
+        raise CheckpointError(f"GPT-2's vocabulary is not cached at {src}; set TIKTOKEN_CACHE_DIR to the folder holding it.")
+    dest.mkdir()
+    shutil.copy2(src, dest / name)

@@ -1,0 +1,239 @@
+"""The Gradio app: a pool of loaded models, request checks, the streaming handler and the gr.Blocks UI."""
+
+from __future__ import annotations
+
+import math
+import os
+import queue
+import random
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # the app never calls home
+
+import gradio as gr  # noqa: E402
+import pandas as pd  # noqa: E402
+import torch  # noqa: E402
+
+from .checkpoint import CheckpointError, read_json  # noqa: E402
+from .config import GPTConfig  # noqa: E402
+from .generate import SamplingConfig, stream  # noqa: E402
+from .gpt import GPT  # noqa: E402
+from .load import Loaded, load  # noqa: E402
+
+DEFAULT_CKPT = Path("out") / "int8"  # where quantize.py writes by default
+CKPT_ENV = "SMALLGPT_CKPT"
+MAX_SEQUENCES = 5  # sequence boxes in the UI; the API returns one string per box
+MAX_NEW_TOKENS = 500  # with MAX_SEQUENCES, bounds one request so it cannot starve the others
+MAX_PROMPT_CHARS = 20_000  # longer prompts are cut (keeping the end) before tokenizing
+CONCURRENCY = 2  # requests generating at once: one per vCPU on a 2-vCPU Space, each with its own model copy
+EXAMPLES = [
+    "ROMEO:\n",
+    "First Citizen:\nBefore we proceed any further, hear me speak.\n",
+    "KING HENRY:\nOnce more unto the",
+    "To be, or not to be",
+]
+
+
+def default_checkpoint() -> Path:
+    """The checkpoint to serve when no --ckpt is given: $SMALLGPT_CKPT, else quantize.py's default output."""
+    return Path(os.environ.get(CKPT_ENV) or DEFAULT_CKPT)
+
+
+class ModelPool:
+    """CONCURRENCY copies of one checkpoint; each request borrows one, so no two share a KV cache."""
+
+    def __init__(self, ckpt: str | Path, copies: int = CONCURRENCY):
+        ckpt = Path(ckpt)
+        if not ckpt.exists():
+            raise CheckpointError(f"No checkpoint at {ckpt}: run python train.py then python quantize.py "
+                                  f"(or pass --ckpt DIR, or set {CKPT_ENV}).")
+        self.ckpt = ckpt
+        self.copies: queue.Queue[Loaded] = queue.Queue()
+        for _ in range(max(1, copies)):
+            self.copies.put(load(ckpt, device="cpu"))
+        self.first = self.copies.queue[0]
+
+    @contextmanager
+    def borrow(self) -> Iterator[Loaded]:
+        """One model copy for the duration of a request (waits if all are busy)."""
+        loaded = self.copies.get()
+        try:
+            yield loaded
+        finally:
+            self.copies.put(loaded)
+
+
+def set_threads(concurrency: int = CONCURRENCY) -> int:
+    """Give each concurrent request an equal share of the CPU cores; returns torch's thread count."""
+    threads = max(1, (os.cpu_count() or 1) // max(1, concurrency))
+    torch.set_num_threads(threads)
+    return threads
+
+
+def model_card(pool: ModelPool) -> str:
+    """Markdown facts about the served model: parameters, size, validation loss, tokenizer."""
+    loaded = pool.first
+    report = _optional_json(pool.ckpt / "report.json") or _optional_json(pool.ckpt / "metrics.json")
+    params = report.get("params") or _param_count(loaded.config)
+    size = report.get("size_int8_bytes") or sum(f.stat().st_size for f in pool.ckpt.glob("*.safetensors"))
+    val = report.get("val_nats_per_char_int8") or report.get("val_nats_per_char")
+    cfg = loaded.config
+    rows = [
+        f"**Parameters** {params / 1e6:.2f} M ({cfg.n_layer} layers, {cfg.n_head} heads, width {cfg.n_embd})",
+        f"**Weights** {loaded.kind}, {size / 1e6:.1f} MB",
+        f"**Validation loss** {val:.3f} nats/char" if isinstance(val, int | float) else "**Validation loss** not recorded",
+        f"**Tokenizer** {loaded.tokenizer.name} ({loaded.tokenizer.n_vocab} tokens), context {cfg.block_size} tokens",
+    ]
+    return " · ".join(rows)
+
+
+def _param_count(config: GPTConfig) -> int:
+    """Parameters of a GPT of this shape (tied head once), counted on the meta device without allocating."""
+    with torch.device("meta"):
+        return GPT(config).num_params(non_embedding=False)
+
+
+def _optional_json(path: Path) -> dict[str, Any]:
+    try:
+        return read_json(path) if path.is_file() else {}
+    except CheckpointError:
+        return {}
+
+
+def _number(name: str, value: Any) -> float:
+    """value as a finite float, else a gr.Error naming the parameter."""
+    try:
+        x = float(value)
+    except (TypeError, ValueError):
+        raise gr.Error(f"{name} must be a number, got {value!r}.") from None
+    if not math.isfinite(x):
+        raise gr.Error(f"{name} must be a finite number, got {value!r}.")
+    return x
+
+
+def _in_range(name: str, value: Any, low: float, high: float) -> float:
+    """value as a float in [low, high], else a gr.Error saying which range."""
+    x = _number(name, value)
+    if not low <= x <= high:
+        raise gr.Error(f"{name} must be between {low:g} and {high:g}, got {value!r}.")
+    return x
+
+
+def check_request(prompt: Any, max_new_tokens: Any, num_sequences: Any, temperature: Any, top_k: Any, top_p: Any,
+                  seed: Any, pool: ModelPool) -> tuple[str, int, SamplingConfig, list[str]]:
+    """Validate one request: (prompt as the model will see it, sequences, sampling, notes for the user).
+
+    Values out of range raise a gr.Error naming the parameter; a too-long prompt is cropped, with a note.
+    """
+    notes: list[str] = []
+    if not isinstance(prompt, str) or not prompt.strip():
+        raise gr.Error("The prompt is empty: type some text for the model to continue.")
+    tokens = _in_range("max_new_tokens", max_new_tokens, 1, MAX_NEW_TOKENS)
+    n = _in_range("num_sequences", num_sequences, 1, MAX_SEQUENCES)
+    temp = _in_range("temperature", temperature, 0, 2)
+    k = _in_range("top_k", top_k, 0, 1_000_000)
+    p = _in_range("top_p", top_p, 1e-6, 1)
+    s = _number("seed", seed)
+    seed_value = random.randrange(2**31) if s < 0 else int(s) % 2**63
+
+    if len(prompt) > MAX_PROMPT_CHARS:
+        notes.append(f"The prompt has {len(prompt)} characters; only its last {MAX_PROMPT_CHARS} are used.")
+        prompt = prompt[-MAX_PROMPT_CHARS:]
+    tokenizer, block_size = pool.first.tokenizer, pool.first.config.block_size
+    ids = tokenizer.encode(prompt)
+    if len(ids) > block_size:
+        notes.append(f"The prompt is {len(ids)} tokens but the model sees at most {block_size}: "
+                     f"only its last {block_size} tokens are used.")
+        prompt = tokenizer.decode(ids[-block_size:])
+    sampling = SamplingConfig(max_new_tokens=int(tokens), temperature=temp,
+                              top_k=int(min(k, tokenizer.n_vocab)) or None, top_p=p, seed=seed_value)
+    return prompt, int(n), sampling, notes
+
+
+def stream_sequences(pool: ModelPool, prompt: str, num_sequences: int, sampling: SamplingConfig) -> Iterator[list[str]]:
+    """The full text of every sequence so far, after each decode step (always MAX_SEQUENCES strings)."""
+    texts = [""] * num_sequences
+    with pool.borrow() as loaded, torch.inference_mode():
+        for new in stream(loaded.model, loaded.tokenizer, prompt, num_sequences, sampling):
+            texts = [t + piece for t, piece in zip(texts, new, strict=True)]
+            yield texts + [""] * (MAX_SEQUENCES - num_sequences)
+
+
+def next_token_table(pool: ModelPool, prompt: str, k: int = 10) -> pd.DataFrame:
+    """The k most likely next tokens after prompt (temperature 1), as rows of (token, probability)."""
+    with pool.borrow() as loaded, torch.inference_mode():
+        tokenizer, block_size = loaded.tokenizer, loaded.config.block_size
+        ids = tokenizer.encode(prompt)[-block_size:] or ([tokenizer.eot_token] if tokenizer.eot_token is not None else [0])
+        logits, _ = loaded.model(torch.tensor([ids]), last_only=True)
+    probs = torch.softmax(logits[0, -1, :tokenizer.n_vocab].float(), dim=-1)
+    top = torch.topk(probs, k)
+    labels = [f"{rank}. {tokenizer.decode([int(i)])!r}" for rank, i in enumerate(top.indices.tolist(), 1)]
+    return pd.DataFrame({"token": labels, "probability": top.values.tolist()})
+
+
+def build_demo(pool: ModelPool) -> gr.Blocks:
+    """The UI; its "generate" endpoint takes prompt (named) and returns one string per sequence box."""
+
+    def generate(prompt: str, max_new_tokens: float = 200, num_sequences: float = 3, temperature: float = 0.8,
+                 top_k: float = 50, top_p: float = 1.0, seed: float = -1) -> Iterator[tuple[str, ...]]:
+        prompt, n, sampling, notes = check_request(prompt, max_new_tokens, num_sequences, temperature, top_k, top_p, seed, pool)
+        for note in notes:
+            gr.Warning(note)
+        for texts in stream_sequences(pool, prompt, n, sampling):
+            yield tuple(texts)
+
+    def next_tokens(prompt: str) -> pd.DataFrame:
+        if not isinstance(prompt, str) or not prompt.strip():
+            raise gr.Error("The prompt is empty: type some text to see what the model expects next.")
+        return next_token_table(pool, prompt[-MAX_PROMPT_CHARS:])
+
+    def show_boxes(n: float) -> list[dict[str, Any]]:
+        return [gr.update(visible=i < int(n)) for i in range(MAX_SEQUENCES)]
+
+    with gr.Blocks(title="smallgpt") as demo:
+        gr.Markdown("# smallgpt\nA small GPT trained on one text file, quantized to int8, running on CPU. "
+                    "Type the start of a text; the model continues it.")
+        gr.Markdown(model_card(pool), elem_id="model-card")
+        with gr.Row():
+            with gr.Column(scale=2):
+                prompt = gr.Textbox(label="Prompt", lines=4, placeholder="Type the start of a text, or click an example below",
+                                    elem_id="prompt")
+                button = gr.Button("Generate", variant="primary", elem_id="generate")
+                gr.Examples(examples=[[e] for e in EXAMPLES], inputs=[prompt], label="Examples (click one)")
+            with gr.Column(scale=1):
+                max_new = gr.Slider(1, MAX_NEW_TOKENS, value=200, step=1, label="max new tokens")
+                num = gr.Slider(1, MAX_SEQUENCES, value=3, step=1, label="number of sequences")
+                temperature = gr.Slider(0, 2, value=0.8, step=0.05, label="temperature", info="0 = greedy")
+                top_k = gr.Slider(0, 200, value=50, step=1, label="top-k", info="0 = off")
+                top_p = gr.Slider(0.05, 1, value=1.0, step=0.05, label="top-p")
+                seed = gr.Number(value=-1, precision=0, label="seed", info="-1 = random; same seed, same text")
+        boxes = [gr.Textbox(label=f"Sequence {i + 1}", lines=6, visible=i < 3, elem_id=f"seq-{i + 1}")
+                 for i in range(MAX_SEQUENCES)]
+        with gr.Accordion("Under the hood: what the model expects next", open=False):
+            gr.Markdown("Probabilities of the 10 most likely next tokens after the prompt (temperature 1, before top-k/top-p).")
+            probe = gr.Button("Show next-token probabilities")
+            chart = gr.BarPlot(x="token", y="probability", sort="-y", y_lim=[0, 1], label="next token", height=320)
+
+        # preprocess=False: raw values reach check_request, whose errors name the parameter and its range.
+        inputs = [prompt, max_new, num, temperature, top_k, top_p, seed]
+        button.click(generate, inputs, boxes, api_name="generate", concurrency_id="model", preprocess=False)
+        prompt.submit(generate, inputs, boxes, api_visibility="private", concurrency_id="model", preprocess=False)
+        probe.click(next_tokens, [prompt], chart, api_name="next_tokens", concurrency_id="model", preprocess=False)
+        num.change(show_boxes, [num], boxes, api_visibility="private", queue=False)
+    return demo
+
+
+def launch(pool: ModelPool, host: str | None = None, port: int | None = None, share: bool = False,
+           prevent_thread_lock: bool = False) -> gr.Blocks:
+    """Serve the app: on Hugging Face Spaces (SPACE_ID set) on 0.0.0.0:7860, else where asked."""
+    if os.environ.get("SPACE_ID"):
+        host, port, share = host or "0.0.0.0", port or 7860, False
+    set_threads(CONCURRENCY)
+    demo = build_demo(pool)
+    demo.queue(default_concurrency_limit=CONCURRENCY, max_size=64)
+    demo.launch(server_name=host, server_port=port, share=share, prevent_thread_lock=prevent_thread_lock,
+                footer_links=["api", "gradio"], ssr_mode=False)
+    return demo
