@@ -1,0 +1,35 @@
+"""loss.png: train and validation loss curves of a run, drawn from its log records."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+from . import atomic  # noqa: E402
+
+
+def plot_losses(records: list[dict[str, Any]], path: str | Path, title: str = "") -> None:
+    """Plot train loss and val nats/token (left) and val nats/char (right) against step; written atomically."""
+    train = [(r["step"], r["train_loss"]) for r in records if "train_loss" in r]
+    val = [r for r in records if "val_nats_per_token" in r]
+    fig, (ax_tok, ax_char) = plt.subplots(1, 2, figsize=(11, 4))
+    if train:
+        ax_tok.plot(*zip(*train, strict=True), label="train (nats/token)", alpha=0.7)
+    if val:
+        steps = [r["step"] for r in val]
+        ax_tok.plot(steps, [r["val_nats_per_token"] for r in val], "o-", label="val (nats/token)")
+        ax_char.plot(steps, [r["val_nats_per_char"] for r in val], "o-", color="C2", label="val (nats/char)")
+    ax_tok.set(xlabel="step", ylabel="cross-entropy (nats/token)", title=title or "loss")
+    ax_char.set(xlabel="step", ylabel="nats/char", title="validation, tokenizer-independent")
+    for ax in (ax_tok, ax_char):
+        ax.grid(alpha=0.3)
+        ax.legend()
+    fig.tight_layout()
+    with atomic.atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=100)
+    plt.close(fig)

@@ -1,0 +1,491 @@
+"""The training loop: settings and their defaults, the model to train, the step loop, evaluation and checkpoints.
+
+Data-parallel training can be added later: the optimizer step runs a micro-step loop (wrap all but the last
+micro-step in DDP's no_sync), and every file write lives in the rank-0-only methods marked "I/O".
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import math
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm import tqdm
+
+from . import atomic, checkpoint
+from .checkpoint import CheckpointError
+from .config import PRESETS, GPTConfig, preset
+from .data import DataError, TokenData, get_batch, prepare, read_text
+from .evaluate import evaluate
+from .gpt import GPT
+from .load import load
+from .optim import clip_grads, lr_at, make_optimizer, set_lr
+from .plot import plot_losses
+from .tokenizer import Tokenizer, load_tokenizer, padded_vocab_size
+
+LOG = "log.jsonl"
+PLOT = "loss.png"
+TOKENS = "tokens"
+STATE_VERSION = 1
+
+
+class ArgError(ValueError):
+    """Training settings that cannot work together; the message says which and what to do."""
+
+
+@dataclass
+class TrainArgs:
+    """Every training knob. The field defaults are those of the default "cpu" preset: change them here, once."""
+
+    data: str = "input.txt"
+    out_dir: str = "out"
+    preset: str = "cpu"
+    init_from: str | None = None  # a checkpoint directory model.load can read: finetune it
+    tokenizer: str = "gpt2"
+    n_layer: int | None = None  # None: the preset's
+    n_head: int | None = None
+    n_embd: int | None = None
+    block_size: int | None = None  # training window; None: the preset's context (init-from: min(context, 256))
+    dropout: float | None = None
+    max_iters: int = 5000
+    max_minutes: float = 10.0  # total wall-clock budget including the final evaluation; 0 = no budget
+    eval_interval: int = 100
+    eval_windows: int = 32  # the fixed, evenly spaced validation windows scored at every eval
+    log_interval: int = 10
+    batch_size: int = 32
+    grad_accum: int = 1
+    lr: float = 1e-3
+    min_lr: float = 1e-4
+    warmup_iters: int = 100
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.99
+    grad_clip: float = 1.0
+    seed: int = 1337
+    device: str = "auto"
+    dtype: str = "auto"
+    compile: bool = False
+    resume: bool = False
+
+
+# Overrides of the TrainArgs defaults for the other presets, and for finetuning with --init-from.
+PRESET_DEFAULTS: dict[str, dict[str, Any]] = {
+    "cpu": {},
+    "tiny": {"batch_size": 16, "eval_interval": 50, "warmup_iters": 20},
+    "gpt2": {"batch_size": 8, "grad_accum": 8, "lr": 6e-4, "min_lr": 6e-5, "warmup_iters": 200, "beta2": 0.95, "max_minutes": 0.0},
+}
+FINETUNE_DEFAULTS: dict[str, Any] = {"lr": 3e-5, "min_lr": 3e-6, "warmup_iters": 5, "dropout": 0.0, "batch_size": 8,
+                                     "eval_interval": 50, "max_iters": 500}
+FINETUNE_BLOCK_SIZE = 256
+SHAPE_KEYS = ("preset", "init_from", "tokenizer", "n_layer", "n_head", "n_embd", "block_size")
+
+
+def resolve_args(given: dict[str, Any]) -> tuple[TrainArgs, dict[str, Any] | None]:
+    """Settings from the flags a user gave (None = not given) over the defaults; with resume, over the saved run's.
+
+    Returns the settings and, when resuming, the loaded training state.
+    """
+    given = {k: v for k, v in given.items() if v is not None}
+    unknown = set(given) - {f.name for f in dataclasses.fields(TrainArgs)}
+    if unknown:
+        raise ArgError(f"Unknown training settings: {', '.join(sorted(unknown))}.")
+    if given.get("resume"):
+        out_dir = Path(given.get("out_dir", TrainArgs.out_dir))
+        state = checkpoint.load_train_state(out_dir / checkpoint.TRAIN_STATE)
+        saved = state.get("args") if isinstance(state, dict) else None
+        if not isinstance(saved, dict) or state.get("version") != STATE_VERSION:
+            raise CheckpointError(f"Cannot resume: {out_dir / checkpoint.TRAIN_STATE} is not a training state of this version; "
+                                  "train again without --resume.")
+        for key in SHAPE_KEYS:
+            if key in given and given[key] != saved.get(key):
+                raise CheckpointError(
+                    f"Cannot resume: the checkpoint in {out_dir} was trained with {key}={saved.get(key)!r}, not {given[key]!r} "
+                    "(another architecture); drop that flag to resume it, or train into another --out-dir."
+                )
+        names = {f.name for f in dataclasses.fields(TrainArgs)}
+        return TrainArgs(**{**{k: v for k, v in saved.items() if k in names}, **given}), state
+    base = FINETUNE_DEFAULTS if given.get("init_from") else PRESET_DEFAULTS.get(given.get("preset", TrainArgs.preset), {})
+    return TrainArgs(**{**base, **given}), None
+
+
+def check_args(args: TrainArgs) -> None:
+    """Raise an ArgError for settings that cannot work, before anything is read or written."""
+    if args.preset not in PRESETS:
+        raise ArgError(f"Unknown preset {args.preset!r}; choose one of: {', '.join(PRESETS)}.")
+    for name in ("max_iters", "eval_interval", "eval_windows", "log_interval", "batch_size", "grad_accum"):
+        if getattr(args, name) < 1:
+            raise ArgError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}.")
+    for name in ("warmup_iters", "max_minutes", "grad_clip", "weight_decay", "min_lr"):
+        if getattr(args, name) < 0:
+            raise ArgError(f"--{name.replace('_', '-')} must not be negative, got {getattr(args, name)}.")
+    if not args.lr > 0:
+        raise ArgError(f"--lr must be positive, got {args.lr}.")
+    if args.min_lr > args.lr:
+        raise ArgError(f"--min-lr ({args.min_lr}) must not exceed --lr ({args.lr}).")
+    if args.block_size is not None and args.block_size < 1:
+        raise ArgError(f"--block-size must be at least 1, got {args.block_size}.")
+    if args.dropout is not None and not 0.0 <= args.dropout < 1.0:
+        raise ArgError(f"--dropout must be in [0, 1), got {args.dropout}.")
+    if args.dtype not in ("auto", "bf16", "fp16", "fp32"):
+        raise ArgError(f"--dtype must be auto, bf16, fp16 or fp32, got {args.dtype!r}.")
+    device = pick_device(args.device)
+    if args.dtype == "fp16" and device.type != "cuda":
+        raise ArgError("--dtype fp16 needs a CUDA GPU; use --dtype bf16 or fp32 on this device.")
+    if args.init_from is None:
+        fresh_config(args, vocab_size=64)  # raises on an impossible shape
+
+
+def pick_device(name: str) -> torch.device:
+    """The device for --device: auto picks CUDA when present, else the CPU."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ArgError(f"--device {name!r} is not a device; use auto, cpu, cuda or cuda:N.") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ArgError("--device cuda was asked for but no CUDA GPU is available; use --device cpu.")
+    if device.type == "mps" and not torch.backends.mps.is_available():
+        raise ArgError("--device mps was asked for but MPS is not available; use --device cpu.")
+    return device
+
+
+def cpu_has_fast_bf16() -> bool:
+    """Whether this CPU runs bf16 matmuls natively (AVX512-BF16 or AMX), where bf16 autocast pays off."""
+    checks = ("_is_amx_tile_supported", "_is_avx512_bf16_supported")
+    return any(getattr(torch.cpu, name, lambda: False)() for name in checks)
+
+
+def pick_dtype(name: str, device: torch.device) -> torch.dtype:
+    """The autocast dtype for --dtype: auto is bf16 on CUDA GPUs and CPUs that support it, else fp32."""
+    if name == "fp32":
+        return torch.float32
+    if name == "fp16":
+        return torch.float16
+    if name == "bf16":
+        return torch.bfloat16
+    if device.type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float32
+    if device.type == "cpu" and cpu_has_fast_bf16():
+        return torch.bfloat16
+    return torch.float32
+
+
+def fresh_config(args: TrainArgs, vocab_size: int) -> GPTConfig:
+    """The shape of a new model: the preset with the user's overrides, or an ArgError saying what is wrong."""
+    base = preset(args.preset)
+    if args.block_size is not None and args.block_size > base.block_size:
+        raise ArgError(f"--block-size {args.block_size} exceeds the {base.block_size} positions of preset {args.preset!r}; "
+                       f"use at most {base.block_size} or a larger preset.")
+    overrides = {k: getattr(args, k) for k in ("n_layer", "n_head", "n_embd", "block_size", "dropout") if getattr(args, k) is not None}
+    try:
+        return dataclasses.replace(base, vocab_size=vocab_size, **overrides)
+    except ValueError as e:
+        raise ArgError(f"Inconsistent model shape: {e}") from None
+
+
+def build(args: TrainArgs, state: dict[str, Any] | None) -> tuple[GPT, GPTConfig, Tokenizer]:
+    """The model to train (fp32, CPU), its config and tokenizer: resumed, finetuned from --init-from, or new."""
+    if state is not None:
+        config = GPTConfig.from_dict(state["model_config"])
+        if args.dropout is not None:
+            config = dataclasses.replace(config, dropout=args.dropout)
+        model = checkpoint.build_model(config, state["model"], f"{args.out_dir}/{checkpoint.TRAIN_STATE}")
+        tokenizer = load_tokenizer(state["tokenizer"])
+    elif args.init_from is not None:
+        loaded = load(args.init_from)
+        if not isinstance(loaded.model, GPT):
+            raise CheckpointError(f"--init-from {args.init_from} holds a {loaded.kind} model, which cannot be trained; "
+                                  "pass an fp32 or Hugging Face GPT-2 checkpoint directory.")
+        config = dataclasses.replace(loaded.config, dropout=args.dropout or 0.0)
+        model = GPT(config)
+        model.load_state_dict(loaded.model.state_dict())
+        tokenizer = loaded.tokenizer
+        if args.block_size is None:
+            args.block_size = min(config.block_size, FINETUNE_BLOCK_SIZE)
+    else:
+        tokenizer = load_tokenizer(args.tokenizer)
+        config = fresh_config(args, padded_vocab_size(tokenizer.n_vocab))
+        torch.manual_seed(args.seed)
+        model = GPT(config)
+    if args.block_size is None:
+        args.block_size = config.block_size
+    if args.block_size > config.block_size:
+        raise ArgError(f"--block-size {args.block_size} exceeds the model's context of {config.block_size} tokens; "
+                       f"use at most {config.block_size}.")
+    return model, config, tokenizer
+
+
+def prepare_data(args: TrainArgs, tokenizer: Tokenizer) -> TokenData:
+    """Tokenise --data into OUT/tokens and check both splits; on a DataError remove the folders this call created."""
+    read_text(args.data)  # missing, empty or not UTF-8: fail before creating anything
+    out_dir = Path(args.out_dir)
+    created = next((p for p in (out_dir, out_dir / TOKENS) if not p.exists()), None)
+    try:
+        data = prepare(args.data, out_dir / TOKENS, tokenizer)
+        data.check(args.block_size)
+    except DataError:
+        if created is not None:
+            shutil.rmtree(created, ignore_errors=True)
+        raise
+    return data
+
+
+class Trainer:
+    """One training run: holds the model, optimizer, data and counters; run() trains and writes the checkpoint."""
+
+    def __init__(self, args: TrainArgs, state: dict[str, Any] | None = None, t_start: float | None = None):
+        self.t_start = time.perf_counter() if t_start is None else t_start
+        check_args(args)
+        self.args = args
+        self.device = pick_device(args.device)
+        self.dtype = pick_dtype(args.dtype, self.device)
+        self.master = True  # rank 0: the only process that writes files
+        model, self.config, self.tokenizer = build(args, state)
+        self.data = prepare_data(args, self.tokenizer)
+        self.out = Path(args.out_dir)
+        self.raw_model = model.to(self.device)
+        self.model = torch.compile(self.raw_model) if args.compile else self.raw_model
+        self.optimizer = make_optimizer(self.raw_model, args.lr, args.weight_decay, (args.beta1, args.beta2), self.device.type)
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.dtype == torch.float16)
+        self.batch_gen = torch.Generator().manual_seed(args.seed)
+        self.tokens_per_step = args.batch_size * args.block_size * args.grad_accum
+        self.step, self.tokens_seen, self.elapsed_before = 0, 0, 0.0
+        self.t_warm: float | None = None  # elapsed seconds when warmup ended (time-budget decay starts there)
+        self.best_val, self.best_step = math.inf, -1
+        self.eval_sec_per_token, self.save_seconds = 0.0, 0.0
+        self.records: list[dict[str, Any]] = []
+        if state is not None:
+            self._restore(state)
+        self.last_eval_step = self.step if state is not None else -1
+
+    # ---- time budget and schedule -------------------------------------------------------------------------
+
+    def elapsed(self) -> float:
+        """Wall-clock seconds of this run so far, including earlier sessions of a resumed run."""
+        return self.elapsed_before + time.perf_counter() - self.t_start
+
+    def train_budget(self) -> float | None:
+        """Seconds training may use: --max-minutes less a reserve for the final evaluation and checkpoint writes."""
+        if not self.args.max_minutes:
+            return None
+        final_eval = self.eval_sec_per_token * len(self.data.val) * 1.2
+        periodic_eval = self.eval_sec_per_token * self.args.eval_windows * self.args.block_size
+        return self.args.max_minutes * 60.0 - final_eval - periodic_eval - 2 * self.save_seconds - 1.0
+
+    def decay_frac(self) -> float:
+        """How far the cosine decay has gone: by steps, or by elapsed time when that ends the run sooner."""
+        warm = self.args.warmup_iters
+        frac = (self.step - warm) / max(1, self.args.max_iters - warm)
+        budget = self.train_budget()
+        if budget is not None and self.t_warm is not None:
+            frac = max(frac, (self.elapsed() - self.t_warm) / max(1e-9, budget - self.t_warm))
+        return frac
+
+    def done(self) -> bool:
+        budget = self.train_budget()
+        return self.step >= self.args.max_iters or (budget is not None and self.elapsed() >= budget)
+
+    def autocast(self) -> contextlib.AbstractContextManager:
+        if self.dtype == torch.float32:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=self.dtype)
+
+    # ---- training -----------------------------------------------------------------------------------------
+
+    def train_step(self) -> tuple[float, float]:
+        """One optimizer update over grad_accum micro-batches; returns the mean loss and the pre-clip grad norm."""
+        args = self.args
+        self.optimizer.zero_grad(set_to_none=True)
+        total = 0.0
+        for _ in range(args.grad_accum):  # DDP: run all but the last micro-step under model.no_sync()
+            x, y = get_batch(self.data.train, args.batch_size, args.block_size, self.batch_gen, self.device)
+            with self.autocast():
+                _, loss = self.model(x, y)
+            loss = loss / args.grad_accum
+            self.scaler.scale(loss).backward()
+            total += float(loss.detach())
+        self.scaler.unscale_(self.optimizer)
+        norm = clip_grads(self.raw_model, args.grad_clip)
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        return total, norm
+
+    def run(self, stop_after: int | None = None) -> dict[str, Any]:
+        """Train until max_iters or the time budget, then score the best weights on the whole validation split.
+
+        stop_after ends the session at that step as an interruption would: the state is saved for --resume.
+        """
+        args = self.args
+        self._announce()
+        if self.step == 0 and self.last_eval_step < 0:
+            self.evaluate_and_save()
+        bar = tqdm(total=args.max_iters, initial=self.step, unit="step", dynamic_ncols=True, smoothing=0.1)
+        loss, norm, tok_s = math.nan, 0.0, 0.0
+        interrupted = False
+        try:
+            while not self.done():
+                if self.step >= args.warmup_iters and self.t_warm is None:
+                    self.t_warm = self.elapsed()
+                lr = lr_at(self.step, self.decay_frac(), args.lr, args.min_lr, args.warmup_iters)
+                set_lr(self.optimizer, lr)
+                t0 = time.perf_counter()
+                loss, norm = self.train_step()
+                dt = time.perf_counter() - t0
+                tok_s = self.tokens_per_step / dt if tok_s == 0 else 0.9 * tok_s + 0.1 * self.tokens_per_step / dt
+                self.step += 1
+                self.tokens_seen += self.tokens_per_step
+                bar.total = self._expected_steps(dt)
+                bar.update(1)
+                bar.set_postfix(loss=f"{loss:.3f}", lr=f"{lr:.2e}", norm=f"{norm:.2f}", tok_s=f"{tok_s:,.0f}", refresh=False)
+                if self.step % args.log_interval == 0:
+                    self.records.append({"step": self.step, "train_loss": loss, "lr": lr, "grad_norm": norm,
+                                         "tokens_per_s": tok_s, "elapsed": round(self.elapsed(), 2)})
+                if self.step % args.eval_interval == 0:
+                    self.evaluate_and_save(bar)
+                if stop_after is not None and self.step >= stop_after:
+                    interrupted = True
+                    break
+        except KeyboardInterrupt:
+            interrupted = True
+        finally:
+            bar.close()
+        train_seconds = self.elapsed()
+        if interrupted:
+            self.save_state()
+            self.write_log()
+            print(f"stopped at step {self.step}; continue with: python train.py --out-dir {args.out_dir} --resume")
+            return {"step": self.step, "last_loss": loss, "interrupted": True}
+        if self.last_eval_step != self.step:
+            self.evaluate_and_save()
+        metrics = self.final_metrics(train_seconds)
+        return {**metrics, "last_loss": loss, "interrupted": False}
+
+    def _expected_steps(self, step_seconds: float) -> int:
+        """Steps the run will take: max_iters, or fewer when the time budget runs out first (for the ETA)."""
+        budget = self.train_budget()
+        if budget is None:
+            return self.args.max_iters
+        left = max(0.0, budget - self.elapsed()) / max(step_seconds, 1e-6)
+        return max(self.step, min(self.args.max_iters, self.step + int(left)))
+
+    def evaluate_and_save(self, bar: tqdm | None = None) -> dict[str, float]:
+        """Score the fixed validation windows; keep the weights when they are the best so far; save the state."""
+        t0 = time.perf_counter()
+        val = evaluate(self.raw_model, self.data.val, self.data.val_chars, self.args.block_size, device=self.device,
+                       autocast=self.autocast(), max_windows=self.args.eval_windows)
+        self.eval_sec_per_token = (time.perf_counter() - t0) / max(val["val_tokens"], 1)
+        self.last_eval_step = self.step
+        improved = val["val_nats_per_token"] < self.best_val
+        if improved:
+            self.best_val, self.best_step = val["val_nats_per_token"], self.step
+        self.records.append({"step": self.step, "val_nats_per_token": val["val_nats_per_token"],
+                             "val_nats_per_char": val["val_nats_per_char"], "tokens_seen": self.tokens_seen,
+                             "elapsed": round(self.elapsed(), 2)})
+        msg = (f"step {self.step}: val {val['val_nats_per_token']:.4f} nats/token, {val['val_nats_per_char']:.4f} nats/char"
+               + (" (best, saved)" if improved else ""))
+        (bar.write if bar is not None else print)(msg)
+        if self.master:
+            t0 = time.perf_counter()
+            if improved:
+                self.save_best()
+            self.save_state()
+            self.write_log()
+            self.save_seconds = time.perf_counter() - t0
+        return val
+
+    def final_metrics(self, train_seconds: float) -> dict[str, Any]:
+        """Load the best weights and score them on the whole validation split in windows of the model's context."""
+        best = checkpoint.load_state_dict(self.out / checkpoint.WEIGHTS)
+        best.setdefault(checkpoint.TIED_KEY, best["transformer.wte.weight"])
+        self.raw_model.load_state_dict(best)
+        print(f"final evaluation of the best weights (step {self.best_step}) on the whole validation split ...")
+        val = evaluate(self.raw_model, self.data.val, self.data.val_chars, self.config.block_size, device=self.device,
+                       autocast=self.autocast())
+        metrics = {**val, "step": self.step, "best_step": self.best_step, "tokens_seen": self.tokens_seen,
+                   "train_seconds": round(train_seconds, 2), "params": self.raw_model.num_params(),
+                   "eval_dtype": str(self.dtype).removeprefix("torch."), "eval_block_size": self.config.block_size}
+        if self.master:
+            checkpoint.write_json(self.out / checkpoint.METRICS, {**metrics, "total_seconds": round(self.elapsed(), 2)})
+            self.write_log()
+        print(f"done in {self.elapsed():.0f} s: val {val['val_nats_per_token']:.4f} nats/token, "
+              f"{val['val_nats_per_char']:.4f} nats/char; checkpoint in {self.out}/")
+        return metrics
+
+    # ---- rank-0 I/O --------------------------------------------------------------------------------------
+
+    def _announce(self) -> None:
+        if not self.master:
+            return
+        a = self.args
+        origin = f"init from {a.init_from}" if a.init_from else f"preset {a.preset}"
+        print(f"model: {self.raw_model.num_params() / 1e6:.2f}M parameters ({origin}, {self.config.n_layer}x{self.config.n_embd}, "
+              f"context {self.config.block_size}, tokenizer {self.tokenizer.name}); training window {a.block_size}")
+        print(f"data: {len(self.data.train):,} train / {len(self.data.val):,} val tokens; "
+              f"{self.tokens_per_step:,} tokens per step; device {self.device}, {str(self.dtype).removeprefix('torch.')}")
+        if a.max_minutes:
+            print(f"time budget: {a.max_minutes:g} min in total (training stops early enough for the final evaluation)")
+
+    def save_best(self) -> None:
+        """I/O: the best weights and config.json (a complete, loadable checkpoint after every improvement)."""
+        checkpoint.save_weights(self.out / checkpoint.WEIGHTS, self.raw_model)
+        checkpoint.save_config(self.out, self.config, self.tokenizer.spec, dataclasses.asdict(self.args))
+
+    def save_state(self) -> None:
+        """I/O: what --resume needs, as plain tensors and containers (loaded with weights_only=True)."""
+        rng = {"torch": torch.get_rng_state(), "batch": self.batch_gen.get_state()}
+        if self.device.type == "cuda":
+            rng["cuda"] = torch.cuda.get_rng_state(self.device)
+        state = {"version": STATE_VERSION, "args": dataclasses.asdict(self.args), "model_config": self.config.to_dict(),
+                 "tokenizer": self.tokenizer.spec, "model": {k: v.cpu() for k, v in self.raw_model.state_dict().items()},
+                 "optimizer": self.optimizer.state_dict(), "scaler": self.scaler.state_dict(), "step": self.step,
+                 "tokens_seen": self.tokens_seen, "elapsed": self.elapsed(), "t_warm": self.t_warm,
+                 "best_val": self.best_val, "best_step": self.best_step, "eval_sec_per_token": self.eval_sec_per_token,
+                 "rng": rng}
+        checkpoint.save_train_state(self.out / checkpoint.TRAIN_STATE, state)
+
+    def write_log(self) -> None:
+        """I/O: log.jsonl (one record per log interval and per eval) and loss.png, both rewritten atomically."""
+        atomic.write_text(self.out / LOG, "".join(json.dumps(r) + "\n" for r in self.records))
+        plot_losses(self.records, self.out / PLOT, title=f"{self.out.name}: {self.raw_model.num_params() / 1e6:.1f}M params")
+
+    def _restore(self, state: dict[str, Any]) -> None:
+        """Continue a saved run exactly: optimizer, counters, RNG streams and the log up to the saved step."""
+        try:
+            self.optimizer.load_state_dict(state["optimizer"])
+            self.scaler.load_state_dict(state["scaler"])
+            self.step, self.tokens_seen = int(state["step"]), int(state["tokens_seen"])
+            self.elapsed_before, self.t_warm = float(state["elapsed"]), state["t_warm"]
+            self.best_val, self.best_step = float(state["best_val"]), int(state["best_step"])
+            self.eval_sec_per_token = float(state["eval_sec_per_token"])
+            torch.set_rng_state(state["rng"]["torch"])
+            self.batch_gen.set_state(state["rng"]["batch"])
+            if "cuda" in state["rng"] and self.device.type == "cuda":
+                torch.cuda.set_rng_state(state["rng"]["cuda"], self.device)
+        except (KeyError, ValueError, RuntimeError, TypeError) as e:
+            raise CheckpointError(f"Cannot resume: {self.out / checkpoint.TRAIN_STATE} is incomplete or from another "
+                                  f"setup ({type(e).__name__}: {e}); train again without --resume.") from None
+        self.records = [r for r in _read_log(self.out / LOG) if r.get("step", 0) <= self.step]
+
+
+def _read_log(path: Path) -> list[dict[str, Any]]:
+    records = []
+    if path.is_file():
+        for line in path.read_text(encoding="utf-8").splitlines():
+            with contextlib.suppress(json.JSONDecodeError):
+                records.append(json.loads(line))
+    return records
+
+
+def train(given: dict[str, Any], stop_after: int | None = None) -> dict[str, Any]:
+    """Resolve the settings from the given flags, check everything, train, and return the final metrics."""
+    t_start = time.perf_counter()
+    args, state = resolve_args(given)
+    return Trainer(args, state, t_start).run(stop_after=stop_after)
