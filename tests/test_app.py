@@ -1,0 +1,150 @@
+"""The Gradio app through gradio_client: sequences, streaming, bad input, concurrent users, start-up errors."""
+
+from __future__ import annotations
+
+import sys
+from concurrent.futures import ThreadPoolExecutor
+
+import httpx
+import pytest
+from app_support import REPORT, served, tiny_checkpoint
+from gradio_client import Client
+from gradio_client.exceptions import AppError
+
+import app
+from model.webapp import MAX_SEQUENCES, check_request, model_card, stream_sequences
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory, gpt2_tokenizer):
+    ckpt = tiny_checkpoint(tmp_path_factory.mktemp("app"), gpt2_tokenizer)
+    with served(ckpt) as (url, pool):
+        yield url, pool, Client(url, verbose=False)
+
+
+def ask(client: Client, prompt: str, **kw) -> tuple[str, ...]:
+    return client.predict(prompt=prompt, api_name="/generate", **kw)
+
+
+def test_returns_one_string_per_box_with_n_sequences(server):
+    _, _, client = server
+    out = ask(client, "ROMEO:", max_new_tokens=8, num_sequences=2, seed=1)
+    assert len(out) == MAX_SEQUENCES
+    assert all(out[:2]) and out[2:] == ("", "", "")
+    assert out == ask(client, "ROMEO:", max_new_tokens=8, num_sequences=2, seed=1)  # same seed, same text
+
+
+def test_defaults_give_three_sequences(server):
+    _, _, client = server
+    out = ask(client, "To be, or not to be", max_new_tokens=6)  # everything but prompt and length defaulted
+    assert sum(bool(s) for s in out) == 3
+
+
+def test_streaming_yields_growing_text(server):
+    _, _, client = server
+    job = client.submit(prompt="KING:", max_new_tokens=12, num_sequences=2, seed=5, api_name="/generate")
+    updates = [tuple(u) for u in job]
+    final = job.result()
+    assert len(updates) >= 3, updates
+    for before, after in zip(updates, updates[1:], strict=False):
+        assert all(a.startswith(b) for a, b in zip(after, before, strict=True))
+    assert len(updates[0][0]) < len(final[0])
+    assert updates[-1] == tuple(final)
+
+
+@pytest.mark.parametrize("kw, message", [
+    (dict(prompt=""), "prompt is empty"),
+    (dict(prompt="   \n"), "prompt is empty"),
+    (dict(prompt="x", max_new_tokens=-5), "max_new_tokens must be between 1 and 500"),
+    (dict(prompt="x", max_new_tokens=10_000), "max_new_tokens must be between 1 and 500"),
+    (dict(prompt="x", num_sequences=0), "num_sequences must be between 1 and 5"),
+    (dict(prompt="x", num_sequences=100), "num_sequences must be between 1 and 5"),
+    (dict(prompt="x", temperature=-1), "temperature must be between 0 and 2"),
+    (dict(prompt="x", top_p=0), "top_p must be between"),
+    (dict(prompt="x", top_k=-3), "top_k must be between"),
+    (dict(prompt="x", temperature="hot"), "temperature must be a number"),
+])
+def test_bad_values_get_a_clear_error(server, kw, message):
+    _, _, client = server
+    with pytest.raises(AppError, match=message):
+        client.predict(api_name="/generate", **{"max_new_tokens": 4, **kw})
+
+
+def test_nan_is_refused_and_the_server_keeps_serving(server):
+    url, _, client = server
+    # gradio_client cannot send NaN (strict JSON), a raw HTTP client can: the server must answer with a clear error.
+    for name, index in [("temperature", 3), ("seed", 6)]:
+        data = ['"x"', "4", "1", "0.8", "50", "1.0", "1"]
+        data[index] = "NaN"
+        r = httpx.post(f"{url}gradio_api/call/generate", content='{"data": [' + ", ".join(data) + "]}",
+                       headers={"content-type": "application/json"})
+        events = httpx.get(f"{url}gradio_api/call/generate/{r.json()['event_id']}", timeout=60).text
+        assert "event: error" in events and f"{name} must be a finite number" in events, events
+    assert all(ask(client, "still there?", max_new_tokens=4, num_sequences=3)[:3])
+
+
+@pytest.mark.parametrize("prompt", ["Héllo wörld 🤖👋🏽 你好", "<|endoftext|>", "a<|endoftext|>b", "🙂" * 3, "word " * 300])
+def test_any_unicode_and_long_prompts_are_served(server, prompt):
+    _, _, client = server
+    out = ask(client, prompt, max_new_tokens=6, num_sequences=2, seed=2)
+    assert all(isinstance(s, str) for s in out) and sum(bool(s) for s in out) == 2
+
+
+def test_long_prompt_is_cropped_with_a_note(server):
+    _, pool, _ = server
+    prompt, n, sampling, notes = check_request("word " * 300, 10, 2, 0.8, 50, 1.0, 3, pool)
+    assert len(pool.first.tokenizer.encode(prompt)) <= pool.first.config.block_size
+    assert n == 2 and sampling.max_new_tokens == 10 and sampling.seed == 3
+    assert len(notes) == 1 and "only its last 64 tokens are used" in notes[0]
+    assert check_request("short", 10, 2, 0.8, 50, 1.0, 3, pool)[3] == []
+
+
+@pytest.mark.slow
+def test_concurrent_clients_get_their_own_text(server):
+    url, pool, _ = server
+    jobs = [[(f"Client {c} asks {r}:", 100 * c + r) for r in range(5)] for c in range(8)]
+    expected = {}
+    for prompt, seed in (job for client_jobs in jobs for job in client_jobs):
+        p, n, sampling, _ = check_request(prompt, 10, 2, 0.8, 50, 1.0, seed, pool)
+        *_, expected[seed] = stream_sequences(pool, p, n, sampling)
+
+    def one_client(client_jobs):
+        client = Client(url, verbose=False)
+        return {seed: list(ask(client, prompt, max_new_tokens=10, num_sequences=2, seed=seed)) for prompt, seed in client_jobs}
+
+    with ThreadPoolExecutor(8) as ex:
+        results = {k: v for part in ex.map(one_client, jobs) for k, v in part.items()}
+    assert len(results) == 40
+    assert results == expected
+    assert len({tuple(v) for v in results.values()}) == 40  # distinct requests really got distinct text
+
+
+def test_next_token_probabilities(server):
+    _, _, client = server
+    table = client.predict(prompt="ROMEO:", api_name="/next_tokens")
+    probs = [row[1] for row in table["data"]]
+    assert len(probs) == 10 and probs == sorted(probs, reverse=True) and 0 < sum(probs) <= 1
+    with pytest.raises(AppError, match="prompt is empty"):
+        client.predict(prompt="", api_name="/next_tokens")
+
+
+def test_model_card_reads_the_report(server):
+    _, pool, _ = server
+    card = model_card(pool)
+    assert "3.30 M" in card and "int8, 3.4 MB" in card and f"{REPORT['val_nats_per_char_int8']:.3f} nats/char" in card
+    assert "gpt2" in card and "context 64 tokens" in card
+
+
+def test_missing_checkpoint_says_what_to_run(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(sys, "argv", ["app.py", "--ckpt", str(tmp_path / "nothing")])
+    assert app.main() == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: No checkpoint at") and "python train.py then python quantize.py" in err
+    assert "\n" not in err and "Traceback" not in err
+
+
+def test_checkpoint_from_environment(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("SMALLGPT_CKPT", str(tmp_path / "from-env"))
+    monkeypatch.setattr(sys, "argv", ["app.py"])
+    assert app.main() == 2
+    assert "from-env" in capsys.readouterr().err
