@@ -1,0 +1,216 @@
+"""int8 quantization: accuracy against fp32, one int8 copy of the tied matrix, bit-identical save/load,
+size, the generation engine, the CLI's report, and one clear error (never an unpickled payload) for bad input."""
+
+from __future__ import annotations
+
+import json
+import pickle
+import warnings
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import quantize as quantize_cli
+from model.checkpoint import WEIGHTS, CheckpointError, save_config, save_weights
+from model.config import preset
+from model.generate import SamplingConfig, decode_tokens
+from model.gpt import GPT
+from model.load import load
+from model.quantize import ENGINE_PREFERENCE, Int8Embedding, int8_state, load_int8, quantize_model, save_int8, set_engine
+
+TEXT = "First Citizen:\nBefore we proceed any further, hear me speak.\n\nAll:\nSpeak, speak.\n\n" * 8  # ~600 characters
+
+
+def tiny_gpt(vocab_size: int = 512, seed: int = 0) -> GPT:
+    torch.manual_seed(seed)
+    config = preset("tiny")
+    config.vocab_size = vocab_size
+    return GPT(config).eval()
+
+
+def save_ckpt(path, model: GPT, train: dict | None = None):
+    save_weights(path / WEIGHTS, model)
+    save_config(path, model.config, {"name": "gpt2"}, train or {})
+    return path
+
+
+@pytest.fixture
+def fp32_ckpt(tmp_path, gpt2_tokenizer):
+    """A tiny fp32 checkpoint with GPT-2's padded vocabulary, trained on nothing, recording a small text."""
+    text = tmp_path / "text.txt"
+    text.write_text(TEXT, encoding="utf-8")
+    return save_ckpt(tmp_path / "ckpt", tiny_gpt(vocab_size=50304), {"data": str(text)})
+
+
+def test_deprecation_canary():
+    """torch.ao.quantization is deprecated in favour of torchao: this fails loudly the day quantize_dynamic goes."""
+    import torch.ao.nn.quantized.dynamic as nnqd
+    from torch.ao.quantization import quantize_dynamic
+
+    set_engine()
+    torch.manual_seed(0)
+    fp32 = nn.Sequential(nn.Linear(16, 8))
+    with warnings.catch_warnings():  # its deprecation notices are expected; this test is the tripwire instead
+        warnings.simplefilter("ignore")
+        q = quantize_dynamic(fp32, {nn.Linear}, dtype=torch.qint8)
+    assert type(q[0]) is nnqd.Linear
+    assert q[0].weight().dtype == torch.qint8
+    x = torch.randn(3, 16)
+    assert torch.allclose(q[0](x), fp32(x), atol=0.05)
+
+
+def test_engine_set_explicitly():
+    supported = torch.backends.quantized.supported_engines
+    torch.backends.quantized.engine = supported[0]
+    expected = next(name for name in ENGINE_PREFERENCE if name in supported)
+    quantize_model(tiny_gpt())
+    assert torch.backends.quantized.engine == expected
+
+
+@pytest.mark.parametrize("scheme", ["per_channel", "per_tensor"])
+def test_int8_logits_close_to_fp32(scheme):
+    # Measured on this tiny random model: max |logit diff| 0.021 (logits up to 1.2), KL 8e-6 nats, argmax 99.6% equal.
+    model = tiny_gpt()
+    qmodel = quantize_model(model, scheme)
+    x = torch.randint(0, 512, (4, 64), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        a, b = model(x)[0], qmodel(x)[0]
+    assert (a - b).abs().max() < 0.05
+    kl = F.kl_div(F.log_softmax(b, -1), F.log_softmax(a, -1), log_target=True, reduction="none").sum(-1).mean()
+    assert kl < 5e-5
+    assert (a.argmax(-1) == b.argmax(-1)).float().mean() > 0.97
+    assert not torch.equal(a, b)  # it really is a different (quantized) computation
+
+
+def test_tied_matrix_stored_once_as_int8():
+    qmodel = quantize_model(tiny_gpt())
+    assert isinstance(qmodel.transformer.wte, Int8Embedding)
+    state = int8_state(qmodel)
+    assert not any(k.startswith("transformer.wte") or k == "lm_head.weight" for k in state)
+    assert state["lm_head.weight_int8"].dtype == torch.int8 and state["lm_head.weight_int8"].shape == (512, 64)
+    assert torch.equal(qmodel.transformer.wte.weight_int8, state["lm_head.weight_int8"])
+    assert {k for k, t in state.items() if t.is_floating_point() and t.dim() > 1} == {"transformer.wpe.weight"}  # only matrix left fp32
+
+
+def test_save_load_round_trip_is_bit_identical(tmp_path):
+    qmodel = quantize_model(tiny_gpt())
+    save_int8(tmp_path, qmodel, {"tokenizer": {"name": "gpt2"}, "train": {}})
+    loaded, cfg = load_int8(tmp_path)
+    assert cfg["kind"] == "int8"
+    x = torch.randint(0, 512, (2, 40), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        assert torch.equal(qmodel(x)[0], loaded(x)[0])
+        for m in (qmodel, loaded):
+            m.setup_caches(2, 64)
+        pos = torch.arange(40)
+        assert torch.equal(qmodel(x, input_pos=pos, last_only=True)[0], loaded(x, input_pos=pos, last_only=True)[0])
+
+
+def test_size_ratio_and_load_kind(fp32_ckpt, tmp_path):
+    fp32 = load(fp32_ckpt)
+    save_int8(tmp_path / "int8", quantize_model(fp32.model), fp32.meta)
+    ratio = (fp32_ckpt / WEIGHTS).stat().st_size / (tmp_path / "int8" / WEIGHTS).stat().st_size
+    assert ratio > 3.5  # measured 3.69 for this tiny model; the 4x limit is approached as the fp32 LayerNorms shrink in share
+    int8 = load(tmp_path / "int8")
+    assert (fp32.kind, int8.kind) == ("fp32", "int8")
+    assert int8.tokenizer.decode(int8.tokenizer.encode("Speak, speak.")) == "Speak, speak."
+
+
+def test_int8_model_runs_in_generation_engine(tmp_path):
+    qmodel = quantize_model(tiny_gpt())
+    save_int8(tmp_path, qmodel, {"tokenizer": {"name": "gpt2"}, "train": {}})
+    loaded, _ = load_int8(tmp_path)
+    greedy = SamplingConfig(max_new_tokens=12, temperature=0.0, seed=0)  # 60 + 12 tokens pass the 64-token context
+    prompt = list(range(1, 61))
+    runs = [torch.cat(list(decode_tokens(m, prompt, 1, greedy, 512))) for m in (qmodel, loaded)]
+    assert runs[0].shape == (12,) and torch.equal(runs[0], runs[1])
+
+
+def test_cli_writes_checkpoint_and_report(fp32_ckpt, capsys):
+    (fp32_ckpt / "metrics.json").write_text(json.dumps({"val_nats_per_char": 1.5}))
+    assert quantize_cli.main(["--ckpt", str(fp32_ckpt), "--gen-tokens", "4", "--repeats", "1"]) == 0
+    out = fp32_ckpt / "int8"
+    report = json.loads((out / "report.json").read_text())
+    for key in quantize_cli.ROWS:
+        assert report[key] is not None and report[key] > 0, key
+    assert report["size_ratio"] > 3.5 and report["top1_agreement"] > 0.9
+    assert abs(report["val_nats_per_char_int8"] / report["val_nats_per_char_fp32"] - 1) < 0.01
+    assert json.loads((out / "config.json").read_text())["kind"] == "int8"
+    assert json.loads((out / "metrics.json").read_text()) == {"val_nats_per_char": 1.5}
+    assert (out / "report.png").read_bytes()[:4] == b"\x89PNG"
+    assert "size_ratio" in capsys.readouterr().out
+
+
+class _Payload:
+    """Unpickling this creates a marker file: proof that a loader executed code from a checkpoint."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))
+
+
+def _bad_fp32(kind, ckpt, tmp_path):
+    if kind == "missing":
+        return tmp_path / "nowhere"
+    if kind == "not_a_checkpoint":
+        (tmp_path / "empty").mkdir()
+        return tmp_path / "empty"
+    weights = ckpt / WEIGHTS
+    if kind == "truncated":
+        weights.write_bytes(weights.read_bytes()[:1000])
+    elif kind == "corrupt":
+        weights.write_bytes(b"\x07" * 4096)
+    elif kind == "pickle":
+        weights.write_bytes(pickle.dumps(_Payload(tmp_path / "pwned")))
+    elif kind == "already_int8":
+        fp32 = load(ckpt)
+        save_int8(tmp_path / "q", quantize_model(fp32.model), fp32.meta)
+        return tmp_path / "q"
+    return ckpt
+
+
+@pytest.mark.parametrize("kind", ["missing", "not_a_checkpoint", "truncated", "corrupt", "pickle", "already_int8"])
+def test_cli_bad_checkpoint_is_one_clear_error(kind, fp32_ckpt, tmp_path, capsys):
+    ckpt = _bad_fp32(kind, fp32_ckpt, tmp_path)
+    out = tmp_path / "out_int8"
+    assert quantize_cli.main(["--ckpt", str(ckpt), "--out", str(out)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: ") and err[0].endswith((".", ")")), err
+    assert "Traceback" not in err[0]
+    assert not out.exists()  # nothing half-written
+    assert not (tmp_path / "pwned").exists()
+
+
+def test_cli_missing_data_writes_nothing(fp32_ckpt, tmp_path, capsys):
+    out = tmp_path / "out_int8"
+    assert quantize_cli.main(["--ckpt", str(fp32_ckpt), "--out", str(out), "--data", str(tmp_path / "no.txt")]) == 2
+    assert capsys.readouterr().err.startswith("error: No training text")
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("damage", ["pickle", "truncated", "fp32_weights", "missing_tensor"])
+def test_bad_int8_checkpoint_is_refused(damage, tmp_path):
+    qmodel = quantize_model(tiny_gpt())
+    ckpt = tmp_path / "q"
+    save_int8(ckpt, qmodel, {"tokenizer": {"name": "gpt2"}, "train": {}})
+    weights = ckpt / WEIGHTS
+    if damage == "pickle":
+        weights.write_bytes(pickle.dumps(_Payload(tmp_path / "pwned")))
+    elif damage == "truncated":
+        weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    elif damage == "fp32_weights":  # an fp32 state under a config that says int8
+        save_weights(weights, tiny_gpt())
+    else:
+        from safetensors.torch import load_file, save_file
+
+        state = load_file(str(weights))
+        del state["transformer.h.1.mlp.c_fc.weight_scale"]
+        save_file(state, str(weights))
+    with pytest.raises(CheckpointError) as info:
+        load_int8(ckpt)
+    assert "\n" not in str(info.value)
+    assert not (tmp_path / "pwned").exists()
