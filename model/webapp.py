@@ -215,7 +215,8 @@ def build_demo(pool: ModelPool) -> gr.Blocks:
         with gr.Accordion("Under the hood: what the model expects next", open=False):
             gr.Markdown("Probabilities of the 10 most likely next tokens after the prompt (temperature 1, before top-k/top-p).")
             probe = gr.Button("Show next-token probabilities")
-            chart = gr.BarPlot(x="token", y="probability", sort="-y", y_lim=[0, 1], label="next token", height=320)
+            chart = gr.BarPlot(x="token", y="probability", sort="-y", label="next token", height=320,
+                                elem_id="next-token-chart")
 
         # preprocess=False: raw values reach check_request, whose errors name the parameter and its range.
         inputs = [prompt, max_new, num, temperature, top_k, top_p, seed]
