@@ -50,14 +50,14 @@ def config_from_hf(cfg: dict[str, Any], where: str) -> GPTConfig:
     act = cfg.get("activation_function", "gelu_new")
     if act not in TANH_GELU:
         raise CheckpointError(f"{where} uses activation_function {act!r}; this kit runs only GPT-2's tanh GELU ('gelu_new').")
-    eps = float(cfg.get("layer_norm_epsilon", LN_EPS))
-    if abs(eps - LN_EPS) > 1e-12:
-        raise CheckpointError(f"{where} has layer_norm_epsilon {eps}; this kit's LayerNorm uses {LN_EPS} (GPT-2's), so it cannot run it.")
     unsupported = {"scale_attn_weights": True, "scale_attn_by_inverse_layer_idx": False, "add_cross_attention": False}
     for key, ours in unsupported.items():
         if bool(cfg.get(key, ours)) != ours:
             raise CheckpointError(f"{where} sets {key}={cfg[key]}, an attention variant this kit does not implement.")
     try:
+        eps = float(cfg.get("layer_norm_epsilon", LN_EPS))
+        if abs(eps - LN_EPS) > 1e-12:
+            raise CheckpointError(f"{where} has layer_norm_epsilon {eps}; this kit's LayerNorm uses GPT-2's {LN_EPS}, so it cannot run it.")
         n_embd = int(cfg.get("n_embd", 768))
         if cfg.get("n_inner") not in (None, 4 * n_embd):
             raise CheckpointError(f"{where} sets n_inner={cfg['n_inner']}; this kit's MLP is 4 * n_embd = {4 * n_embd} wide.")
@@ -69,7 +69,7 @@ def config_from_hf(cfg: dict[str, Any], where: str) -> GPTConfig:
                          n_layer=int(cfg.get("n_layer", 12)), n_head=int(cfg.get("n_head", 12)), n_embd=n_embd,
                          dropout=0.0, bias=True)
     except (TypeError, ValueError) as e:
-        raise CheckpointError(f"{where} has an invalid GPT-2 shape: {e}") from None
+        raise CheckpointError(f"{where} has an invalid GPT-2 setting: {e}") from None
 
 
 def read_hf_weights(hf_dir: str | Path) -> dict[str, torch.Tensor]:

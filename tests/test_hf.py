@@ -73,7 +73,7 @@ def our_logits(model: GPT, ids: list[int]) -> torch.Tensor:
 
 def max_diff(a_model, b_model, tokenizer, a_is_hf: bool = True, b_is_hf: bool = False) -> float:
     """Largest |logit difference| over all PROMPTS; also asserts the argmax agrees at every position."""
-    worst = 0.0
+    worst = scale = 0.0
     for prompt in PROMPTS:
         ids = tokenizer.encode(prompt)
         a = (hf_logits if a_is_hf else our_logits)(a_model, ids)
@@ -81,6 +81,8 @@ def max_diff(a_model, b_model, tokenizer, a_is_hf: bool = True, b_is_hf: bool = 
         assert a.shape == b.shape
         assert torch.equal(a.argmax(-1), b.argmax(-1)), prompt
         worst = max(worst, (a - b).abs().max().item())
+        scale = max(scale, a.abs().max().item())
+    print(f"  max |logit diff| {worst:.3g} over {len(PROMPTS)} prompts (max |logit| {scale:.3g})")
     return worst
 
 
@@ -92,9 +94,8 @@ def test_import_matches_transformers(hf_model, hf_dirs, gpt2_tokenizer, variant)
     assert isinstance(loaded.model, GPT) and loaded.kind == "fp32"
     assert loaded.tokenizer.spec == {"name": "gpt2"} and loaded.meta["tokenizer"] == {"name": "gpt2"}
     assert loaded.config == GPTConfig(block_size=96, vocab_size=50257, n_layer=2, n_head=4, n_embd=32, dropout=0.0, bias=True)
-    diff = max_diff(hf_model, loaded.model, gpt2_tokenizer)
-    print(f"import ({variant}): max |logit diff| vs transformers = {diff:.3g}")
-    assert diff < TOL
+    print(f"import ({variant}), ours vs transformers:")
+    assert max_diff(hf_model, loaded.model, gpt2_tokenizer) < TOL
 
 
 def test_export_matches_transformers(transformers, gpt2_tokenizer, tmp_path):
@@ -115,9 +116,8 @@ def test_export_matches_transformers(transformers, gpt2_tokenizer, tmp_path):
         assert cfg["model_type"] == "gpt2" and cfg["n_positions"] == 64 and cfg["vocab_size"] == 50304
         assert cfg["activation_function"] == "gelu_new" and cfg["tie_word_embeddings"] is True and cfg["eos_token_id"] == 50256
         hf = transformers.GPT2LMHeadModel.from_pretrained(out).eval()
-        diff = max_diff(model, hf, gpt2_tokenizer, a_is_hf=False, b_is_hf=True)
-        print(f"export (bias={bias}): max |logit diff| vs transformers = {diff:.3g}")
-        assert diff < TOL
+        print(f"export (bias={bias}), transformers vs ours:")
+        assert max_diff(model, hf, gpt2_tokenizer, a_is_hf=False, b_is_hf=True) < TOL
         assert is_hf_dir(out) and max_diff(model, load(out).model, gpt2_tokenizer, a_is_hf=False) < TOL  # and back
 
 
@@ -165,9 +165,17 @@ def test_config_without_weights_is_a_clear_error(tmp_path):
         load(d)
 
 
-def test_unsupported_activation_is_a_clear_error(tmp_path):
-    d = write_hf_config(tmp_path / "hf", activation_function="relu")
-    with pytest.raises(CheckpointError, match="activation_function 'relu'"):
+@pytest.mark.parametrize("override, message", [
+    ({"activation_function": "relu"}, "activation_function 'relu'; this kit runs only GPT-2's tanh GELU"),
+    ({"layer_norm_epsilon": 1e-6}, "layer_norm_epsilon 1e-06"),
+    ({"n_inner": 16}, "n_inner=16"),
+    ({"scale_attn_by_inverse_layer_idx": True}, "an attention variant this kit does not implement"),
+    ({"vocab_size": 1000}, "does not use GPT-2's tokenizer"),
+    ({"n_head": 3}, "invalid GPT-2 setting: n_embd \\(8\\) must be divisible by n_head \\(3\\)"),
+])
+def test_unsupported_config_is_a_clear_error(tmp_path, override, message):
+    d = write_hf_config(tmp_path / "hf", **override)
+    with pytest.raises(CheckpointError, match=message):
         load(d)
 
 
@@ -185,6 +193,16 @@ def test_wrong_shapes_are_a_clear_error(hf_dirs, tmp_path):
     (d / "model.safetensors").write_bytes((hf_dirs["safetensors"] / "model.safetensors").read_bytes())
     with pytest.raises(CheckpointError, match="do not match its config"):
         load(d)
+
+
+def test_untied_head_is_a_clear_error(hf_dirs, tmp_path):
+    src = hf_dirs["bin"]
+    state = torch.load(src / "pytorch_model.bin", weights_only=True)
+    state["lm_head.weight"] = state["lm_head.weight"] + 1.0
+    (tmp_path / "config.json").write_text((src / "config.json").read_text())
+    torch.save(state, tmp_path / "pytorch_model.bin")
+    with pytest.raises(CheckpointError, match="lm_head that differs from its token embedding"):
+        load(tmp_path)
 
 
 def test_our_checkpoint_is_not_taken_for_hf(tmp_path):
