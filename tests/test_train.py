@@ -1,0 +1,215 @@
+"""The training loop: LR schedule, clipping, overfitting, exact resume, time budget, init-from, bad input, the CLI."""
+
+from __future__ import annotations
+
+import importlib
+import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from train_support import TEXT, byte_tokenizer, tiny_config
+
+import model.trainer
+import train
+from model import checkpoint
+from model.gpt import GPT
+from model.optim import clip_grads, lr_at, make_optimizer
+from model.trainer import Trainer, resolve_args
+
+ROOT = Path(__file__).resolve().parents[1]
+# A 2-layer 32-wide model over bytes, fp32, no time budget: a few steps take well under a second.
+SMALL = {"preset": "tiny", "n_embd": 32, "block_size": 16, "batch_size": 4, "dtype": "fp32", "device": "cpu", "max_minutes": 0,
+         "eval_windows": 4, "log_interval": 1}
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny models run fastest on one thread, and far faster than on two threads of a busy 2-core machine."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture
+def bytes_tok(monkeypatch):
+    """Make the trainer and the loader use the 256-token byte tokenizer, so test models stay tiny."""
+    monkeypatch.setattr(model.trainer, "load_tokenizer", lambda spec: byte_tokenizer())
+    monkeypatch.setattr(importlib.import_module("model.load"), "load_tokenizer", lambda spec: byte_tokenizer())
+
+
+@pytest.fixture
+def text(tmp_path) -> Path:
+    path = tmp_path / "input.txt"
+    path.write_text(TEXT, encoding="utf-8")
+    return path
+
+
+def records(out: Path) -> list[dict]:
+    return [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+
+
+def test_lr_schedule():
+    kw = {"lr": 1e-3, "min_lr": 1e-4, "warmup_iters": 10}
+    assert lr_at(0, 0.0, **kw) == pytest.approx(1e-3 / 11)
+    assert lr_at(5, 0.0, **kw) == pytest.approx(6e-3 / 11)
+    assert lr_at(10, 0.0, **kw) == pytest.approx(1e-3)  # end of warmup: the peak
+    assert lr_at(55, 0.5, **kw) == pytest.approx(5.5e-4)  # midpoint of the cosine
+    assert lr_at(100, 1.0, **kw) == pytest.approx(1e-4)  # the end: min_lr
+    assert lr_at(200, 1.7, **kw) == pytest.approx(1e-4)
+
+
+def test_trainer_decay_fraction_by_steps(tmp_path, text, bytes_tok):
+    args, _ = resolve_args({**SMALL, "data": str(text), "out_dir": str(tmp_path / "o"), "max_iters": 110, "warmup_iters": 10})
+    t = Trainer(args)
+    for step, frac in ((10, 0.0), (60, 0.5), (110, 1.0)):
+        t.step = step
+        assert t.decay_frac() == pytest.approx(frac)
+
+
+def test_weight_decay_only_on_matrices():
+    gpt = GPT(tiny_config())
+    decay, no_decay = make_optimizer(gpt, 1e-3, 0.1, (0.9, 0.99)).param_groups
+    assert decay["weight_decay"] == 0.1 and no_decay["weight_decay"] == 0.0
+    assert all(p.dim() >= 2 for p in decay["params"]) and all(p.dim() == 1 for p in no_decay["params"])
+    assert len(decay["params"]) + len(no_decay["params"]) == len(list(gpt.parameters()))
+
+
+def test_clipping_bounds_the_norm():
+    gpt = GPT(tiny_config())
+    x = torch.randint(0, 256, (2, 16))
+    (gpt(x, x)[1] * 1000).backward()
+    norm = clip_grads(gpt, 1.0)
+    assert norm > 10
+    after = torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in gpt.parameters()]))
+    assert float(after) == pytest.approx(1.0, rel=1e-4)
+    assert clip_grads(gpt, 0) == pytest.approx(1.0, rel=1e-4)  # 0: measure only
+
+
+def test_tiny_model_overfits_tiny_corpus(tmp_path, text, bytes_tok):
+    out = tmp_path / "out"
+    result = model.trainer.train({**SMALL, "data": str(text), "out_dir": str(out), "max_iters": 150, "eval_interval": 75,
+                                  "batch_size": 16, "lr": 1e-2, "min_lr": 1e-3, "warmup_iters": 5})
+    losses = [r["train_loss"] for r in records(out) if "train_loss" in r]
+    assert len(losses) == 150
+    assert sum(losses[-10:]) / 10 < 0.5 * losses[0], (losses[0], losses[-10:])
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["step"] == 150 and metrics["tokens_seen"] == 150 * 16 * 16
+    val_chars = json.loads((out / "tokens" / "meta.json").read_text())["val_chars"]
+    total_nats = metrics["val_nats_per_token"] * metrics["val_tokens"]
+    assert metrics["val_nats_per_char"] * val_chars == pytest.approx(total_nats)  # nats/char: the same total over characters
+    assert result["val_nats_per_token"] == metrics["val_nats_per_token"]
+    assert [r["step"] for r in records(out) if "val_nats_per_token" in r] == [0, 75, 150]
+    for name in ("model.safetensors", "config.json", "train_state.pt", "loss.png", "tokens/train.bin"):
+        assert (out / name).is_file(), name
+
+
+def test_resume_continues_exactly(tmp_path, text, bytes_tok):
+    common = {**SMALL, "data": str(text), "max_iters": 12, "eval_interval": 4, "grad_accum": 2, "warmup_iters": 3}
+    straight = model.trainer.train({**common, "out_dir": str(tmp_path / "a")})
+    first = model.trainer.train({**common, "out_dir": str(tmp_path / "b")}, stop_after=5)
+    assert first["interrupted"] and first["step"] == 5
+    resumed = model.trainer.train({"resume": True, "out_dir": str(tmp_path / "b")})
+    assert resumed["step"] == 12
+    assert abs(resumed["last_loss"] - straight["last_loss"]) < 1e-5
+    assert resumed["val_nats_per_token"] == pytest.approx(straight["val_nats_per_token"], abs=1e-5)
+    assert [r["step"] for r in records(tmp_path / "b")] == [r["step"] for r in records(tmp_path / "a")]
+    state = checkpoint.load_train_state(tmp_path / "b" / checkpoint.TRAIN_STATE)
+    assert state["step"] == 12 and state["best_step"] == straight["best_step"]
+
+
+def test_time_budget_ends_the_cosine_at_the_budget(tmp_path, text, bytes_tok):
+    out = tmp_path / "out"
+    metrics = model.trainer.train({**SMALL, "data": str(text), "out_dir": str(out), "max_iters": 100000, "max_minutes": 0.1,
+                                   "warmup_iters": 2, "eval_interval": 1000, "lr": 1e-3, "min_lr": 1e-4})
+    assert 2 < metrics["step"] < 100000
+    lrs = [r["lr"] for r in records(out) if "lr" in r]
+    assert lrs[-1] < 1e-4 + 0.25 * 9e-4  # cosine nearly done when time ran out, although few steps ran
+    assert json.loads((out / "metrics.json").read_text())["total_seconds"] < 6 + 3  # 6 s budget, slack for a busy machine
+
+
+def test_init_from_finetunes_with_a_shorter_window(tmp_path, text, bytes_tok):
+    src = tmp_path / "src"
+    torch.manual_seed(1)
+    base = GPT(tiny_config(block_size=32))
+    checkpoint.save_weights(src / checkpoint.WEIGHTS, base)
+    checkpoint.save_config(src, base.config, {"name": "bytes"})
+    out = tmp_path / "ft"
+    args, _ = resolve_args({"init_from": str(src), "data": str(text), "out_dir": str(out), "block_size": 8, "n_embd": 999,
+                            "max_iters": 3, "eval_interval": 3, "device": "cpu", "dtype": "fp32", "max_minutes": 0})
+    assert args.lr == 3e-5 and args.preset == "cpu"
+    trainer = Trainer(args)
+    assert all(torch.equal(v, base.state_dict()[k]) for k, v in trainer.raw_model.state_dict().items())  # n_embd ignored
+    trainer.run()
+    cfg = json.loads((out / "config.json").read_text())
+    assert cfg["model"] == base.config.to_dict()  # the full context of 32 positions is kept
+    assert cfg["train"]["block_size"] == 8 and cfg["train"]["init_from"] == str(src)
+    assert json.loads((out / "metrics.json").read_text())["eval_block_size"] == 32
+    assert records(out)[0]["val_nats_per_token"] == pytest.approx(5.55, abs=0.2)  # untrained source: about ln(256)
+
+
+BAD = [  # (flags, text bytes or None for no file, expected message)
+    ([], None, "No training text at .*curl -o input.txt"),
+    ([], b" \n", "is empty"),
+    ([], b"abc\xe9def", "not valid UTF-8: byte 0xe9 at offset 3"),
+    ([], b"x" * 50, "fewer than one window of 65: use a longer text or a smaller --block-size"),
+    (["--block-size", "4"], b"y" * 10, "validation split .* too few to measure"),
+    (["--n-embd", "33"], TEXT.encode(), r"n_embd \(33\) must be divisible by n_head \(2\)"),
+    (["--block-size", "65"], TEXT.encode(), "--block-size 65 exceeds the 64 positions of preset 'tiny'"),
+    (["--min-lr", "1"], TEXT.encode(), r"--min-lr \(1.0\) must not exceed --lr"),
+    (["--resume"], TEXT.encode(), "Cannot resume: .* does not exist; train without --resume first"),
+]
+
+
+@pytest.mark.parametrize("flags,content,message", BAD)
+def test_bad_input_ends_in_one_clear_sentence(tmp_path, capsys, bytes_tok, flags, content, message):
+    data = tmp_path / "input.txt"
+    if content is not None:
+        data.write_bytes(content)
+    out = tmp_path / "out"
+    code = train.main(["--data", str(data), "--out-dir", str(out), "--preset", "tiny", "--max-iters", "2", *flags])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert err.startswith("error: ") and err.count("\n") == 1, err
+    assert re.search(message, err), err
+    assert not out.exists()  # nothing written
+
+
+def test_resume_with_another_architecture_is_refused(tmp_path, text, capsys, bytes_tok):
+    out = tmp_path / "out"
+    model.trainer.train({**SMALL, "data": str(text), "out_dir": str(out), "max_iters": 2}, stop_after=1)
+    before = {p.name: p.stat().st_mtime_ns for p in out.iterdir()}
+    assert train.main(["--resume", "--out-dir", str(out), "--preset", "cpu"]) == 2
+    assert "trained with preset='tiny', not 'cpu' (another architecture)" in capsys.readouterr().err
+    assert {p.name: p.stat().st_mtime_ns for p in out.iterdir()} == before
+
+
+@pytest.mark.slow
+def test_cli_end_to_end_on_tiny_shakespeare(tmp_path, shakespeare_path, gpt2_tokenizer):
+    out = tmp_path / "out"
+    cmd = [sys.executable, "train.py", "--data", str(shakespeare_path), "--out-dir", str(out), "--preset", "tiny", "--n-layer", "1",
+           "--n-embd", "16", "--n-head", "2", "--block-size", "32", "--batch-size", "4", "--max-iters", "4", "--eval-interval", "2",
+           "--eval-windows", "4", "--max-minutes", "0", "--dtype", "fp32"]
+    run = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert "parameters" in run.stdout and "step 4: val" in run.stdout
+    assert "step/s" in run.stderr or "s/step" in run.stderr  # the tqdm bar
+    for name in ("model.safetensors", "config.json", "metrics.json", "train_state.pt", "log.jsonl", "loss.png", "tokens/meta.json"):
+        assert (out / name).is_file(), name
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["step"] == 4 and metrics["tokens_seen"] == 4 * 4 * 32 and metrics["train_seconds"] > 0
+    val_tokens = json.loads((out / "tokens" / "meta.json").read_text())["val_tokens"]
+    assert metrics["val_tokens"] == val_tokens - 1  # the whole split was scored
+    assert 2.0 < metrics["val_nats_per_char"] < 4.0 and metrics["val_nats_per_token"] > metrics["val_nats_per_char"]
+    loaded = model.load(out)
+    assert loaded.tokenizer.name == "gpt2" and loaded.config.n_embd == 16
+
+    missing = subprocess.run([sys.executable, "train.py", "--data", str(tmp_path / "nope.txt"), "--out-dir", str(tmp_path / "o2")],
+                             cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert missing.returncode == 2 and "Traceback" not in missing.stderr
+    assert missing.stderr.startswith("error: No training text at") and not (tmp_path / "o2").exists()
