@@ -16,7 +16,7 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description="Write an fp32 checkpoint (or a Hugging Face GPT-2 directory) as a directory "
                                             "transformers.GPT2LMHeadModel.from_pretrained loads.")
     p.add_argument("--ckpt", default="out", help="checkpoint directory to export (default: out)")
-    p.add_argument("--out", default="out/hf", help="directory to write model.safetensors and config.json into (default: out/hf)")
+    p.add_argument("--out", default="out/hf", help="directory to write model.safetensors, config.json and tokenizer files into (default: out/hf)")
     args = p.parse_args(argv)
     t0 = time.perf_counter()
     try:
@@ -25,7 +25,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     size = (Path(out) / "model.safetensors").stat().st_size
-    print(f"wrote {out} (model.safetensors {size / 1e6:.1f} MB + config.json) in {time.perf_counter() - t0:.1f} s; "
+    print(f"wrote {out} (model.safetensors {size / 1e6:.1f} MB, config.json, vocab.json, merges.txt) in {time.perf_counter() - t0:.1f} s; "
           f"load it with transformers.GPT2LMHeadModel.from_pretrained({str(out)!r})")
     return 0
 

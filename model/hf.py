@@ -19,6 +19,8 @@ from . import atomic
 from .checkpoint import CONFIG, TIED_KEY, CheckpointError, build_model, read_config, read_json, write_json
 from .config import GPTConfig
 from .gpt import GPT
+from .hf_tokenizer import write_tokenizer_files
+from .tokenizer import Tokenizer
 
 SAFETENSORS = "model.safetensors"
 PYTORCH_BIN = "pytorch_model.bin"
@@ -27,7 +29,7 @@ CONV1D = (".attn.c_attn.weight", ".attn.c_proj.weight", ".mlp.c_fc.weight", ".ml
 BUFFERS = (".attn.bias", ".attn.masked_bias")  # causal-mask buffers of older transformers versions
 TANH_GELU = ("gelu_new", "gelu_pytorch_tanh")
 GPT2_VOCAB = 50257
-GPT2_EOT = 50256
+TOKENIZER_KEY = "smallgpt_tokenizer"  # our exports record their tokenizer spec here; other GPT-2s use GPT-2's
 LN_EPS = 1e-5  # PyTorch's LayerNorm default, which our GPT uses; GPT-2's too
 
 
@@ -61,11 +63,7 @@ def config_from_hf(cfg: dict[str, Any], where: str) -> GPTConfig:
         n_embd = int(cfg.get("n_embd", 768))
         if cfg.get("n_inner") not in (None, 4 * n_embd):
             raise CheckpointError(f"{where} sets n_inner={cfg['n_inner']}; this kit's MLP is 4 * n_embd = {4 * n_embd} wide.")
-        vocab = int(cfg.get("vocab_size", GPT2_VOCAB))
-        if vocab < GPT2_VOCAB:
-            raise CheckpointError(f"{where} has vocab_size {vocab} < {GPT2_VOCAB}: it does not use GPT-2's tokenizer, "
-                                  "the only one this kit can pair it with.")
-        return GPTConfig(block_size=int(cfg.get("n_positions", cfg.get("n_ctx", 1024))), vocab_size=vocab,
+        return GPTConfig(block_size=int(cfg.get("n_positions", cfg.get("n_ctx", 1024))), vocab_size=int(cfg.get("vocab_size", GPT2_VOCAB)),
                          n_layer=int(cfg.get("n_layer", 12)), n_head=int(cfg.get("n_head", 12)), n_embd=n_embd,
                          dropout=0.0, bias=True)
     except (TypeError, ValueError) as e:
@@ -110,11 +108,20 @@ def state_from_hf(hf_state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 
 
 def load_hf(hf_dir: str | Path) -> tuple[GPT, dict[str, Any]]:
-    """The GPT in a Hugging Face GPT-2 directory (eval mode, CPU) and a config.json-like meta in our format."""
+    """The GPT in a Hugging Face GPT-2 directory (eval mode, CPU) and a config.json-like meta in our format.
+
+    The tokenizer is GPT-2's, unless the directory is one of our exports, whose config.json records its tokenizer spec.
+    """
     hf_dir = Path(hf_dir)
     where = str(hf_dir / CONFIG)
     hf_cfg = read_json(hf_dir / CONFIG)
     config = config_from_hf(hf_cfg, where)
+    spec = hf_cfg.get(TOKENIZER_KEY, {"name": "gpt2"})
+    if not isinstance(spec, dict):
+        raise CheckpointError(f"{where} has a damaged {TOKENIZER_KEY} entry; export the model again with python export_hf.py.")
+    if spec.get("name") == "gpt2" and config.vocab_size < GPT2_VOCAB:
+        raise CheckpointError(f"{where} has vocab_size {config.vocab_size} < {GPT2_VOCAB}: it does not use GPT-2's tokenizer, "
+                              "the only one this kit can pair a Hugging Face model with.")
     hf_state = read_hf_weights(hf_dir)
     state = state_from_hf(hf_state)
     wte = state.get(PREFIX + "wte.weight")
@@ -122,12 +129,12 @@ def load_hf(hf_dir: str | Path) -> tuple[GPT, dict[str, Any]]:
     if head is not None and wte is not None and (head.shape != wte.shape or not torch.equal(head.float(), wte)):
         raise CheckpointError(f"{hf_dir} has an lm_head that differs from its token embedding; this kit needs the tied head GPT-2 uses.")
     model = build_model(config, state, str(hf_dir))
-    meta = {"kind": "fp32", "model": config.to_dict(), "tokenizer": {"name": "gpt2"}, "train": {},
+    meta = {"kind": "fp32", "model": config.to_dict(), "tokenizer": spec, "train": {},
             "source": {"format": "huggingface", "path": str(hf_dir)}, "hf_config": hf_cfg}
     return model.eval(), meta
 
 
-def hf_config(config: GPTConfig, tokenizer_spec: dict[str, Any] | None) -> dict[str, Any]:
+def hf_config(config: GPTConfig, tokenizer: Tokenizer | None) -> dict[str, Any]:
     """The config.json transformers.GPT2LMHeadModel needs for a GPT of `config`."""
     cfg: dict[str, Any] = {
         "model_type": "gpt2", "architectures": ["GPT2LMHeadModel"],
@@ -137,8 +144,10 @@ def hf_config(config: GPTConfig, tokenizer_spec: dict[str, Any] | None) -> dict[
         "resid_pdrop": config.dropout, "embd_pdrop": config.dropout, "attn_pdrop": config.dropout,
         "scale_attn_weights": True, "tie_word_embeddings": True, "torch_dtype": "float32",
     }
-    if tokenizer_spec and tokenizer_spec.get("name") == "gpt2":
-        cfg["bos_token_id"] = cfg["eos_token_id"] = GPT2_EOT
+    if tokenizer is not None:
+        cfg[TOKENIZER_KEY] = tokenizer.spec
+        if tokenizer.eot_token is not None:  # 50256 for GPT-2's tokenizer
+            cfg["bos_token_id"] = cfg["eos_token_id"] = tokenizer.eot_token
     return cfg
 
 
@@ -160,8 +169,9 @@ def state_to_hf(model: GPT) -> dict[str, torch.Tensor]:
     return state
 
 
-def export_hf(model: GPT, tokenizer_spec: dict[str, Any] | None, out_dir: str | Path) -> Path:
-    """Write `model` as a directory transformers.GPT2LMHeadModel.from_pretrained loads (model.safetensors + config.json).
+def export_hf(model: GPT, tokenizer: Tokenizer | None, out_dir: str | Path) -> Path:
+    """Write `model` as a directory transformers.GPT2LMHeadModel.from_pretrained loads (model.safetensors + config.json),
+    with the tokenizer as GPT-2 tokenizer files (vocab.json, merges.txt) when given.
 
     A model trained with bias=False gets zero biases, since GPT-2 has no bias-free option; the function is unchanged.
     Weights go first and config.json last, each atomically, so a crash never leaves a loadable-looking half directory.
@@ -173,7 +183,9 @@ def export_hf(model: GPT, tokenizer_spec: dict[str, Any] | None, out_dir: str | 
     out_dir.mkdir(parents=True, exist_ok=True)
     with atomic.atomic_path(out_dir / SAFETENSORS) as tmp:
         save_file(state, str(tmp), metadata={"format": "pt"})
-    write_json(out_dir / CONFIG, hf_config(model.config, tokenizer_spec))
+    if tokenizer is not None:
+        write_tokenizer_files(tokenizer, out_dir, model.config.block_size)
+    write_json(out_dir / CONFIG, hf_config(model.config, tokenizer))
     return out_dir
 
 
@@ -187,4 +199,4 @@ def export_checkpoint(ckpt: str | Path, out_dir: str | Path) -> Path:
     if kind != "fp32":
         raise CheckpointError(f"{ckpt} is an {kind} checkpoint; export the fp32 checkpoint it was quantized from instead.")
     loaded = load(ckpt)
-    return export_hf(loaded.model, loaded.tokenizer.spec, out_dir)
+    return export_hf(loaded.model, loaded.tokenizer, out_dir)

@@ -20,6 +20,7 @@ from model.gpt import GPT
 from model.hf import export_checkpoint, is_hf_dir
 from model.hf import export_hf as export_model
 from model.load import load
+from model.tokenizer import build_tokenizer, padded_vocab_size
 
 PROMPTS = ["ROMEO:", "To be, or not to be, that is the question:", "The quick brown fox jumps over the lazy dog.",
            "First Citizen:\nBefore we proceed any further, hear me speak."]
@@ -102,7 +103,7 @@ def test_export_matches_transformers(transformers, gpt2_tokenizer, tmp_path):
     """Our checkpoint (with and without biases) exported and loaded by transformers gives the same logits."""
     for bias in (True, False):
         torch.manual_seed(1)
-        config = GPTConfig(block_size=64, vocab_size=50304, n_layer=2, n_head=2, n_embd=64, bias=bias)
+        config = GPTConfig(block_size=64, vocab_size=50304, n_layer=2, n_head=2, n_embd=32, bias=bias)
         model = GPT(config).eval()
         with torch.no_grad():
             for p in model.parameters():
@@ -134,7 +135,7 @@ def test_finetune_quantize_generate_from_imported(hf_dirs, tmp_path):
     text.write_text("Hark, the night is young and the moon is bright upon the hill. " * 12, encoding="utf-8")
     ft = tmp_path / "ft"
     assert train.main(["--init-from", str(hf_dirs["safetensors"]), "--data", str(text), "--out-dir", str(ft), "--device", "cpu",
-                       "--dtype", "fp32", "--block-size", "16", "--batch-size", "4", "--max-iters", "8", "--eval-interval", "4",
+                       "--dtype", "fp32", "--block-size", "16", "--batch-size", "4", "--max-iters", "6", "--eval-interval", "6",
                        "--lr", "3e-2", "--warmup-iters", "1"]) == 0
     records = [json.loads(line) for line in (ft / "log.jsonl").read_text().splitlines()]
     before = next(r["val_nats_per_token"] for r in records if r["step"] == 0 and "val_nats_per_token" in r)
@@ -148,6 +149,22 @@ def test_finetune_quantize_generate_from_imported(hf_dirs, tmp_path):
         assert loaded.kind == kind
         out = generate(loaded.model, loaded.tokenizer, "ROMEO:", 2, SamplingConfig(max_new_tokens=5, seed=0))
         assert len(out) == 2 and all(o for o in out)
+
+
+@pytest.mark.parametrize("name", ["gpt2", "gpt2-compact", "bytes"])
+def test_export_writes_a_tokenizer_transformers_reads(transformers, gpt2_tokenizer, tmp_path, name):
+    """vocab.json + merges.txt make transformers' GPT-2 tokenizer encode exactly as ours; load() gets our spec back."""
+    text = "".join(PROMPTS) + " Zoë's café — naïve 😀 résumé\n\tend"
+    tokenizer = build_tokenizer(name, text)
+    model = GPT(GPTConfig(block_size=32, vocab_size=padded_vocab_size(tokenizer.n_vocab), n_layer=1, n_head=2, n_embd=16))
+    export_model(model, tokenizer, tmp_path)
+    hf_tok = transformers.AutoTokenizer.from_pretrained(tmp_path)
+    assert hf_tok.eos_token_id == tokenizer.eot_token
+    for prompt in [*PROMPTS, text]:
+        ids = tokenizer.encode(prompt)
+        assert hf_tok(prompt)["input_ids"] == ids, prompt
+        assert hf_tok.decode(ids) == prompt
+    assert load(tmp_path).tokenizer.spec == tokenizer.spec
 
 
 def write_hf_config(d, **overrides):
@@ -221,7 +238,7 @@ def test_export_refuses_int8(tmp_path):
         export_checkpoint(tmp_path, tmp_path / "hf")
     quantized = torch.ao.quantization.quantize_dynamic(model.eval(), {torch.nn.Linear}, dtype=torch.qint8)
     with pytest.raises(CheckpointError, match="quantized"):
-        export_model(quantized, {"name": "gpt2"}, tmp_path / "hf2")
+        export_model(quantized, None, tmp_path / "hf2")
     assert not (tmp_path / "hf").exists() and not (tmp_path / "hf2").exists()
 
 
