@@ -16,7 +16,8 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description="Write an fp32 checkpoint (or a Hugging Face GPT-2 directory) as a directory "
                                             "transformers.GPT2LMHeadModel.from_pretrained loads.")
     p.add_argument("--ckpt", default="out", help="checkpoint directory to export (default: out)")
-    p.add_argument("--out", default="out/hf", help="directory to write model.safetensors, config.json and tokenizer files into (default: out/hf)")
+    p.add_argument("--out", default="out/hf",
+                   help="directory to write model.safetensors, config.json and tokenizer files into (default: out/hf)")
     args = p.parse_args(argv)
     t0 = time.perf_counter()
     try:
