@@ -11,6 +11,7 @@ import pytest
 import torch
 
 import export_hf
+import generate as generate_cli
 import quantize
 import train
 from model.checkpoint import CheckpointError, save_config, save_weights
@@ -129,8 +130,9 @@ def test_hf_dir_roundtrip_through_export(transformers, hf_model, hf_dirs, gpt2_t
 
 
 @pytest.mark.slow
-def test_finetune_quantize_generate_from_imported(hf_dirs, tmp_path):
-    """train.py --init-from HF_DIR lowers the validation loss; quantize.py and generation work on the result."""
+def test_finetune_quantize_generate_from_imported(hf_dirs, tmp_path, capsys):
+    """train.py --init-from HF_DIR lowers the validation loss; quantize.py and generation work on the result;
+    generate.py --ckpt HF_DIR samples."""
     text = tmp_path / "tiny.txt"
     text.write_text("Hark, the night is young and the moon is bright upon the hill. " * 12, encoding="utf-8")
     ft = tmp_path / "ft"
@@ -149,6 +151,9 @@ def test_finetune_quantize_generate_from_imported(hf_dirs, tmp_path):
         assert loaded.kind == kind
         out = generate(loaded.model, loaded.tokenizer, "ROMEO:", 2, SamplingConfig(max_new_tokens=5, seed=0))
         assert len(out) == 2 and all(o for o in out)
+    capsys.readouterr()
+    assert generate_cli.main(["--ckpt", str(hf_dirs["safetensors"]), "--prompt", "ROMEO:", "--max-new-tokens", "5", "--seed", "0"]) == 0
+    assert "ROMEO:" in capsys.readouterr().out
 
 
 @pytest.mark.parametrize("name", ["gpt2", "gpt2-compact", "bytes"])
