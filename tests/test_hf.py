@@ -100,6 +100,7 @@ def test_import_matches_transformers(hf_model, hf_dirs, gpt2_tokenizer, variant)
     assert max_diff(hf_model, loaded.model, gpt2_tokenizer) < TOL
 
 
+@pytest.mark.slow
 def test_export_matches_transformers(transformers, gpt2_tokenizer, tmp_path):
     """Our checkpoint (with and without biases) exported and loaded by transformers gives the same logits."""
     for bias in (True, False):
