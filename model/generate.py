@@ -7,6 +7,7 @@ so it serves fp32 and int8 models alike. One model generates one request at a ti
 from __future__ import annotations
 
 import codecs
+import dataclasses
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -45,6 +46,33 @@ class SamplingConfig:
 
 
 DEFAULT_SAMPLING = SamplingConfig()  # the defaults above; never modified
+
+
+def _optional_int(text: str) -> int | None:
+    return None if text.lower() in ("none", "off") else int(text)
+
+
+def _stops(text: str) -> tuple[str, ...]:
+    """One stop string with backslash escapes (\\n, \\t) decoded; "none" or "off" clears them."""
+    return () if text.lower() in ("none", "off") else (text.replace("\\n", "\n").replace("\\t", "\t"),)
+
+
+# How each SamplingConfig field is parsed from text (an interactive /set NAME VALUE).
+SETTINGS = {"max_new_tokens": int, "temperature": float, "top_k": _optional_int, "top_p": float,
+            "repetition_penalty": float, "frequency_penalty": float, "stop": _stops, "seed": _optional_int}
+
+
+def with_setting(sampling: SamplingConfig, name: str, text: str) -> SamplingConfig:
+    """A copy of sampling with one field parsed from text; ValueError (one sentence) for a bad name or value."""
+    if name not in SETTINGS:
+        raise ValueError(f"Unknown setting {name!r}; choose one of: {', '.join(SETTINGS)}.")
+    try:
+        value = SETTINGS[name](text)
+    except ValueError:
+        raise ValueError(f"{text!r} is not a valid value for {name}.") from None
+    new = dataclasses.replace(sampling, **{name: value})
+    new.validate()
+    return new
 
 
 def apply_penalties(logits: torch.Tensor, counts: torch.Tensor, sampling: SamplingConfig) -> torch.Tensor:
@@ -149,6 +177,21 @@ def decode_tokens(model: torch.nn.Module, prompt_ids: list[int], num_samples: in
     finally:
         model.clear_caches()
         model.train(was_training)
+
+
+@torch.inference_mode()
+def naive_tokens(model: torch.nn.Module, prompt_ids: list[int], sampling: SamplingConfig, n_vocab: int,
+                 generator: torch.Generator, last_only: bool = False) -> list[int]:
+    """The reference loop (how the original Space generated): one sequence, the whole window (cropped to the
+    context) recomputed by the plain forward every step, no cache; last_only skips the logits of earlier positions
+    (nanoGPT's one trick). Slow by design: the benchmark's baseline and the tests' ground truth. No penalties."""
+    block = model.config.block_size
+    n_vocab = min(n_vocab, model.config.vocab_size)
+    idx = torch.tensor([prompt_ids], dtype=torch.long, device=_device(model))
+    for _ in range(int(sampling.max_new_tokens)):
+        logits = model(idx[:, -block:], last_only=last_only)[0][:, -1, :n_vocab]
+        idx = torch.cat([idx, sample_next(logits, sampling, generator).view(1, 1)], dim=1)
+    return idx[0, len(prompt_ids):].tolist()
 
 
 class _TextRow:

@@ -1,0 +1,193 @@
+"""Benchmark: generation tokens/s of the naive loop against our KV-cached batched engine, fp32 and int8.
+
+    python bench/generation.py --ckpt out                 # a trained checkpoint (int8: out/int8, else quantized here)
+    python bench/generation.py --random cpu               # a random-weight preset("cpu") model: same speed as trained
+Grid: fp32 / int8 x prompts of 8 / 512 tokens x 1 / 3 return sequences, top-k 50, 200 new tokens per sequence, for
+  naive       the original loop: one sequence at a time, the plain forward over the whole window every step
+  naive-last  the same, but computing the logits of the last position only (nanoGPT's trick)
+  ours        model.generate's engine: one prompt prefill, all sequences decoded together over a KV cache
+The naive loops handle sequences one after another, so their tokens/s does not depend on the number of return
+sequences: they are timed with one. Every repeat runs every cell once, in turn, so load from other processes
+hits all alike; the median is reported.
+Writes bench/results/generation.json and generation.png. Not a test: numbers depend on the machine and its load.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import torch  # noqa: E402
+from tqdm import tqdm  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from model import atomic  # noqa: E402
+from model.checkpoint import CheckpointError  # noqa: E402
+from model.config import preset  # noqa: E402
+from model.generate import SamplingConfig, decode_tokens, naive_tokens  # noqa: E402
+from model.gpt import GPT  # noqa: E402
+from model.load import load  # noqa: E402
+from model.tokenizer import TokenizerError, gpt2, padded_vocab_size  # noqa: E402
+
+RESULTS = Path(__file__).resolve().parent / "results"
+NAIVE = ("naive", "naive-last")
+PROMPT = "Hello, my name is"  # the app's example prompt; repeated and cut to the wanted token counts
+
+
+def prompt_of(tokenizer, n_tokens: int) -> list[int]:
+    """Exactly n_tokens prompt tokens, from the app's prompt repeated."""
+    ids = tokenizer.encode(PROMPT)
+    return (ids * (n_tokens // len(ids) + 1))[:n_tokens]
+
+
+def models_to_bench(args: argparse.Namespace) -> tuple[dict[str, torch.nn.Module], object, str]:
+    """{"fp32": model, "int8": model}, the tokenizer and a sentence saying where they came from."""
+    if args.random:
+        tokenizer = gpt2()
+        torch.manual_seed(0)
+        cfg = preset(args.random)
+        cfg.vocab_size = padded_vocab_size(tokenizer.n_vocab)
+        fp32, source = GPT(cfg).eval(), f"random-weight preset({args.random!r})"
+    else:
+        loaded = load(args.ckpt)
+        fp32, tokenizer, source = loaded.model, loaded.tokenizer, f"checkpoint {args.ckpt}"
+        if loaded.kind != "fp32":
+            raise CheckpointError(f"{args.ckpt} holds a {loaded.kind} checkpoint; pass the fp32 one as --ckpt (int8 as --int8-ckpt).")
+    int8_dir = Path(args.int8_ckpt) if args.int8_ckpt else (Path(args.ckpt) / "int8" if not args.random else None)
+    if int8_dir is not None and int8_dir.exists():
+        int8, how = load(int8_dir).model, f"int8 from {int8_dir}"
+    else:
+        if args.int8_ckpt:
+            raise CheckpointError(f"No int8 checkpoint at {args.int8_ckpt}: make one with python quantize.py, or leave --int8-ckpt out.")
+        from model.quantize import quantize_model
+
+        int8, how = quantize_model(fp32), "int8 quantized here (model.quantize)"
+    return {"fp32": fp32, "int8": int8}, tokenizer, f"{source}; {how}"
+
+
+def time_cell(engine: str, model: torch.nn.Module, prompt_ids: list[int], num_samples: int,
+              sampling: SamplingConfig, n_vocab: int) -> float:
+    """Seconds to produce num_samples x max_new_tokens tokens with one engine."""
+    start = time.perf_counter()
+    if engine.startswith("naive"):  # one sequence at a time, as the original Space did
+        gen = torch.Generator().manual_seed(0)
+        for _ in range(num_samples):
+            naive_tokens(model, prompt_ids, sampling, n_vocab, gen, last_only=engine == "naive-last")
+    else:
+        for _ in decode_tokens(model, prompt_ids, num_samples, sampling, n_vocab):
+            pass
+    return time.perf_counter() - start
+
+
+def run(args: argparse.Namespace) -> dict:
+    models, tokenizer, source = models_to_bench(args)
+    sampling = SamplingConfig(max_new_tokens=args.max_new_tokens, temperature=1.0, top_k=50, seed=0)
+    cells = [(e, kind, 1, p) for p in args.prompt_tokens for kind in models for e in NAIVE]
+    cells += [("ours", kind, n, p) for p in args.prompt_tokens for n in args.num_samples for kind in models]
+    times: dict[tuple, list[float]] = {c: [] for c in cells}
+    prompts = {p: prompt_of(tokenizer, p) for p in args.prompt_tokens}
+    for model in models.values():  # warm-up: first calls allocate and pick kernels
+        time_cell("ours", model, prompts[args.prompt_tokens[0]], 1, SamplingConfig(max_new_tokens=4), tokenizer.n_vocab)
+    with tqdm(total=len(cells) * args.repeats, desc="generation bench", unit="cell") as bar:
+        for _ in range(args.repeats):
+            for cell in cells:
+                engine, kind, n, p = cell
+                times[cell].append(time_cell(engine, models[kind], prompts[p], n, sampling, tokenizer.n_vocab))
+                bar.update()
+    rows = []
+    for engine, kind, n, p in cells:
+        secs = statistics.median(times[(engine, kind, n, p)])
+        rows.append({"engine": engine, "weights": kind, "num_samples": n, "prompt_tokens": p,
+                     "new_tokens": n * args.max_new_tokens, "seconds": secs, "tokens_per_s": n * args.max_new_tokens / secs,
+                     "all_seconds": times[(engine, kind, n, p)]})
+    for r in rows:  # speed-up of ours over the naive loops on the same weights and prompt
+        if r["engine"] == "ours":
+            for e in NAIVE:
+                r[f"speedup_vs_{e}"] = r["tokens_per_s"] / naive_of(rows, r, e)["tokens_per_s"]
+    return {"source": source, "block_size": models["fp32"].config.block_size, "max_new_tokens": args.max_new_tokens,
+            "top_k": 50, "repeats": args.repeats, "torch_threads": torch.get_num_threads(), "rows": rows}
+
+
+def naive_of(rows: list[dict], r: dict, engine: str) -> dict:
+    """The row of a naive engine with the same weights and prompt as row r."""
+    return next(b for b in rows if b["engine"] == engine and all(b[k] == r[k] for k in ("weights", "prompt_tokens")))
+
+
+def table(result: dict) -> str:
+    """A Markdown table of the results."""
+    lines = ["| prompt tokens | return seqs | weights | naive tok/s | naive-last tok/s | ours tok/s | ours / naive | ours / naive-last |",
+             "|---:|---:|---|---:|---:|---:|---:|---:|"]
+    for r in result["rows"]:
+        if r["engine"] != "ours":
+            continue
+        a, b = (naive_of(result["rows"], r, e)["tokens_per_s"] for e in NAIVE)
+        lines.append(f"| {r['prompt_tokens']} | {r['num_samples']} | {r['weights']} | {a:.1f} | {b:.1f} | {r['tokens_per_s']:.1f} | "
+                     f"{r['speedup_vs_naive']:.1f}x | {r['speedup_vs_naive-last']:.1f}x |")
+    return "\n".join(lines)
+
+
+def plot(result: dict, path: Path) -> None:
+    """Bar chart of tokens/s per cell, naive beside ours (log scale)."""
+    ours = [r for r in result["rows"] if r["engine"] == "ours"]
+    labels = [f"{r['weights']}\n{r['num_samples']} seq\n{r['prompt_tokens']} tok" for r in ours]
+    x = range(len(ours))
+    fig, ax = plt.subplots(figsize=(max(6, 1.3 * len(ours)), 4))
+    for j, (engine, label) in enumerate((("naive", "naive loop"), ("naive-last", "naive, last-position logits"),
+                                         ("ours", "ours (KV cache, batched)"))):
+        speeds = [(r if engine == "ours" else naive_of(result["rows"], r, engine))["tokens_per_s"] for r in ours]
+        ax.bar([i + (j - 1) * 0.27 for i in x], speeds, width=0.27, label=label)
+    ax.set_xticks(list(x), labels, fontsize=8)
+    ax.set_yscale("log")
+    ax.set_ylabel("tokens/s")
+    ax.set_title(f"Generation speed, {result['max_new_tokens']} new tokens per sequence, top-k 50")
+    ax.legend()
+    fig.tight_layout()
+    with atomic.atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=120)
+    plt.close(fig)
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    src = ap.add_mutually_exclusive_group()
+    src.add_argument("--ckpt", default="out", help="fp32 checkpoint directory (default: out)")
+    src.add_argument("--random", metavar="PRESET", help="benchmark a random-weight model of this preset instead of a checkpoint")
+    ap.add_argument("--int8-ckpt", help="int8 checkpoint directory (default: CKPT/int8, else quantize the fp32 model here)")
+    ap.add_argument("--repeats", type=int, default=3, help="timed repeats of every cell; the median is reported (default 3)")
+    ap.add_argument("--max-new-tokens", type=int, default=200)
+    ap.add_argument("--num-samples", type=int, nargs="+", default=[1, 3], help="return sequences per request (default: 1 3)")
+    ap.add_argument("--prompt-tokens", type=int, nargs="+", default=[8, 512], help="prompt lengths in tokens (default: 8 512)")
+    ap.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
+    ap.add_argument("--out", default=str(RESULTS / "generation.json"), help="JSON results path (a PNG is written beside it)")
+    args = ap.parse_args()
+    if args.repeats < 1 or args.max_new_tokens < 1 or min(args.num_samples) < 1 or min(args.prompt_tokens) < 1:
+        print("error: --repeats, --max-new-tokens, --num-samples and --prompt-tokens must be positive.", file=sys.stderr)
+        return 2
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    try:
+        result = run(args)
+    except (CheckpointError, TokenizerError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    out = Path(args.out)
+    atomic.write_text(out, json.dumps(result, indent=2) + "\n")
+    plot(result, out.with_suffix(".png"))
+    print(f"{result['source']}; context {result['block_size']}, {args.max_new_tokens} new tokens per sequence, "
+          f"top-k 50, median of {args.repeats}, {result['torch_threads']} torch threads")
+    print(table(result))
+    print(f"wrote {out} and {out.with_suffix('.png')}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

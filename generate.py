@@ -1,0 +1,130 @@
+"""Generate text from a checkpoint, streamed to the terminal; without --prompt, an interactive session.
+
+    python generate.py --prompt "ROMEO:" --num-samples 3 --max-new-tokens 200 --top-k 50 --seed 1
+    python generate.py                      # interactive: type a prompt; /help lists the commands
+Default --ckpt: out/int8 if it exists, else out.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import sys
+from pathlib import Path
+
+from model.checkpoint import CheckpointError
+from model.generate import SETTINGS, SamplingConfig, stream, with_setting
+from model.load import Loaded, load
+from model.tokenizer import TokenizerError
+
+HELP = """Type a prompt and press Enter to continue it. Commands:
+  /help                 this text
+  /settings             show the current settings
+  /set NAME VALUE       change one, e.g. /set temperature 0.8, /set top_k off, /set stop \\n\\n
+  /reset                back to the settings given on the command line
+  /quit                 leave (Ctrl-D too; Ctrl-C stops a generation)"""
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--ckpt", default=None, help="checkpoint directory (default: out/int8 if it exists, else out)")
+    p.add_argument("--prompt", default=None, help="text to continue; leave out for an interactive session")
+    p.add_argument("--num-samples", type=int, default=1, help="return sequences, decoded together (default 1)")
+    p.add_argument("--max-new-tokens", type=int, default=200)
+    p.add_argument("--temperature", type=float, default=1.0, help="0 means greedy (default 1.0)")
+    p.add_argument("--top-k", type=int, default=50, help="sample among the k likeliest tokens; 0 is off (default 50)")
+    p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling; 1.0 is off (default)")
+    p.add_argument("--repetition-penalty", type=float, default=1.0, help="CTRL-style, >1 discourages repeats; 1.0 is off")
+    p.add_argument("--frequency-penalty", type=float, default=0.0, help="subtracted per earlier occurrence; 0 is off")
+    p.add_argument("--stop", action="append", default=[], help="stop at this text (repeatable); <|endoftext|> always stops")
+    p.add_argument("--seed", type=int, default=None, help="same seed, same text (default: random)")
+    args = p.parse_args(argv)
+    if args.num_samples < 1:
+        p.error("--num-samples must be at least 1.")
+    return args
+
+
+def default_ckpt() -> str:
+    return "out/int8" if Path("out/int8").is_dir() else "out"
+
+
+def show(loaded: Loaded, prompt: str, num_samples: int, sampling: SamplingConfig) -> None:
+    """Stream sample 1 live while all samples decode together; then print the others, each under a header."""
+    texts = [""] * num_samples
+    header = (lambda i: f"\n--- sample {i + 1}/{num_samples} ---\n") if num_samples > 1 else (lambda i: "")
+    print(header(0) + prompt, end="", flush=True)
+    try:
+        for new in stream(loaded.model, loaded.tokenizer, prompt, num_samples, sampling):
+            print(new[0], end="", flush=True)
+            texts = [t + n for t, n in zip(texts, new, strict=True)]
+    finally:
+        for i in range(1, num_samples):
+            print(header(i) + prompt + texts[i], end="")
+        print(flush=True)
+
+
+def interactive(loaded: Loaded, num_samples: int, sampling: SamplingConfig) -> None:
+    """A prompt loop with /help, /settings, /set NAME VALUE, /reset and /quit."""
+    start = (num_samples, sampling)
+    print(f"{loaded.kind} model, context {loaded.config.block_size} tokens. /help for commands.")
+    while True:
+        try:
+            line = input("> ")
+        except EOFError:
+            print()
+            return
+        cmd, *rest = line.strip().split(maxsplit=2) or [""]
+        if cmd in ("/quit", "/exit"):
+            return
+        elif cmd == "/help":
+            print(HELP)
+        elif cmd == "/settings":
+            print(f"  num_samples = {num_samples}")
+            for f in dataclasses.fields(sampling):
+                print(f"  {f.name} = {getattr(sampling, f.name)!r}")
+        elif cmd == "/reset":
+            num_samples, sampling = start
+            print("settings reset to the command line's.")
+        elif cmd == "/set":
+            try:
+                if len(rest) != 2:
+                    raise ValueError(f"usage: /set NAME VALUE, NAME one of: num_samples, {', '.join(SETTINGS)}.")
+                if rest[0] == "num_samples":
+                    if int(rest[1]) < 1:
+                        raise ValueError("num_samples must be at least 1.")
+                    num_samples = int(rest[1])
+                else:
+                    sampling = with_setting(sampling, rest[0], rest[1])
+            except ValueError as e:
+                print(f"error: {e}")
+        elif cmd.startswith("/"):
+            print(f"error: unknown command {cmd}; /help lists them.")
+        elif line.strip():
+            try:
+                show(loaded, line, num_samples, sampling)
+            except KeyboardInterrupt:
+                print("\n(stopped)")
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    sampling = SamplingConfig(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
+                              top_p=args.top_p, repetition_penalty=args.repetition_penalty,
+                              frequency_penalty=args.frequency_penalty, stop=tuple(args.stop), seed=args.seed)
+    try:
+        sampling.validate()
+        loaded = load(args.ckpt or default_ckpt())
+        if args.prompt is None:
+            interactive(loaded, args.num_samples, sampling)
+        else:
+            show(loaded, args.prompt, args.num_samples, sampling)
+    except (CheckpointError, TokenizerError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
