@@ -17,14 +17,19 @@ def make_optimizer(model: torch.nn.Module, lr: float, weight_decay: float, betas
     return torch.optim.AdamW(groups, lr=lr, betas=betas, fused=device_type == "cuda")
 
 
-def lr_at(step: int, decay_frac: float, lr: float, min_lr: float, warmup_iters: int) -> float:
-    """Learning rate: linear warmup over warmup_iters steps, then cosine from lr to min_lr.
+def warmup_frac(step: int, warmup_iters: int) -> float:
+    """How far linear warmup has gone at a step: 1/(W+1) at step 0, reaching 1 at step W (the peak)."""
+    return min(1.0, (step + 1) / (warmup_iters + 1))
+
+
+def lr_at(warm_frac: float, decay_frac: float, lr: float, min_lr: float) -> float:
+    """Learning rate: lr * warm_frac while warming up (warm_frac < 1), then cosine from lr to min_lr.
 
     decay_frac is how far the decay has progressed (0 right after warmup, 1 at the end of the run); the
-    trainer computes it from steps, or from elapsed time when a wall-clock budget is set.
+    trainer computes both fractions from steps, or from elapsed time when a wall-clock budget ends the run sooner.
     """
-    if step < warmup_iters:
-        return lr * (step + 1) / (warmup_iters + 1)
+    if warm_frac < 1.0:
+        return lr * max(warm_frac, 0.0)
     frac = min(max(decay_frac, 0.0), 1.0)
     return min_lr + 0.5 * (1.0 + math.cos(math.pi * frac)) * (lr - min_lr)
 

@@ -26,10 +26,11 @@ from .data import DataError, TokenData, get_batch, prepare, read_text
 from .evaluate import evaluate
 from .gpt import GPT
 from .load import load
-from .optim import clip_grads, lr_at, make_optimizer, set_lr
+from .optim import clip_grads, lr_at, make_optimizer, set_lr, warmup_frac
 from .plot import plot_losses
 from .tokenizer import Tokenizer, load_tokenizer, padded_vocab_size
 
+WARMUP_BUDGET_SHARE = 0.05  # with a time budget, warmup ends after this share of the training time at the latest
 LOG = "log.jsonl"
 PLOT = "loss.png"
 TOKENS = "tokens"
@@ -201,6 +202,7 @@ def build(args: TrainArgs, state: dict[str, Any] | None) -> tuple[GPT, GPTConfig
         tokenizer = load_tokenizer(state["tokenizer"])
     elif args.init_from is not None:
         loaded = load(args.init_from)
+        args.n_layer = args.n_head = args.n_embd = None  # the checkpoint's shape; only dropout may change
         if not isinstance(loaded.model, GPT):
             raise CheckpointError(f"--init-from {args.init_from} holds a {loaded.kind} model, which cannot be trained; "
                                   "pass an fp32 or Hugging Face GPT-2 checkpoint directory.")
@@ -258,6 +260,7 @@ class Trainer:
         self.batch_gen = torch.Generator().manual_seed(args.seed)
         self.tokens_per_step = args.batch_size * args.block_size * args.grad_accum
         self.step, self.tokens_seen, self.elapsed_before = 0, 0, 0.0
+        self.t_loop: float | None = None  # elapsed seconds when the first training step started
         self.t_warm: float | None = None  # elapsed seconds when warmup ended (time-budget decay starts there)
         self.best_val, self.best_step = math.inf, -1
         self.eval_sec_per_token, self.save_seconds = 0.0, 0.0
@@ -279,6 +282,14 @@ class Trainer:
         final_eval = self.eval_sec_per_token * len(self.data.val) * 1.2
         periodic_eval = self.eval_sec_per_token * self.args.eval_windows * self.args.block_size
         return self.args.max_minutes * 60.0 - final_eval - periodic_eval - 2 * self.save_seconds - 1.0
+
+    def warm_frac(self) -> float:
+        """How far warmup has gone: by steps, or by elapsed time when the budget would not leave room for all steps."""
+        frac = warmup_frac(self.step, self.args.warmup_iters)
+        budget = self.train_budget()
+        if budget is not None and self.t_loop is not None:
+            frac = max(frac, (self.elapsed() - self.t_loop) / max(1e-9, WARMUP_BUDGET_SHARE * (budget - self.t_loop)))
+        return frac
 
     def decay_frac(self) -> float:
         """How far the cosine decay has gone: by steps, or by elapsed time when that ends the run sooner."""
@@ -332,9 +343,12 @@ class Trainer:
         interrupted = False
         try:
             while not self.done():
-                if self.step >= args.warmup_iters and self.t_warm is None:
+                if self.t_loop is None:
+                    self.t_loop = self.elapsed()
+                warm = self.warm_frac()
+                if warm >= 1.0 and self.t_warm is None:
                     self.t_warm = self.elapsed()
-                lr = lr_at(self.step, self.decay_frac(), args.lr, args.min_lr, args.warmup_iters)
+                lr = lr_at(warm, self.decay_frac(), args.lr, args.min_lr)
                 set_lr(self.optimizer, lr)
                 t0 = time.perf_counter()
                 loss, norm = self.train_step()
@@ -446,7 +460,7 @@ class Trainer:
         state = {"version": STATE_VERSION, "args": dataclasses.asdict(self.args), "model_config": self.config.to_dict(),
                  "tokenizer": self.tokenizer.spec, "model": {k: v.cpu() for k, v in self.raw_model.state_dict().items()},
                  "optimizer": self.optimizer.state_dict(), "scaler": self.scaler.state_dict(), "step": self.step,
-                 "tokens_seen": self.tokens_seen, "elapsed": self.elapsed(), "t_warm": self.t_warm,
+                 "tokens_seen": self.tokens_seen, "elapsed": self.elapsed(), "t_loop": self.t_loop, "t_warm": self.t_warm,
                  "best_val": self.best_val, "best_step": self.best_step, "eval_sec_per_token": self.eval_sec_per_token,
                  "rng": rng}
         checkpoint.save_train_state(self.out / checkpoint.TRAIN_STATE, state)
@@ -462,7 +476,7 @@ class Trainer:
             self.optimizer.load_state_dict(state["optimizer"])
             self.scaler.load_state_dict(state["scaler"])
             self.step, self.tokens_seen = int(state["step"]), int(state["tokens_seen"])
-            self.elapsed_before, self.t_warm = float(state["elapsed"]), state["t_warm"]
+            self.elapsed_before, self.t_loop, self.t_warm = float(state["elapsed"]), state["t_loop"], state["t_warm"]
             self.best_val, self.best_step = float(state["best_val"]), int(state["best_step"])
             self.eval_sec_per_token = float(state["eval_sec_per_token"])
             torch.set_rng_state(state["rng"]["torch"])

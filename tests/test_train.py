@@ -18,7 +18,7 @@ import model.trainer
 import train
 from model import checkpoint
 from model.gpt import GPT
-from model.optim import clip_grads, lr_at, make_optimizer
+from model.optim import clip_grads, lr_at, make_optimizer, warmup_frac
 from model.trainer import Trainer, resolve_args
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -55,13 +55,14 @@ def records(out: Path) -> list[dict]:
 
 
 def test_lr_schedule():
-    kw = {"lr": 1e-3, "min_lr": 1e-4, "warmup_iters": 10}
-    assert lr_at(0, 0.0, **kw) == pytest.approx(1e-3 / 11)
-    assert lr_at(5, 0.0, **kw) == pytest.approx(6e-3 / 11)
-    assert lr_at(10, 0.0, **kw) == pytest.approx(1e-3)  # end of warmup: the peak
-    assert lr_at(55, 0.5, **kw) == pytest.approx(5.5e-4)  # midpoint of the cosine
-    assert lr_at(100, 1.0, **kw) == pytest.approx(1e-4)  # the end: min_lr
-    assert lr_at(200, 1.7, **kw) == pytest.approx(1e-4)
+    kw = {"lr": 1e-3, "min_lr": 1e-4}
+    assert lr_at(warmup_frac(0, 10), 0.0, **kw) == pytest.approx(1e-3 / 11)  # step 0
+    assert lr_at(warmup_frac(5, 10), 0.0, **kw) == pytest.approx(6e-3 / 11)
+    assert lr_at(warmup_frac(10, 10), 0.0, **kw) == pytest.approx(1e-3)  # end of warmup: the peak
+    assert lr_at(1.0, 0.5, **kw) == pytest.approx(5.5e-4)  # midpoint of the cosine
+    assert lr_at(1.0, 1.0, **kw) == pytest.approx(1e-4)  # the end: min_lr
+    assert lr_at(1.0, 1.7, **kw) == pytest.approx(1e-4)
+    assert lr_at(warmup_frac(0, 0), 0.0, **kw) == pytest.approx(1e-3)  # no warmup
 
 
 def test_trainer_decay_fraction_by_steps(tmp_path, text, bytes_tok):
@@ -70,6 +71,7 @@ def test_trainer_decay_fraction_by_steps(tmp_path, text, bytes_tok):
     for step, frac in ((10, 0.0), (60, 0.5), (110, 1.0)):
         t.step = step
         assert t.decay_frac() == pytest.approx(frac)
+        assert t.warm_frac() == 1.0
 
 
 def test_weight_decay_only_on_matrices():
@@ -126,10 +128,11 @@ def test_resume_continues_exactly(tmp_path, text, bytes_tok):
 def test_time_budget_ends_the_cosine_at_the_budget(tmp_path, text, bytes_tok):
     out = tmp_path / "out"
     metrics = model.trainer.train({**SMALL, "data": str(text), "out_dir": str(out), "max_iters": 100000, "max_minutes": 0.1,
-                                   "warmup_iters": 2, "eval_interval": 1000, "lr": 1e-3, "min_lr": 1e-4})
+                                   "warmup_iters": 10**6, "eval_interval": 1000, "lr": 1e-3, "min_lr": 1e-4})
     assert 2 < metrics["step"] < 100000
     lrs = [r["lr"] for r in records(out) if "lr" in r]
-    assert lrs[-1] < 1e-4 + 0.25 * 9e-4  # cosine nearly done when time ran out, although few steps ran
+    assert max(lrs) > 0.9e-3  # warmup (far too long for the budget) was ended by time
+    assert lrs[-1] < 1e-4 + 0.25 * 9e-4  # and the cosine was nearly done when time ran out
     assert json.loads((out / "metrics.json").read_text())["total_seconds"] < 6 + 3  # 6 s budget, slack for a busy machine
 
 
