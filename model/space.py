@@ -77,6 +77,7 @@ def export_space(ckpt: str | Path, out_dir: str | Path, app_file: str | Path, ti
         raise CheckpointError(f"{out_dir} exists and is not an earlier Space export; pass an empty or new folder to --export-space.")
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
+    tmp.chmod(0o755)
     try:
         _fill(tmp, ckpt, meta, app_file, title)
         if out_dir.exists():

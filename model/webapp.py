@@ -55,6 +55,7 @@ class ModelPool:
         for _ in range(max(1, copies)):
             self.copies.put(load(ckpt, device="cpu"))
         self.first = self.copies.queue[0]
+        self.size = max(1, copies)
 
     @contextmanager
     def borrow(self) -> Iterator[Loaded]:
@@ -229,12 +230,12 @@ def build_demo(pool: ModelPool) -> gr.Blocks:
 
 def launch(pool: ModelPool, host: str | None = None, port: int | None = None, share: bool = False,
            prevent_thread_lock: bool = False) -> gr.Blocks:
-    """Serve the app: on Hugging Face Spaces (SPACE_ID set) on 0.0.0.0:7860, else where asked."""
+    """Serve the app, as many requests at once as the pool has copies; on Spaces (SPACE_ID set) on 0.0.0.0:7860."""
     if os.environ.get("SPACE_ID"):
         host, port, share = host or "0.0.0.0", port or 7860, False
-    set_threads(CONCURRENCY)
+    set_threads(pool.size)
     demo = build_demo(pool)
-    demo.queue(default_concurrency_limit=CONCURRENCY, max_size=64)
+    demo.queue(default_concurrency_limit=pool.size, max_size=64)
     demo.launch(server_name=host, server_port=port, share=share, prevent_thread_lock=prevent_thread_lock,
                 footer_links=["api", "gradio"], ssr_mode=False)
     return demo

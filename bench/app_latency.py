@@ -1,0 +1,140 @@
+"""Latency of the served app as users see it, via gradio_client: time to the first streamed token and to the full answer.
+
+    python bench/app_latency.py --ckpt out/int8                        # 10 default requests (3 x 200 tokens, top-k 50)
+    python bench/app_latency.py --ckpt out/int8 --clients 4 --requests 3 --concurrency 1 2 --rounds 2
+Compares the given concurrency limits (model copies; torch threads = cores / copies), alternating them round by round,
+then writes JSON and a PNG plot.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
+
+import matplotlib  # noqa: E402
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import torch  # noqa: E402
+from gradio_client import Client  # noqa: E402
+from tqdm import tqdm  # noqa: E402
+
+from model import atomic  # noqa: E402
+from model.checkpoint import CheckpointError  # noqa: E402
+from model.tokenizer import TokenizerError  # noqa: E402
+from model.webapp import CONCURRENCY, ModelPool, default_checkpoint, launch  # noqa: E402
+
+
+def one_request(client: Client, args: argparse.Namespace, seed: int) -> tuple[float, float]:
+    """(seconds to the first non-empty streamed text, seconds to the full answer)."""
+    start = time.perf_counter()
+    first = None
+    job = client.submit(prompt=args.prompt, max_new_tokens=args.max_new_tokens, num_sequences=args.num_sequences,
+                        top_k=args.top_k, seed=seed, api_name="/generate")
+    for update in job:
+        if first is None and any(update):
+            first = time.perf_counter() - start
+    job.result()
+    total = time.perf_counter() - start
+    return (total if first is None else first), total
+
+
+def measure(ckpt: Path, copies: int, args: argparse.Namespace, bar: tqdm) -> dict:
+    """Serve ckpt with `copies` concurrent slots; args.clients clients each send args.requests requests at once."""
+    threads = torch.get_num_threads()
+    pool = ModelPool(ckpt, copies=copies)
+    demo = launch(pool, host="127.0.0.1", port=None, prevent_thread_lock=True)
+    try:
+        used_threads = torch.get_num_threads()
+        one_request(Client(demo.local_url, verbose=False), args, seed=0)  # warm-up
+
+        def client_run(c: int) -> list[tuple[float, float]]:
+            client = Client(demo.local_url, verbose=False)
+            out = []
+            for r in range(args.requests):
+                out.append(one_request(client, args, seed=1 + c * args.requests + r))
+                bar.update()
+            return out
+
+        start = time.perf_counter()
+        with ThreadPoolExecutor(args.clients) as ex:
+            timings = [t for part in ex.map(client_run, range(args.clients)) for t in part]
+        wall = time.perf_counter() - start
+    finally:
+        demo.close()
+        torch.set_num_threads(threads)
+    firsts, totals = [t[0] for t in timings], [t[1] for t in timings]
+    return {"concurrency": copies, "torch_threads": used_threads, "kind": pool.first.kind,
+            "p50_first_token_s": statistics.median(firsts), "p50_total_s": statistics.median(totals), "max_total_s": max(totals),
+            "tokens_per_s": len(timings) * args.num_sequences * args.max_new_tokens / wall,
+            "first_token_s": firsts, "total_s": totals}
+
+
+def plot(runs: list[dict], path: Path, title: str) -> None:
+    """Bars of p50 first-token and full-request latency per concurrency (median over rounds)."""
+    limits = sorted({r["concurrency"] for r in runs})
+    med = {c: {k: statistics.median(r[k] for r in runs if r["concurrency"] == c) for k in ("p50_first_token_s", "p50_total_s")}
+           for c in limits}
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    xs = range(len(limits))
+    ax.bar([x - 0.2 for x in xs], [med[c]["p50_first_token_s"] for c in limits], 0.4, label="p50 first token")
+    ax.bar([x + 0.2 for x in xs], [med[c]["p50_total_s"] for c in limits], 0.4, label="p50 full request")
+    ax.set_xticks(list(xs), [f"concurrency {c}" for c in limits])
+    ax.set_ylabel("seconds")
+    ax.set_title(title, fontsize=9)
+    ax.legend()
+    fig.tight_layout()
+    with atomic.atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=120)
+    plt.close(fig)
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--ckpt", type=Path, default=None, help="checkpoint to serve (default: $SMALLGPT_CKPT, else out/int8)")
+    ap.add_argument("--requests", type=int, default=10, help="timed requests per client, after one warm-up")
+    ap.add_argument("--clients", type=int, default=1, help="clients sending requests at the same time")
+    ap.add_argument("--concurrency", type=int, nargs="+", default=[CONCURRENCY], help="concurrency limits to compare")
+    ap.add_argument("--rounds", type=int, default=1, help="rounds over the concurrency limits (alternating)")
+    ap.add_argument("--max-new-tokens", type=int, default=200)
+    ap.add_argument("--num-sequences", type=int, default=3)
+    ap.add_argument("--top-k", type=int, default=50)
+    ap.add_argument("--prompt", default="ROMEO:\n")
+    ap.add_argument("--out", type=Path, default=Path("bench/results/app_latency.json"), help="JSON to write (and .png beside)")
+    args = ap.parse_args()
+    if min(args.requests, args.clients, args.rounds, *args.concurrency) < 1:
+        ap.error("--requests, --clients, --rounds and --concurrency must be at least 1.")
+    ckpt = args.ckpt or default_checkpoint()
+    runs = []
+    try:
+        with tqdm(total=args.rounds * len(args.concurrency) * args.clients * args.requests, desc="requests", unit="req") as bar:
+            for _ in range(args.rounds):
+                for copies in args.concurrency:
+                    runs.append(measure(ckpt, copies, args, bar))
+    except (CheckpointError, TokenizerError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    setup = {"ckpt": str(ckpt), "clients": args.clients, "requests_per_client": args.requests, "rounds": args.rounds,
+             "max_new_tokens": args.max_new_tokens, "num_sequences": args.num_sequences, "top_k": args.top_k, "cpus": os.cpu_count()}
+    atomic.write_text(args.out, json.dumps({"setup": setup, "runs": runs}, indent=2) + "\n")
+    plot(runs, args.out.with_suffix(".png"), f"{runs[0]['kind']} {ckpt.name}: {args.clients} client(s), "
+         f"{args.num_sequences} x {args.max_new_tokens} tokens, top-k {args.top_k}, {os.cpu_count()} CPUs")
+    print(f"{'concurrency':>11} {'threads':>7} {'p50 first token':>15} {'p50 request':>11} {'max request':>11} {'tokens/s':>8}")
+    for r in runs:
+        print(f"{r['concurrency']:>11} {r['torch_threads']:>7} {r['p50_first_token_s'] * 1000:>12.0f} ms {r['p50_total_s']:>9.2f} s "
+              f"{r['max_total_s']:>9.2f} s {r['tokens_per_s']:>8.0f}")
+    print(f"wrote {args.out} and {args.out.with_suffix('.png')}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
