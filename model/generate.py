@@ -100,7 +100,8 @@ def sample_next(logits: torch.Tensor, sampling: SamplingConfig, generator: torch
         logits = apply_penalties(logits, counts, sampling)
     if sampling.temperature == 0:
         return logits.argmax(dim=-1)
-    logits = logits / sampling.temperature
+    if sampling.temperature != 1.0:
+        logits = logits / sampling.temperature
     k = int(sampling.top_k or 0)
     if 0 < k < logits.shape[-1]:
         cand, ids = torch.topk(logits, k, dim=-1)  # sorted, so top-p can work on the k candidates only

@@ -20,8 +20,9 @@ class KVCache(nn.Module):
         self.register_buffer("k", torch.zeros(shape, dtype=dtype), persistent=False)
         self.register_buffer("v", torch.zeros(shape, dtype=dtype), persistent=False)
 
-    def update(self, input_pos: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_len: int):
-        """Store k, v (b, H, T, D) at input_pos and return the first b rows of the cache up to kv_len.
+    def update(self, input_pos: torch.Tensor | slice, k: torch.Tensor, v: torch.Tensor, kv_len: int):
+        """Store k, v (b, H, T, D) at input_pos (positions, or a slice of them) and return the first b rows of the
+        cache up to kv_len.
 
         A batch of 1 written into a larger cache fills every row: a shared prompt is prefilled once and
         serves all sequences (valid when that write covers every position up to kv_len, as a prefill does).
@@ -43,7 +44,7 @@ class CausalSelfAttention(nn.Module):
         self.resid_dropout = nn.Dropout(config.dropout)
         self.kv_cache: KVCache | None = None
 
-    def forward(self, x: torch.Tensor, input_pos: torch.Tensor | None = None,
+    def forward(self, x: torch.Tensor, input_pos: torch.Tensor | slice | None = None,
                 mask: torch.Tensor | None = None, kv_len: int = 0) -> torch.Tensor:
         B, T, C = x.shape
         q, k, v = self.c_attn(x).split(self.n_embd, dim=2)
@@ -85,7 +86,7 @@ class Block(nn.Module):
         self.ln_2 = nn.LayerNorm(config.n_embd, bias=config.bias)
         self.mlp = MLP(config)
 
-    def forward(self, x: torch.Tensor, input_pos: torch.Tensor | None = None,
+    def forward(self, x: torch.Tensor, input_pos: torch.Tensor | slice | None = None,
                 mask: torch.Tensor | None = None, kv_len: int = 0) -> torch.Tensor:
         x = x + self.attn(self.ln_1(x), input_pos, mask, kv_len)
         return x + self.mlp(self.ln_2(x))
@@ -155,17 +156,19 @@ class GPT(nn.Module):
             if T > self.config.block_size:
                 raise ValueError(f"Sequence of {T} tokens exceeds the context of {self.config.block_size}.")
             pos = torch.arange(T, device=idx.device)
-            mask, kv_len = None, 0
+            mask, kv_len, where = None, 0, None
         else:
             if self.causal_mask is None:
                 raise RuntimeError("Call setup_caches() before passing input_pos.")
             pos = input_pos
-            kv_len = int(input_pos[-1]) + 1
+            start, kv_len = int(input_pos[0]), int(input_pos[-1]) + 1
             # A single new token sees the whole cache, so it needs no mask (SDPA's fastest path).
             mask = None if T == 1 else self.causal_mask[input_pos, :kv_len].view(1, 1, T, kv_len)
+            # Consecutive positions (all generation uses) are written to the cache as a slice: a plain copy.
+            where = slice(start, kv_len) if kv_len - start == T else input_pos
         x = self.transformer.drop(self.transformer.wte(idx) + self.transformer.wpe(pos))
         for block in self.transformer.h:
-            x = block(x, pos if input_pos is not None else None, mask, kv_len)
+            x = block(x, where, mask, kv_len)
         x = self.transformer.ln_f(x)
         if last_only:
             x = x[:, -1:, :]

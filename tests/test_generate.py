@@ -24,7 +24,14 @@ from model.generate import (
 )
 from model.gpt import GPT
 
-GREEDY = SamplingConfig(temperature=0.0, top_k=None)
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny models run fastest on one thread (and do not fight the other tests' threads for the cores)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
 
 
 def tiny_gpt(vocab: int = 101, block: int = 32, seed: int = 0) -> GPT:
