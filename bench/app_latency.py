@@ -126,7 +126,7 @@ def main() -> int:
     setup = {"ckpt": str(ckpt), "clients": args.clients, "requests_per_client": args.requests, "rounds": args.rounds,
              "max_new_tokens": args.max_new_tokens, "num_sequences": args.num_sequences, "top_k": args.top_k, "cpus": os.cpu_count()}
     atomic.write_text(args.out, json.dumps({"setup": setup, "runs": runs}, indent=2) + "\n")
-    plot(runs, args.out.with_suffix(".png"), f"{runs[0]['kind']} {ckpt.name}: {args.clients} client(s), "
+    plot(runs, args.out.with_suffix(".png"), f"{runs[0]['kind']} {ckpt}: {args.clients} client(s), "
          f"{args.num_sequences} x {args.max_new_tokens} tokens, top-k {args.top_k}, {os.cpu_count()} CPUs")
     print(f"{'concurrency':>11} {'threads':>7} {'p50 first token':>15} {'p50 request':>11} {'max request':>11} {'tokens/s':>8}")
     for r in runs:
