@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
-import argparse
-import sys
+import time
 
-from model.checkpoint import CheckpointError
-from model.config import PRESETS
-from model.data import DataError
-from model.tokenizer import TokenizerError
-from model.trainer import FINETUNE_DEFAULTS, PRESET_DEFAULTS, ArgError, TrainArgs, train
+T_START = time.perf_counter()  # the --max-minutes budget counts from here, before the slow imports
+
+import argparse  # noqa: E402
+import sys  # noqa: E402
+
+from model.checkpoint import CheckpointError  # noqa: E402
+from model.config import PRESETS  # noqa: E402
+from model.data import DataError  # noqa: E402
+from model.tokenizer import TokenizerError  # noqa: E402
+from model.trainer import FINETUNE_DEFAULTS, PRESET_DEFAULTS, ArgError, TrainArgs, train  # noqa: E402
 
 D = TrainArgs()
 
@@ -66,10 +70,11 @@ def parse_args(argv: list[str] | None = None) -> dict[str, object]:
     return given
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None, t_start: float | None = None) -> int:
+    """Run train.py; t_start is when the time budget began (None: now). Returns the exit status."""
     given = parse_args(argv)
     try:
-        train(given)
+        train(given, t_start=t_start)
     except (ArgError, DataError, CheckpointError, TokenizerError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -80,4 +85,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(main(t_start=T_START))

@@ -263,7 +263,7 @@ class Trainer:
         self.t_loop: float | None = None  # elapsed seconds when the first training step started
         self.t_warm: float | None = None  # elapsed seconds when warmup ended (time-budget decay starts there)
         self.best_val, self.best_step = math.inf, -1
-        self.eval_sec_per_token, self.save_seconds = 0.0, 0.0
+        self.eval_sec_per_token, self.save_seconds, self.step_seconds = 0.0, 0.0, 0.0
         self.records: list[dict[str, Any]] = []
         if state is not None:
             self._restore(state)
@@ -301,8 +301,9 @@ class Trainer:
         return frac
 
     def done(self) -> bool:
+        """Whether training is over: max_iters reached, or the next step would run past the time budget."""
         budget = self.train_budget()
-        return self.step >= self.args.max_iters or (budget is not None and self.elapsed() >= budget)
+        return self.step >= self.args.max_iters or (budget is not None and self.elapsed() + self.step_seconds >= budget)
 
     def autocast(self) -> contextlib.AbstractContextManager:
         if self.dtype == torch.float32:
@@ -352,7 +353,7 @@ class Trainer:
                 set_lr(self.optimizer, lr)
                 t0 = time.perf_counter()
                 loss, norm = self.train_step()
-                dt = time.perf_counter() - t0
+                dt = self.step_seconds = time.perf_counter() - t0
                 tok_s = self.tokens_per_step / dt if tok_s == 0 else 0.9 * tok_s + 0.1 * self.tokens_per_step / dt
                 self.step += 1
                 self.tokens_seen += self.tokens_per_step
@@ -498,8 +499,11 @@ def _read_log(path: Path) -> list[dict[str, Any]]:
     return records
 
 
-def train(given: dict[str, Any], stop_after: int | None = None) -> dict[str, Any]:
-    """Resolve the settings from the given flags, check everything, train, and return the final metrics."""
-    t_start = time.perf_counter()
+def train(given: dict[str, Any], stop_after: int | None = None, t_start: float | None = None) -> dict[str, Any]:
+    """Resolve the settings from the given flags, check everything, train, and return the final metrics.
+
+    t_start (a time.perf_counter() value) is when the time budget starts: the CLI passes its own start.
+    """
+    t_start = time.perf_counter() if t_start is None else t_start
     args, state = resolve_args(given)
     return Trainer(args, state, t_start).run(stop_after=stop_after)
