@@ -111,6 +111,7 @@ def test_tiny_model_overfits_tiny_corpus(tmp_path, text, bytes_tok):
         assert (out / name).is_file(), name
 
 
+@pytest.mark.slow
 def test_resume_continues_exactly(tmp_path, text, bytes_tok):
     common = {**SMALL, "data": str(text), "max_iters": 12, "eval_interval": 4, "grad_accum": 2, "warmup_iters": 3}
     straight = model.trainer.train({**common, "out_dir": str(tmp_path / "a")})
@@ -125,6 +126,7 @@ def test_resume_continues_exactly(tmp_path, text, bytes_tok):
     assert state["step"] == 12 and state["best_step"] == straight["best_step"]
 
 
+@pytest.mark.slow
 def test_time_budget_ends_the_cosine_at_the_budget(tmp_path, text, bytes_tok):
     out = tmp_path / "out"
     metrics = model.trainer.train({**SMALL, "data": str(text), "out_dir": str(out), "max_iters": 100000, "max_minutes": 0.1,
@@ -133,7 +135,7 @@ def test_time_budget_ends_the_cosine_at_the_budget(tmp_path, text, bytes_tok):
     lrs = [r["lr"] for r in records(out) if "lr" in r]
     assert max(lrs) > 0.9e-3  # warmup (far too long for the budget) was ended by time
     assert lrs[-1] < 1e-4 + 0.25 * 9e-4  # and the cosine was nearly done when time ran out
-    assert json.loads((out / "metrics.json").read_text())["total_seconds"] < 6 + 3  # 6 s budget, slack for a busy machine
+    assert json.loads((out / "metrics.json").read_text())["total_seconds"] < 6 + 4  # 6 s budget, slack for a busy machine
 
 
 def test_init_from_finetunes_with_a_shorter_window(tmp_path, text, bytes_tok):
