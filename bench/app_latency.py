@@ -84,14 +84,14 @@ def plot(runs: list[dict], path: Path, title: str) -> None:
     limits = sorted({r["concurrency"] for r in runs})
     med = {c: {k: statistics.median(r[k] for r in runs if r["concurrency"] == c) for k in ("p50_first_token_s", "p50_total_s")}
            for c in limits}
-    fig, ax = plt.subplots(figsize=(6, 3.5))
+    fig, ax = plt.subplots(figsize=(7.5, 3.5))
     xs = range(len(limits))
     ax.bar([x - 0.2 for x in xs], [med[c]["p50_first_token_s"] for c in limits], 0.4, label="p50 first token")
     ax.bar([x + 0.2 for x in xs], [med[c]["p50_total_s"] for c in limits], 0.4, label="p50 full request")
     ax.set_xticks(list(xs), [f"concurrency {c}" for c in limits])
     ax.set_ylabel("seconds")
     ax.set_title(title, fontsize=9)
-    ax.legend()
+    ax.legend(loc="upper left", bbox_to_anchor=(1.0, 1.0), fontsize=8)
     fig.tight_layout()
     with atomic.atomic_path(path) as tmp:
         fig.savefig(tmp, format="png", dpi=120)

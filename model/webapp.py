@@ -104,14 +104,21 @@ def _optional_json(path: Path) -> dict[str, Any]:
         return {}
 
 
+class InputError(gr.Error):
+    """A bad request value: shown to the user, not logged with a traceback (the server is fine)."""
+
+    def __init__(self, message: str):
+        super().__init__(message, print_exception=False)
+
+
 def _number(name: str, value: Any) -> float:
     """value as a finite float, else a gr.Error naming the parameter."""
     try:
         x = float(value)
     except (TypeError, ValueError):
-        raise gr.Error(f"{name} must be a number, got {value!r}.") from None
+        raise InputError(f"{name} must be a number, got {value!r}.") from None
     if not math.isfinite(x):
-        raise gr.Error(f"{name} must be a finite number, got {value!r}.")
+        raise InputError(f"{name} must be a finite number, got {value!r}.")
     return x
 
 
@@ -119,7 +126,7 @@ def _in_range(name: str, value: Any, low: float, high: float) -> float:
     """value as a float in [low, high], else a gr.Error saying which range."""
     x = _number(name, value)
     if not low <= x <= high:
-        raise gr.Error(f"{name} must be between {low:g} and {high:g}, got {value!r}.")
+        raise InputError(f"{name} must be between {low:g} and {high:g}, got {value!r}.")
     return x
 
 
@@ -131,7 +138,7 @@ def check_request(prompt: Any, max_new_tokens: Any, num_sequences: Any, temperat
     """
     notes: list[str] = []
     if not isinstance(prompt, str) or not prompt.strip():
-        raise gr.Error("The prompt is empty: type some text for the model to continue.")
+        raise InputError("The prompt is empty: type some text for the model to continue.")
     tokens = _in_range("max_new_tokens", max_new_tokens, 1, MAX_NEW_TOKENS)
     n = _in_range("num_sequences", num_sequences, 1, MAX_SEQUENCES)
     temp = _in_range("temperature", temperature, 0, 2)
@@ -188,7 +195,7 @@ def build_demo(pool: ModelPool) -> gr.Blocks:
 
     def next_tokens(prompt: str) -> pd.DataFrame:
         if not isinstance(prompt, str) or not prompt.strip():
-            raise gr.Error("The prompt is empty: type some text to see what the model expects next.")
+            raise InputError("The prompt is empty: type some text to see what the model expects next.")
         return next_token_table(pool, prompt[-MAX_PROMPT_CHARS:])
 
     def show_boxes(n: float) -> list[dict[str, Any]]:
