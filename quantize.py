@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 from tqdm import tqdm
 
 from model.checkpoint import METRICS, WEIGHTS, CheckpointError, read_json, write_json
@@ -36,9 +37,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--gen-tokens", type=int, default=128, help="tokens generated per speed measurement")
     p.add_argument("--repeats", type=int, default=3, help="speed measurements per model (median reported)")
     p.add_argument("--prompt", default="\n", help="prompt of the speed measurement")
+    p.add_argument("--threads", type=int, default=None, help="CPU threads for torch (default: torch's choice, one per core)")
     args = p.parse_args(argv)
-    if args.gen_tokens < 1 or args.repeats < 1 or (args.eval_windows is not None and args.eval_windows < 1):
-        p.error("--gen-tokens, --repeats and --eval-windows must be positive integers.")
+    if min(args.gen_tokens, args.repeats, args.eval_windows or 1, args.threads or 1) < 1:
+        p.error("--gen-tokens, --repeats, --eval-windows and --threads must be positive integers.")
     return args
 
 
@@ -55,6 +57,8 @@ def text_path(args: argparse.Namespace, meta: dict[str, Any]) -> Path | None:
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
+    if args.threads:
+        torch.set_num_threads(args.threads)
     ckpt = Path(args.ckpt)
     out = Path(args.out) if args.out else ckpt / "int8"
     if out.resolve() == ckpt.resolve():
@@ -95,7 +99,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     steps.set_postfix_str("generation speed")
     prompt_ids = fp32.tokenizer.encode(args.prompt) or [fp32.tokenizer.eot_token or 0]
     speed = tokens_per_second({"fp32": model, "int8": qmodel}, prompt_ids, args.gen_tokens, fp32.tokenizer.n_vocab, args.repeats)
-    report.update(tokens_per_s_fp32=speed["fp32"], tokens_per_s_int8=speed["int8"], gen_tokens=args.gen_tokens, repeats=args.repeats)
+    report.update(tokens_per_s_fp32=speed["fp32"], tokens_per_s_int8=speed["int8"], gen_tokens=args.gen_tokens, repeats=args.repeats,
+                  threads=torch.get_num_threads())
     steps.update()
     steps.set_postfix_str("writing report")
     write_json(out / "report.json", report)
