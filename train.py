@@ -60,6 +60,7 @@ def parse_args(argv: list[str] | None = None) -> dict[str, object]:
     g.add_argument("--device", help="auto (CUDA if present, else CPU), cpu, cuda or cuda:N (default auto)")
     g.add_argument("--dtype", choices=["auto", "bf16", "fp16", "fp32"],
                    help="autocast precision: auto = bf16 on CUDA and on CPUs with native bf16, else fp32; fp16 is CUDA-only")
+    g.add_argument("--threads", type=int, help="CPU threads for torch (default: all cores); on a busy shared CPU, 1 can be much faster")
     g.add_argument("--compile", action="store_true", help="torch.compile the model (slow start, faster steps)")
     g.add_argument("--resume", action="store_true", help="continue the run saved in --out-dir exactly where it stopped; "
                                                          "flags given now override the saved ones (not the model shape)")

@@ -1,6 +1,6 @@
 """Training tokens/s of one preset in fp32 and bf16 autocast, alternating rounds, median of rounds.
 
-    python bench/train_dtype.py [--preset cpu] [--batch-size 32] [--rounds 3] [--steps 2]
+    python bench/train_dtype.py [--preset cpu] [--batch-size 32] [--rounds 3] [--steps 2] [--threads N]
 Measures the trainer's own step (model.trainer.Trainer.train_step's pieces) on random tokens: speed only.
 """
 
@@ -41,7 +41,10 @@ def main() -> None:
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--steps", type=int, default=2, help="timed steps per dtype per round (after one warm-up step)")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     a = p.parse_args()
+    if a.threads:
+        torch.set_num_threads(a.threads)
     cfg = preset(a.preset)
     torch.manual_seed(0)
     model = GPT(cfg)

@@ -73,6 +73,7 @@ class TrainArgs:
     device: str = "auto"
     dtype: str = "auto"
     compile: bool = False
+    threads: int | None = None  # CPU threads for torch; None: torch's default (all cores)
     resume: bool = False
 
 
@@ -130,6 +131,8 @@ def check_args(args: TrainArgs) -> None:
         raise ArgError(f"--lr must be positive, got {args.lr}.")
     if args.min_lr > args.lr:
         raise ArgError(f"--min-lr ({args.min_lr}) must not exceed --lr ({args.lr}).")
+    if args.threads is not None and args.threads < 1:
+        raise ArgError(f"--threads must be at least 1, got {args.threads}.")
     if args.block_size is not None and args.block_size < 1:
         raise ArgError(f"--block-size must be at least 1, got {args.block_size}.")
     if args.dropout is not None and not 0.0 <= args.dropout < 1.0:
@@ -250,6 +253,8 @@ class Trainer:
         self.device = pick_device(args.device)
         self.dtype = pick_dtype(args.dtype, self.device)
         self.master = True  # rank 0: the only process that writes files
+        if args.threads:
+            torch.set_num_threads(args.threads)
         model, self.config, self.tokenizer = build(args, state)
         self.data = prepare_data(args, self.tokenizer)
         self.out = Path(args.out_dir)

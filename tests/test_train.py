@@ -167,6 +167,7 @@ BAD = [  # (flags, text bytes or None for no file, expected message)
     (["--n-embd", "33"], TEXT.encode(), r"n_embd \(33\) must be divisible by n_head \(2\)"),
     (["--block-size", "65"], TEXT.encode(), "--block-size 65 exceeds the 64 positions of preset 'tiny'"),
     (["--min-lr", "1"], TEXT.encode(), r"--min-lr \(1.0\) must not exceed --lr"),
+    (["--threads", "0"], TEXT.encode(), "--threads must be at least 1, got 0"),
     (["--resume"], TEXT.encode(), "Cannot resume: .* does not exist; train without --resume first"),
 ]
 
