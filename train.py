@@ -12,6 +12,7 @@ import sys  # noqa: E402
 from model.checkpoint import CheckpointError  # noqa: E402
 from model.config import PRESETS  # noqa: E402
 from model.data import DataError  # noqa: E402
+from model.distributed import PeerError  # noqa: E402
 from model.tokenizer import TokenizerError  # noqa: E402
 from model.trainer import FINETUNE_DEFAULTS, PRESET_DEFAULTS, ArgError, TrainArgs, train  # noqa: E402
 
@@ -42,8 +43,9 @@ def parse_args(argv: list[str] | None = None) -> dict[str, object]:
     g.add_argument("--max-iters", type=int, help=f"optimizer steps at most (default {D.max_iters})")
     g.add_argument("--max-minutes", type=float, help=f"total wall-clock budget in minutes, final evaluation included; the LR "
                                                      f"cosine ends exactly at the budget; 0 = none (default {D.max_minutes:g})")
-    g.add_argument("--batch-size", type=int, help=f"sequences per micro-batch (default {D.batch_size})")
-    g.add_argument("--grad-accum", type=int, help=f"micro-batches per optimizer step (default {D.grad_accum})")
+    g.add_argument("--batch-size", type=int, help=f"sequences per micro-batch, per process under torchrun (default {D.batch_size})")
+    g.add_argument("--grad-accum", type=int, help=f"micro-batches per optimizer step, all processes together: under torchrun "
+                                                  f"a multiple of the process count, split among them (default {D.grad_accum})")
     g.add_argument("--lr", type=float, help=f"peak learning rate (default {D.lr:g})")
     g.add_argument("--min-lr", type=float, help=f"learning rate at the end of the cosine decay (default {D.min_lr:g})")
     g.add_argument("--warmup-iters", type=int, help=f"steps of linear warmup (default {D.warmup_iters})")
@@ -62,6 +64,8 @@ def parse_args(argv: list[str] | None = None) -> dict[str, object]:
                    help="autocast precision: auto = bf16 on CUDA and on CPUs with native bf16, else fp32; fp16 is CUDA-only")
     g.add_argument("--threads", type=int, help="CPU threads for torch (default: all cores); on a busy shared CPU, 1 can be much faster")
     g.add_argument("--compile", action="store_true", help="torch.compile the model (slow start, faster steps)")
+    g.add_argument("--dist-timeout", type=float, help="torchrun: minutes a process waits for a silent peer before the run "
+                                                      f"fails with an error (default {D.dist_timeout:g})")
     g.add_argument("--resume", action="store_true", help="continue the run saved in --out-dir exactly where it stopped; "
                                                          "flags given now override the saved ones (not the model shape)")
     ns = p.parse_args(argv)
@@ -79,6 +83,9 @@ def main(argv: list[str] | None = None, t_start: float | None = None) -> int:
     except (ArgError, DataError, CheckpointError, TokenizerError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except PeerError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130

@@ -1,7 +1,8 @@
 """The training loop: settings and their defaults, the model to train, the step loop, evaluation and checkpoints.
 
-Data-parallel training can be added later: the optimizer step runs a micro-step loop (wrap all but the last
-micro-step in DDP's no_sync), and every file write lives in the rank-0-only methods marked "I/O".
+Data-parallel under torchrun (see model/distributed.py): every rank draws the same global micro-batch and trains on its
+own slice, the gradient accumulation micro-steps are split across ranks (all but the last under DDP's no_sync), rank 0
+takes every clock-based decision for all, and only rank 0 evaluates, prints and writes (the methods marked "I/O").
 """
 
 from __future__ import annotations
@@ -17,18 +18,19 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
-from . import atomic, checkpoint
+from . import atomic, checkpoint, distributed
 from .checkpoint import CheckpointError
 from .config import PRESETS, GPTConfig, preset
-from .data import DataError, TokenData, get_batch, prepare, read_text
+from .data import DataError, TokenData, get_batch, prepare, read_text, split_text
 from .evaluate import evaluate
 from .gpt import GPT
 from .load import load
 from .optim import clip_grads, lr_at, make_optimizer, set_lr, warmup_frac
 from .plot import plot_losses
-from .tokenizer import Tokenizer, load_tokenizer, padded_vocab_size
+from .tokenizer import Tokenizer, build_tokenizer, load_tokenizer, padded_vocab_size
 
 WARMUP_BUDGET_SHARE = 0.05  # with a time budget, warmup ends after this share of the training time at the latest
 LOG = "log.jsonl"
@@ -75,6 +77,7 @@ class TrainArgs:
     compile: bool = False
     threads: int | None = None  # CPU threads for torch; None: torch's default (all cores)
     resume: bool = False
+    dist_timeout: float = distributed.DEFAULT_TIMEOUT_MINUTES  # torchrun: minutes a rank waits for a silent peer before failing
 
 
 # Overrides of the TrainArgs defaults for the other presets, and for finetuning with --init-from.
@@ -131,6 +134,12 @@ def check_args(args: TrainArgs) -> None:
         raise ArgError(f"--lr must be positive, got {args.lr}.")
     if args.min_lr > args.lr:
         raise ArgError(f"--min-lr ({args.min_lr}) must not exceed --lr ({args.lr}).")
+    world = distributed.launched_world_size()
+    if args.grad_accum % world:
+        raise ArgError(f"--grad-accum {args.grad_accum} (micro-batches per optimizer step, all processes together) cannot be "
+                       f"split evenly over {world} processes; use a multiple of {world}.")
+    if not args.dist_timeout > 0:
+        raise ArgError(f"--dist-timeout must be positive, got {args.dist_timeout}.")
     if args.threads is not None and args.threads < 1:
         raise ArgError(f"--threads must be at least 1, got {args.threads}.")
     if args.block_size is not None and args.block_size < 1:
@@ -216,7 +225,7 @@ def build(args: TrainArgs, state: dict[str, Any] | None) -> tuple[GPT, GPTConfig
         if args.block_size is None:
             args.block_size = min(config.block_size, FINETUNE_BLOCK_SIZE)
     else:
-        tokenizer = load_tokenizer(args.tokenizer)
+        tokenizer = build_tokenizer(args.tokenizer, split_text(read_text(args.data))[0])  # gpt2-compact: from the train split
         config = fresh_config(args, padded_vocab_size(tokenizer.n_vocab))
         torch.manual_seed(args.seed)
         model = GPT(config)
@@ -250,20 +259,29 @@ class Trainer:
         self.t_start = time.perf_counter() if t_start is None else t_start
         check_args(args)
         self.args = args
-        self.device = pick_device(args.device)
+        self.dist = distributed.setup(pick_device(args.device), args.dist_timeout)
+        self.device = self.dist.device(pick_device(args.device))
         self.dtype = pick_dtype(args.dtype, self.device)
-        self.master = True  # rank 0: the only process that writes files
+        self.master = self.dist.master  # rank 0: the only process that evaluates, prints and writes files
+        self.micro_steps = args.grad_accum // self.dist.world_size  # this rank's share of the micro-batches per step
         if args.threads:
             torch.set_num_threads(args.threads)
         model, self.config, self.tokenizer = build(args, state)
+        if not self.master:
+            self.dist.barrier()  # rank 0 writes the token cache first, then the others read it
         self.data = prepare_data(args, self.tokenizer)
+        if self.master:
+            self.dist.barrier()
         self.out = Path(args.out_dir)
         self.raw_model = model.to(self.device)
         self.model = torch.compile(self.raw_model) if args.compile else self.raw_model
+        if self.dist.enabled:
+            with distributed.peer_errors():  # DDP starts by broadcasting rank 0's weights
+                self.model = DistributedDataParallel(self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
         self.optimizer = make_optimizer(self.raw_model, args.lr, args.weight_decay, (args.beta1, args.beta2), self.device.type)
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.dtype == torch.float16)
         self.batch_gen = torch.Generator().manual_seed(args.seed)
-        self.tokens_per_step = args.batch_size * args.block_size * args.grad_accum
+        self.tokens_per_step = args.batch_size * args.block_size * args.grad_accum  # all ranks together
         self.step, self.tokens_seen, self.elapsed_before = 0, 0, 0.0
         self.t_loop: float | None = None  # elapsed seconds when the first training step started
         self.t_warm: float | None = None  # elapsed seconds when warmup ended (time-budget decay starts there)
@@ -310,6 +328,22 @@ class Trainer:
         budget = self.train_budget()
         return self.step >= self.args.max_iters or (budget is not None and self.elapsed() + self.step_seconds >= budget)
 
+    def plan(self) -> tuple[bool, float, float]:
+        """Whether to stop, and the warmup and decay fractions of the next step: rank 0's, on every rank.
+
+        They depend on each process's own clock, so rank 0 takes them and broadcasts them: all ranks stay in lockstep.
+        """
+        stop, warm, decay = self.done(), 0.0, 0.0
+        if not stop:
+            if self.t_loop is None:
+                self.t_loop = self.elapsed()
+            warm = self.warm_frac()
+            if warm >= 1.0 and self.t_warm is None:
+                self.t_warm = self.elapsed()
+            decay = self.decay_frac()
+        stop, warm, decay = self.dist.from_master([float(stop), warm, decay], self.device)
+        return stop > 0.5, warm, decay
+
     def autocast(self) -> contextlib.AbstractContextManager:
         if self.dtype == torch.float32:
             return contextlib.nullcontext()
@@ -317,20 +351,35 @@ class Trainer:
 
     # ---- training -----------------------------------------------------------------------------------------
 
+    def next_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """This rank's micro-batch: every rank draws the same batch_size * world_size windows and keeps its own slice.
+
+        So all ranks keep one RNG state, and N ranks train on exactly the windows one process would with the same flags.
+        """
+        a, world, rank = self.args, self.dist.world_size, self.dist.rank
+        if world == 1:
+            return get_batch(self.data.train, a.batch_size, a.block_size, self.batch_gen, self.device)
+        x, y = get_batch(self.data.train, a.batch_size * world, a.block_size, self.batch_gen)
+        part = slice(rank * a.batch_size, (rank + 1) * a.batch_size)
+        return x[part].to(self.device), y[part].to(self.device)
+
     def train_step(self) -> tuple[float, float]:
-        """One optimizer update over grad_accum micro-batches; returns the mean loss and the pre-clip grad norm."""
-        args = self.args
+        """One optimizer update over grad_accum micro-batches (split across ranks); returns the mean loss and the pre-clip grad norm."""
         self.optimizer.zero_grad(set_to_none=True)
         total = 0.0
-        for _ in range(args.grad_accum):  # DDP: run all but the last micro-step under model.no_sync()
-            x, y = get_batch(self.data.train, args.batch_size, args.block_size, self.batch_gen, self.device)
-            with self.autocast():
-                _, loss = self.model(x, y)
-            loss = loss / args.grad_accum
-            self.scaler.scale(loss).backward()
-            total += float(loss.detach())
+        with distributed.peer_errors():
+            for i in range(self.micro_steps):
+                x, y = self.next_batch()
+                last = i == self.micro_steps - 1  # DDP averages the gradients across ranks only after the last micro-step
+                with contextlib.nullcontext() if last or not self.dist.enabled else self.model.no_sync():
+                    with self.autocast():
+                        _, loss = self.model(x, y)
+                    loss = loss / self.micro_steps
+                    self.scaler.scale(loss).backward()
+                total += float(loss.detach())
+        total = self.dist.mean(total, self.device)
         self.scaler.unscale_(self.optimizer)
-        norm = clip_grads(self.raw_model, args.grad_clip)
+        norm = clip_grads(self.raw_model, self.args.grad_clip)
         self.scaler.step(self.optimizer)
         self.scaler.update()
         return total, norm
@@ -344,17 +393,15 @@ class Trainer:
         self._announce()
         if self.step == 0 and self.last_eval_step < 0:
             self.evaluate_and_save()
-        bar = tqdm(total=args.max_iters, initial=self.step, unit="step", dynamic_ncols=True, smoothing=0.1)
+        bar = tqdm(total=args.max_iters, initial=self.step, unit="step", dynamic_ncols=True, smoothing=0.1, disable=not self.master)
         loss, norm, tok_s = math.nan, 0.0, 0.0
         interrupted = False
         try:
-            while not self.done():
-                if self.t_loop is None:
-                    self.t_loop = self.elapsed()
-                warm = self.warm_frac()
-                if warm >= 1.0 and self.t_warm is None:
-                    self.t_warm = self.elapsed()
-                lr = lr_at(warm, self.decay_frac(), args.lr, args.min_lr)
+            while True:
+                stop, warm, decay = self.plan()
+                if stop:
+                    break
+                lr = lr_at(warm, decay, args.lr, args.min_lr)
                 set_lr(self.optimizer, lr)
                 t0 = time.perf_counter()
                 loss, norm = self.train_step()
@@ -379,10 +426,13 @@ class Trainer:
             bar.close()
         train_seconds = self.elapsed()
         if interrupted:
-            self.save_state()
-            self.write_log()
-            print(f"stopped at step {self.step}; continue with: python train.py --out-dir {args.out_dir} --resume")
+            if self.master:
+                self.save_state()
+                self.write_log()
+                print(f"stopped at step {self.step}; continue with: python train.py --out-dir {args.out_dir} --resume")
             return {"step": self.step, "last_loss": loss, "interrupted": True}
+        if not self.master:  # the final evaluation and files are rank 0's
+            return {"step": self.step, "last_loss": loss, "interrupted": False}
         if self.last_eval_step != self.step:
             self.evaluate_and_save()
         metrics = self.final_metrics(train_seconds)
@@ -397,7 +447,13 @@ class Trainer:
         return max(self.step, min(self.args.max_iters, self.step + int(left)))
 
     def evaluate_and_save(self, bar: tqdm | None = None) -> dict[str, float]:
-        """Score the fixed validation windows; keep the weights when they are the best so far; save the state."""
+        """Score the fixed validation windows; keep the weights when they are the best so far; save the state.
+
+        Only rank 0 evaluates; the others go on and wait for it at the next step's broadcast.
+        """
+        if not self.master:
+            self.last_eval_step = self.step
+            return {}
         t0 = time.perf_counter()
         val = evaluate(self.raw_model, self.data.val, self.data.val_chars, self.args.block_size, device=self.device,
                        autocast=self.autocast(), max_windows=self.args.eval_windows)
@@ -450,6 +506,9 @@ class Trainer:
               f"context {self.config.block_size}, tokenizer {self.tokenizer.name}); training window {a.block_size}")
         print(f"data: {len(self.data.train):,} train / {len(self.data.val):,} val tokens; "
               f"{self.tokens_per_step:,} tokens per step; device {self.device}, {str(self.dtype).removeprefix('torch.')}")
+        if self.dist.enabled:
+            print(f"data-parallel: {self.dist.world_size} processes x batch {a.batch_size} x {self.micro_steps} micro-steps x "
+                  f"{a.block_size} tokens = global batch of {self.tokens_per_step:,} tokens per step")
         if a.max_minutes:
             print(f"time budget: {a.max_minutes:g} min in total (training stops early enough for the final evaluation)")
 
@@ -511,4 +570,7 @@ def train(given: dict[str, Any], stop_after: int | None = None, t_start: float |
     """
     t_start = time.perf_counter() if t_start is None else t_start
     args, state = resolve_args(given)
-    return Trainer(args, state, t_start).run(stop_after=stop_after)
+    try:
+        return Trainer(args, state, t_start).run(stop_after=stop_after)
+    finally:
+        distributed.teardown()
