@@ -65,7 +65,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         raise CheckpointError("--out must differ from --ckpt: writing int8 weights there would replace the fp32 checkpoint.")
     fp32 = load(ckpt)
     if fp32.kind != "fp32":
-        raise CheckpointError(f"{ckpt} is already a {fp32.kind} checkpoint: pass the fp32 checkpoint train.py wrote (e.g. out).")
+        raise CheckpointError(f"{ckpt} is already a quantized ({fp32.kind}) checkpoint: pass the fp32 one train.py wrote (e.g. out).")
     data_path = text_path(args, fp32.meta)
     if data_path:  # read the validation text before writing anything, so a bad --data leaves no output behind
         with tempfile.TemporaryDirectory() as cache:

@@ -248,7 +248,7 @@ def plot_report(report: dict[str, Any], path: str | Path) -> None:
     for ax, (title, k32, k8, unit) in zip(axes[0], panels, strict=True):
         values = [report[k32] * unit, report[k8] * unit]
         bars = ax.bar(["fp32", "int8"], values, color=["tab:blue", "tab:orange"])
-        ax.bar_label(bars, fmt="%.3g")
+        ax.bar_label(bars, fmt="%.4g")
         ax.set_title(title)
     fig.suptitle(f"int8 ({report.get('scheme', '')}) vs fp32: {report.get('params', 0) / 1e6:.1f}M parameters")
     fig.tight_layout()
