@@ -67,11 +67,17 @@ class Dist:
 
 @contextlib.contextmanager
 def peer_errors() -> Iterator[None]:
-    """Turn a failed collective (a peer died, or did not answer within the timeout) into a PeerError with one clear sentence."""
+    """Turn a failed collective (a peer died, or did not answer within the timeout) into a PeerError with one clear sentence.
+
+    gloo reports a lost peer as a plain RuntimeError, so within a process group every RuntimeError here counts as one.
+    """
     try:
         yield
-    except dist.DistError as e:
-        raise PeerError(f"another training process died or stopped answering ({type(e).__name__}); the run stops here: "
+    except RuntimeError as e:
+        if not dist.is_initialized():
+            raise
+        detail = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
+        raise PeerError(f"another training process died or stopped answering ({detail}); the run stops here: "
                         "fix the cause and continue with --resume.") from None
 
 
