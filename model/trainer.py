@@ -51,22 +51,22 @@ class TrainArgs:
     out_dir: str = "out"
     preset: str = "cpu"
     init_from: str | None = None  # a checkpoint directory model.load can read: finetune it
-    tokenizer: str = "gpt2"
+    tokenizer: str = "gpt2-compact"  # GPT-2 BPE cut to the training text's tokens: see docs/readme-training-results.md
     n_layer: int | None = None  # None: the preset's
     n_head: int | None = None
     n_embd: int | None = None
     block_size: int | None = None  # training window; None: the preset's context (init-from: min(context, 256))
     dropout: float | None = None
-    max_iters: int = 5000
+    max_iters: int = 8000
     max_minutes: float = 10.0  # total wall-clock budget including the final evaluation; 0 = no budget
-    eval_interval: int = 100
+    eval_interval: int = 200
     eval_windows: int = 32  # the fixed, evenly spaced validation windows scored at every eval
     log_interval: int = 10
-    batch_size: int = 32
+    batch_size: int = 16
     grad_accum: int = 1
-    lr: float = 1e-3
-    min_lr: float = 1e-4
-    warmup_iters: int = 100
+    lr: float = 2e-3
+    min_lr: float = 2e-4
+    warmup_iters: int = 50
     weight_decay: float = 0.1
     beta1: float = 0.9
     beta2: float = 0.99
@@ -83,8 +83,9 @@ class TrainArgs:
 # Overrides of the TrainArgs defaults for the other presets, and for finetuning with --init-from.
 PRESET_DEFAULTS: dict[str, dict[str, Any]] = {
     "cpu": {},
-    "tiny": {"batch_size": 16, "eval_interval": 50, "warmup_iters": 20},
-    "gpt2": {"batch_size": 8, "grad_accum": 8, "lr": 6e-4, "min_lr": 6e-5, "warmup_iters": 200, "beta2": 0.95, "max_minutes": 0.0},
+    "tiny": {"tokenizer": "gpt2", "batch_size": 16, "eval_interval": 50, "warmup_iters": 20},
+    "gpt2": {"tokenizer": "gpt2", "batch_size": 8, "grad_accum": 8, "lr": 6e-4, "min_lr": 6e-5, "warmup_iters": 200, "beta2": 0.95,
+             "max_minutes": 0.0},
 }
 FINETUNE_DEFAULTS: dict[str, Any] = {"lr": 3e-5, "min_lr": 3e-6, "warmup_iters": 5, "dropout": 0.0, "batch_size": 8,
                                      "eval_interval": 50, "max_iters": 500}
@@ -225,7 +226,10 @@ def build(args: TrainArgs, state: dict[str, Any] | None) -> tuple[GPT, GPTConfig
         if args.block_size is None:
             args.block_size = min(config.block_size, FINETUNE_BLOCK_SIZE)
     else:
-        tokenizer = build_tokenizer(args.tokenizer, split_text(read_text(args.data))[0])  # gpt2-compact: from the train split
+        if args.tokenizer == "gpt2-compact":  # built from the training split; its spec lists the kept GPT-2 ranks
+            tokenizer = build_tokenizer(args.tokenizer, split_text(read_text(args.data))[0])
+        else:
+            tokenizer = load_tokenizer(args.tokenizer)
         config = fresh_config(args, padded_vocab_size(tokenizer.n_vocab))
         torch.manual_seed(args.seed)
         model = GPT(config)
