@@ -1,0 +1,213 @@
+"""Benchmark: what a CPU user gets for the minutes they wait.
+
+    python bench/training.py --throughput        tokens/s and chars/s of the presets, fp32 and bf16 (alternating, median)
+    python bench/training.py --minutes 10        a run of the default `python train.py` for that budget: val nats/char + curve
+    python bench/training.py --lever ...         one lever run of a minimal loop, budget in CPU seconds (--clock cpu), so
+                                                 configurations can be ranked fairly on a shared machine
+Not a test: numbers depend on the machine and on what else runs on it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from model.checkpoint import CheckpointError  # noqa: E402
+from model.config import GPTConfig, preset  # noqa: E402
+from model.data import DataError, TokenData, get_batch, prepare, read_text, split_text  # noqa: E402
+from model.evaluate import evaluate  # noqa: E402
+from model.gpt import GPT  # noqa: E402
+from model.optim import clip_grads, lr_at, make_optimizer, set_lr, warmup_frac  # noqa: E402
+from model.tokenizer import Tokenizer, TokenizerError, build_tokenizer, padded_vocab_size  # noqa: E402
+from model.trainer import LOG, ArgError, train  # noqa: E402
+
+BASELINE = 1.539  # nanoGPT's CPU recipe run for 16,000 iters (10.9 min here), val nats/char
+
+
+def autocast_for(dtype: str) -> contextlib.AbstractContextManager:
+    """bf16 autocast on CPU, or nothing for fp32."""
+    return torch.autocast("cpu", dtype=torch.bfloat16) if dtype == "bf16" else contextlib.nullcontext()
+
+
+def load_data(text_path: str, tokenizer_name: str, cache_root: Path) -> tuple[Tokenizer, TokenData]:
+    """A tokenizer built for the training split and both splits tokenised (cached per tokenizer)."""
+    train_text, _ = split_text(read_text(text_path))
+    tok = build_tokenizer(tokenizer_name, train_text)
+    return tok, prepare(text_path, cache_root / tokenizer_name, tok)
+
+
+def train_step(model: torch.nn.Module, opt: torch.optim.Optimizer, data: TokenData, batch_size: int, block_size: int,
+               gen: torch.Generator, dtype: str, grad_clip: float = 1.0) -> float:
+    """One AdamW step on a random batch; returns the loss."""
+    x, y = get_batch(data.train, batch_size, block_size, gen)
+    with autocast_for(dtype):
+        _, loss = model(x, y)
+    loss.backward()
+    clip_grads(model, grad_clip)
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+    return float(loss.detach())
+
+
+def step_rate(model: GPT, data: TokenData, batch_size: int, dtype: str, steps: int) -> float:
+    """Training steps per second (forward, backward, clipping, AdamW) after two warm-up steps."""
+    gen = torch.Generator().manual_seed(0)
+    opt = make_optimizer(model, 1e-4, 0.1, (0.9, 0.99))
+    for _ in range(2):
+        train_step(model, opt, data, batch_size, model.config.block_size, gen, dtype)
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        train_step(model, opt, data, batch_size, model.config.block_size, gen, dtype)
+    return steps / (time.perf_counter() - t0)
+
+
+def throughput_table(args: argparse.Namespace) -> None:
+    """Tokens/s and chars/s of each preset and tokenizer in fp32 and bf16, alternating, median of repeats."""
+    rows = []
+    for tok_name in args.tokenizers.split(","):
+        tok, data = load_data(args.data, tok_name, Path(args.cache))
+        chars_per_token = data.train_chars / len(data.train)
+        for name in args.presets.split(","):
+            cfg = preset(name)
+            cfg.vocab_size, cfg.dropout = padded_vocab_size(tok.n_vocab), 0.0
+            rates: dict[str, list[float]] = {"fp32": [], "bf16": []}
+            for _ in range(args.repeats):
+                for dtype in rates:
+                    torch.manual_seed(0)
+                    rates[dtype].append(step_rate(GPT(cfg), data, args.batch_size, dtype, args.steps))
+            for dtype, r in rates.items():
+                tps = statistics.median(r) * args.batch_size * cfg.block_size
+                rows.append((name, tok_name, dtype, tps, tps * chars_per_token))
+                print(f"{name:6s} {tok_name:13s} {dtype}  {tps:9.0f} tokens/s  {tps * chars_per_token:9.0f} chars/s", flush=True)
+    print(f"\nbatch {args.batch_size} x the preset's context, {args.threads} threads, median of {args.repeats}")
+    print("| preset | tokenizer | dtype | tokens/s | chars/s |\n|---|---|---|---:|---:|")
+    for name, tok_name, dtype, tps, cps in rows:
+        print(f"| {name} | {tok_name} | {dtype} | {tps:,.0f} | {cps:,.0f} |")
+
+
+def lever_run(args: argparse.Namespace, t_start: float) -> dict:
+    """Train a configuration for args.minutes (CPU or wall clock), then score the whole validation split."""
+    tok, data = load_data(args.data, args.tokenizer, Path(args.cache))
+    cfg = GPTConfig(block_size=args.block_size, vocab_size=padded_vocab_size(tok.n_vocab), n_layer=args.n_layer,
+                    n_head=args.n_head, n_embd=args.n_embd, dropout=args.dropout, bias=not args.no_bias)
+    data.check(cfg.block_size)
+    torch.manual_seed(args.seed)
+    model = GPT(cfg)
+    opt = make_optimizer(model, args.lr, args.weight_decay, (0.9, 0.99))
+    gen = torch.Generator().manual_seed(args.seed)
+    clock = time.process_time if args.clock == "cpu" else time.perf_counter
+    t_train = clock()
+    end = t_train + args.minutes * 60 if args.clock == "cpu" else t_start + args.minutes * 60 - args.reserve
+    step, t_wall = 0, time.perf_counter()
+    while (now := clock()) < end:
+        set_lr(opt, lr_at(warmup_frac(step, args.warmup_iters), (now - t_train) / (end - t_train), args.lr, args.lr * args.min_lr_ratio))
+        loss = train_step(model, opt, data, args.batch_size, cfg.block_size, gen, args.dtype)
+        step += 1
+        if step % 100 == 0:
+            print(f"  step {step}  loss {loss:.3f}  {(clock() - t_train) / 60:.2f} min", flush=True)
+    train_wall = time.perf_counter() - t_wall
+    res = evaluate(model, data.val, data.val_chars, cfg.block_size, batch_size=32, autocast=autocast_for(args.dtype))
+    tokens = step * args.batch_size * cfg.block_size
+    return {"val_nats_per_char": res["val_nats_per_char"], "val_nats_per_token": res["val_nats_per_token"], "steps": step,
+            "epochs": tokens / len(data.train), "tokens_per_wall_s": tokens / train_wall, "params": model.num_params(),
+            "wall_s": time.perf_counter() - t_start}
+
+
+def default_run(args: argparse.Namespace) -> dict:
+    """`python train.py --data DATA --max-minutes M` with every other setting at its default; curve from its log."""
+    out = Path(args.out_dir)
+    t0 = time.perf_counter()
+    metrics = train({"data": args.data, "out_dir": str(out), "max_minutes": args.minutes})
+    wall = time.perf_counter() - t0
+    records = [json.loads(line) for line in (out / LOG).read_text().splitlines()]
+    curve = [(r["elapsed"] / 60, r["val_nats_per_char"]) for r in records if "val_nats_per_char" in r]
+    curve.append((wall / 60, metrics["val_nats_per_char"]))
+    return {"val_nats_per_char": metrics["val_nats_per_char"], "steps": metrics["step"], "wall_s": wall, "curve": curve}
+
+
+def plot_curve(curve: list[tuple[float, float]], label: str, path: Path) -> None:
+    """val nats/char against wall minutes, with the nanoGPT CPU baseline, as a small PNG."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(figsize=(6, 4), dpi=80)
+    ax.plot([c[0] for c in curve[:-1]], [c[1] for c in curve[:-1]], ".-", label=f"{label} (32-window estimates)")
+    ax.plot([curve[-1][0]], [curve[-1][1]], "o", color="C3", label=f"final, whole split: {curve[-1][1]:.3f}")
+    ax.axhline(BASELINE, color="gray", ls="--", lw=1, label=f"nanoGPT CPU recipe, 16k iters, 10.9 min ({BASELINE})")
+    ax.set(xlabel="wall minutes (startup and evaluations included)", ylabel="val nats/char", ylim=(1.3, 3.0))
+    ax.legend(fontsize=8)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path)
+
+
+def main() -> int:
+    t_start = time.perf_counter()
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--data", default="../shared/data/tinyshakespeare.txt")
+    p.add_argument("--cache", default="bench/results/cache", help="token caches of the throughput and lever runs")
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--minutes", type=float, default=10.0, help="budget of the default or lever run")
+    p.add_argument("--out-dir", default="bench/results/default", help="checkpoint of the default run")
+    p.add_argument("--plot", default="bench/results/curve.png", help="curve PNG of the default run")
+    g = p.add_argument_group("throughput")
+    g.add_argument("--throughput", action="store_true", help="print the throughput table instead of training")
+    g.add_argument("--presets", default="cpu,tiny")
+    g.add_argument("--tokenizers", default="bytes,gpt2-compact,gpt2")
+    g.add_argument("--batch-size", type=int, default=8)
+    g.add_argument("--steps", type=int, default=5)
+    g.add_argument("--repeats", type=int, default=3)
+    g = p.add_argument_group("lever run")
+    g.add_argument("--lever", action="store_true", help="train one configuration with the minimal loop")
+    g.add_argument("--clock", choices=["wall", "cpu"], default="cpu",
+                   help="budget clock: cpu (training CPU seconds only: fair on a shared machine with --threads 1) or wall")
+    g.add_argument("--reserve", type=float, default=20.0, help="wall seconds kept for the final eval (--clock wall)")
+    g.add_argument("--tokenizer", default="bytes")
+    g.add_argument("--n-layer", type=int, default=4)
+    g.add_argument("--n-head", type=int, default=6)
+    g.add_argument("--n-embd", type=int, default=384)
+    g.add_argument("--block-size", type=int, default=256)
+    g.add_argument("--lr", type=float, default=1e-3)
+    g.add_argument("--min-lr-ratio", type=float, default=0.1)
+    g.add_argument("--warmup-iters", type=int, default=50)
+    g.add_argument("--weight-decay", type=float, default=0.1)
+    g.add_argument("--dropout", type=float, default=0.0)
+    g.add_argument("--dtype", choices=["fp32", "bf16"], default="bf16")
+    g.add_argument("--no-bias", action="store_true")
+    g.add_argument("--seed", type=int, default=1337)
+    g.add_argument("--label", default="")
+    g.add_argument("--results", default="bench/results/levers.jsonl", help="lever results are appended here as JSON lines")
+    args = p.parse_args()
+    torch.set_num_threads(args.threads)
+    try:
+        if args.throughput:
+            throughput_table(args)
+        elif args.lever:
+            res = {"label": args.label, **lever_run(args, t_start), "args": vars(args)}
+            print(json.dumps({k: v for k, v in res.items() if k != "args"}))
+            Path(args.results).parent.mkdir(parents=True, exist_ok=True)
+            with open(args.results, "a") as f:
+                f.write(json.dumps(res) + "\n")
+        else:
+            res = default_run(args)
+            plot_curve(res["curve"], f"python train.py --max-minutes {args.minutes:g}", Path(args.plot))
+            print(f"default run: val {res['val_nats_per_char']:.4f} nats/char after {res['steps']} steps, "
+                  f"{res['wall_s'] / 60:.2f} min wall; curve in {args.plot}")
+    except (ArgError, DataError, TokenizerError, CheckpointError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
