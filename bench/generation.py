@@ -1,7 +1,7 @@
 """Benchmark: generation tokens/s of the naive loop against our KV-cached batched engine, fp32 and int8.
 
     python bench/generation.py --ckpt out                 # a trained checkpoint (int8: out/int8, else quantized here)
-    python bench/generation.py --random cpu               # a random-weight preset("cpu") model: same speed as trained
+    python bench/generation.py --random 6x384x256         # a random-weight model of that shape: same speed as trained
 Grid: fp32 / int8 x prompts of 8 / 512 tokens x 1 / 3 return sequences, top-k 50, 200 new tokens per sequence, for
   naive       the original loop: one sequence at a time, the plain forward over the whole window every step
   naive-last  the same, but computing the logits of the last position only (nanoGPT's trick)
@@ -32,7 +32,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from model import atomic  # noqa: E402
 from model.checkpoint import CheckpointError  # noqa: E402
-from model.config import preset  # noqa: E402
+from model.config import GPTConfig, preset  # noqa: E402
 from model.generate import SamplingConfig, decode_tokens, naive_tokens  # noqa: E402
 from model.gpt import GPT  # noqa: E402
 from model.load import load  # noqa: E402
@@ -54,9 +54,17 @@ def models_to_bench(args: argparse.Namespace) -> tuple[dict[str, torch.nn.Module
     if args.random:
         tokenizer = gpt2()
         torch.manual_seed(0)
-        cfg = preset(args.random)
+        if "x" in args.random:  # layers x width x context, 64-wide heads
+            try:
+                n_layer, n_embd, block = (int(v) for v in args.random.split("x"))
+            except ValueError:
+                raise ValueError(f"--random {args.random}: give a preset name or LAYERSxWIDTHxCONTEXT, e.g. 6x384x256.") from None
+            cfg = GPTConfig(block_size=block, n_layer=n_layer, n_head=max(n_embd // 64, 1), n_embd=n_embd)
+        else:
+            cfg = preset(args.random)
         cfg.vocab_size = padded_vocab_size(tokenizer.n_vocab)
-        fp32, source = GPT(cfg).eval(), f"random-weight preset({args.random!r})"
+        cfg.dropout = 0.0
+        fp32, source = GPT(cfg).eval(), f"random-weight {args.random} ({cfg.n_layer} layers x {cfg.n_embd}, context {cfg.block_size})"
     else:
         loaded = load(args.ckpt)
         fp32, tokenizer, source = loaded.model, loaded.tokenizer, f"checkpoint {args.ckpt}"
@@ -165,7 +173,8 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     src = ap.add_mutually_exclusive_group()
     src.add_argument("--ckpt", default="out", help="fp32 checkpoint directory (default: out)")
-    src.add_argument("--random", metavar="PRESET", help="benchmark a random-weight model of this preset instead of a checkpoint")
+    src.add_argument("--random", metavar="SHAPE", help="benchmark a random-weight model with GPT-2's vocabulary instead of a "
+                     "checkpoint: a preset name, or LAYERSxWIDTHxCONTEXT such as 6x384x256")
     ap.add_argument("--int8-ckpt", help="int8 checkpoint directory (default: CKPT/int8, else quantize the fp32 model here)")
     ap.add_argument("--repeats", type=int, default=3, help="timed repeats of every cell; the median is reported (default 3)")
     ap.add_argument("--max-new-tokens", type=int, default=200)
