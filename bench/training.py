@@ -126,7 +126,7 @@ def default_run(args: argparse.Namespace) -> dict:
     """`python train.py --data DATA --max-minutes M` with every other setting at its default; curve from its log."""
     out = Path(args.out_dir)
     t0 = time.perf_counter()
-    metrics = train({"data": args.data, "out_dir": str(out), "max_minutes": args.minutes})
+    metrics = train({"data": args.data, "out_dir": str(out), "max_minutes": args.minutes, "threads": args.threads})
     wall = time.perf_counter() - t0
     records = [json.loads(line) for line in (out / LOG).read_text().splitlines()]
     curve = [(r["elapsed"] / 60, r["val_nats_per_char"]) for r in records if "val_nats_per_char" in r]
@@ -200,7 +200,7 @@ def main() -> int:
                 f.write(json.dumps(res) + "\n")
         else:
             res = default_run(args)
-            plot_curve(res["curve"], f"python train.py --max-minutes {args.minutes:g}", Path(args.plot))
+            plot_curve(res["curve"], f"python train.py --max-minutes {args.minutes:g} --threads {args.threads}", Path(args.plot))
             print(f"default run: val {res['val_nats_per_char']:.4f} nats/char after {res['steps']} steps, "
                   f"{res['wall_s'] / 60:.2f} min wall; curve in {args.plot}")
     except (ArgError, DataError, TokenizerError, CheckpointError) as e:
