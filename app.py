@@ -33,7 +33,7 @@ def main() -> int:
             from model.space import export_space
 
             out = export_space(ckpt, args.export_space, app_file=Path(__file__).resolve())
-            print(f"Space folder written to {out}; upload it as described in docs/readme-app.md.")
+            print(f"Space folder written to {out}; upload it as described in docs/app.md.")
             return 0
         pool = ModelPool(ckpt)
     except (CheckpointError, TokenizerError, OSError, ValueError) as e:

@@ -48,7 +48,7 @@ class GPTConfig:
 # Named presets. "cpu" is what `python train.py` trains by default; "gpt2" is GPT-2 small (124M).
 PRESETS: dict[str, GPTConfig] = {
     # "cpu": tuned for the best val nats/char in 10 minutes on 2 CPU cores with the gpt2-compact tokenizer
-    # (64 tokens of context ~ 200 characters); see docs/readme-training-results.md for what each lever measured.
+    # (64 tokens of context ~ 200 characters); see docs/training-results.md for what each lever measured.
     "cpu": GPTConfig(block_size=64, n_layer=4, n_head=4, n_embd=256, dropout=0.1),
     "tiny": GPTConfig(block_size=64, n_layer=2, n_head=2, n_embd=64, dropout=0.0),
     "gpt2": GPTConfig(block_size=1024, vocab_size=50304, n_layer=12, n_head=12, n_embd=768),

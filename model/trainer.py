@@ -51,7 +51,7 @@ class TrainArgs:
     out_dir: str = "out"
     preset: str = "cpu"
     init_from: str | None = None  # a checkpoint directory model.load can read: finetune it
-    tokenizer: str = "gpt2-compact"  # GPT-2 BPE cut to the training text's tokens: see docs/readme-training-results.md
+    tokenizer: str = "gpt2-compact"  # GPT-2 BPE cut to the training text's tokens: see docs/training-results.md
     n_layer: int | None = None  # None: the preset's
     n_head: int | None = None
     n_embd: int | None = None
