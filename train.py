@@ -30,7 +30,9 @@ def parse_args(argv: list[str] | None = None) -> dict[str, object]:
     g = p.add_argument_group("data and output")
     g.add_argument("--data", help=f"training text, UTF-8; the last 10%% is the validation split (default {D.data})")
     g.add_argument("--out-dir", help=f"checkpoint directory; the token cache goes in OUT/tokens (default {D.out_dir})")
-    g.add_argument("--tokenizer", help=f"tokenizer name for a new model (default {D.tokenizer})")
+    g.add_argument("--tokenizer", help=f"tokenizer of a new model: gpt2-compact, gpt2 or bytes (default {D.tokenizer})")
+    g.add_argument("--vocab-min-count", type=int, help="gpt2-compact keeps the GPT-2 tokens the training split uses at least "
+                                                       f"this often, plus their BPE pieces and the 256 bytes (default {D.vocab_min_count})")
     g = p.add_argument_group("model (a new model; --init-from and --resume take the checkpoint's shape)")
     g.add_argument("--preset", choices=list(PRESETS), help=f"model shape (default {D.preset})")
     g.add_argument("--init-from", metavar="DIR", help="finetune the model of this checkpoint directory (its config and tokenizer)")

@@ -127,7 +127,11 @@ def default_run(args: argparse.Namespace) -> dict:
     out = Path(args.out_dir)
     t0 = time.perf_counter()
     metrics = train({"data": args.data, "out_dir": str(out), "max_minutes": args.minutes, "threads": args.threads})
-    wall = time.perf_counter() - t0
+    return run_curve(out, metrics, time.perf_counter() - t0)
+
+
+def run_curve(out: Path, metrics: dict, wall: float) -> dict:
+    """Val nats/char against wall minutes of a finished run: its periodic estimates, then the whole-split figure."""
     records = [json.loads(line) for line in (out / LOG).read_text().splitlines()]
     curve = [(r["elapsed"] / 60, r["val_nats_per_char"]) for r in records if "val_nats_per_char" in r]
     curve.append((wall / 60, metrics["val_nats_per_char"]))
@@ -160,6 +164,7 @@ def main() -> int:
     p.add_argument("--minutes", type=float, default=10.0, help="budget of the default or lever run")
     p.add_argument("--out-dir", default="bench/results/default", help="checkpoint of the default run")
     p.add_argument("--plot", default="bench/results/curve.png", help="curve PNG of the default run")
+    p.add_argument("--curve-of", metavar="OUT", help="only plot the curve of a finished run (e.g. out, after python train.py)")
     g = p.add_argument_group("throughput")
     g.add_argument("--throughput", action="store_true", help="print the throughput table instead of training")
     g.add_argument("--presets", default="cpu,tiny")
@@ -190,7 +195,12 @@ def main() -> int:
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     try:
-        if args.throughput:
+        if args.curve_of:
+            metrics = json.loads((Path(args.curve_of) / "metrics.json").read_text())
+            res = run_curve(Path(args.curve_of), metrics, metrics["total_seconds"])
+            plot_curve(res["curve"], f"python train.py ({args.curve_of})", Path(args.plot))
+            print(f"curve of {args.curve_of}: val {res['val_nats_per_char']:.4f} nats/char; written to {args.plot}")
+        elif args.throughput:
             throughput_table(args)
         elif args.lever:
             res = {"label": args.label, **lever_run(args, t_start), "args": vars(args)}

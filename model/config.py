@@ -49,7 +49,7 @@ class GPTConfig:
 PRESETS: dict[str, GPTConfig] = {
     # "cpu": tuned for the best val nats/char in 10 minutes on 2 CPU cores with the gpt2-compact tokenizer
     # (64 tokens of context ~ 200 characters); see docs/training-results.md for what each lever measured.
-    "cpu": GPTConfig(block_size=64, n_layer=4, n_head=4, n_embd=256, dropout=0.1),
+    "cpu": GPTConfig(block_size=64, n_layer=4, n_head=4, n_embd=256, dropout=0.2),
     "tiny": GPTConfig(block_size=64, n_layer=2, n_head=2, n_embd=64, dropout=0.0),
     "gpt2": GPTConfig(block_size=1024, vocab_size=50304, n_layer=12, n_head=12, n_embd=768),
 }

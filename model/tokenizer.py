@@ -2,14 +2,16 @@
 
 Three kinds, all able to encode any text:
   gpt2          GPT-2's BPE as is (50257 tokens).
-  gpt2-compact  the GPT-2 tokens one training text uses, the pieces BPE passes through to build them and the
-                256 single bytes, renumbered densely in GPT-2 rank order; it encodes the training text into
-                exactly GPT-2's tokens, with a far smaller (cheaper) output layer. The spec lists the kept ranks.
+  gpt2-compact  the GPT-2 tokens one training text uses (at least min_count times), the pieces BPE passes through
+                to build them and the 256 single bytes, renumbered densely in GPT-2 rank order; with min_count 1 it
+                encodes the training text into exactly GPT-2's tokens, with a far smaller (cheaper) output layer;
+                a higher min_count spells rare words with shorter, better-trained pieces. The spec lists the kept ranks.
   bytes         256 single-byte tokens, no merges: char-level for ASCII text, needs no vocabulary file.
 """
 
 from __future__ import annotations
 
+from collections import Counter
 from typing import Any
 
 import tiktoken
@@ -100,12 +102,14 @@ def _merge_path(token: bytes, ranks: dict[bytes, int]) -> set[bytes]:
     return seen
 
 
-def compact_ranks(text: str) -> list[int]:
-    """GPT-2 ranks a compact vocabulary for `text` keeps: tokens used, their merge paths, all 256 bytes."""
+def compact_ranks(text: str, min_count: int = 1) -> list[int]:
+    """GPT-2 ranks a compact vocabulary for `text` keeps: tokens used at least min_count times, their merge
+    paths, all 256 bytes. Rarer tokens are then spelled with their (better trained) pieces."""
     enc = _base_encoding(GPT2_ENCODING)
     ranks = _gpt2_ranks(enc)
     keep = {ranks[bytes([i])] for i in range(256)}
-    for rank in set(enc.encode_ordinary(text)):
+    counts = Counter(enc.encode_ordinary(text))
+    for rank in (r for r, n in counts.items() if n >= min_count):
         keep.update(ranks[piece] for piece in _merge_path(enc.decode_single_token_bytes(rank), ranks))
     return sorted(keep)
 
@@ -123,10 +127,10 @@ def gpt2_compact(kept_ranks: list[int]) -> Tokenizer:
     return Tokenizer(compact, {"name": "gpt2-compact", "ranks": kept}, eot)
 
 
-def build_tokenizer(name: str, train_text: str) -> Tokenizer:
+def build_tokenizer(name: str, train_text: str, min_count: int = 1) -> Tokenizer:
     """A new tokenizer of kind `name` for training on train_text (only gpt2-compact depends on the text)."""
     if name == "gpt2-compact":
-        return gpt2_compact(compact_ranks(train_text))
+        return gpt2_compact(compact_ranks(train_text, min_count))
     return load_tokenizer(name)
 
 

@@ -52,13 +52,14 @@ class TrainArgs:
     preset: str = "cpu"
     init_from: str | None = None  # a checkpoint directory model.load can read: finetune it
     tokenizer: str = "gpt2-compact"  # GPT-2 BPE cut to the training text's tokens: see docs/training-results.md
+    vocab_min_count: int = 5  # gpt2-compact keeps the GPT-2 tokens used at least this often in the training split
     n_layer: int | None = None  # None: the preset's
     n_head: int | None = None
     n_embd: int | None = None
     block_size: int | None = None  # training window; None: the preset's context (init-from: min(context, 256))
     dropout: float | None = None
     max_iters: int = 8000
-    max_minutes: float = 10.0  # total wall-clock budget including the final evaluation; 0 = no budget
+    max_minutes: float = 9.5  # total wall-clock budget including the final evaluation (a margin under 10); 0 = no budget
     eval_interval: int = 200
     eval_windows: int = 32  # the fixed, evenly spaced validation windows scored at every eval
     log_interval: int = 10
@@ -90,7 +91,7 @@ PRESET_DEFAULTS: dict[str, dict[str, Any]] = {
 FINETUNE_DEFAULTS: dict[str, Any] = {"lr": 3e-5, "min_lr": 3e-6, "warmup_iters": 5, "dropout": 0.0, "batch_size": 8,
                                      "eval_interval": 50, "max_iters": 500}
 FINETUNE_BLOCK_SIZE = 256
-SHAPE_KEYS = ("preset", "init_from", "tokenizer", "n_layer", "n_head", "n_embd", "block_size")
+SHAPE_KEYS = ("preset", "init_from", "tokenizer", "vocab_min_count", "n_layer", "n_head", "n_embd", "block_size")
 
 
 def resolve_args(given: dict[str, Any]) -> tuple[TrainArgs, dict[str, Any] | None]:
@@ -125,7 +126,7 @@ def check_args(args: TrainArgs) -> None:
     """Raise an ArgError for settings that cannot work, before anything is read or written."""
     if args.preset not in PRESETS:
         raise ArgError(f"Unknown preset {args.preset!r}; choose one of: {', '.join(PRESETS)}.")
-    for name in ("max_iters", "eval_interval", "eval_windows", "log_interval", "batch_size", "grad_accum"):
+    for name in ("max_iters", "eval_interval", "eval_windows", "log_interval", "batch_size", "grad_accum", "vocab_min_count"):
         if getattr(args, name) < 1:
             raise ArgError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}.")
     for name in ("warmup_iters", "max_minutes", "grad_clip", "weight_decay", "min_lr"):
@@ -227,7 +228,7 @@ def build(args: TrainArgs, state: dict[str, Any] | None) -> tuple[GPT, GPTConfig
             args.block_size = min(config.block_size, FINETUNE_BLOCK_SIZE)
     else:
         if args.tokenizer == "gpt2-compact":  # built from the training split; its spec lists the kept GPT-2 ranks
-            tokenizer = build_tokenizer(args.tokenizer, split_text(read_text(args.data))[0])
+            tokenizer = build_tokenizer(args.tokenizer, split_text(read_text(args.data))[0], args.vocab_min_count)
         else:
             tokenizer = load_tokenizer(args.tokenizer)
         config = fresh_config(args, padded_vocab_size(tokenizer.n_vocab))

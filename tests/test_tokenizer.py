@@ -46,6 +46,20 @@ def test_compact_of_whole_corpus_matches_gpt2(gpt2_tokenizer, shakespeare_path):
     assert tok.decode(tok.encode(val)) == val
 
 
+def test_compact_min_count_drops_rare_tokens_and_still_encodes_everything(gpt2_tokenizer, shakespeare_path):
+    train, val = split_text(read_text(shakespeare_path))
+    full = tk.build_tokenizer("gpt2-compact", train)
+    frequent = tk.build_tokenizer("gpt2-compact", train, min_count=5)
+    assert 256 < frequent.n_vocab < full.n_vocab * 0.6
+    assert set(frequent.spec["ranks"]) < set(full.spec["ranks"])
+    ids = frequent.encode(train)
+    assert len(full.encode(train)) < len(ids) < 1.1 * len(full.encode(train))  # rare words take a few more pieces
+    assert frequent.decode(ids) == train and frequent.decode(frequent.encode(val)) == val
+    assert frequent.decode(frequent.encode(UNICODE)) == UNICODE
+    rebuilt = tk.load_tokenizer(json.loads(json.dumps(frequent.spec)))
+    assert rebuilt.encode(val) == frequent.encode(val)
+
+
 def test_byte_level_round_trip_and_char_level_on_ascii():
     tok = tk.load_tokenizer("bytes")
     assert tok.n_vocab == 257 and tok.eot_token == 256
