@@ -30,6 +30,7 @@ from tqdm import tqdm  # noqa: E402
 
 from model import atomic  # noqa: E402
 from model.checkpoint import CheckpointError  # noqa: E402
+from model.plot import save_figure  # noqa: E402
 from model.tokenizer import TokenizerError  # noqa: E402
 from model.webapp import CONCURRENCY, ModelPool, default_checkpoint, launch  # noqa: E402
 
@@ -92,10 +93,7 @@ def plot(runs: list[dict], path: Path, title: str) -> None:
     ax.set_ylabel("seconds")
     ax.set_title(title, fontsize=9)
     ax.legend(loc="upper left", bbox_to_anchor=(1.0, 1.0), fontsize=8)
-    fig.tight_layout()
-    with atomic.atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=120)
-    plt.close(fig)
+    save_figure(fig, path, dpi=120)
 
 
 def main() -> int:

@@ -36,6 +36,7 @@ from model.config import GPTConfig, preset  # noqa: E402
 from model.generate import SamplingConfig, decode_tokens, naive_tokens  # noqa: E402
 from model.gpt import GPT  # noqa: E402
 from model.load import load  # noqa: E402
+from model.plot import save_figure  # noqa: E402
 from model.tokenizer import TokenizerError, gpt2, padded_vocab_size  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -163,10 +164,7 @@ def plot(result: dict, path: Path) -> None:
     ax.set_ylabel("tokens/s")
     ax.set_title(f"Generation speed, {result['max_new_tokens']} new tokens per sequence, top-k 50")
     ax.legend()
-    fig.tight_layout()
-    with atomic.atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=120)
-    plt.close(fig)
+    save_figure(fig, path, dpi=120)
 
 
 def main() -> int:

@@ -28,7 +28,7 @@ from model.evaluate import evaluate  # noqa: E402
 from model.gpt import GPT  # noqa: E402
 from model.optim import clip_grads, lr_at, make_optimizer, set_lr, warmup_frac  # noqa: E402
 from model.tokenizer import Tokenizer, TokenizerError, build_tokenizer, padded_vocab_size  # noqa: E402
-from model.trainer import LOG, ArgError, train  # noqa: E402
+from model.trainer import LOG, ArgError, TrainArgs, train  # noqa: E402
 
 BASELINE = 1.539  # nanoGPT's CPU recipe run for 16,000 iters (10.9 min here), val nats/char
 
@@ -39,9 +39,10 @@ def autocast_for(dtype: str) -> contextlib.AbstractContextManager:
 
 
 def load_data(text_path: str, tokenizer_name: str, cache_root: Path) -> tuple[Tokenizer, TokenData]:
-    """A tokenizer built for the training split and both splits tokenised (cached per tokenizer)."""
+    """A tokenizer built for the training split (gpt2-compact with the trainer's default min count) and both splits
+    tokenised (cached per tokenizer)."""
     train_text, _ = split_text(read_text(text_path))
-    tok = build_tokenizer(tokenizer_name, train_text)
+    tok = build_tokenizer(tokenizer_name, train_text, TrainArgs.vocab_min_count)
     return tok, prepare(text_path, cache_root / tokenizer_name, tok)
 
 

@@ -1,4 +1,4 @@
-"""loss.png: train and validation loss curves of a run, drawn from its log records."""
+"""Plots: loss.png of a training run, and the one way every figure of the kit is written (atomically, PNG)."""
 
 from __future__ import annotations
 
@@ -29,7 +29,12 @@ def plot_losses(records: list[dict[str, Any]], path: str | Path, title: str = ""
     for ax in (ax_tok, ax_char):
         ax.grid(alpha=0.3)
         ax.legend()
+    save_figure(fig, path)
+
+
+def save_figure(fig: Any, path: str | Path, dpi: int = 100) -> None:
+    """Lay out, write atomically as PNG (a reader never sees half a file) and close a matplotlib figure."""
     fig.tight_layout()
     with atomic.atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=100)
+        fig.savefig(tmp, format="png", dpi=dpi)
     plt.close(fig)

@@ -36,6 +36,7 @@ from .config import GPTConfig
 from .data import val_windows
 from .generate import SamplingConfig, decode_tokens
 from .gpt import GPT
+from .plot import save_figure
 
 SCHEMES = ("per_channel", "per_tensor")
 ENGINE_PREFERENCE = ("x86", "fbgemm", "qnnpack")  # x86-64 kernels first, qnnpack on ARM
@@ -251,7 +252,4 @@ def plot_report(report: dict[str, Any], path: str | Path) -> None:
         ax.bar_label(bars, fmt="%.4g")
         ax.set_title(title)
     fig.suptitle(f"int8 ({report.get('scheme', '')}) vs fp32: {report.get('params', 0) / 1e6:.1f}M parameters")
-    fig.tight_layout()
-    with atomic.atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=100)
-    plt.close(fig)
+    save_figure(fig, path)
