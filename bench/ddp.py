@@ -16,12 +16,13 @@ import sys
 import tempfile
 from pathlib import Path
 
-import matplotlib
-
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+import matplotlib.pyplot as plt  # noqa: E402  (the Agg backend: model.plot selects it)
+
+from model.plot import save_figure  # noqa: E402
+
 SKIP = 5  # steps left out of the rate: start-up, first allocations
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2"]
 SETUPS = {  # name: (launcher, extra flags)
@@ -80,9 +81,7 @@ def main() -> None:
     ax.set_xlabel("training tokens/s (median of rounds)")
     ax.set_title(f"preset {a.preset}, global batch {2 * a.batch_size} sequences, {os.cpu_count()} CPU cores")
     ax.set_xlim(0, max(medians.values()) * 1.25)
-    fig.tight_layout()
-    Path(a.png).parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(a.png, dpi=100)
+    save_figure(fig, a.png)
     print(f"plot: {a.png}")
 
 

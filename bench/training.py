@@ -27,6 +27,7 @@ from model.data import DataError, TokenData, get_batch, prepare, read_text, spli
 from model.evaluate import evaluate  # noqa: E402
 from model.gpt import GPT  # noqa: E402
 from model.optim import clip_grads, lr_at, make_optimizer, set_lr, warmup_frac  # noqa: E402
+from model.plot import save_figure  # noqa: E402
 from model.tokenizer import Tokenizer, TokenizerError, build_tokenizer, padded_vocab_size  # noqa: E402
 from model.trainer import LOG, ArgError, TrainArgs, train  # noqa: E402
 
@@ -141,9 +142,7 @@ def run_curve(out: Path, metrics: dict, wall: float) -> dict:
 
 def plot_curve(curve: list[tuple[float, float]], label: str, path: Path) -> None:
     """val nats/char against wall minutes, with the nanoGPT CPU baseline, as a small PNG."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    import matplotlib.pyplot as plt  # the Agg backend: model.plot (imported with model.trainer) selects it
     fig, ax = plt.subplots(figsize=(6, 4), dpi=80)
     ax.plot([c[0] for c in curve[:-1]], [c[1] for c in curve[:-1]], ".-", label=f"{label} (32-window estimates)")
     ax.plot([curve[-1][0]], [curve[-1][1]], "o", color="C3", label=f"final, whole split: {curve[-1][1]:.3f}")
@@ -151,9 +150,7 @@ def plot_curve(curve: list[tuple[float, float]], label: str, path: Path) -> None
     ax.set(xlabel="wall minutes (startup and evaluations included)", ylabel="val nats/char", ylim=(1.3, 3.0))
     ax.legend(fontsize=8)
     ax.grid(alpha=0.3)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path)
+    save_figure(fig, path, dpi=80)
 
 
 def main() -> int:

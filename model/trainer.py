@@ -221,8 +221,7 @@ def build(args: TrainArgs, state: dict[str, Any] | None) -> tuple[GPT, GPTConfig
             raise CheckpointError(f"--init-from {args.init_from} holds a {loaded.kind} model, which cannot be trained; "
                                   "pass an fp32 or Hugging Face GPT-2 checkpoint directory.")
         config = dataclasses.replace(loaded.config, dropout=args.dropout or 0.0)
-        model = GPT(config)
-        model.load_state_dict(loaded.model.state_dict())
+        model = checkpoint.build_model(config, loaded.model.state_dict(), args.init_from)
         tokenizer = loaded.tokenizer
         if args.block_size is None:
             args.block_size = min(config.block_size, FINETUNE_BLOCK_SIZE)
@@ -244,7 +243,6 @@ def build(args: TrainArgs, state: dict[str, Any] | None) -> tuple[GPT, GPTConfig
 
 def prepare_data(args: TrainArgs, tokenizer: Tokenizer) -> TokenData:
     """Tokenise --data into OUT/tokens and check both splits; on a DataError remove the folders this call created."""
-    read_text(args.data)  # missing, empty or not UTF-8: fail before creating anything
     out_dir = Path(args.out_dir)
     created = next((p for p in (out_dir, out_dir / TOKENS) if not p.exists()), None)
     try:
@@ -264,8 +262,9 @@ class Trainer:
         self.t_start = time.perf_counter() if t_start is None else t_start
         check_args(args)
         self.args = args
-        self.dist = distributed.setup(pick_device(args.device), args.dist_timeout)
-        self.device = self.dist.device(pick_device(args.device))
+        device = pick_device(args.device)
+        self.dist = distributed.setup(device, args.dist_timeout)
+        self.device = self.dist.device(device)
         self.dtype = pick_dtype(args.dtype, self.device)
         self.master = self.dist.master  # rank 0: the only process that evaluates, prints and writes files
         self.micro_steps = args.grad_accum // self.dist.world_size  # this rank's share of the micro-batches per step
@@ -473,17 +472,16 @@ class Trainer:
         msg = (f"step {self.step}: val {val['val_nats_per_token']:.4f} nats/token, {val['val_nats_per_char']:.4f} nats/char"
                + (" (best, saved)" if improved else ""))
         (bar.write if bar is not None else print)(msg)
-        if self.master:
-            t0 = time.perf_counter()
-            if improved:
-                self.save_best()
-            self.save_state()
-            self.write_log()
-            self.save_seconds = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        if improved:
+            self.save_best()
+        self.save_state()
+        self.write_log()
+        self.save_seconds = time.perf_counter() - t0
         return val
 
     def final_metrics(self, train_seconds: float) -> dict[str, Any]:
-        """Load the best weights and score them on the whole validation split in windows of the model's context."""
+        """I/O: load the best weights and score them on the whole validation split in windows of the model's context."""
         best = checkpoint.load_state_dict(self.out / checkpoint.WEIGHTS)
         best.setdefault(checkpoint.TIED_KEY, best["transformer.wte.weight"])
         self.raw_model.load_state_dict(best)
@@ -493,9 +491,8 @@ class Trainer:
         metrics = {**val, "step": self.step, "best_step": self.best_step, "tokens_seen": self.tokens_seen,
                    "train_seconds": round(train_seconds, 2), "params": self.raw_model.num_params(),
                    "eval_dtype": str(self.dtype).removeprefix("torch."), "eval_block_size": self.config.block_size}
-        if self.master:
-            checkpoint.write_json(self.out / checkpoint.METRICS, {**metrics, "total_seconds": round(self.elapsed(), 2)})
-            self.write_log()
+        checkpoint.write_json(self.out / checkpoint.METRICS, {**metrics, "total_seconds": round(self.elapsed(), 2)})
+        self.write_log()
         print(f"done in {self.elapsed():.0f} s: val {val['val_nats_per_token']:.4f} nats/token, "
               f"{val['val_nats_per_char']:.4f} nats/char; checkpoint in {self.out}/")
         return metrics
