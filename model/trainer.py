@@ -100,7 +100,8 @@ def resolve_args(given: dict[str, Any]) -> tuple[TrainArgs, dict[str, Any] | Non
     Returns the settings and, when resuming, the loaded training state.
     """
     given = {k: v for k, v in given.items() if v is not None}
-    unknown = set(given) - {f.name for f in dataclasses.fields(TrainArgs)}
+    names = {f.name for f in dataclasses.fields(TrainArgs)}
+    unknown = set(given) - names
     if unknown:
         raise ArgError(f"Unknown training settings: {', '.join(sorted(unknown))}.")
     if given.get("resume"):
@@ -116,7 +117,6 @@ def resolve_args(given: dict[str, Any]) -> tuple[TrainArgs, dict[str, Any] | Non
                     f"Cannot resume: the checkpoint in {out_dir} was trained with {key}={saved.get(key)!r}, not {given[key]!r} "
                     "(another architecture); drop that flag to resume it, or train into another --out-dir."
                 )
-        names = {f.name for f in dataclasses.fields(TrainArgs)}
         return TrainArgs(**{**{k: v for k, v in saved.items() if k in names}, **given}), state
     base = FINETUNE_DEFAULTS if given.get("init_from") else PRESET_DEFAULTS.get(given.get("preset", TrainArgs.preset), {})
     return TrainArgs(**{**base, **given}), None
