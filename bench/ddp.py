@@ -21,6 +21,7 @@ sys.path.insert(0, str(ROOT))
 
 import matplotlib.pyplot as plt  # noqa: E402  (the Agg backend: model.plot selects it)
 
+from model.checkpoint import CONFIG, read_json  # noqa: E402
 from model.plot import save_figure  # noqa: E402
 
 SKIP = 5  # steps left out of the rate: start-up, first allocations
@@ -35,7 +36,7 @@ SETUPS = {  # name: (launcher, extra flags)
 def tokens_per_s(out: Path) -> float:
     """Training tokens per second (all ranks) between step SKIP and the last step, from the run's log.jsonl."""
     rows = [r for r in map(json.loads, (out / "log.jsonl").read_text().splitlines()) if "train_loss" in r]
-    config = json.loads((out / "config.json").read_text())["train"]
+    config = read_json(out / CONFIG)["train"]
     first = next(r for r in rows if r["step"] == SKIP)
     tokens = (rows[-1]["step"] - SKIP) * config["batch_size"] * config["grad_accum"] * config["block_size"]
     return tokens / (rows[-1]["elapsed"] - first["elapsed"])

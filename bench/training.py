@@ -21,7 +21,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from model.checkpoint import CheckpointError  # noqa: E402
+from model.checkpoint import METRICS, CheckpointError, read_json  # noqa: E402
 from model.config import GPTConfig, preset  # noqa: E402
 from model.data import DataError, TokenData, get_batch, prepare, read_text, split_text  # noqa: E402
 from model.evaluate import evaluate  # noqa: E402
@@ -194,7 +194,7 @@ def main() -> int:
     torch.set_num_threads(args.threads)
     try:
         if args.curve_of:
-            metrics = json.loads((Path(args.curve_of) / "metrics.json").read_text())
+            metrics = read_json(Path(args.curve_of) / METRICS)
             res = run_curve(Path(args.curve_of), metrics, metrics["total_seconds"])
             plot_curve(res["curve"], f"python train.py ({args.curve_of})", Path(args.plot))
             print(f"curve of {args.curve_of}: val {res['val_nats_per_char']:.4f} nats/char; written to {args.plot}")
