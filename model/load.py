@@ -29,20 +29,18 @@ def load(path: str | Path, device: str = "cpu") -> Loaded:
     """Load a checkpoint directory (fp32, int8, or a Hugging Face GPT-2 directory) and its tokenizer."""
     path = Path(path)
     if is_hf_dir(path):  # a Hugging Face GPT-2 directory, converted on load to our fp32 GPT
+        kind = "fp32"
         model, meta = load_hf(path)
-        return Loaded(model=model.to(device), tokenizer=load_tokenizer(meta["tokenizer"]), config=model.config, kind="fp32", meta=meta)
-    meta = read_config(path)
-    kind = meta.get("kind", "fp32")
-    if kind == "fp32":
-        model, meta = load_fp32(path)
-        model = model.to(device)
-    elif kind == "int8":
-        from .quantize import load_int8  # imported only when needed: it pulls in torch.ao.quantization
-
-        if torch.device(device).type != "cpu":
-            raise CheckpointError(f"{path} is an int8 checkpoint, which runs on CPU only: load it with device='cpu'.")
-        model, meta = load_int8(path)
     else:
-        raise CheckpointError(f"{path} holds a checkpoint of kind {kind!r}, which this version cannot load.")
-    return Loaded(model=model, tokenizer=load_tokenizer(meta["tokenizer"]),
-                  config=GPTConfig.from_dict(meta["model"]), kind=kind, meta=meta)
+        kind = read_config(path).get("kind", "fp32")
+        if kind == "fp32":
+            model, meta = load_fp32(path)
+        elif kind == "int8":
+            from .quantize import load_int8  # imported only when needed: it pulls in torch.ao.quantization
+
+            if torch.device(device).type != "cpu":
+                raise CheckpointError(f"{path} is an int8 checkpoint, which runs on CPU only: load it with device='cpu'.")
+            model, meta = load_int8(path)
+        else:
+            raise CheckpointError(f"{path} holds a checkpoint of kind {kind!r}, which this version cannot load.")
+    return Loaded(model=model.to(device), tokenizer=load_tokenizer(meta["tokenizer"]), config=model.config, kind=kind, meta=meta)
