@@ -19,6 +19,7 @@ from tqdm import tqdm
 from model.checkpoint import METRICS, WEIGHTS, CheckpointError, read_json, write_json
 from model.data import DataError, prepare
 from model.evaluate import evaluate
+from model.generate import prompt_tokens
 from model.load import load
 from model.quantize import SCHEMES, file_size, plot_report, quantize_model, save_int8, tokens_per_second, top1_agreement
 from model.tokenizer import TokenizerError
@@ -97,7 +98,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         report["top1_agreement"] = top1_agreement(model, qmodel, val, block, args.eval_windows)
         steps.update()
     steps.set_postfix_str("generation speed")
-    prompt_ids = fp32.tokenizer.encode(args.prompt) or [fp32.tokenizer.eot_token or 0]
+    prompt_ids = prompt_tokens(fp32.tokenizer, args.prompt)
     speed = tokens_per_second({"fp32": model, "int8": qmodel}, prompt_ids, args.gen_tokens, fp32.tokenizer.n_vocab, args.repeats)
     report.update(tokens_per_s_fp32=speed["fp32"], tokens_per_s_int8=speed["int8"], gen_tokens=args.gen_tokens, repeats=args.repeats,
                   threads=torch.get_num_threads())
