@@ -127,7 +127,13 @@ def get_batch(data: np.ndarray, batch_size: int, block_size: int, generator: tor
     return x.to(device), y.to(device)
 
 
-def val_windows(data: np.ndarray, block_size: int) -> list[tuple[int, int]]:
-    """(start, length) windows that cover the whole split once: every token after the first is predicted."""
+def val_windows(data: np.ndarray, block_size: int, max_windows: int | None = None) -> list[tuple[int, int]]:
+    """(start, length) windows that cover the whole split once: every token after the first is predicted.
+
+    With max_windows, only that many evenly spaced ones of them (a quick estimate)."""
     n_pred = len(data) - 1
-    return [(s, min(block_size, n_pred - s)) for s in range(0, n_pred, block_size)]
+    windows = [(s, min(block_size, n_pred - s)) for s in range(0, n_pred, block_size)]
+    if max_windows is not None and len(windows) > max_windows:
+        pick = np.linspace(0, len(windows) - 1, max_windows).round().astype(int)
+        windows = [windows[i] for i in sorted(set(pick.tolist()))]
+    return windows

@@ -208,9 +208,7 @@ def file_size(path: str | Path) -> int:
 def top1_agreement(a: nn.Module, b: nn.Module, data: np.ndarray, block_size: int, max_windows: int | None = None,
                    batch_size: int = 16) -> float:
     """Fraction of validation positions where both models predict the same next token (argmax of the logits)."""
-    windows = val_windows(data, block_size)
-    if max_windows is not None and len(windows) > max_windows:
-        windows = [windows[i] for i in sorted(set(np.linspace(0, len(windows) - 1, max_windows).round().astype(int).tolist()))]
+    windows = val_windows(data, block_size, max_windows)
     by_len: dict[int, list[int]] = {}
     for start, length in windows:
         by_len.setdefault(length, []).append(start)
