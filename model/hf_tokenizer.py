@@ -12,7 +12,7 @@ import json
 from pathlib import Path
 
 from . import atomic
-from .tokenizer import Tokenizer, TokenizerError, load_tokenizer
+from .tokenizer import Tokenizer, TokenizerError, bpe_merge, load_tokenizer
 
 EOT_TEXT = "<|endoftext|>"
 VOCAB = "vocab.json"
@@ -35,15 +35,9 @@ def byte_chars() -> list[str]:
 
 def merge_pair(token: bytes, ranks: dict[bytes, int]) -> tuple[bytes, bytes]:
     """The two pieces byte-pair merging joins last to build `token` (lowest-rank pair first, ranks below the token's own)."""
-    limit = ranks[token]
-    parts = [bytes([b]) for b in token]
-    while len(parts) > 2:
-        best = min(((ranks[a + b], i) for i, (a, b) in enumerate(zip(parts, parts[1:], strict=False))
-                    if ranks.get(a + b, limit) < limit), default=None)
-        if best is None:
-            raise TokenizerError(f"Token {token!r} cannot be built by merging lower-ranked tokens; this vocabulary is not a BPE.")
-        i = best[1]
-        parts[i:i + 2] = [parts[i] + parts[i + 1]]
+    parts, _ = bpe_merge(token, ranks, limit=ranks[token])
+    if len(parts) != 2:
+        raise TokenizerError(f"Token {token!r} cannot be built by merging lower-ranked tokens; this vocabulary is not a BPE.")
     return parts[0], parts[1]
 
 

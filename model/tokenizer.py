@@ -85,21 +85,27 @@ def _gpt2_ranks(enc: tiktoken.Encoding) -> dict[bytes, int]:
     return {enc.decode_single_token_bytes(r): r for r in range(enc.eot_token)}
 
 
-def _merge_path(token: bytes, ranks: dict[bytes, int]) -> set[bytes]:
-    """Every piece byte-pair merging passes through to build `token` (the lowest-rank pair merges first)."""
+def bpe_merge(token: bytes, ranks: dict[bytes, int], limit: int | None = None) -> tuple[list[bytes], set[bytes]]:
+    """Byte-pair merging of token's bytes (the lowest-rank pair first; only ranks below limit, when given) until no
+    pair merges: the parts left, and every piece passed through on the way (the single bytes included)."""
     parts = [token[i:i + 1] for i in range(len(token))]
     seen = set(parts)
     while len(parts) > 1:
         best, best_rank = -1, None
         for i in range(len(parts) - 1):
             r = ranks.get(parts[i] + parts[i + 1])
-            if r is not None and (best_rank is None or r < best_rank):
+            if r is not None and (limit is None or r < limit) and (best_rank is None or r < best_rank):
                 best, best_rank = i, r
         if best < 0:
             break
         parts[best:best + 2] = [parts[best] + parts[best + 1]]
         seen.add(parts[best])
-    return seen
+    return parts, seen
+
+
+def _merge_path(token: bytes, ranks: dict[bytes, int]) -> set[bytes]:
+    """Every piece byte-pair merging passes through to build `token`."""
+    return bpe_merge(token, ranks)[1]
 
 
 def compact_ranks(text: str, min_count: int = 1) -> list[int]:
