@@ -11,11 +11,12 @@ from pathlib import Path
 import gradio
 import torch
 
-from .checkpoint import CONFIG, TRAIN_STATE, CheckpointError, read_config
+from .checkpoint import TRAIN_STATE, CheckpointError, read_config
 from .tokenizer import GPT2_ENCODING
+from .webapp import DEFAULT_CKPT
 
 PACKAGE = Path(__file__).resolve().parent
-CKPT_IN_SPACE = Path("out") / "int8"  # the app's default checkpoint path, so the Space needs no flags
+CKPT_IN_SPACE = DEFAULT_CKPT  # the app's default checkpoint path, so the Space needs no flags
 MARKER = ".smallgpt-space"  # marks a folder this function wrote, so re-exporting may replace it
 TIKTOKEN_URL = f"https://openaipublic.blob.core.windows.net/encodings/{GPT2_ENCODING}.tiktoken"
 
@@ -103,11 +104,9 @@ def _fill(dest: Path, ckpt: Path, meta: dict, app_file: Path, title: str) -> Non
     for src in sorted(ckpt.iterdir()):
         if src.is_file() and src.name != TRAIN_STATE and not src.name.startswith("."):
             shutil.copy2(src, ckpt_dest / src.name)
-    if not (ckpt_dest / CONFIG).is_file():
-        raise CheckpointError(f"{ckpt} has no {CONFIG}; it is not a checkpoint of this kit.")
-    _bundle_vocabulary(dest / "tiktoken-cache", str(meta["tokenizer"].get("name", "")))
+    tokenizer = str(meta["tokenizer"].get("name", "?"))  # read_config checked config.json, copied above
+    _bundle_vocabulary(dest / "tiktoken-cache", tokenizer)
     size_mb = sum(f.stat().st_size for f in ckpt_dest.glob("*.safetensors")) / 1e6
-    tokenizer = meta["tokenizer"].get("name", "?")
     (dest / "requirements.txt").write_text(REQUIREMENTS.format(torch=torch_version(), gradio=gradio.__version__), encoding="utf-8")
     (dest / "README.md").write_text(README.format(title=title, gradio=gradio.__version__, kind=meta.get("kind", "fp32"),
                                                   size_mb=size_mb, tokenizer=tokenizer), encoding="utf-8")

@@ -19,7 +19,7 @@ import torch  # noqa: E402
 
 from .checkpoint import CheckpointError, read_json  # noqa: E402
 from .config import GPTConfig  # noqa: E402
-from .generate import SamplingConfig, stream  # noqa: E402
+from .generate import SamplingConfig, prompt_tokens, stream  # noqa: E402
 from .gpt import GPT  # noqa: E402
 from .load import Loaded, load  # noqa: E402
 
@@ -51,11 +51,12 @@ class ModelPool:
             raise CheckpointError(f"No checkpoint at {ckpt}: run python train.py then python quantize.py "
                                   f"(or pass --ckpt DIR, or set {CKPT_ENV}).")
         self.ckpt = ckpt
-        self.copies: queue.Queue[Loaded] = queue.Queue()
-        for _ in range(max(1, copies)):
-            self.copies.put(load(ckpt, device="cpu"))
-        self.first = self.copies.queue[0]
         self.size = max(1, copies)
+        loaded = [load(ckpt, device="cpu") for _ in range(self.size)]
+        self.first = loaded[0]  # its tokenizer and config serve request checks and the model card
+        self.copies: queue.Queue[Loaded] = queue.Queue()
+        for copy in loaded:
+            self.copies.put(copy)
 
     @contextmanager
     def borrow(self) -> Iterator[Loaded]:
@@ -99,8 +100,8 @@ def _param_count(config: GPTConfig) -> int:
 
 def _optional_json(path: Path) -> dict[str, Any]:
     try:
-        return read_json(path) if path.is_file() else {}
-    except CheckpointError:
+        return read_json(path)
+    except CheckpointError:  # missing or damaged: the card says "not recorded"
         return {}
 
 
@@ -174,7 +175,7 @@ def next_token_table(pool: ModelPool, prompt: str, k: int = 10) -> pd.DataFrame:
     """The k most likely next tokens after prompt (temperature 1), as rows of (token, probability)."""
     with pool.borrow() as loaded, torch.inference_mode():
         tokenizer, block_size = loaded.tokenizer, loaded.config.block_size
-        ids = tokenizer.encode(prompt)[-block_size:] or ([tokenizer.eot_token] if tokenizer.eot_token is not None else [0])
+        ids = prompt_tokens(tokenizer, prompt)[-block_size:]
         logits, _ = loaded.model(torch.tensor([ids]), last_only=True)
     probs = torch.softmax(logits[0, -1, :tokenizer.n_vocab].float(), dim=-1)
     top = torch.topk(probs, k)
