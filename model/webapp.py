@@ -101,7 +101,7 @@ def _param_count(config: GPTConfig) -> int:
 def _optional_json(path: Path) -> dict[str, Any]:
     try:
         return read_json(path)
-    except CheckpointError:  # missing or damaged: the card says "not recorded"
+    except CheckpointError:  # missing or damaged: the card falls back to what it can work out
         return {}
 
 
