@@ -18,10 +18,6 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-import matplotlib
-
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np
 import torch
 import torch.ao.nn.quantized.dynamic as nnqd
@@ -36,7 +32,6 @@ from .config import GPTConfig
 from .data import val_windows
 from .generate import SamplingConfig, decode_tokens
 from .gpt import GPT
-from .plot import save_figure
 
 SCHEMES = ("per_channel", "per_tensor")
 ENGINE_PREFERENCE = ("x86", "fbgemm", "qnnpack")  # x86-64 kernels first, qnnpack on ARM
@@ -240,6 +235,8 @@ def tokens_per_second(models: dict[str, nn.Module], prompt_ids: list[int], n_tok
 
 def plot_report(report: dict[str, Any], path: str | Path) -> None:
     """report.png: fp32 against int8 side by side for file size, validation nats/char and generation speed."""
+    from .plot import plt, save_figure  # here, not at import: loading an int8 checkpoint needs no matplotlib
+
     panels = [("size (MB)", "size_fp32_bytes", "size_int8_bytes", 1e-6), ("val nats/char", "val_nats_per_char_fp32",
               "val_nats_per_char_int8", 1.0), ("generation (tokens/s)", "tokens_per_s_fp32", "tokens_per_s_int8", 1.0)]
     panels = [p for p in panels if report.get(p[1]) is not None and report.get(p[2]) is not None]
