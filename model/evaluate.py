@@ -21,10 +21,7 @@ def evaluate(model: torch.nn.Module, data: np.ndarray, n_chars: int, block_size:
     With max_windows, only that many evenly spaced windows are scored (a quick estimate; the per-char
     figure is then scaled by the fraction of tokens scored).
     """
-    windows = val_windows(data, block_size)
-    if max_windows is not None and len(windows) > max_windows:
-        pick = np.linspace(0, len(windows) - 1, max_windows).round().astype(int)
-        windows = [windows[i] for i in sorted(set(pick.tolist()))]
+    windows = val_windows(data, block_size, max_windows)
     was_training = model.training
     model.eval()
     total_nats, total_tokens = 0.0, 0
