@@ -76,6 +76,15 @@ def read_config(ckpt_dir: str | Path) -> dict[str, Any]:
     return cfg
 
 
+def read_model_config(ckpt_dir: str | Path) -> tuple[dict[str, Any], GPTConfig]:
+    """config.json of a checkpoint directory and the GPTConfig of its model section, with a clear error for either."""
+    cfg = read_config(ckpt_dir)
+    try:
+        return cfg, GPTConfig.from_dict(cfg["model"])
+    except (TypeError, ValueError) as e:
+        raise CheckpointError(f"{Path(ckpt_dir) / CONFIG} has an invalid model config: {e}") from None
+
+
 def load_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     """Tensors of a safetensors file, with a clear error when it is missing or corrupt."""
     path = Path(path)
@@ -106,11 +115,7 @@ def build_model(config: GPTConfig, state: dict[str, torch.Tensor], where: str) -
 def load_fp32(ckpt_dir: str | Path) -> tuple[GPT, dict[str, Any]]:
     """The GPT saved in a fp32 checkpoint directory (eval mode, CPU) and its config.json."""
     ckpt_dir = Path(ckpt_dir)
-    cfg = read_config(ckpt_dir)
-    try:
-        config = GPTConfig.from_dict(cfg["model"])
-    except (TypeError, ValueError) as e:
-        raise CheckpointError(f"{ckpt_dir / CONFIG} has an invalid model config: {e}") from None
+    cfg, config = read_model_config(ckpt_dir)
     model = build_model(config, load_state_dict(ckpt_dir / WEIGHTS), str(ckpt_dir / WEIGHTS))
     return model.eval(), cfg
 

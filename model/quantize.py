@@ -27,8 +27,7 @@ from safetensors.torch import save_file
 from torch.ao.quantization import default_dynamic_qconfig, per_channel_dynamic_qconfig, quantize_dynamic
 
 from . import atomic
-from .checkpoint import CONFIG, WEIGHTS, CheckpointError, load_state_dict, read_config, save_config
-from .config import GPTConfig
+from .checkpoint import WEIGHTS, CheckpointError, load_state_dict, read_model_config, save_config
 from .data import val_windows
 from .generate import SamplingConfig, decode_tokens
 from .gpt import GPT
@@ -164,12 +163,8 @@ def _qlinear(name: str, linear: nn.Linear, state: dict[str, torch.Tensor], where
 def load_int8(ckpt_dir: str | Path) -> tuple[GPT, dict[str, Any]]:
     """The quantized GPT of an int8 checkpoint directory (eval mode, CPU) and its config.json; no unpickling."""
     ckpt_dir = Path(ckpt_dir)
-    cfg = read_config(ckpt_dir)
+    cfg, config = read_model_config(ckpt_dir)
     where = str(ckpt_dir / WEIGHTS)
-    try:
-        config = GPTConfig.from_dict(cfg["model"])
-    except (TypeError, ValueError) as e:
-        raise CheckpointError(f"{ckpt_dir / CONFIG} has an invalid model config: {e}") from None
     state = dict(load_state_dict(ckpt_dir / WEIGHTS))
     set_engine()
     model = GPT(config).eval()
