@@ -8,7 +8,7 @@ import time
 from pathlib import Path
 
 from model.checkpoint import CheckpointError
-from model.hf import export_checkpoint
+from model.hf import SAFETENSORS, export_checkpoint
 from model.tokenizer import TokenizerError
 
 
@@ -25,7 +25,7 @@ def main(argv: list[str] | None = None) -> int:
     except (CheckpointError, TokenizerError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    size = (Path(out) / "model.safetensors").stat().st_size
+    size = (Path(out) / SAFETENSORS).stat().st_size
     print(f"wrote {out} (model.safetensors {size / 1e6:.1f} MB, config.json, vocab.json, merges.txt) in {time.perf_counter() - t0:.1f} s; "
           f"load it with transformers.GPT2LMHeadModel.from_pretrained({str(out)!r})")
     return 0
