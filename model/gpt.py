@@ -20,17 +20,17 @@ class KVCache(nn.Module):
         self.register_buffer("k", torch.zeros(shape, dtype=dtype), persistent=False)
         self.register_buffer("v", torch.zeros(shape, dtype=dtype), persistent=False)
 
-    def update(self, input_pos: torch.Tensor | slice, k: torch.Tensor, v: torch.Tensor, kv_len: int):
-        """Store k, v (b, H, T, D) at input_pos (positions, or a slice of them) and return the first b rows of the
-        cache up to kv_len.
+    def update(self, input_pos: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Store k, v (b, H, T, D) at input_pos and return the first b rows of the whole cache.
 
-        A batch of 1 written into a larger cache fills every row: a shared prompt is prefilled once and
-        serves all sequences (valid when that write covers every position up to kv_len, as a prefill does).
+        A batch of 1 is written into every row: a shared prompt is prefilled once and serves all sequences.
+        No shape depends on the positions' values, so a decode step can be traced once and replayed.
         """
-        self.k[:, :, input_pos] = k.to(self.k.dtype)
-        self.v[:, :, input_pos] = v.to(self.v.dtype)
         b = k.shape[0]
-        return self.k[:b, :, :kv_len], self.v[:b, :, :kv_len]
+        keys, values = (self.k, self.v) if b == 1 else (self.k[:b], self.v[:b])
+        keys[:, :, input_pos] = k.to(keys.dtype)
+        values[:, :, input_pos] = v.to(values.dtype)
+        return self.k[:b], self.v[:b]
 
 
 class CausalSelfAttention(nn.Module):
@@ -44,8 +44,8 @@ class CausalSelfAttention(nn.Module):
         self.resid_dropout = nn.Dropout(config.dropout)
         self.kv_cache: KVCache | None = None
 
-    def forward(self, x: torch.Tensor, input_pos: torch.Tensor | slice | None = None,
-                mask: torch.Tensor | None = None, kv_len: int = 0) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, input_pos: torch.Tensor | None = None,
+                mask: torch.Tensor | None = None) -> torch.Tensor:
         B, T, C = x.shape
         q, k, v = self.c_attn(x).split(self.n_embd, dim=2)
         hd = C // self.n_head
@@ -53,8 +53,7 @@ class CausalSelfAttention(nn.Module):
         k = k.view(B, T, self.n_head, hd).transpose(1, 2)
         v = v.view(B, T, self.n_head, hd).transpose(1, 2)
         if self.kv_cache is not None and input_pos is not None:
-            # mask None: every cached position up to kv_len is visible (a one-token decode step).
-            k, v = self.kv_cache.update(input_pos, k, v, kv_len)
+            k, v = self.kv_cache.update(input_pos, k, v)
             y = F.scaled_dot_product_attention(q, k.to(q.dtype), v.to(q.dtype), attn_mask=mask)
         else:
             y = F.scaled_dot_product_attention(
@@ -86,9 +85,9 @@ class Block(nn.Module):
         self.ln_2 = nn.LayerNorm(config.n_embd, bias=config.bias)
         self.mlp = MLP(config)
 
-    def forward(self, x: torch.Tensor, input_pos: torch.Tensor | slice | None = None,
-                mask: torch.Tensor | None = None, kv_len: int = 0) -> torch.Tensor:
-        x = x + self.attn(self.ln_1(x), input_pos, mask, kv_len)
+    def forward(self, x: torch.Tensor, input_pos: torch.Tensor | None = None,
+                mask: torch.Tensor | None = None) -> torch.Tensor:
+        x = x + self.attn(self.ln_1(x), input_pos, mask)
         return x + self.mlp(self.ln_2(x))
 
 
@@ -112,6 +111,8 @@ class GPT(nn.Module):
             if name.endswith("c_proj.weight"):
                 nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * config.n_layer))
         self.causal_mask: torch.Tensor | None = None
+        # Traced cached forwards (model.trace.cached_forward) by input shape; bound to the current caches.
+        self.traces: dict[tuple[int, ...], torch.jit.ScriptModule] = {}
 
     @staticmethod
     def _init_weights(module: nn.Module) -> None:
@@ -130,19 +131,32 @@ class GPT(nn.Module):
         return n
 
     def setup_caches(self, batch_size: int, max_len: int | None = None, dtype: torch.dtype | None = None) -> None:
-        """Preallocate a KV cache in every layer for batch_size sequences of up to max_len tokens."""
+        """Preallocate a KV cache in every layer for batch_size sequences of up to max_len tokens.
+
+        Caches that already hold at least batch_size rows of that length and dtype are kept as they are, so a
+        traced decode step (model.traced) bound to them stays valid from one request to the next.
+        """
         max_len = min(max_len or self.config.block_size, self.config.block_size)
         dtype = dtype or self.transformer.wpe.weight.dtype
         device = self.transformer.wpe.weight.device
+        cache = self.transformer.h[0].attn.kv_cache
+        if (cache is not None and cache.k.shape[0] >= batch_size and cache.k.shape[2] == max_len
+                and cache.k.dtype == dtype and cache.k.device == device):
+            return
         hd = self.config.n_embd // self.config.n_head
         for block in self.transformer.h:
             block.attn.kv_cache = KVCache(batch_size, self.config.n_head, max_len, hd, dtype).to(device)
-        self.causal_mask = torch.tril(torch.ones(max_len, max_len, dtype=torch.bool, device=device))
+        # Additive (0 or -inf) rather than boolean: SDPA would convert a boolean mask on every call.
+        causal = torch.ones(max_len, max_len, dtype=torch.bool, device=device).tril()
+        self.causal_mask = torch.zeros(max_len, max_len, dtype=dtype, device=device).masked_fill(~causal, float("-inf"))
+        self.traces = {}
 
     def clear_caches(self) -> None:
+        """Free the KV caches and the traces bound to them."""
         for block in self.transformer.h:
             block.attn.kv_cache = None
         self.causal_mask = None
+        self.traces = {}
 
     def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None,
                 input_pos: torch.Tensor | None = None, last_only: bool = False):
@@ -156,19 +170,15 @@ class GPT(nn.Module):
             if T > self.config.block_size:
                 raise ValueError(f"Sequence of {T} tokens exceeds the context of {self.config.block_size}.")
             pos = torch.arange(T, device=idx.device)
-            mask, kv_len, where = None, 0, None
+            mask = None
         else:
             if self.causal_mask is None:
                 raise RuntimeError("Call setup_caches() before passing input_pos.")
             pos = input_pos
-            start, kv_len = int(input_pos[0]), int(input_pos[-1]) + 1
-            # A single new token sees the whole cache, so it needs no mask (SDPA's fastest path).
-            mask = None if T == 1 else self.causal_mask[input_pos, :kv_len].view(1, 1, T, kv_len)
-            # Consecutive positions (all generation uses) are written to the cache as a slice: a plain copy.
-            where = slice(start, kv_len) if kv_len - start == T else input_pos
+            mask = self.causal_mask[input_pos][None, None]  # (1, 1, T, cache length): the whole cache, masked
         x = self.transformer.drop(self.transformer.wte(idx) + self.transformer.wpe(pos))
         for block in self.transformer.h:
-            x = block(x, where, mask, kv_len)
+            x = block(x, input_pos, mask)
         x = self.transformer.ln_f(x)
         if last_only:
             x = x[:, -1:, :]

@@ -1,0 +1,108 @@
+"""Traced cached forwards (model.trace): same logits and tokens as the eager forward, reuse across requests, caches kept."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+from model.config import GPTConfig
+from model.generate import SamplingConfig, decode_tokens, draw
+from model.gpt import GPT
+from model.trace import cached_forward, eager_forward
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def tiny_gpt(vocab: int = 128, block: int = 32) -> GPT:
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(block_size=block, vocab_size=vocab, n_layer=2, n_head=2, n_embd=32)).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() == 2:
+                p.normal_(0.0, 0.5)  # large weights: outputs depend on the context
+    return model
+
+
+def int8_gpt() -> GPT:
+    from model.quantize import quantize_model
+
+    return quantize_model(tiny_gpt())
+
+
+def tokens(model: GPT, num_samples: int, sampling: SamplingConfig, traced: bool, prompt=(3, 4, 5, 6)) -> list[list[int]]:
+    steps = [t.tolist() for t in decode_tokens(model, list(prompt), num_samples, sampling, 128, traced=traced)]
+    return [list(col) for col in zip(*steps, strict=True)]
+
+
+@pytest.mark.parametrize("make", [tiny_gpt, int8_gpt], ids=["fp32", "int8"])
+def test_traced_logits_equal_eager_logits_step_by_step(make):
+    """Two copies of one model: every one-token step and a window slide give the same logits traced and eager."""
+    eager_model = make()
+    traced_model = copy.deepcopy(eager_model)
+    x = torch.randint(0, 128, (3, 48), generator=torch.Generator().manual_seed(0))
+    x[:, :6] = x[0, :6]  # a shared prompt
+    with torch.inference_mode():
+        outs = {}
+        for name, model in (("eager", eager_model), ("traced", traced_model)):
+            model.setup_caches(3)
+            prefill = eager_forward(model)(x[:1, :6], torch.arange(6))
+            step = cached_forward(model, 3, 1) if name == "traced" else eager_forward(model)
+            logits = [step(x[:, t:t + 1], torch.tensor([t])) for t in range(6, 32)]
+            slide = cached_forward(model, 3, 16) if name == "traced" else eager_forward(model)
+            logits.append(slide(x[:, 24:40], torch.arange(16)))  # the window slid: 16 kept tokens at positions 0..15
+            logits += [step(x[:, t:t + 1], torch.tensor([t - 24])) for t in range(40, 48)]  # positions 16..23
+            outs[name] = torch.stack([prefill.expand(3, -1)] + logits)
+    torch.testing.assert_close(outs["traced"], outs["eager"], atol=1e-5, rtol=1e-5)
+    assert not torch.equal(outs["traced"][1], outs["traced"][2])  # the steps really differ from one another
+
+
+@pytest.mark.parametrize("make", [tiny_gpt, int8_gpt], ids=["fp32", "int8"])
+def test_traced_engine_gives_the_eager_engines_tokens(make):
+    """Seeded sampling past the context (so the window slides) and greedy decoding: the same tokens either way."""
+    model = make()
+    for sampling in (SamplingConfig(max_new_tokens=70, top_k=20, seed=3), SamplingConfig(max_new_tokens=70, temperature=0)):
+        assert tokens(model, 3, sampling, traced=True) == tokens(model, 3, sampling, traced=False)
+
+
+def test_traces_are_made_once_per_shape_and_reused_across_requests():
+    model, sampling = tiny_gpt(), SamplingConfig(max_new_tokens=40, top_k=20, seed=1)
+    fresh = {n: tokens(tiny_gpt(), n, sampling, traced=False) for n in (1, 3)}
+    assert tokens(model, 3, sampling, traced=True) == fresh[3]
+    made = dict(model.traces)
+    assert sorted(k[:2] for k in made) == [(3, 1), (3, 16)]  # the one-token step and the slide of half the context
+    assert tokens(model, 1, sampling, traced=True) == fresh[1]  # fewer rows: the same caches, a trace of its own
+    assert tokens(model, 3, sampling, traced=True) == fresh[3]
+    assert all(model.traces[k] is t for k, t in made.items())  # not traced again
+    model.setup_caches(5)  # more rows than the caches hold: new caches, and the traces bound to the old ones go
+    assert model.traces == {}
+    assert tokens(model, 3, sampling, traced=True) == fresh[3]
+
+
+def test_tracing_leaves_the_caches_as_they_were():
+    """Tracing runs the forward once on example input; the caches it wrote are put back."""
+    model = tiny_gpt()
+    with torch.inference_mode():
+        model.setup_caches(2)
+        eager_forward(model)(torch.tensor([[5, 6, 7, 8]]), torch.arange(4))
+        before = [(b.attn.kv_cache.k.clone(), b.attn.kv_cache.v.clone()) for b in model.transformer.h]
+        cached_forward(model, 2, 3)
+        after = [(b.attn.kv_cache.k, b.attn.kv_cache.v) for b in model.transformer.h]
+    assert all(torch.equal(a, b) for pair_a, pair_b in zip(before, after, strict=True) for a, b in zip(pair_a, pair_b, strict=True))
+    assert before[0][0].abs().sum() > 0
+
+
+def test_draw_follows_the_probabilities():
+    """The exponential race picks index i with probability p_i (and never one with p_i = 0)."""
+    probs = torch.tensor([[0.5, 0.3, 0.0, 0.2]]).expand(40_000, -1)
+    got = draw(probs, torch.Generator().manual_seed(0))
+    freq = torch.bincount(got, minlength=4).float() / got.numel()
+    torch.testing.assert_close(freq, torch.tensor([0.5, 0.3, 0.0, 0.2]), atol=0.01, rtol=0)
+    assert int((got == 2).sum()) == 0
