@@ -5,10 +5,12 @@
 Grid: fp32 / int8 x prompts of 8 / 512 tokens x 1 / 3 return sequences, top-k 50, 200 new tokens per sequence, for
   naive       the original loop: one sequence at a time, the plain forward over the whole window every step
   naive-last  the same, but computing the logits of the last position only (nanoGPT's trick)
-  ours        model.generate's engine: one prompt prefill, all sequences decoded together over a KV cache
+  ours-eager  model.generate's engine run eagerly: one prompt prefill, all sequences decoded together over a KV cache
+  ours        the same engine as it runs by default: its one-token steps and window slides replay TorchScript traces
 The naive loops handle sequences one after another, so their tokens/s does not depend on the number of return
 sequences: they are timed with one. Every repeat runs every cell once, in turn, so load from other processes
 hits all alike; tokens/s is the median over repeats, a speed-up the median of the per-repeat ratios.
+It also times, for the int8 model, the int8 Linear kernels of one decode step on their own: a floor for a step.
 Writes bench/results/generation.json and generation.png. Not a test: numbers depend on the machine and its load.
 """
 
@@ -26,6 +28,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
+import torch.ao.nn.quantized.dynamic as nnqd  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -41,6 +44,7 @@ from model.tokenizer import TokenizerError, gpt2, padded_vocab_size  # noqa: E40
 
 RESULTS = Path(__file__).resolve().parent / "results"
 NAIVE = ("naive", "naive-last")
+OURS = ("ours-eager", "ours")
 PROMPT = "Hello, my name is"  # the app's example prompt; repeated and cut to the wanted token counts
 
 
@@ -92,9 +96,26 @@ def time_cell(engine: str, model: torch.nn.Module, prompt_ids: list[int], num_sa
         for _ in range(num_samples):
             naive_tokens(model, prompt_ids, sampling, n_vocab, gen, last_only=engine == "naive-last")
     else:
-        for _ in decode_tokens(model, prompt_ids, num_samples, sampling, n_vocab):
+        for _ in decode_tokens(model, prompt_ids, num_samples, sampling, n_vocab, traced=engine == "ours"):
             pass
     return time.perf_counter() - start
+
+
+@torch.inference_mode()
+def int8_linear_ms(model: torch.nn.Module, batch: int, repeats: int = 200) -> tuple[float, int]:
+    """Milliseconds that one decode step's int8 Linear kernels take on their own (called back to back, batch rows of
+    one token each; median of 5 rounds), and how many there are: no engine can make a step faster than this."""
+    linears = [m for m in model.modules() if isinstance(m, nnqd.Linear)]
+    calls = [(torch.randn(batch, m.in_features), m._packed_params._packed_params) for m in linears]
+    op = torch.ops.quantized.linear_dynamic
+    rounds = []
+    for _ in range(6):
+        start = time.perf_counter()
+        for _ in range(repeats):
+            for x, packed in calls:
+                op(x, packed, True)
+        rounds.append((time.perf_counter() - start) / repeats * 1e3)
+    return statistics.median(rounds[1:]), len(linears)
 
 
 def run(args: argparse.Namespace) -> dict:
@@ -102,11 +123,14 @@ def run(args: argparse.Namespace) -> dict:
     sampling = SamplingConfig(max_new_tokens=args.max_new_tokens, temperature=1.0, top_k=50, seed=0)
     # Each engine right after the naive loops on the same weights and prompt, so compared cells run close in time.
     cells = [c for p in args.prompt_tokens for kind in models
-             for c in [(e, kind, 1, p) for e in NAIVE] + [("ours", kind, n, p) for n in args.num_samples]]
+             for c in [(e, kind, 1, p) for e in NAIVE] + [(e, kind, n, p) for n in args.num_samples for e in OURS]]
     times: dict[tuple, list[float]] = {c: [] for c in cells}
     prompts = {p: prompt_of(tokenizer, p) for p in args.prompt_tokens}
-    for model in models.values():  # warm-up: first calls allocate and pick kernels
-        time_cell("ours", model, prompts[args.prompt_tokens[0]], 1, SamplingConfig(max_new_tokens=4), tokenizer.n_vocab)
+    warm = SamplingConfig(max_new_tokens=models["fp32"].config.block_size + 2)  # past the context: a slide too
+    for model in models.values():  # warm-up: first calls allocate, pick kernels and make the traces
+        for n in sorted(args.num_samples, reverse=True):  # the largest first: its caches then serve all
+            for engine in OURS:
+                time_cell(engine, model, prompts[args.prompt_tokens[0]], n, warm, tokenizer.n_vocab)
     with tqdm(total=len(cells) * args.repeats, desc="generation bench", unit="cell") as bar:
         for _ in range(args.repeats):
             for cell in cells:
@@ -119,34 +143,51 @@ def run(args: argparse.Namespace) -> dict:
         rows.append({"engine": engine, "weights": kind, "num_samples": n, "prompt_tokens": p,
                      "new_tokens": n * args.max_new_tokens, "seconds": secs, "tokens_per_s": n * args.max_new_tokens / secs,
                      "all_seconds": times[(engine, kind, n, p)]})
-    for r in rows:  # speed-up of ours over the naive loops on the same weights and prompt
-        if r["engine"] == "ours":
-            for e in NAIVE:
+    for r in rows:  # speed-up of ours over the naive loops (and of the traced engine over the eager one)
+        if r["engine"] in OURS:
+            for e in NAIVE + ("ours-eager",):
                 # Median over repeats of the ratio within each repeat: robust to load that changes between repeats.
                 base = naive_of(rows, r, e)
                 pairs = zip(r["all_seconds"], base["all_seconds"], strict=True)
                 ratios = [(r["new_tokens"] / t) / (base["new_tokens"] / b) for t, b in pairs]
                 r[f"speedup_vs_{e}"] = statistics.median(ratios)
+    floor_ms, n_linears = int8_linear_ms(models["int8"], max(args.num_samples))
     return {"source": source, "block_size": models["fp32"].config.block_size, "max_new_tokens": args.max_new_tokens,
-            "top_k": 50, "repeats": args.repeats, "torch_threads": torch.get_num_threads(), "rows": rows}
+            "top_k": 50, "repeats": args.repeats, "torch_threads": torch.get_num_threads(), "rows": rows,
+            "int8_linears_per_step": n_linears, "int8_linear_ms_per_step": floor_ms, "floor_batch": max(args.num_samples)}
 
 
 def naive_of(rows: list[dict], r: dict, engine: str) -> dict:
-    """The row of a naive engine with the same weights and prompt as row r."""
-    return next(b for b in rows if b["engine"] == engine and all(b[k] == r[k] for k in ("weights", "prompt_tokens")))
+    """The row of engine with the same weights and prompt as row r (the same number of sequences, for ours)."""
+    keys = ("weights", "prompt_tokens") + (("num_samples",) if engine in OURS else ())
+    return next(b for b in rows if b["engine"] == engine and all(b[k] == r[k] for k in keys))
 
 
 def table(result: dict) -> str:
     """A Markdown table of the results."""
-    lines = ["| prompt tokens | return seqs | weights | naive tok/s | naive-last tok/s | ours tok/s | ours / naive | ours / naive-last |",
-             "|---:|---:|---|---:|---:|---:|---:|---:|"]
+    lines = ["| prompt tokens | return seqs | weights | naive tok/s | naive-last tok/s | ours eager tok/s | ours tok/s "
+             "| ours / naive | ours / naive-last | traced / eager |",
+             "|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|"]
     for r in result["rows"]:
         if r["engine"] != "ours":
             continue
-        a, b = (naive_of(result["rows"], r, e)["tokens_per_s"] for e in NAIVE)
-        lines.append(f"| {r['prompt_tokens']} | {r['num_samples']} | {r['weights']} | {a:.1f} | {b:.1f} | {r['tokens_per_s']:.1f} | "
-                     f"{r['speedup_vs_naive']:.1f}x | {r['speedup_vs_naive-last']:.1f}x |")
+        a, b, c = (naive_of(result["rows"], r, e)["tokens_per_s"] for e in NAIVE + ("ours-eager",))
+        lines.append(f"| {r['prompt_tokens']} | {r['num_samples']} | {r['weights']} | {a:.1f} | {b:.1f} | {c:.1f} "
+                     f"| {r['tokens_per_s']:.1f} | {r['speedup_vs_naive']:.1f}x | {r['speedup_vs_naive-last']:.1f}x "
+                     f"| {r['speedup_vs_ours-eager']:.2f}x |")
     return "\n".join(lines)
+
+
+def anatomy(result: dict) -> str:
+    """A line on the int8 decode step of the most sequences, shortest prompt: its time against its kernels' floor."""
+    rows = [r for r in result["rows"] if r["engine"] == "ours" and r["weights"] == "int8" and r["num_samples"] == result["floor_batch"]]
+    r = min(rows, key=lambda r: r["prompt_tokens"])
+    step_ms = r["seconds"] / result["max_new_tokens"] * 1e3
+    naive = naive_of(result["rows"], r, "naive")
+    budget_ms = r["num_samples"] / (20 * naive["tokens_per_s"]) * 1e3  # per-step time at which ours / naive = 20
+    return (f"int8, {r['num_samples']} sequences, {r['prompt_tokens']}-token prompt: ours takes {step_ms:.3f} ms a step "
+            f"(slides, sampling and Python included); its {result['int8_linears_per_step']} int8 Linear kernels alone take "
+            f"{result['int8_linear_ms_per_step']:.3f} ms; 20x the naive loop would need {budget_ms:.3f} ms a step.")
 
 
 def plot(result: dict, path: Path) -> None:
@@ -155,10 +196,11 @@ def plot(result: dict, path: Path) -> None:
     labels = [f"{r['weights']}\n{r['num_samples']} seq\n{r['prompt_tokens']} tok" for r in ours]
     x = range(len(ours))
     fig, ax = plt.subplots(figsize=(max(6, 1.3 * len(ours)), 4))
-    for j, (engine, label) in enumerate((("naive", "naive loop"), ("naive-last", "naive, last-position logits"),
-                                         ("ours", "ours (KV cache, batched)"))):
+    bars = (("naive", "naive loop"), ("naive-last", "naive, last-position logits"),
+            ("ours-eager", "ours, eager (KV cache, batched)"), ("ours", "ours, traced (default)"))
+    for j, (engine, label) in enumerate(bars):
         speeds = [(r if engine == "ours" else naive_of(result["rows"], r, engine))["tokens_per_s"] for r in ours]
-        ax.bar([i + (j - 1) * 0.27 for i in x], speeds, width=0.27, label=label)
+        ax.bar([i + (j - 1.5) * 0.2 for i in x], speeds, width=0.2, label=label)
     ax.set_xticks(list(x), labels, fontsize=8)
     ax.set_yscale("log")
     ax.set_ylabel("tokens/s")
@@ -197,6 +239,7 @@ def main() -> int:
     print(f"{result['source']}; context {result['block_size']}, {args.max_new_tokens} new tokens per sequence, "
           f"top-k 50, median of {args.repeats}, {result['torch_threads']} torch threads")
     print(table(result))
+    print(anatomy(result))
     print(f"wrote {out} and {out.with_suffix('.png')}")
     return 0
 

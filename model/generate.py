@@ -188,7 +188,8 @@ def decode_tokens(model: torch.nn.Module, prompt_ids: list[int], num_samples: in
                 logits = step_forward(nxt.view(-1, 1), positions[pos:pos + 1])[:, :n_vocab]
                 pos += 1
             else:  # cache full: slide the window, recomputing the cache once for the kept tokens
-                logits = forward(keep)(tokens[:, end - keep:end], positions[:keep])[:, :n_vocab]
+                # contiguous: a trace replays its optimized graph only for inputs laid out as when it was made
+                logits = forward(keep)(tokens[:, end - keep:end].contiguous(), positions[:keep])[:, :n_vocab]
                 pos = keep
     finally:
         model.train(was_training)

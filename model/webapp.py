@@ -19,13 +19,14 @@ import torch  # noqa: E402
 
 from .checkpoint import CheckpointError, read_json  # noqa: E402
 from .config import GPTConfig  # noqa: E402
-from .generate import SamplingConfig, prompt_tokens, stream  # noqa: E402
+from .generate import SamplingConfig, decode_tokens, prompt_tokens, stream  # noqa: E402
 from .gpt import GPT  # noqa: E402
 from .load import Loaded, load  # noqa: E402
 
 DEFAULT_CKPT = Path("out") / "int8"  # where quantize.py writes by default
 CKPT_ENV = "SMALLGPT_CKPT"
 MAX_SEQUENCES = 5  # sequence boxes in the UI; the API returns one string per box
+DEFAULT_SEQUENCES = 3  # the UI's and the API's default
 MAX_NEW_TOKENS = 500  # with MAX_SEQUENCES, bounds one request so it cannot starve the others
 MAX_PROMPT_CHARS = 20_000  # longer prompts are cut (keeping the end) before tokenizing
 CONCURRENCY = 2  # requests generating at once: one per vCPU on a 2-vCPU Space, each with its own model copy
@@ -57,6 +58,17 @@ class ModelPool:
         self.copies: queue.Queue[Loaded] = queue.Queue()
         for copy in loaded:
             self.copies.put(copy)
+
+    def warm_up(self, num_sequences: int = DEFAULT_SEQUENCES) -> None:
+        """Generate once with every copy, past the context, so that the default request's traced decode step and
+        window slide (model.trace) are made and optimized before the first visitor arrives (about 0.5 s a copy)."""
+        sampling = SamplingConfig(max_new_tokens=self.first.config.block_size + 2, seed=0)
+        for _ in range(self.size):
+            with self.borrow() as loaded:
+                loaded.model.setup_caches(MAX_SEQUENCES)  # caches for the largest request: no request reallocates them
+                ids = prompt_tokens(loaded.tokenizer, EXAMPLES[0])
+                for _ in decode_tokens(loaded.model, ids, num_sequences, sampling, loaded.tokenizer.n_vocab):
+                    pass
 
     @contextmanager
     def borrow(self) -> Iterator[Loaded]:
@@ -186,7 +198,7 @@ def next_token_table(pool: ModelPool, prompt: str, k: int = 10) -> pd.DataFrame:
 def build_demo(pool: ModelPool) -> gr.Blocks:
     """The UI; its "generate" endpoint takes prompt (named) and returns one string per sequence box."""
 
-    def generate(prompt: str, max_new_tokens: float = 200, num_sequences: float = 3, temperature: float = 0.8,
+    def generate(prompt: str, max_new_tokens: float = 200, num_sequences: float = DEFAULT_SEQUENCES, temperature: float = 0.8,
                  top_k: float = 50, top_p: float = 1.0, seed: float = -1) -> Iterator[tuple[str, ...]]:
         prompt, n, sampling, notes = check_request(prompt, max_new_tokens, num_sequences, temperature, top_k, top_p, seed, pool)
         for note in notes:
@@ -214,7 +226,7 @@ def build_demo(pool: ModelPool) -> gr.Blocks:
                 gr.Examples(examples=[[e] for e in EXAMPLES], inputs=[prompt], label="Examples (click one)")
             with gr.Column(scale=1):
                 max_new = gr.Slider(1, MAX_NEW_TOKENS, value=200, step=1, label="max new tokens")
-                num = gr.Slider(1, MAX_SEQUENCES, value=3, step=1, label="number of sequences")
+                num = gr.Slider(1, MAX_SEQUENCES, value=DEFAULT_SEQUENCES, step=1, label="number of sequences")
                 temperature = gr.Slider(0, 2, value=0.8, step=0.05, label="temperature", info="0 = greedy")
                 top_k = gr.Slider(0, 200, value=50, step=1, label="top-k", info="0 = off")
                 top_p = gr.Slider(0.05, 1, value=1.0, step=0.05, label="top-p")
@@ -242,6 +254,7 @@ def launch(pool: ModelPool, host: str | None = None, port: int | None = None, sh
     if os.environ.get("SPACE_ID"):
         host, port, share = host or "0.0.0.0", port or 7860, False
     set_threads(pool.size)
+    pool.warm_up()
     demo = build_demo(pool)
     demo.queue(default_concurrency_limit=pool.size, max_size=64)
     demo.launch(server_name=host, server_port=port, share=share, prevent_thread_lock=prevent_thread_lock,

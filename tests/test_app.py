@@ -128,6 +128,20 @@ def test_next_token_probabilities(server):
         client.predict(prompt="", api_name="/next_tokens")
 
 
+def test_warm_up_traces_the_default_request_on_every_copy(tmp_path, gpt2_tokenizer):
+    """Before serving: the default request's traced step and slide exist on every copy, over caches for any request."""
+    from model.webapp import DEFAULT_SEQUENCES, ModelPool
+
+    pool = ModelPool(tiny_checkpoint(tmp_path, gpt2_tokenizer), copies=2)
+    copies = list(pool.copies.queue)
+    assert all(loaded.model.traces == {} for loaded in copies)
+    pool.warm_up()
+    for loaded in copies:
+        block = loaded.config.block_size
+        assert {k[:2] for k in loaded.model.traces} == {(DEFAULT_SEQUENCES, 1), (DEFAULT_SEQUENCES, block // 2)}
+        assert loaded.model.transformer.h[0].attn.kv_cache.k.shape[0] == MAX_SEQUENCES
+
+
 def test_model_card_reads_the_report(server):
     _, pool, _ = server
     card = model_card(pool)
