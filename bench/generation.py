@@ -21,6 +21,7 @@ import json
 import statistics
 import sys
 import time
+import warnings
 from pathlib import Path
 
 import matplotlib
@@ -101,19 +102,31 @@ def time_cell(engine: str, model: torch.nn.Module, prompt_ids: list[int], num_sa
     return time.perf_counter() - start
 
 
+class _Linears(torch.nn.Module):
+    """Each Linear applied to its own input: a decode step's matrix products without anything in between."""
+
+    def __init__(self, linears: list[torch.nn.Module]):
+        super().__init__()
+        self.linears = torch.nn.ModuleList(linears)
+
+    def forward(self, *xs: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        return tuple(linear(x) for linear, x in zip(self.linears, xs, strict=True))
+
+
 @torch.inference_mode()
 def int8_linear_ms(model: torch.nn.Module, batch: int, repeats: int = 200) -> tuple[float, int]:
-    """Milliseconds that one decode step's int8 Linear kernels take on their own (called back to back, batch rows of
-    one token each; median of 5 rounds), and how many there are: no engine can make a step faster than this."""
+    """Milliseconds that one decode step's int8 Linear kernels take on their own, replayed as one TorchScript trace
+    (as the engine runs them; batch rows of one token; median of 5 rounds), and how many there are: a floor."""
     linears = [m for m in model.modules() if isinstance(m, nnqd.Linear)]
-    calls = [(torch.randn(batch, m.in_features), m._packed_params._packed_params) for m in linears]
-    op = torch.ops.quantized.linear_dynamic
+    xs = tuple(torch.randn(batch, 1, m.in_features) for m in linears)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", category=DeprecationWarning)
+        traced = torch.jit.trace(_Linears(linears), xs, check_trace=False)
     rounds = []
-    for _ in range(6):
+    for _ in range(6):  # the first round warms up (TorchScript optimizes a trace over its first calls)
         start = time.perf_counter()
         for _ in range(repeats):
-            for x, packed in calls:
-                op(x, packed, True)
+            traced(*xs)
         rounds.append((time.perf_counter() - start) / repeats * 1e3)
     return statistics.median(rounds[1:]), len(linears)
 

@@ -16,7 +16,11 @@ import torch
 
 from .gpt import GPT
 from .tokenizer import Tokenizer
-from .trace import CachedForward, cached_forward, eager_forward
+from .trace import CachedForward, cached_forward, eager_forward, has_trace
+
+# A fresh trace costs about 0.4 s before it runs at full speed (tracing, then TorchScript's first optimizing calls);
+# on the cpu preset that is won back after about 500 tokens, so a lone shorter request runs eagerly instead.
+TRACE_MIN_TOKENS = 512
 
 
 @dataclass
@@ -129,13 +133,14 @@ def _device(model: torch.nn.Module) -> torch.device:
 
 @torch.inference_mode()
 def decode_tokens(model: torch.nn.Module, prompt_ids: list[int], num_samples: int, sampling: SamplingConfig,
-                  n_vocab: int, keep: int | None = None, traced: bool = True) -> Iterator[torch.Tensor]:
+                  n_vocab: int, keep: int | None = None, traced: bool | None = None) -> Iterator[torch.Tensor]:
     """Yield the next token of each of num_samples sequences (a (num_samples,) tensor) per step.
 
     The prompt is prefilled once (batch 1, shared by all rows); each step then decodes one token for all rows
     together over the KV cache. When the cache is full, the last `keep` tokens (default half the context) are
     re-prefilled at positions 0.. and decoding goes on, so long outputs slide instead of failing. With traced
-    (and a GPT), steps and slides replay TorchScript traces of the same forward; traced=False runs it eagerly.
+    (and a GPT), steps and slides replay TorchScript traces of the same forward (model.trace); traced=False runs it
+    eagerly; None (default) traces when it pays: the traces exist already, or there are TRACE_MIN_TOKENS steps or more.
     """
     if not prompt_ids:
         raise ValueError("The prompt has no tokens; give some text to continue.")
@@ -163,7 +168,8 @@ def decode_tokens(model: torch.nn.Module, prompt_ids: list[int], num_samples: in
     was_training = model.training
     model.eval()
     model.setup_caches(num_samples, block)
-    fast = traced and isinstance(model, GPT)
+    fast = isinstance(model, GPT) and (traced if traced is not None else
+                                       steps >= TRACE_MIN_TOKENS or has_trace(model, num_samples, 1))
     eager = eager_forward(model)
 
     def forward(n_tokens: int) -> CachedForward:  # one step, or a slide: fixed shapes, reused every request
@@ -258,14 +264,15 @@ def prompt_tokens(tokenizer: Tokenizer, prompt: str) -> list[int]:
 
 
 def stream(model: torch.nn.Module, tokenizer: Tokenizer, prompt: str, num_samples: int = 1,
-           sampling: SamplingConfig = DEFAULT_SAMPLING) -> Iterator[list[str]]:
+           sampling: SamplingConfig = DEFAULT_SAMPLING, traced: bool | None = None) -> Iterator[list[str]]:
     """Yields, after each decode step, a list of num_samples strings: the NEW text of each sequence since the previous
-    yield ('' if none). Stops early once every sequence hit <|endoftext|> or a stop string."""
+    yield ('' if none). Stops early once every sequence hit <|endoftext|> or a stop string. traced: as decode_tokens;
+    True suits a server or a session, whose later requests reuse the traces."""
     sampling.validate()
     if int(num_samples) < 1:
         raise ValueError(f"num_samples must be at least 1, got {num_samples}.")
     rows = [_TextRow(tokenizer, tuple(sampling.stop)) for _ in range(num_samples)]
-    steps = decode_tokens(model, prompt_tokens(tokenizer, prompt), num_samples, sampling, tokenizer.n_vocab)
+    steps = decode_tokens(model, prompt_tokens(tokenizer, prompt), num_samples, sampling, tokenizer.n_vocab, traced=traced)
     try:
         for step, nxt in enumerate(steps):
             last = step == sampling.max_new_tokens - 1

@@ -35,13 +35,22 @@ def eager_forward(model: nn.Module) -> CachedForward:
     return lambda idx, input_pos: model(idx, input_pos=input_pos, last_only=True)[0][:, -1]
 
 
+def _key(model: GPT, batch_size: int, n_tokens: int) -> tuple[int, int, int]:
+    # The cache tensor's address too: model.to() swaps buffers for new ones, which a trace made before would not see.
+    return batch_size, n_tokens, model.transformer.h[0].attn.kv_cache.k.data_ptr()
+
+
+def has_trace(model: nn.Module, batch_size: int, n_tokens: int) -> bool:
+    """Whether a trace for this shape exists, bound to the model's current caches (so using it costs nothing extra)."""
+    return isinstance(model, GPT) and model.causal_mask is not None and _key(model, batch_size, n_tokens) in model.traces
+
+
 def cached_forward(model: GPT, batch_size: int, n_tokens: int) -> CachedForward:
     """(idx of shape (batch_size, n_tokens), input_pos) -> last-position logits: a trace of the model's cached forward,
     made on first use and kept in model.traces. Call model.setup_caches() first."""
     if model.causal_mask is None:
         raise RuntimeError("Call setup_caches() before tracing the cached forward.")
-    # The cache tensor's address too: model.to() swaps buffers for new ones, which a trace made before would not see.
-    key = (batch_size, n_tokens, model.transformer.h[0].attn.kv_cache.k.data_ptr())
+    key = _key(model, batch_size, n_tokens)
     if key not in model.traces:
         device = model.causal_mask.device
         example = (torch.zeros(batch_size, n_tokens, dtype=torch.long, device=device), torch.arange(n_tokens, device=device))

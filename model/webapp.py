@@ -67,7 +67,7 @@ class ModelPool:
             with self.borrow() as loaded:
                 loaded.model.setup_caches(MAX_SEQUENCES)  # caches for the largest request: no request reallocates them
                 ids = prompt_tokens(loaded.tokenizer, EXAMPLES[0])
-                for _ in decode_tokens(loaded.model, ids, num_sequences, sampling, loaded.tokenizer.n_vocab):
+                for _ in decode_tokens(loaded.model, ids, num_sequences, sampling, loaded.tokenizer.n_vocab, traced=True):
                     pass
 
     @contextmanager
@@ -178,7 +178,7 @@ def stream_sequences(pool: ModelPool, prompt: str, num_sequences: int, sampling:
     """The full text of every sequence so far, after each decode step (always MAX_SEQUENCES strings)."""
     texts = [""] * num_sequences
     with pool.borrow() as loaded, torch.inference_mode():
-        for new in stream(loaded.model, loaded.tokenizer, prompt, num_sequences, sampling):
+        for new in stream(loaded.model, loaded.tokenizer, prompt, num_sequences, sampling, traced=True):
             texts = [t + piece for t, piece in zip(texts, new, strict=True)]
             yield texts + [""] * (MAX_SEQUENCES - num_sequences)
 

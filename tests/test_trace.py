@@ -106,3 +106,24 @@ def test_draw_follows_the_probabilities():
     freq = torch.bincount(got, minlength=4).float() / got.numel()
     torch.testing.assert_close(freq, torch.tensor([0.5, 0.3, 0.0, 0.2]), atol=0.01, rtol=0)
     assert int((got == 2).sum()) == 0
+
+
+def test_by_default_a_lone_short_request_runs_eagerly_and_a_long_one_or_known_shape_traced(monkeypatch):
+    """traced=None: trace only when it pays (TRACE_MIN_TOKENS steps, or the traces exist already)."""
+    import model.generate as engine
+
+    calls = []
+    real = engine.cached_forward
+    monkeypatch.setattr(engine, "cached_forward", lambda *a: calls.append(a[1:]) or real(*a))
+    monkeypatch.setattr(engine, "TRACE_MIN_TOKENS", 30)
+    model = tiny_gpt()
+    tokens(model, 2, SamplingConfig(max_new_tokens=29, seed=0), traced=None)
+    assert calls == [] and model.traces == {}  # short and never traced: eager
+    tokens(model, 2, SamplingConfig(max_new_tokens=30, seed=0), traced=None)
+    assert {k[:2] for k in model.traces} == {(2, 1), (2, 16)}  # long enough: traced (4 + 30 tokens: a slide too)
+    calls.clear()
+    tokens(model, 2, SamplingConfig(max_new_tokens=5, seed=0), traced=None)
+    assert calls == [(2, 1)]  # short, but the trace exists: used
+    calls.clear()
+    tokens(model, 1, SamplingConfig(max_new_tokens=5, seed=0), traced=None)
+    assert calls == []  # another shape, short: eager
