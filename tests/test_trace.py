@@ -127,3 +127,14 @@ def test_by_default_a_lone_short_request_runs_eagerly_and_a_long_one_or_known_sh
     calls.clear()
     tokens(model, 1, SamplingConfig(max_new_tokens=5, seed=0), traced=None)
     assert calls == []  # another shape, short: eager
+
+
+def test_a_quantized_copy_carries_no_caches_or_traces_of_the_fp32_model():
+    from model.quantize import quantize_model
+
+    model = tiny_gpt()
+    tokens(model, 2, SamplingConfig(max_new_tokens=40, seed=0), traced=True)
+    qmodel = quantize_model(model)
+    assert qmodel.traces == {} and qmodel.transformer.h[0].attn.kv_cache is None
+    assert tokens(qmodel, 2, SamplingConfig(max_new_tokens=40, seed=0), traced=True) == \
+        tokens(qmodel, 2, SamplingConfig(max_new_tokens=40, seed=0), traced=False)
