@@ -6,6 +6,7 @@ import math
 import os
 import queue
 import random
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -29,6 +30,7 @@ MAX_SEQUENCES = 5  # sequence boxes in the UI; the API returns one string per bo
 DEFAULT_SEQUENCES = 3  # the UI's and the API's default
 MAX_NEW_TOKENS = 500  # with MAX_SEQUENCES, bounds one request so it cannot starve the others
 MAX_PROMPT_CHARS = 20_000  # longer prompts are cut (keeping the end) before tokenizing
+UPDATE_INTERVAL_S = 0.05  # streamed text reaches the page at most 20 times a second: smooth, and cheap for Gradio
 CONCURRENCY = 2  # requests generating at once: one per vCPU on a 2-vCPU Space, each with its own model copy
 EXAMPLES = [
     "ROMEO:\n",
@@ -174,13 +176,21 @@ def check_request(prompt: Any, max_new_tokens: Any, num_sequences: Any, temperat
     return prompt, int(n), sampling, notes
 
 
-def stream_sequences(pool: ModelPool, prompt: str, num_sequences: int, sampling: SamplingConfig) -> Iterator[list[str]]:
-    """The full text of every sequence so far, after each decode step (always MAX_SEQUENCES strings)."""
+def stream_sequences(pool: ModelPool, prompt: str, num_sequences: int, sampling: SamplingConfig,
+                     interval: float = UPDATE_INTERVAL_S) -> Iterator[list[str]]:
+    """The full text of every sequence so far (always MAX_SEQUENCES strings): at once after the first decode step, then
+    at most once per interval seconds, and at the end. Every update costs Gradio a few ms, more than a decode step."""
     texts = [""] * num_sequences
+    last, pending = -math.inf, False
     with pool.borrow() as loaded, torch.inference_mode():
         for new in stream(loaded.model, loaded.tokenizer, prompt, num_sequences, sampling, traced=True):
             texts = [t + piece for t, piece in zip(texts, new, strict=True)]
-            yield texts + [""] * (MAX_SEQUENCES - num_sequences)
+            pending = True
+            if time.monotonic() - last >= interval:
+                yield texts + [""] * (MAX_SEQUENCES - num_sequences)
+                last, pending = time.monotonic(), False
+    if pending:
+        yield texts + [""] * (MAX_SEQUENCES - num_sequences)
 
 
 def next_token_table(pool: ModelPool, prompt: str, k: int = 10) -> pd.DataFrame:

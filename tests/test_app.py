@@ -42,7 +42,7 @@ def test_defaults_give_three_sequences(server):
 
 def test_streaming_yields_growing_text(server):
     _, _, client = server
-    job = client.submit(prompt="KING:", max_new_tokens=12, num_sequences=2, seed=5, api_name="/generate")
+    job = client.submit(prompt="KING:", max_new_tokens=300, num_sequences=2, seed=5, api_name="/generate")
     updates = [tuple(u) for u in job]
     final = job.result()
     assert len(updates) >= 3, updates
@@ -50,6 +50,16 @@ def test_streaming_yields_growing_text(server):
         assert all(a.startswith(b) for a, b in zip(after, before, strict=True))
     assert len(updates[0][0]) < len(final[0])
     assert updates[-1] == tuple(final)
+
+
+def test_updates_are_throttled_but_the_last_one_is_the_whole_text(server):
+    """One update per decode step at interval 0; with a long interval only the first step's and the final text."""
+    _, pool, _ = server
+    prompt, n, sampling, _ = check_request("KING:", 40, 2, 0.8, 50, 1.0, 5, pool)
+    every = list(stream_sequences(pool, prompt, n, sampling, interval=0.0))
+    few = list(stream_sequences(pool, prompt, n, sampling, interval=3600.0))
+    assert len(every) == 40 and len(few) == 2
+    assert few[0] == every[0] and few[-1] == every[-1] and len(every[-1][0]) > len(every[0][0])
 
 
 @pytest.mark.parametrize("kw, message", [

@@ -138,3 +138,11 @@ def test_a_quantized_copy_carries_no_caches_or_traces_of_the_fp32_model():
     assert qmodel.traces == {} and qmodel.transformer.h[0].attn.kv_cache is None
     assert tokens(qmodel, 2, SamplingConfig(max_new_tokens=40, seed=0), traced=True) == \
         tokens(qmodel, 2, SamplingConfig(max_new_tokens=40, seed=0), traced=False)
+
+
+def test_draw_makes_torch_multinomials_draw():
+    """Same generator state, same indices as torch.multinomial(probs, 1): seeds keep giving the texts they gave."""
+    probs = torch.softmax(3 * torch.randn(8, 50, generator=torch.Generator().manual_seed(0)), dim=-1)
+    for seed in range(5):
+        expected = torch.multinomial(probs, 1, generator=torch.Generator().manual_seed(seed)).squeeze(1)
+        assert torch.equal(draw(probs, torch.Generator().manual_seed(seed)), expected)
