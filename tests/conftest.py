@@ -6,6 +6,7 @@ import os
 from pathlib import Path
 
 import pytest
+import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared"
@@ -32,3 +33,13 @@ def shakespeare_path() -> Path:
     if not TINY_SHAKESPEARE.is_file():
         pytest.skip(f"Tiny Shakespeare not found at {TINY_SHAKESPEARE} (the ../shared folder beside the project)")
     return TINY_SHAKESPEARE
+
+
+@pytest.fixture
+def one_thread():
+    """Tiny models run fastest on one thread, and far faster than on two threads of a busy 2-core machine.
+    A module that wants it for every test says: pytestmark = pytest.mark.usefixtures("one_thread")."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

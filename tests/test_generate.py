@@ -7,6 +7,7 @@ import io
 import pytest
 import torch
 import torch.nn as nn
+from model_support import tiny_gpt
 
 import generate as cli
 from model.checkpoint import save_config, save_weights
@@ -22,27 +23,10 @@ from model.generate import (
     stream,
     with_setting,
 )
-from model.gpt import GPT
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models run fastest on one thread (and do not fight the other tests' threads for the cores)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-def tiny_gpt(vocab: int = 101, block: int = 32, seed: int = 0) -> GPT:
-    """A tiny random GPT with large weights, so that its greedy output depends on the context (not one token forever)."""
-    torch.manual_seed(seed)
-    model = GPT(GPTConfig(block_size=block, vocab_size=vocab, n_layer=2, n_head=2, n_embd=32)).eval()
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.dim() == 2:
-                p.normal_(0.0, 0.5)
-    return model
 
 
 def greedy(steps: int) -> SamplingConfig:

@@ -4,31 +4,19 @@ from __future__ import annotations
 
 import copy
 
+import model_support
 import pytest
 import torch
 
-from model.config import GPTConfig
 from model.generate import SamplingConfig, decode_tokens, draw
 from model.gpt import GPT
 from model.trace import cached_forward, eager_forward
 
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-def tiny_gpt(vocab: int = 128, block: int = 32) -> GPT:
-    torch.manual_seed(0)
-    model = GPT(GPTConfig(block_size=block, vocab_size=vocab, n_layer=2, n_head=2, n_embd=32)).eval()
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.dim() == 2:
-                p.normal_(0.0, 0.5)  # large weights: outputs depend on the context
-    return model
+def tiny_gpt() -> GPT:
+    return model_support.tiny_gpt(vocab=128)
 
 
 def int8_gpt() -> GPT:

@@ -27,13 +27,7 @@ SMALL = {"preset": "tiny", "n_embd": 32, "block_size": 16, "batch_size": 4, "dty
          "eval_windows": 4, "log_interval": 1}
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models run fastest on one thread, and far faster than on two threads of a busy 2-core machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture
