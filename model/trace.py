@@ -1,7 +1,7 @@
 """A GPT's cached forward at one input shape, traced once with TorchScript and replayed.
 
 On a CPU a small model's decode step is bound by per-operator Python overhead, not arithmetic: on the cpu preset
-about half of each step. The trace runs the very same operators without it. It bakes in the input shape (batch,
+more than half of each eager step. The trace runs the very same operators without it. It bakes in the input shape (batch,
 tokens) and holds the model's weights and KV caches by reference, so one trace per shape serves every request
 until the caches are reallocated (GPT.setup_caches then drops the traces).
 """
@@ -58,6 +58,7 @@ def cached_forward(model: GPT, batch_size: int, n_tokens: int) -> CachedForward:
         saved = [(c.k.clone(), c.v.clone()) for c in caches]  # tracing runs the forward, which writes the caches
         with warnings.catch_warnings():  # TorchScript announces its deprecation on every call; torch is pinned
             warnings.filterwarnings("ignore", message=r"`torch\.jit\.\w+` is deprecated")
+            # KVCache.update branches on the batch size, which is fixed for a trace: the warning does not apply.
             warnings.filterwarnings("ignore", message=r"Converting a tensor to a Python boolean", category=torch.jit.TracerWarning)
             model.traces[key] = torch.jit.trace(_LastLogits(model), example, check_trace=False)
         for c, (k, v) in zip(caches, saved, strict=True):
