@@ -82,9 +82,25 @@ class ModelPool:
             self.copies.put(loaded)
 
 
+CGROUP_CPU_MAX = Path("/sys/fs/cgroup/cpu.max")  # a container's CPU quota (cgroup v2): "QUOTA PERIOD" or "max PERIOD"
+
+
+def available_cpus(cpu_max: Path | None = None) -> int:
+    """The CPUs this process may use: its affinity mask, capped by a container's CPU quota. A 2-vCPU Space runs on a
+    bigger host, whose core count os.cpu_count() reports: threads sized by that would fight over 2 CPUs."""
+    n = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    try:
+        quota, period = (cpu_max or CGROUP_CPU_MAX).read_text().split()
+        if quota != "max":
+            n = min(n, max(1, int(quota) // int(period)))
+    except (OSError, ValueError):
+        pass
+    return max(1, n)
+
+
 def set_threads(concurrency: int = CONCURRENCY) -> int:
-    """Give each concurrent request an equal share of the CPU cores; returns torch's thread count."""
-    threads = max(1, (os.cpu_count() or 1) // max(1, concurrency))
+    """Give each concurrent request an equal share of the available CPUs; returns torch's thread count."""
+    threads = max(1, available_cpus() // max(1, concurrency))
     torch.set_num_threads(threads)
     return threads
 

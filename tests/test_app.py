@@ -152,6 +152,34 @@ def test_warm_up_traces_the_default_request_on_every_copy(tmp_path, gpt2_tokeniz
         assert loaded.model.transformer.h[0].attn.kv_cache.k.shape[0] == MAX_SEQUENCES
 
 
+def test_threads_follow_the_containers_cpu_quota(tmp_path, monkeypatch):
+    """A 2-vCPU container on a 16-core host: 2 CPUs, so 1 torch thread for each of 2 concurrent requests."""
+    import os
+
+    import torch
+
+    from model.webapp import available_cpus, set_threads
+
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(16)))
+    quota = tmp_path / "cpu.max"
+    quota.write_text("200000 100000\n")
+    assert available_cpus(quota) == 2
+    quota.write_text("max 100000\n")
+    assert available_cpus(quota) == 16
+    quota.write_text("50000 100000\n")  # half a CPU still gets one thread
+    assert available_cpus(quota) == 1
+    assert available_cpus(tmp_path / "absent") == 16
+    before = torch.get_num_threads()
+    try:
+        monkeypatch.setattr("model.webapp.CGROUP_CPU_MAX", tmp_path / "absent")
+        assert set_threads(2) == 8 and torch.get_num_threads() == 8
+        quota.write_text("200000 100000\n")
+        monkeypatch.setattr("model.webapp.CGROUP_CPU_MAX", quota)
+        assert set_threads(2) == 1 and torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(before)
+
+
 def test_model_card_reads_the_report(server):
     _, pool, _ = server
     card = model_card(pool)
