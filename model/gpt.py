@@ -110,9 +110,15 @@ class GPT(nn.Module):
         for name, p in self.named_parameters():
             if name.endswith("c_proj.weight"):
                 nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * config.n_layer))
-        self.causal_mask: torch.Tensor | None = None
-        # Traced cached forwards (model.trace.cached_forward) by input shape; bound to the current caches.
-        self.traces: dict[tuple[int, ...], torch.jit.ScriptModule] = {}
+        # Additive causal mask over the KV cache, made by setup_caches; a buffer, so .to() moves it with the caches.
+        self.register_buffer("causal_mask", None, persistent=False)
+        # Traced cached forwards (model.trace.cached_forward), by input shape and the tensors they were traced with.
+        self.traces: dict[tuple, torch.jit.ScriptModule] = {}
+
+    def __getstate__(self) -> dict:
+        """Copies (copy.deepcopy, as quantize_dynamic makes) start without traces: a trace copied along would hold a
+        private copy of every weight and never be used again."""
+        return {**self.__dict__, "traces": {}}
 
     @staticmethod
     def _init_weights(module: nn.Module) -> None:
@@ -134,21 +140,25 @@ class GPT(nn.Module):
         """Preallocate a KV cache in every layer for batch_size sequences of up to max_len tokens.
 
         Caches that already hold at least batch_size rows of that length and dtype are kept as they are, so a
-        traced decode step (model.traced) bound to them stays valid from one request to the next.
+        traced decode step (model.trace) bound to them stays valid from one request to the next. They are ordinary
+        tensors even when made in inference mode, so the model still works outside it afterwards.
         """
         max_len = min(max_len or self.config.block_size, self.config.block_size)
-        dtype = dtype or self.transformer.wpe.weight.dtype
-        device = self.transformer.wpe.weight.device
+        weights = self.transformer.wpe.weight
+        dtype = dtype or weights.dtype
         cache = self.transformer.h[0].attn.kv_cache
         if (cache is not None and cache.k.shape[0] >= batch_size and cache.k.shape[2] == max_len
-                and cache.k.dtype == dtype and cache.k.device == device):
+                and cache.k.dtype == dtype and cache.k.device == weights.device):
             return
         hd = self.config.n_embd // self.config.n_head
-        for block in self.transformer.h:
-            block.attn.kv_cache = KVCache(batch_size, self.config.n_head, max_len, hd, dtype).to(device)
-        # Additive (0 or -inf) rather than boolean: SDPA would convert a boolean mask on every call.
-        causal = torch.ones(max_len, max_len, dtype=torch.bool, device=device).tril()
-        self.causal_mask = torch.zeros(max_len, max_len, dtype=dtype, device=device).masked_fill(~causal, float("-inf"))
+        with torch.inference_mode(False):
+            for block in self.transformer.h:
+                block.attn.kv_cache = KVCache(batch_size, self.config.n_head, max_len, hd, dtype).to(weights.device)
+            # Additive (0 or -inf) rather than boolean, which SDPA would convert on every call; in the weights'
+            # dtype, which the queries have.
+            causal = torch.ones(max_len, max_len, dtype=torch.bool, device=weights.device).tril()
+            self.causal_mask = torch.zeros(max_len, max_len, dtype=weights.dtype, device=weights.device).masked_fill(
+                ~causal, float("-inf"))
         self.traces = {}
 
     def clear_caches(self) -> None:

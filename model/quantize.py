@@ -90,7 +90,6 @@ def quantize_model(model: GPT, scheme: str = "per_channel") -> GPT:
     set_engine()
     block_qconfig = per_channel_dynamic_qconfig if scheme == "per_channel" else default_dynamic_qconfig
     spec = {"transformer.h": block_qconfig, "lm_head": per_channel_dynamic_qconfig}
-    model.clear_caches()  # the copy below must not carry KV caches or traces bound to the fp32 weights
     with _quiet_known_deprecations():
         qmodel = quantize_dynamic(model.eval(), spec, dtype=torch.qint8, inplace=False)
     qmodel.transformer.wte = Int8Embedding.from_head(qmodel.lm_head)
