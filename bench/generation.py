@@ -6,7 +6,7 @@ Grid: fp32 / int8 x prompts of 8 / 512 tokens x 1 / 3 return sequences, top-k 50
   naive       the original loop: one sequence at a time, the plain forward over the whole window every step
   naive-last  the same, but computing the logits of the last position only (nanoGPT's trick)
   ours-eager  model.generate's engine run eagerly: one prompt prefill, all sequences decoded together over a KV cache
-  ours        the same engine as it runs by default: its one-token steps and window slides replay TorchScript traces
+  ours        the same engine as the app runs it: its one-token steps and window slides replay TorchScript traces
 The naive loops handle sequences one after another, so their tokens/s does not depend on the number of return
 sequences: they are timed with one. Every repeat runs every cell once, in turn, so load from other processes
 hits all alike; tokens/s is the median over repeats, a speed-up the median of the per-repeat ratios.
@@ -210,7 +210,7 @@ def plot(result: dict, path: Path) -> None:
     x = range(len(ours))
     fig, ax = plt.subplots(figsize=(max(6, 1.3 * len(ours)), 4))
     bars = (("naive", "naive loop"), ("naive-last", "naive, last-position logits"),
-            ("ours-eager", "ours, eager (KV cache, batched)"), ("ours", "ours, traced (default)"))
+            ("ours-eager", "ours, eager (KV cache, batched)"), ("ours", "ours, traced (as in the app)"))
     for j, (engine, label) in enumerate(bars):
         speeds = [(r if engine == "ours" else naive_of(result["rows"], r, engine))["tokens_per_s"] for r in ours]
         ax.bar([i + (j - 1.5) * 0.2 for i in x], speeds, width=0.2, label=label)

@@ -1,7 +1,8 @@
 """Fast CPU generation: one prompt prefill, batched KV-cached decoding, sampling, stop rules, UTF-8 safe streaming.
 
 The engine only calls model.setup_caches() and model(idx, input_pos=..., last_only=True), so it serves fp32 and
-int8 models alike; for a GPT the one-token step and the window slide run as TorchScript traces (model.trace).
+int8 models alike; for a GPT the one-token step and the window slide can replay TorchScript traces (model.trace):
+always in the app and the interactive session, and by default when it pays (see decode_tokens).
 One model generates one request at a time: the caches, kept for the next request, are per model.
 """
 
@@ -21,6 +22,8 @@ from .trace import CachedForward, cached_forward, eager_forward, has_trace
 # A fresh trace costs about 0.4 s before it runs at full speed (tracing, then TorchScript's first optimizing calls);
 # on the cpu preset that is won back after about 500 tokens, so a lone shorter request runs eagerly instead.
 TRACE_MIN_TOKENS = 512
+# Below this temperature logits / temperature can overflow to inf (NaN probabilities); the limit is greedy anyway.
+GREEDY_BELOW = 1e-5
 
 
 @dataclass
@@ -28,7 +31,7 @@ class SamplingConfig:
     """How to pick each next token, and when to stop."""
 
     max_new_tokens: int = 200
-    temperature: float = 1.0  # 0 means greedy
+    temperature: float = 1.0  # 0 means greedy; so does anything below GREEDY_BELOW
     top_k: int | None = 50  # None or 0 = off
     top_p: float = 1.0  # 1.0 = off
     repetition_penalty: float = 1.0  # 1.0 = off (CTRL-style on logits of tokens already present)
@@ -105,7 +108,7 @@ def sample_next(logits: torch.Tensor, sampling: SamplingConfig, generator: torch
     logits = logits.float()
     if counts is not None:
         logits = apply_penalties(logits, counts, sampling)
-    if sampling.temperature == 0:
+    if sampling.temperature < GREEDY_BELOW:
         return logits.argmax(dim=-1)
     if sampling.temperature != 1.0:
         logits = logits / sampling.temperature
@@ -128,6 +131,11 @@ def draw(probs: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
     return (probs / torch.empty_like(probs).exponential_(1, generator=generator)).argmax(dim=-1)
 
 
+def slide_keep(block_size: int) -> int:
+    """How many tokens a full window keeps when it slides, by default: half the context."""
+    return max(block_size // 2, 1)
+
+
 def _device(model: torch.nn.Module) -> torch.device:
     return next(iter(model.parameters())).device
 
@@ -146,7 +154,7 @@ def decode_tokens(model: torch.nn.Module, prompt_ids: list[int], num_samples: in
     if not prompt_ids:
         raise ValueError("The prompt has no tokens; give some text to continue.")
     block = model.config.block_size
-    keep = keep or max(block // 2, 1)
+    keep = keep or slide_keep(block)
     if not 1 <= keep <= block:
         raise ValueError(f"keep must be between 1 and the context ({block}), got {keep}.")
     steps = int(sampling.max_new_tokens)
@@ -291,9 +299,9 @@ def stream(model: torch.nn.Module, tokenizer: Tokenizer, prompt: str, num_sample
 
 
 def generate(model: torch.nn.Module, tokenizer: Tokenizer, prompt: str, num_samples: int = 1,
-             sampling: SamplingConfig = DEFAULT_SAMPLING) -> list[str]:
-    """The full continuations (without the prompt), one per sample."""
+             sampling: SamplingConfig = DEFAULT_SAMPLING, traced: bool | None = None) -> list[str]:
+    """The full continuations (without the prompt), one per sample. traced: as decode_tokens."""
     out = [""] * num_samples
-    for new in stream(model, tokenizer, prompt, num_samples, sampling):
+    for new in stream(model, tokenizer, prompt, num_samples, sampling, traced=traced):
         out = [a + b for a, b in zip(out, new, strict=True)]
     return out

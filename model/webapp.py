@@ -20,9 +20,10 @@ import torch  # noqa: E402
 
 from .checkpoint import CheckpointError, read_json  # noqa: E402
 from .config import GPTConfig  # noqa: E402
-from .generate import SamplingConfig, decode_tokens, prompt_tokens, stream  # noqa: E402
+from .generate import SamplingConfig, prompt_tokens, slide_keep, stream  # noqa: E402
 from .gpt import GPT  # noqa: E402
 from .load import Loaded, load  # noqa: E402
+from .trace import cached_forward  # noqa: E402
 
 DEFAULT_CKPT = Path("out") / "int8"  # where quantize.py writes by default
 CKPT_ENV = "SMALLGPT_CKPT"
@@ -61,16 +62,18 @@ class ModelPool:
         for copy in loaded:
             self.copies.put(copy)
 
-    def warm_up(self, num_sequences: int = DEFAULT_SEQUENCES) -> None:
-        """Generate once with every copy, past the context, so that the default request's traced decode step and
-        window slide (model.trace) are made and optimized before the first visitor arrives (about 0.5 s a copy)."""
-        sampling = SamplingConfig(max_new_tokens=self.first.config.block_size + 2, seed=0)
+    def warm_up(self) -> None:
+        """Before the first visitor: on every copy, make and optimize the traced one-token step for every number of
+        sequences a request may ask for, and the window slide of the default request (about 1 s a copy here)."""
+        block = self.first.config.block_size
+        shapes = [(n, 1) for n in range(1, MAX_SEQUENCES + 1)] + [(DEFAULT_SEQUENCES, slide_keep(block))]
         for _ in range(self.size):
-            with self.borrow() as loaded:
+            with self.borrow() as loaded, torch.inference_mode():
                 loaded.model.setup_caches(MAX_SEQUENCES)  # caches for the largest request: no request reallocates them
-                ids = prompt_tokens(loaded.tokenizer, EXAMPLES[0])
-                for _ in decode_tokens(loaded.model, ids, num_sequences, sampling, loaded.tokenizer.n_vocab, traced=True):
-                    pass
+                for n, t in shapes:
+                    forward = cached_forward(loaded.model, n, t)
+                    for _ in range(2):  # TorchScript optimizes a trace over its first two calls
+                        forward(torch.zeros(n, t, dtype=torch.long), torch.arange(t))
 
     @contextmanager
     def borrow(self) -> Iterator[Loaded]:
@@ -82,20 +85,30 @@ class ModelPool:
             self.copies.put(loaded)
 
 
-CGROUP_CPU_MAX = Path("/sys/fs/cgroup/cpu.max")  # a container's CPU quota (cgroup v2): "QUOTA PERIOD" or "max PERIOD"
+CGROUP = Path("/sys/fs/cgroup")  # a container's CPU quota: cpu.max (cgroup v2) or cpu/cpu.cfs_quota_us (v1)
 
 
-def available_cpus(cpu_max: Path | None = None) -> int:
+def _cpu_quota(cgroup: Path) -> int | None:
+    """Whole CPUs allowed by a cgroup CPU quota (at least 1), or None when there is none or it cannot be read."""
+    try:
+        quota, period = (cgroup / "cpu.max").read_text().split()  # v2: "QUOTA PERIOD" or "max PERIOD"
+    except (OSError, ValueError):
+        try:  # v1: quota -1 means none
+            quota, period = ((cgroup / "cpu" / name).read_text().strip() for name in ("cpu.cfs_quota_us", "cpu.cfs_period_us"))
+        except OSError:
+            return None
+    try:
+        return max(1, int(quota) // int(period)) if int(quota) > 0 else None
+    except ValueError:  # "max"
+        return None
+
+
+def available_cpus(cgroup: Path | None = None) -> int:
     """The CPUs this process may use: its affinity mask, capped by a container's CPU quota. A 2-vCPU Space runs on a
     bigger host, whose core count os.cpu_count() reports: threads sized by that would fight over 2 CPUs."""
     n = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    try:
-        quota, period = (cpu_max or CGROUP_CPU_MAX).read_text().split()
-        if quota != "max":
-            n = min(n, max(1, int(quota) // int(period)))
-    except (OSError, ValueError):
-        pass
-    return max(1, n)
+    quota = _cpu_quota(cgroup or CGROUP)
+    return max(1, min(n, quota) if quota else n)
 
 
 def set_threads(concurrency: int = CONCURRENCY) -> int:
@@ -193,9 +206,11 @@ def check_request(prompt: Any, max_new_tokens: Any, num_sequences: Any, temperat
 
 
 def stream_sequences(pool: ModelPool, prompt: str, num_sequences: int, sampling: SamplingConfig,
-                     interval: float = UPDATE_INTERVAL_S) -> Iterator[list[str]]:
+                     interval: float | None = None) -> Iterator[list[str]]:
     """The full text of every sequence so far (always MAX_SEQUENCES strings): at once after the first decode step, then
-    at most once per interval seconds, and at the end. Every update costs Gradio a few ms, more than a decode step."""
+    at most once per interval seconds (default UPDATE_INTERVAL_S), and at the end. Every update costs Gradio a few
+    ms, more than a decode step."""
+    interval = UPDATE_INTERVAL_S if interval is None else interval
     texts = [""] * num_sequences
     last, pending = -math.inf, False
     with pool.borrow() as loaded, torch.inference_mode():
@@ -257,7 +272,7 @@ def build_demo(pool: ModelPool) -> gr.Blocks:
                 top_k = gr.Slider(0, 200, value=50, step=1, label="top-k", info="0 = off")
                 top_p = gr.Slider(0.05, 1, value=1.0, step=0.05, label="top-p")
                 seed = gr.Number(value=-1, precision=0, label="seed", info="-1 = random; same seed, same text")
-        boxes = [gr.Textbox(label=f"Sequence {i + 1}", lines=6, visible=i < 3, elem_id=f"seq-{i + 1}")
+        boxes = [gr.Textbox(label=f"Sequence {i + 1}", lines=6, visible=i < DEFAULT_SEQUENCES, elem_id=f"seq-{i + 1}")
                  for i in range(MAX_SEQUENCES)]
         with gr.Accordion("Under the hood: what the model expects next", open=False):
             gr.Markdown("Probabilities of the 10 most likely next tokens after the prompt (temperature 1, before top-k/top-p).")

@@ -40,9 +40,10 @@ def test_defaults_give_three_sequences(server):
     assert sum(bool(s) for s in out) == 3
 
 
-def test_streaming_yields_growing_text(server):
+def test_streaming_yields_growing_text(server, monkeypatch):
     _, _, client = server
-    job = client.submit(prompt="KING:", max_new_tokens=300, num_sequences=2, seed=5, api_name="/generate")
+    monkeypatch.setattr("model.webapp.UPDATE_INTERVAL_S", 0.0)  # an update per step, however fast the machine
+    job = client.submit(prompt="KING:", max_new_tokens=12, num_sequences=2, seed=5, api_name="/generate")
     updates = [tuple(u) for u in job]
     final = job.result()
     assert len(updates) >= 3, updates
@@ -138,8 +139,10 @@ def test_next_token_probabilities(server):
         client.predict(prompt="", api_name="/next_tokens")
 
 
-def test_warm_up_traces_the_default_request_on_every_copy(tmp_path, gpt2_tokenizer):
-    """Before serving: the default request's traced step and slide exist on every copy, over caches for any request."""
+def test_warm_up_traces_every_request_size_on_every_copy(tmp_path, gpt2_tokenizer):
+    """Before serving: each copy has the traced step for 1..MAX_SEQUENCES sequences and the default request's slide,
+    over caches for any request, and the first request uses them instead of tracing."""
+    from model.generate import SamplingConfig
     from model.webapp import DEFAULT_SEQUENCES, ModelPool
 
     pool = ModelPool(tiny_checkpoint(tmp_path, gpt2_tokenizer), copies=2)
@@ -148,8 +151,13 @@ def test_warm_up_traces_the_default_request_on_every_copy(tmp_path, gpt2_tokeniz
     pool.warm_up()
     for loaded in copies:
         block = loaded.config.block_size
-        assert {k[:2] for k in loaded.model.traces} == {(DEFAULT_SEQUENCES, 1), (DEFAULT_SEQUENCES, block // 2)}
+        expected = {(n, 1) for n in range(1, MAX_SEQUENCES + 1)} | {(DEFAULT_SEQUENCES, block // 2)}
+        assert {k[:2] for k in loaded.model.traces} == expected
         assert loaded.model.transformer.h[0].attn.kv_cache.k.shape[0] == MAX_SEQUENCES
+    made = {id(t) for loaded in copies for t in loaded.model.traces.values()}
+    sampling = SamplingConfig(max_new_tokens=block + 5, seed=0)  # past the context: the slide too
+    list(stream_sequences(pool, "KING:", DEFAULT_SEQUENCES, sampling))
+    assert {id(t) for loaded in copies for t in loaded.model.traces.values()} == made
 
 
 def test_threads_follow_the_containers_cpu_quota(tmp_path, monkeypatch):
@@ -161,20 +169,23 @@ def test_threads_follow_the_containers_cpu_quota(tmp_path, monkeypatch):
     from model.webapp import available_cpus, set_threads
 
     monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(16)))
-    quota = tmp_path / "cpu.max"
-    quota.write_text("200000 100000\n")
-    assert available_cpus(quota) == 2
-    quota.write_text("max 100000\n")
-    assert available_cpus(quota) == 16
-    quota.write_text("50000 100000\n")  # half a CPU still gets one thread
-    assert available_cpus(quota) == 1
+    v2, v1 = tmp_path / "v2", tmp_path / "v1"
+    v2.mkdir()
+    (v1 / "cpu").mkdir(parents=True)
+    for text, cpus in (("200000 100000\n", 2), ("max 100000\n", 16), ("50000 100000\n", 1)):  # half a CPU: 1 thread
+        (v2 / "cpu.max").write_text(text)
+        assert available_cpus(v2) == cpus
+    for quota, cpus in (("400000", 4), ("-1", 16)):
+        (v1 / "cpu" / "cpu.cfs_quota_us").write_text(quota + "\n")
+        (v1 / "cpu" / "cpu.cfs_period_us").write_text("100000\n")
+        assert available_cpus(v1) == cpus
     assert available_cpus(tmp_path / "absent") == 16
     before = torch.get_num_threads()
     try:
-        monkeypatch.setattr("model.webapp.CGROUP_CPU_MAX", tmp_path / "absent")
+        monkeypatch.setattr("model.webapp.CGROUP", tmp_path / "absent")
         assert set_threads(2) == 8 and torch.get_num_threads() == 8
-        quota.write_text("200000 100000\n")
-        monkeypatch.setattr("model.webapp.CGROUP_CPU_MAX", quota)
+        (v2 / "cpu.max").write_text("200000 100000\n")
+        monkeypatch.setattr("model.webapp.CGROUP", v2)
         assert set_threads(2) == 1 and torch.get_num_threads() == 1
     finally:
         torch.set_num_threads(before)

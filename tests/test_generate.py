@@ -27,8 +27,6 @@ from model.generate import (
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-
-
 def greedy(steps: int) -> SamplingConfig:
     return SamplingConfig(max_new_tokens=steps, temperature=0.0, top_k=None)
 
@@ -136,6 +134,14 @@ def test_top_p_keeps_the_smallest_set_reaching_p():
     logits = torch.tensor([[0.15, 0.5, 0.05, 0.3]]).log().expand(3000, -1)
     got = sample_next(logits, SamplingConfig(top_k=None, top_p=0.8), torch.Generator().manual_seed(0))
     assert set(got.tolist()) == {1, 3}
+
+
+def test_a_vanishing_temperature_is_greedy():
+    """logits / 1e-40 would overflow to inf and give NaN probabilities; below GREEDY_BELOW the choice is the argmax."""
+    logits = torch.randn(5, 100, generator=torch.Generator().manual_seed(0))
+    for t in (1e-40, 1e-6):
+        got = sample_next(logits, SamplingConfig(temperature=t, top_k=50), torch.Generator().manual_seed(0))
+        assert torch.equal(got, logits.argmax(dim=-1))
 
 
 def test_penalties():
