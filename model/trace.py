@@ -1,10 +1,10 @@
 """A GPT's cached forward at one input shape, traced once with TorchScript and replayed.
 
 On a CPU a small model's decode step is bound by per-operator Python overhead, not arithmetic: on the cpu preset
-more than half of each eager step. The trace runs the very same operators without it. It bakes in the input shape (batch,
-tokens) and holds the model's weights and KV caches by reference, so one trace per shape serves every request
-until those tensors change (GPT.setup_caches drops the traces when it reallocates the caches; a model moved or
-given new weights gets new traces).
+more than half of each eager step. The trace runs the very same operators without it. It bakes in the input shape
+(batch, tokens) and holds the model's weights and KV caches by reference, so one trace per shape serves every
+request until those tensors change (GPT.setup_caches drops the traces when it reallocates the caches; a model moved
+or given new weights gets new traces).
 """
 
 from __future__ import annotations
