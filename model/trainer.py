@@ -409,7 +409,9 @@ class Trainer:
                 set_lr(self.optimizer, lr)
                 t0 = time.perf_counter()
                 loss, norm = self.train_step()
-                dt = self.step_seconds = time.perf_counter() - t0
+                dt = time.perf_counter() - t0
+                # Smoothed: one step stalled by the machine must not make the stop rule expect every next step as slow.
+                self.step_seconds = dt if self.step_seconds == 0 else 0.8 * self.step_seconds + 0.2 * dt
                 tok_s = self.tokens_per_step / dt if tok_s == 0 else 0.9 * tok_s + 0.1 * self.tokens_per_step / dt
                 self.step += 1
                 self.tokens_seen += self.tokens_per_step

@@ -8,6 +8,7 @@ import os
 import re
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -130,6 +131,26 @@ def test_time_budget_ends_the_cosine_at_the_budget(tmp_path, text, bytes_tok):
     assert max(lrs) > 0.9e-3  # warmup (far too long for the budget) was ended by time
     assert lrs[-1] < 1e-4 + 0.25 * 9e-4  # and the cosine was nearly done when time ran out
     assert json.loads((out / "metrics.json").read_text())["total_seconds"] < 6 + 4  # 6 s budget, slack for a busy machine
+
+
+@pytest.mark.slow
+def test_one_stalled_step_does_not_end_a_timed_run_early(tmp_path, text, bytes_tok, monkeypatch):
+    """A step the machine stalls for 1.5 s, at about a third of a 6 s budget: training goes on past it."""
+    real, stalled = model.trainer.Trainer.train_step, []
+
+    def train_step(self):
+        if not stalled and self.elapsed() > 2.0:
+            stalled.append(self.step)
+            time.sleep(1.5)
+        return real(self)
+
+    monkeypatch.setattr(model.trainer.Trainer, "train_step", train_step)
+    out = tmp_path / "out"
+    metrics = model.trainer.train({**SMALL, "data": str(text), "out_dir": str(out), "max_iters": 100000, "max_minutes": 0.1,
+                                   "warmup_iters": 10, "eval_interval": 1000, "lr": 1e-3, "min_lr": 1e-4})
+    assert stalled and metrics["step"] > stalled[0] + 20
+    lrs = [r["lr"] for r in records(out) if "lr" in r]
+    assert lrs[-1] < 1e-4 + 0.25 * 9e-4  # the cosine still ran to (nearly) its end
 
 
 def test_init_from_finetunes_with_a_shorter_window(tmp_path, text, bytes_tok):
