@@ -18,10 +18,10 @@ from tqdm import tqdm
 
 from model.checkpoint import METRICS, WEIGHTS, CheckpointError, read_json, write_json
 from model.data import DataError, prepare
-from model.evaluate import evaluate
+from model.evaluate import evaluate_pair
 from model.generate import prompt_tokens
 from model.load import load
-from model.quantize import SCHEMES, file_size, plot_report, quantize_model, save_int8, tokens_per_second, top1_agreement
+from model.quantize import SCHEMES, file_size, plot_report, quantize_model, save_int8, tokens_per_second
 from model.tokenizer import TokenizerError
 
 ROWS = ["params", "size_fp32_bytes", "size_int8_bytes", "size_ratio", "val_nats_per_char_fp32", "val_nats_per_char_int8",
@@ -73,7 +73,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             td = prepare(data_path, cache, fp32.tokenizer)
             td.check(1)
             val, val_chars = np.array(td.val), td.val_chars
-    steps = tqdm(total=6 if data_path else 4, desc="quantize", unit="step")
+    steps = tqdm(total=4 if data_path else 3, desc="quantize", unit="step")
     steps.set_postfix_str("converting")
     save_int8(out, quantize_model(fp32.model, args.scheme), fp32.meta)
     if (ckpt / METRICS).is_file():
@@ -88,14 +88,12 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     report["size_ratio"] = report["size_fp32_bytes"] / report["size_int8_bytes"]
     if data_path:
         report["val_data"] = str(data_path)
-        for name, m in (("fp32", model), ("int8", qmodel)):
-            steps.set_postfix_str(f"evaluating {name}")
-            ev = evaluate(m, val, val_chars, block, max_windows=args.eval_windows)
+        steps.set_postfix_str("evaluating fp32 and int8")  # one pass: both losses and the top-1 agreement
+        ev32, ev8, report["top1_agreement"] = evaluate_pair(model.eval(), qmodel.eval(), val, val_chars, block,
+                                                            max_windows=args.eval_windows)
+        for name, ev in (("fp32", ev32), ("int8", ev8)):
             report[f"val_nats_per_token_{name}"] = ev["val_nats_per_token"]
             report[f"val_nats_per_char_{name}"] = ev["val_nats_per_char"]
-            steps.update()
-        steps.set_postfix_str("top-1 agreement")
-        report["top1_agreement"] = top1_agreement(model, qmodel, val, block, args.eval_windows)
         steps.update()
     steps.set_postfix_str("generation speed")
     prompt_ids = prompt_tokens(fp32.tokenizer, args.prompt)

@@ -18,7 +18,6 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 import torch.ao.nn.quantized.dynamic as nnqd
 import torch.nn as nn
@@ -28,7 +27,6 @@ from torch.ao.quantization import default_dynamic_qconfig, per_channel_dynamic_q
 
 from . import atomic
 from .checkpoint import WEIGHTS, CheckpointError, load_state_dict, read_model_config, save_config
-from .data import val_windows
 from .generate import SamplingConfig, decode_tokens
 from .gpt import GPT
 
@@ -192,25 +190,7 @@ def file_size(path: str | Path) -> int:
     return Path(path).stat().st_size
 
 
-# Comparing an fp32 model with its int8 copy: what quantize.py reports.
-
-@torch.no_grad()
-def top1_agreement(a: nn.Module, b: nn.Module, data: np.ndarray, block_size: int, max_windows: int | None = None,
-                   batch_size: int = 16) -> float:
-    """Fraction of validation positions where both models predict the same next token (argmax of the logits)."""
-    windows = val_windows(data, block_size, max_windows)
-    by_len: dict[int, list[int]] = {}
-    for start, length in windows:
-        by_len.setdefault(length, []).append(start)
-    same = total = 0
-    for length, starts in by_len.items():
-        for i in range(0, len(starts), batch_size):
-            x = torch.from_numpy(np.stack([data[s:s + length] for s in starts[i:i + batch_size]]).astype(np.int64))
-            pa, pb = a(x)[0].argmax(-1), b(x)[0].argmax(-1)
-            same += int((pa == pb).sum())
-            total += pa.numel()
-    return same / max(total, 1)
-
+# Comparing an fp32 model with its int8 copy: what quantize.py reports (validation: model.evaluate.evaluate_pair).
 
 def tokens_per_second(models: dict[str, nn.Module], prompt_ids: list[int], n_tokens: int, n_vocab: int,
                       repeats: int = 3) -> dict[str, float]:
