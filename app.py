@@ -35,11 +35,10 @@ def main() -> int:
             out = export_space(ckpt, args.export_space, app_file=Path(__file__).resolve())
             print(f"Space folder written to {out}; upload it as described in docs/app.md.")
             return 0
-        pool = ModelPool(ckpt)
+        launch(ModelPool(ckpt), host=args.host, port=args.port, share=args.share)  # OSError: e.g. the port is taken
     except (CheckpointError, TokenizerError, OSError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    launch(pool, host=args.host, port=args.port, share=args.share)
     return 0
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import operator
 from dataclasses import dataclass
 from typing import Any
 
@@ -25,8 +26,13 @@ class GPTConfig:
     def validate(self) -> None:
         """Raise ValueError, in one sentence a user can act on, for an impossible shape."""
         for name in ("block_size", "vocab_size", "n_layer", "n_head", "n_embd"):
-            if int(getattr(self, name)) < 1:
-                raise ValueError(f"{name} must be a positive integer, got {getattr(self, name)}.")
+            value = getattr(self, name)
+            try:
+                ok = operator.index(value) >= 1  # an integer (2.5 or "2" is not)
+            except TypeError:
+                ok = False
+            if not ok:
+                raise ValueError(f"{name} must be a positive integer, got {value!r}.")
         if self.n_embd % self.n_head != 0:
             raise ValueError(
                 f"n_embd ({self.n_embd}) must be divisible by n_head ({self.n_head}); "

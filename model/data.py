@@ -96,6 +96,7 @@ def prepare(text_path: str | Path, cache_dir: str | Path, tokenizer: Tokenizer) 
         except (OSError, json.JSONDecodeError):
             meta = None
     if not (meta and meta.get("key") == key and all((cache_dir / f"{s}.bin").is_file() for s in ("train", "val"))):
+        meta_path.unlink(missing_ok=True)  # until the new meta is written, the cache is not valid for anything
         text = decode_text(raw, str(text_path))
         train_text, val_text = split_text(text)
         sizes = {}

@@ -73,6 +73,8 @@ def peer_errors() -> Iterator[None]:
     """
     try:
         yield
+    except torch.OutOfMemoryError:
+        raise  # this process's own problem, whatever its peers do
     except RuntimeError as e:
         if not dist.is_initialized():
             raise

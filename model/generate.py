@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import codecs
 import dataclasses
+import math
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -49,8 +50,10 @@ class SamplingConfig:
             raise ValueError(f"top_k must be 0 (off) or a positive integer, got {self.top_k}.")
         if not 0 < self.top_p <= 1:
             raise ValueError(f"top_p must be in (0, 1] (1 is off), got {self.top_p}.")
-        if not self.repetition_penalty > 0:
-            raise ValueError(f"repetition_penalty must be positive (1 is off), got {self.repetition_penalty}.")
+        if not 0 < self.repetition_penalty < math.inf:
+            raise ValueError(f"repetition_penalty must be a positive number (1 is off), got {self.repetition_penalty}.")
+        if not math.isfinite(self.frequency_penalty):
+            raise ValueError(f"frequency_penalty must be a finite number (0 is off), got {self.frequency_penalty}.")
         if any(not s for s in self.stop):
             raise ValueError("stop strings must not be empty; leave an empty one out.")
 

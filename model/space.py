@@ -118,8 +118,10 @@ def _bundle_vocabulary(dest: Path, tokenizer_name: str) -> None:
     if not tokenizer_name.startswith("gpt2"):
         return
     name = hashlib.sha1(TIKTOKEN_URL.encode()).hexdigest()
-    cache = os.environ.get("TIKTOKEN_CACHE_DIR") or os.environ.get("DATA_GYM_CACHE_DIR") or ""
-    src = Path(cache) / name
+    # Where tiktoken itself looks: $TIKTOKEN_CACHE_DIR, else $DATA_GYM_CACHE_DIR, else <tmp>/data-gym-cache.
+    cache = (os.environ.get("TIKTOKEN_CACHE_DIR") or os.environ.get("DATA_GYM_CACHE_DIR")
+             or os.path.join(tempfile.gettempdir(), "data-gym-cache"))
+    src = Path(cache).resolve() / name
     if not src.is_file():
         raise CheckpointError(f"GPT-2's vocabulary is not cached at {src}; set TIKTOKEN_CACHE_DIR to the folder holding it.")
     dest.mkdir()

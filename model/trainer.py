@@ -415,7 +415,7 @@ class Trainer:
                 tok_s = self.tokens_per_step / dt if tok_s == 0 else 0.9 * tok_s + 0.1 * self.tokens_per_step / dt
                 self.step += 1
                 self.tokens_seen += self.tokens_per_step
-                bar.total = self._expected_steps(dt)
+                bar.total = self._expected_steps()
                 bar.update(1)
                 bar.set_postfix(loss=f"{loss:.3f}", lr=f"{lr:.2e}", norm=f"{norm:.2f}", tok_s=f"{tok_s:,.0f}", refresh=False)
                 if self.step % args.log_interval == 0:
@@ -444,12 +444,12 @@ class Trainer:
         metrics = self.final_metrics(train_seconds)
         return {**metrics, "last_loss": loss, "interrupted": False}
 
-    def _expected_steps(self, step_seconds: float) -> int:
+    def _expected_steps(self) -> int:
         """Steps the run will take: max_iters, or fewer when the time budget runs out first (for the ETA)."""
         budget = self.train_budget()
         if budget is None:
             return self.args.max_iters
-        left = max(0.0, budget - self.elapsed()) / max(step_seconds, 1e-6)
+        left = max(0.0, budget - self.elapsed()) / max(self.step_seconds, 1e-6)
         return max(self.step, min(self.args.max_iters, self.step + int(left)))
 
     def evaluate_and_save(self, bar: tqdm | None = None) -> dict[str, float]:
@@ -575,6 +575,8 @@ def train(given: dict[str, Any], stop_after: int | None = None, t_start: float |
     t_start = time.perf_counter() if t_start is None else t_start
     args, state = resolve_args(given)
     try:
-        return Trainer(args, state, t_start).run(stop_after=stop_after)
+        trainer = Trainer(args, state, t_start)
+        del state  # the resume state (weights, optimizer moments) is in the trainer now: free the copy
+        return trainer.run(stop_after=stop_after)
     finally:
         distributed.teardown()

@@ -199,7 +199,7 @@ def check_request(prompt: Any, max_new_tokens: Any, num_sequences: Any, temperat
     if len(ids) > block_size:
         notes.append(f"The prompt is {len(ids)} tokens but the model sees at most {block_size}: "
                      f"only its last {block_size} tokens are used.")
-        prompt = tokenizer.decode(ids[-block_size:])
+        prompt = tokenizer.decode_bytes(ids[-block_size:]).decode("utf-8", "ignore")  # a cut character is dropped
     sampling = SamplingConfig(max_new_tokens=int(tokens), temperature=temp,
                               top_k=int(min(k, tokenizer.n_vocab)) or None, top_p=p, seed=seed_value)
     return prompt, int(n), sampling, notes
