@@ -8,7 +8,6 @@ micro-steps, two processes one each); the rate is measured from log.jsonl betwee
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import subprocess
@@ -23,6 +22,7 @@ import matplotlib.pyplot as plt  # noqa: E402  (the Agg backend: model.plot sele
 
 from model.checkpoint import CONFIG, read_json  # noqa: E402
 from model.plot import save_figure  # noqa: E402
+from model.trainer import LOG, read_log  # noqa: E402
 
 SKIP = 5  # steps left out of the rate: start-up, first allocations
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2"]
@@ -35,7 +35,7 @@ SETUPS = {  # name: (launcher, extra flags)
 
 def tokens_per_s(out: Path) -> float:
     """Training tokens per second (all ranks) between step SKIP and the last step, from the run's log.jsonl."""
-    rows = [r for r in map(json.loads, (out / "log.jsonl").read_text().splitlines()) if "train_loss" in r]
+    rows = [r for r in read_log(out / LOG) if "train_loss" in r]
     config = read_json(out / CONFIG)["train"]
     first = next(r for r in rows if r["step"] == SKIP)
     tokens = (rows[-1]["step"] - SKIP) * config["batch_size"] * config["grad_accum"] * config["block_size"]

@@ -29,7 +29,7 @@ from model.gpt import GPT  # noqa: E402
 from model.optim import clip_grads, lr_at, make_optimizer, set_lr, warmup_frac  # noqa: E402
 from model.plot import save_figure  # noqa: E402
 from model.tokenizer import Tokenizer, TokenizerError, build_tokenizer, padded_vocab_size  # noqa: E402
-from model.trainer import LOG, ArgError, TrainArgs, train  # noqa: E402
+from model.trainer import LOG, ArgError, TrainArgs, read_log, train  # noqa: E402
 
 BASELINE = 1.539  # nanoGPT's CPU recipe run for 16,000 iters (10.9 min here), val nats/char
 
@@ -134,7 +134,7 @@ def default_run(args: argparse.Namespace) -> dict:
 
 def run_curve(out: Path, metrics: dict, wall: float) -> dict:
     """Val nats/char against wall minutes of a finished run: its periodic estimates, then the whole-split figure."""
-    records = [json.loads(line) for line in (out / LOG).read_text().splitlines()]
+    records = read_log(out / LOG)
     curve = [(r["elapsed"] / 60, r["val_nats_per_char"]) for r in records if "val_nats_per_char" in r]
     curve.append((wall / 60, metrics["val_nats_per_char"]))
     return {"val_nats_per_char": metrics["val_nats_per_char"], "steps": metrics["step"], "wall_s": wall, "curve": curve}

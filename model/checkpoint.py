@@ -98,9 +98,8 @@ def load_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
         ) from None
 
 
-def build_model(config: GPTConfig, state: dict[str, torch.Tensor], where: str) -> GPT:
-    """A GPT of `config` holding `state`, or a CheckpointError if the tensors do not fit the shape."""
-    model = GPT(config)
+def load_weights(model: GPT, state: dict[str, torch.Tensor], where: str) -> GPT:
+    """Copy a saved state (the tied head stored once) into model; a CheckpointError if the tensors do not fit it."""
     state = dict(state)
     state.setdefault(TIED_KEY, state.get("transformer.wte.weight"))
     try:
@@ -110,6 +109,11 @@ def build_model(config: GPTConfig, state: dict[str, torch.Tensor], where: str) -
         raise CheckpointError(f"The weights in {where} do not match its config ({first[-1].strip() if first else e}); "
                               "the checkpoint is damaged or mixed from two runs.") from None
     return model
+
+
+def build_model(config: GPTConfig, state: dict[str, torch.Tensor], where: str) -> GPT:
+    """A GPT of `config` holding `state`, or a CheckpointError if the tensors do not fit the shape."""
+    return load_weights(GPT(config, init_weights=False), state, where)
 
 
 def load_fp32(ckpt_dir: str | Path) -> tuple[GPT, dict[str, Any]]:

@@ -92,7 +92,8 @@ class Block(nn.Module):
 
 
 class GPT(nn.Module):
-    def __init__(self, config: GPTConfig):
+    def __init__(self, config: GPTConfig, init_weights: bool = True):
+        """init_weights=False skips GPT-2's initialisation, for a model whose weights are loaded next."""
         super().__init__()
         config.validate()
         self.config = config
@@ -105,11 +106,12 @@ class GPT(nn.Module):
         ))
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
         self.lm_head.weight = self.transformer.wte.weight  # tied input and output embeddings
-        self.apply(self._init_weights)
-        # GPT-2's scaled init of the residual projections.
-        for name, p in self.named_parameters():
-            if name.endswith("c_proj.weight"):
-                nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * config.n_layer))
+        if init_weights:
+            self.apply(self._init_weights)
+            # GPT-2's scaled init of the residual projections.
+            for name, p in self.named_parameters():
+                if name.endswith("c_proj.weight"):
+                    nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * config.n_layer))
         # Additive causal mask over the KV cache, made by setup_caches; a buffer, so .to() moves it with the caches.
         self.register_buffer("causal_mask", None, persistent=False)
         # Traced cached forwards (model.trace.cached_forward), by input shape and the tensors they were traced with.

@@ -16,13 +16,13 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from . import atomic
-from .checkpoint import CONFIG, TIED_KEY, CheckpointError, build_model, read_config, read_json, write_json
+from .checkpoint import CONFIG, TIED_KEY, WEIGHTS, CheckpointError, build_model, read_config, read_json, write_json
 from .config import GPTConfig
 from .gpt import GPT
 from .hf_tokenizer import write_tokenizer_files
 from .tokenizer import Tokenizer
 
-SAFETENSORS = "model.safetensors"
+SAFETENSORS = WEIGHTS  # the same file name as our own checkpoints
 PYTORCH_BIN = "pytorch_model.bin"
 PREFIX = "transformer."
 CONV1D = (".attn.c_attn.weight", ".attn.c_proj.weight", ".mlp.c_fc.weight", ".mlp.c_proj.weight")  # stored (in, out)

@@ -165,7 +165,7 @@ def load_int8(ckpt_dir: str | Path) -> tuple[GPT, dict[str, Any]]:
     where = str(ckpt_dir / WEIGHTS)
     state = dict(load_state_dict(ckpt_dir / WEIGHTS))
     set_engine()
-    model = GPT(config).eval()
+    model = GPT(config, init_weights=False).eval()  # every tensor is loaded below
     linears = [(name, m) for name, m in model.named_modules() if isinstance(m, nn.Linear)]
     replaced = {name: _qlinear(name, m, state, where) for name, m in linears}
     if replaced["lm_head"].weight().qscheme() not in (torch.per_channel_affine, torch.per_channel_symmetric):

@@ -9,6 +9,7 @@ or given new weights gets new traces).
 
 from __future__ import annotations
 
+import functools
 import threading
 import warnings
 from collections.abc import Callable
@@ -29,12 +30,17 @@ class _LastLogits(nn.Module):
         self.model = model
 
     def forward(self, idx: torch.Tensor, input_pos: torch.Tensor) -> torch.Tensor:
-        return self.model(idx, input_pos=input_pos, last_only=True)[0][:, -1]
+        return last_logits(self.model, idx, input_pos)
+
+
+def last_logits(model: nn.Module, idx: torch.Tensor, input_pos: torch.Tensor) -> torch.Tensor:
+    """The logits of each row's last position, attending over the KV cache."""
+    return model(idx, input_pos=input_pos, last_only=True)[0][:, -1]
 
 
 def eager_forward(model: nn.Module) -> CachedForward:
     """(idx, input_pos) -> last-position logits, by the model's own Python forward."""
-    return lambda idx, input_pos: model(idx, input_pos=input_pos, last_only=True)[0][:, -1]
+    return functools.partial(last_logits, model)
 
 
 def _key(model: GPT, batch_size: int, n_tokens: int) -> tuple:

@@ -484,9 +484,8 @@ class Trainer:
 
     def final_metrics(self, train_seconds: float) -> dict[str, Any]:
         """I/O: load the best weights and score them on the whole validation split in windows of the model's context."""
-        best = checkpoint.load_state_dict(self.out / checkpoint.WEIGHTS)
-        best.setdefault(checkpoint.TIED_KEY, best["transformer.wte.weight"])
-        self.raw_model.load_state_dict(best)
+        best = self.out / checkpoint.WEIGHTS
+        checkpoint.load_weights(self.raw_model, checkpoint.load_state_dict(best), str(best))
         print(f"final evaluation of the best weights (step {self.best_step}) on the whole validation split ...")
         val = evaluate(self.raw_model, self.data.val, self.data.val_chars, self.config.block_size, device=self.device,
                        autocast=self.autocast())
@@ -555,10 +554,11 @@ class Trainer:
         except (KeyError, ValueError, RuntimeError, TypeError) as e:
             raise CheckpointError(f"Cannot resume: {self.out / checkpoint.TRAIN_STATE} is incomplete or from another "
                                   f"setup ({type(e).__name__}: {e}); train again without --resume.") from None
-        self.records = [r for r in _read_log(self.out / LOG) if r.get("step", 0) <= self.step]
+        self.records = [r for r in read_log(self.out / LOG) if r.get("step", 0) <= self.step]
 
 
-def _read_log(path: Path) -> list[dict[str, Any]]:
+def read_log(path: Path) -> list[dict[str, Any]]:
+    """The records of a run's log.jsonl (none if it is missing; a torn line is skipped)."""
     records = []
     if path.is_file():
         for line in path.read_text(encoding="utf-8").splitlines():
