@@ -14,9 +14,8 @@ if "TIKTOKEN_CACHE_DIR" not in os.environ and (HERE / "tiktoken-cache").is_dir()
 
 
 def main() -> int:
-    from model.checkpoint import CheckpointError
+    from model.checkpoint import CKPT_ENV, CheckpointError, default_checkpoint
     from model.tokenizer import TokenizerError
-    from model.webapp import CKPT_ENV, ModelPool, default_checkpoint, launch
 
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--ckpt", type=Path, default=None,
@@ -28,6 +27,7 @@ def main() -> int:
                     help="instead of serving, write a self-contained Hugging Face Space folder to DIR")
     args = ap.parse_args()
     ckpt = args.ckpt or default_checkpoint()
+    from model.webapp import ModelPool, launch  # gradio: seconds to import, so not before --help
     try:
         if args.export_space is not None:
             from model.space import export_space

@@ -32,7 +32,16 @@ from model import atomic  # noqa: E402
 from model.checkpoint import CheckpointError  # noqa: E402
 from model.plot import save_figure  # noqa: E402
 from model.tokenizer import TokenizerError  # noqa: E402
-from model.webapp import CONCURRENCY, ModelPool, default_checkpoint, launch  # noqa: E402
+from model.webapp import (  # noqa: E402
+    CONCURRENCY,
+    DEFAULT_MAX_NEW_TOKENS,
+    DEFAULT_SEQUENCES,
+    DEFAULT_TOP_K,
+    ModelPool,
+    available_cpus,
+    default_checkpoint,
+    launch,
+)
 
 
 def one_request(client: Client, args: argparse.Namespace, seed: int) -> tuple[float, float]:
@@ -103,9 +112,9 @@ def main() -> int:
     ap.add_argument("--clients", type=int, default=1, help="clients sending requests at the same time")
     ap.add_argument("--concurrency", type=int, nargs="+", default=[CONCURRENCY], help="concurrency limits to compare")
     ap.add_argument("--rounds", type=int, default=1, help="rounds over the concurrency limits (alternating)")
-    ap.add_argument("--max-new-tokens", type=int, default=200)
-    ap.add_argument("--num-sequences", type=int, default=3)
-    ap.add_argument("--top-k", type=int, default=50)
+    ap.add_argument("--max-new-tokens", type=int, default=DEFAULT_MAX_NEW_TOKENS)
+    ap.add_argument("--num-sequences", type=int, default=DEFAULT_SEQUENCES)
+    ap.add_argument("--top-k", type=int, default=DEFAULT_TOP_K)
     ap.add_argument("--prompt", default="ROMEO:\n")
     ap.add_argument("--out", type=Path, default=Path("bench/results/app_latency.json"), help="JSON to write (and .png beside)")
     args = ap.parse_args()
@@ -122,10 +131,10 @@ def main() -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     setup = {"ckpt": str(ckpt), "clients": args.clients, "requests_per_client": args.requests, "rounds": args.rounds,
-             "max_new_tokens": args.max_new_tokens, "num_sequences": args.num_sequences, "top_k": args.top_k, "cpus": os.cpu_count()}
+             "max_new_tokens": args.max_new_tokens, "num_sequences": args.num_sequences, "top_k": args.top_k, "cpus": available_cpus()}
     atomic.write_text(args.out, json.dumps({"setup": setup, "runs": runs}, indent=2) + "\n")
     plot(runs, args.out.with_suffix(".png"), f"{runs[0]['kind']} {ckpt}: {args.clients} client(s), "
-         f"{args.num_sequences} x {args.max_new_tokens} tokens, top-k {args.top_k}, {os.cpu_count()} CPUs")
+         f"{args.num_sequences} x {args.max_new_tokens} tokens, top-k {args.top_k}, {available_cpus()} CPUs")
     print(f"{'concurrency':>11} {'threads':>7} {'p50 first token':>15} {'p50 request':>11} {'max request':>11} {'tokens/s':>8}")
     for r in runs:
         print(f"{r['concurrency']:>11} {r['torch_threads']:>7} {r['p50_first_token_s'] * 1000:>12.0f} ms {r['p50_total_s']:>9.2f} s "

@@ -11,6 +11,7 @@ Every file is written atomically, and nothing is ever unpickled beyond plain ten
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +25,8 @@ from .gpt import GPT
 
 WEIGHTS = "model.safetensors"
 CONFIG = "config.json"
+SERVED_CKPT = Path("out") / "int8"  # what the app serves by default: quantize.py's default output
+CKPT_ENV = "SMALLGPT_CKPT"  # names another checkpoint to serve
 METRICS = "metrics.json"
 TRAIN_STATE = "train_state.pt"
 TIED_KEY = "lm_head.weight"
@@ -32,6 +35,11 @@ TIED_KEY = "lm_head.weight"
 class CheckpointError(RuntimeError):
     """A checkpoint is missing, damaged or of the wrong kind; the message says what to do."""
 
+
+
+def default_checkpoint() -> Path:
+    """The checkpoint to serve when no --ckpt is given: $SMALLGPT_CKPT, else quantize.py's default output."""
+    return Path(os.environ.get(CKPT_ENV) or SERVED_CKPT)
 
 def write_json(path: str | Path, obj: Any) -> None:
     atomic.write_text(path, json.dumps(obj, indent=2, sort_keys=False) + "\n")

@@ -6,17 +6,16 @@ import hashlib
 import os
 import shutil
 import tempfile
+from importlib.metadata import version
 from pathlib import Path
 
-import gradio
 import torch
 
-from .checkpoint import TRAIN_STATE, CheckpointError, read_config
+from .checkpoint import SERVED_CKPT, TRAIN_STATE, CheckpointError, read_config
 from .tokenizer import GPT2_ENCODING
-from .webapp import DEFAULT_CKPT
 
 PACKAGE = Path(__file__).resolve().parent
-CKPT_IN_SPACE = DEFAULT_CKPT  # the app's default checkpoint path, so the Space needs no flags
+CKPT_IN_SPACE = SERVED_CKPT  # the app's default checkpoint path, so the Space needs no flags
 MARKER = ".smallgpt-space"  # marks a folder this function wrote, so re-exporting may replace it
 TIKTOKEN_URL = f"https://openaipublic.blob.core.windows.net/encodings/{GPT2_ENCODING}.tiktoken"
 
@@ -107,8 +106,8 @@ def _fill(dest: Path, ckpt: Path, meta: dict, app_file: Path, title: str) -> Non
     tokenizer = str(meta["tokenizer"].get("name", "?"))  # read_config checked config.json, copied above
     _bundle_vocabulary(dest / "tiktoken-cache", tokenizer)
     size_mb = sum(f.stat().st_size for f in ckpt_dest.glob("*.safetensors")) / 1e6
-    (dest / "requirements.txt").write_text(REQUIREMENTS.format(torch=torch_version(), gradio=gradio.__version__), encoding="utf-8")
-    (dest / "README.md").write_text(README.format(title=title, gradio=gradio.__version__, kind=meta.get("kind", "fp32"),
+    (dest / "requirements.txt").write_text(REQUIREMENTS.format(torch=torch_version(), gradio=version("gradio")), encoding="utf-8")
+    (dest / "README.md").write_text(README.format(title=title, gradio=version("gradio"), kind=meta.get("kind", "fp32"),
                                                   size_mb=size_mb, tokenizer=tokenizer), encoding="utf-8")
     (dest / MARKER).write_text("written by python app.py --export-space; safe to replace\n", encoding="utf-8")
 

@@ -18,17 +18,20 @@ import gradio as gr  # noqa: E402
 import pandas as pd  # noqa: E402
 import torch  # noqa: E402
 
-from .checkpoint import CheckpointError, read_json  # noqa: E402
+from .checkpoint import CKPT_ENV, CheckpointError, default_checkpoint, read_json  # noqa: E402,F401  (re-exported)
 from .config import GPTConfig  # noqa: E402
 from .generate import SamplingConfig, prompt_tokens, slide_keep, stream  # noqa: E402
 from .gpt import GPT  # noqa: E402
 from .load import Loaded, load  # noqa: E402
 from .trace import cached_forward  # noqa: E402
 
-DEFAULT_CKPT = Path("out") / "int8"  # where quantize.py writes by default
-CKPT_ENV = "SMALLGPT_CKPT"
 MAX_SEQUENCES = 5  # sequence boxes in the UI; the API returns one string per box
-DEFAULT_SEQUENCES = 3  # the UI's and the API's default
+# The defaults of a request, in the UI and the API alike.
+DEFAULT_SEQUENCES = 3
+DEFAULT_MAX_NEW_TOKENS = 200
+DEFAULT_TEMPERATURE = 0.8
+DEFAULT_TOP_K = 50
+DEFAULT_TOP_P = 1.0
 MAX_NEW_TOKENS = 500  # with MAX_SEQUENCES, bounds one request so it cannot starve the others
 MAX_PROMPT_CHARS = 20_000  # longer prompts are cut (keeping the end) before tokenizing
 UPDATE_INTERVAL_S = 0.05  # streamed text reaches the page at most 20 times a second: smooth, and cheap for Gradio
@@ -39,11 +42,6 @@ EXAMPLES = [
     "KING HENRY:\nOnce more unto the",
     "To be, or not to be",
 ]
-
-
-def default_checkpoint() -> Path:
-    """The checkpoint to serve when no --ckpt is given: $SMALLGPT_CKPT, else quantize.py's default output."""
-    return Path(os.environ.get(CKPT_ENV) or DEFAULT_CKPT)
 
 
 class ModelPool:
@@ -239,8 +237,9 @@ def next_token_table(pool: ModelPool, prompt: str, k: int = 10) -> pd.DataFrame:
 def build_demo(pool: ModelPool) -> gr.Blocks:
     """The UI; its "generate" endpoint takes prompt (named) and returns one string per sequence box."""
 
-    def generate(prompt: str, max_new_tokens: float = 200, num_sequences: float = DEFAULT_SEQUENCES, temperature: float = 0.8,
-                 top_k: float = 50, top_p: float = 1.0, seed: float = -1) -> Iterator[tuple[str, ...]]:
+    def generate(prompt: str, max_new_tokens: float = DEFAULT_MAX_NEW_TOKENS, num_sequences: float = DEFAULT_SEQUENCES,
+                 temperature: float = DEFAULT_TEMPERATURE, top_k: float = DEFAULT_TOP_K, top_p: float = DEFAULT_TOP_P,
+                 seed: float = -1) -> Iterator[tuple[str, ...]]:
         prompt, n, sampling, notes = check_request(prompt, max_new_tokens, num_sequences, temperature, top_k, top_p, seed, pool)
         for note in notes:
             gr.Warning(note)
@@ -266,11 +265,11 @@ def build_demo(pool: ModelPool) -> gr.Blocks:
                 button = gr.Button("Generate", variant="primary", elem_id="generate")
                 gr.Examples(examples=[[e] for e in EXAMPLES], inputs=[prompt], label="Examples (click one)")
             with gr.Column(scale=1):
-                max_new = gr.Slider(1, MAX_NEW_TOKENS, value=200, step=1, label="max new tokens")
+                max_new = gr.Slider(1, MAX_NEW_TOKENS, value=DEFAULT_MAX_NEW_TOKENS, step=1, label="max new tokens")
                 num = gr.Slider(1, MAX_SEQUENCES, value=DEFAULT_SEQUENCES, step=1, label="number of sequences")
-                temperature = gr.Slider(0, 2, value=0.8, step=0.05, label="temperature", info="0 = greedy")
-                top_k = gr.Slider(0, 200, value=50, step=1, label="top-k", info="0 = off")
-                top_p = gr.Slider(0.05, 1, value=1.0, step=0.05, label="top-p")
+                temperature = gr.Slider(0, 2, value=DEFAULT_TEMPERATURE, step=0.05, label="temperature", info="0 = greedy")
+                top_k = gr.Slider(0, 200, value=DEFAULT_TOP_K, step=1, label="top-k", info="0 = off")
+                top_p = gr.Slider(0.05, 1, value=DEFAULT_TOP_P, step=0.05, label="top-p")
                 seed = gr.Number(value=-1, precision=0, label="seed", info="-1 = random; same seed, same text")
         boxes = [gr.Textbox(label=f"Sequence {i + 1}", lines=6, visible=i < DEFAULT_SEQUENCES, elem_id=f"seq-{i + 1}")
                  for i in range(MAX_SEQUENCES)]
