@@ -24,11 +24,7 @@ import time
 import warnings
 from pathlib import Path
 
-import matplotlib
-
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import torch  # noqa: E402
+import torch
 import torch.ao.nn.quantized.dynamic as nnqd  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
@@ -40,7 +36,7 @@ from model.config import GPTConfig, preset  # noqa: E402
 from model.generate import SamplingConfig, decode_tokens, naive_tokens  # noqa: E402
 from model.gpt import GPT  # noqa: E402
 from model.load import load  # noqa: E402
-from model.plot import save_figure  # noqa: E402
+from model.plot import plt, save_figure  # noqa: E402
 from model.tokenizer import TokenizerError, gpt2, padded_vocab_size  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -78,7 +74,10 @@ def models_to_bench(args: argparse.Namespace) -> tuple[dict[str, torch.nn.Module
             raise CheckpointError(f"{args.ckpt} holds a {loaded.kind} checkpoint; pass the fp32 one as --ckpt (int8 as --int8-ckpt).")
     int8_dir = Path(args.int8_ckpt) if args.int8_ckpt else (Path(args.ckpt) / "int8" if not args.random else None)
     if int8_dir is not None and int8_dir.exists():
-        int8, how = load(int8_dir).model, f"int8 from {int8_dir}"
+        loaded8 = load(int8_dir)
+        if loaded8.kind != "int8":
+            raise CheckpointError(f"{int8_dir} holds a {loaded8.kind} checkpoint, not int8: make one with python quantize.py.")
+        int8, how = loaded8.model, f"int8 from {int8_dir}"
     else:
         if args.int8_ckpt:
             raise CheckpointError(f"No int8 checkpoint at {args.int8_ckpt}: make one with python quantize.py, or leave --int8-ckpt out.")

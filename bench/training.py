@@ -23,12 +23,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from model.checkpoint import METRICS, CheckpointError, read_json  # noqa: E402
 from model.config import GPTConfig, preset  # noqa: E402
-from model.data import DataError, TokenData, get_batch, prepare, read_text, split_text  # noqa: E402
+from model.data import DataError, TokenData, get_batch, prepare, training_tokenizer  # noqa: E402
 from model.evaluate import evaluate  # noqa: E402
 from model.gpt import GPT  # noqa: E402
 from model.optim import clip_grads, lr_at, make_optimizer, set_lr, warmup_frac  # noqa: E402
 from model.plot import save_figure  # noqa: E402
-from model.tokenizer import Tokenizer, TokenizerError, build_tokenizer, padded_vocab_size  # noqa: E402
+from model.tokenizer import Tokenizer, TokenizerError, padded_vocab_size  # noqa: E402
 from model.trainer import LOG, ArgError, TrainArgs, read_log, train  # noqa: E402
 
 BASELINE = 1.539  # nanoGPT's CPU recipe run for 16,000 iters (10.9 min here), val nats/char
@@ -42,8 +42,7 @@ def autocast_for(dtype: str) -> contextlib.AbstractContextManager:
 def load_data(text_path: str, tokenizer_name: str, cache_root: Path) -> tuple[Tokenizer, TokenData]:
     """A tokenizer built for the training split (gpt2-compact with the trainer's default min count) and both splits
     tokenised (cached per tokenizer)."""
-    train_text, _ = split_text(read_text(text_path))
-    tok = build_tokenizer(tokenizer_name, train_text, TrainArgs.vocab_min_count)
+    tok = training_tokenizer(tokenizer_name, text_path, TrainArgs.vocab_min_count)
     return tok, prepare(text_path, cache_root / tokenizer_name, tok)
 
 

@@ -11,7 +11,7 @@ import numpy as np
 import torch
 
 from . import atomic
-from .tokenizer import Tokenizer
+from .tokenizer import Tokenizer, build_tokenizer, load_tokenizer
 
 TINY_SHAKESPEARE_URL = "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt"
 VAL_FRACTION = 0.1  # the last 10% of the text is the validation split, as in nanoGPT
@@ -138,3 +138,11 @@ def val_windows(data: np.ndarray, block_size: int, max_windows: int | None = Non
         pick = np.linspace(0, len(windows) - 1, max_windows).round().astype(int)
         windows = [windows[i] for i in sorted(set(pick.tolist()))]
     return windows
+
+
+def training_tokenizer(name: str, text_path: str | Path, min_count: int = 1) -> Tokenizer:
+    """The tokenizer a new run trains with: gpt2-compact is built from the training split of text_path (read only
+    then); the others are loaded by name."""
+    if name == "gpt2-compact":  # its spec lists the GPT-2 ranks the training split uses
+        return build_tokenizer(name, split_text(read_text(text_path))[0], min_count)
+    return load_tokenizer(name)

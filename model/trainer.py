@@ -24,13 +24,13 @@ from tqdm import tqdm
 from . import atomic, checkpoint, distributed
 from .checkpoint import CheckpointError
 from .config import PRESETS, GPTConfig, preset
-from .data import DataError, TokenData, get_batch, prepare, read_text, split_text
+from .data import DataError, TokenData, get_batch, prepare, training_tokenizer
 from .evaluate import evaluate
 from .gpt import GPT
 from .load import load
 from .optim import clip_grads, lr_at, make_optimizer, set_lr, warmup_frac
 from .plot import plot_losses
-from .tokenizer import Tokenizer, build_tokenizer, load_tokenizer, padded_vocab_size
+from .tokenizer import Tokenizer, load_tokenizer, padded_vocab_size
 
 WARMUP_BUDGET_SHARE = 0.05  # with a time budget, warmup ends after this share of the training time at the latest
 LOG = "log.jsonl"
@@ -226,10 +226,7 @@ def build(args: TrainArgs, state: dict[str, Any] | None) -> tuple[GPT, GPTConfig
         if args.block_size is None:
             args.block_size = min(config.block_size, FINETUNE_BLOCK_SIZE)
     else:
-        if args.tokenizer == "gpt2-compact":  # built from the training split; its spec lists the kept GPT-2 ranks
-            tokenizer = build_tokenizer(args.tokenizer, split_text(read_text(args.data))[0], args.vocab_min_count)
-        else:
-            tokenizer = load_tokenizer(args.tokenizer)
+        tokenizer = training_tokenizer(args.tokenizer, args.data, args.vocab_min_count)
         config = fresh_config(args, padded_vocab_size(tokenizer.n_vocab))
         torch.manual_seed(args.seed)
         model = GPT(config)
