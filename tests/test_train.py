@@ -35,6 +35,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 def bytes_tok(monkeypatch):
     """Make the trainer and the loader use the 256-token byte tokenizer, so test models stay tiny."""
     monkeypatch.setattr(model.trainer, "load_tokenizer", lambda spec: byte_tokenizer())
+    monkeypatch.setattr(importlib.import_module("model.data"), "load_tokenizer", lambda spec: byte_tokenizer())  # new runs
     monkeypatch.setattr(importlib.import_module("model.load"), "load_tokenizer", lambda spec: byte_tokenizer())
 
 
