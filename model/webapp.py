@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import functools
+import inspect
+import json
 import math
 import os
 import queue
 import random
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -153,14 +156,22 @@ class InputError(gr.Error):
         super().__init__(message, print_exception=False)
 
 
+def _shown(value: Any) -> str:
+    """value as an API caller wrote it (JSON: null, true, "4"), cut short, for a message."""
+    text = json.dumps(value, ensure_ascii=False, default=repr)
+    return text if len(text) <= 40 else text[:37] + "..."
+
+
 def _number(name: str, value: Any) -> float:
-    """value as a finite float, else a gr.Error naming the parameter."""
+    """value as a finite float, else a gr.Error naming the parameter. Text, true/false and null are not numbers."""
+    if not isinstance(value, int | float) or isinstance(value, bool):
+        raise InputError(f"{name} must be a number, got {_shown(value)}.")
     try:
         x = float(value)
-    except (TypeError, ValueError):
-        raise InputError(f"{name} must be a number, got {value!r}.") from None
+    except OverflowError:  # an integer too large for a float
+        x = math.inf
     if not math.isfinite(x):
-        raise InputError(f"{name} must be a finite number, got {value!r}.")
+        raise InputError(f"{name} must be a finite number, got {_shown(value)}.")
     return x
 
 
@@ -168,8 +179,42 @@ def _in_range(name: str, value: Any, low: float, high: float) -> float:
     """value as a float in [low, high], else a gr.Error saying which range."""
     x = _number(name, value)
     if not low <= x <= high:
-        raise InputError(f"{name} must be between {low:g} and {high:g}, got {value!r}.")
+        raise InputError(f"{name} must be between {low:g} and {high:g}, got {_shown(value)}.")
     return x
+
+
+def _prompt_text(prompt: Any, purpose: str) -> str:
+    """prompt if it is text with something in it, else a gr.Error saying what is wrong with it."""
+    if not isinstance(prompt, str):
+        raise InputError(f"The prompt must be text, got {_shown(prompt)}.")
+    if not prompt.strip():
+        raise InputError(f"The prompt is empty: type some text {purpose}.")
+    return prompt
+
+
+def complete_values(fn: Callable[..., Any], values: list[Any]) -> list[Any]:
+    """values for fn's parameters, those left out at the end taking fn's defaults; a gr.Error if a value without a
+    default is left out, or if there are more values than parameters."""
+    params = [p for p in inspect.signature(fn).parameters.values() if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+    names = ", ".join(p.name for p in params)
+    if len(values) > len(params):
+        raise InputError(f"{fn.__name__} takes at most {len(params)} values [{names}], got {len(values)}.")
+    missing = params[len(values):]
+    required = [p.name for p in missing if p.default is p.empty]
+    if required:
+        raise InputError(f"{', '.join(required)} is missing: {fn.__name__} takes the values [{names}] in this order; "
+                         "those left out at the end take their defaults.")
+    return [*values, *(p.default for p in missing)]
+
+
+class _Blocks(gr.Blocks):
+    """gr.Blocks that completes an API call sending fewer values than its event has inputs with the handler's defaults
+    (Gradio itself logs a traceback and answers {"error": null}), and refuses one sending more (Gradio drops them)."""
+
+    async def preprocess_data(self, block_fn: Any, inputs: list[Any], state: Any, explicit_call: bool = False) -> Any:
+        if len(inputs) != len(block_fn.inputs):  # never from the page: only from a raw API call
+            inputs = complete_values(block_fn.fn, inputs)
+        return await super().preprocess_data(block_fn, inputs, state, explicit_call)
 
 
 def check_request(prompt: Any, max_new_tokens: Any, num_sequences: Any, temperature: Any, top_k: Any, top_p: Any,
@@ -179,8 +224,7 @@ def check_request(prompt: Any, max_new_tokens: Any, num_sequences: Any, temperat
     Values out of range raise a gr.Error naming the parameter; a too-long prompt is cropped, with a note.
     """
     notes: list[str] = []
-    if not isinstance(prompt, str) or not prompt.strip():
-        raise InputError("The prompt is empty: type some text for the model to continue.")
+    prompt = _prompt_text(prompt, "for the model to continue")
     tokens = _in_range("max_new_tokens", max_new_tokens, 1, MAX_NEW_TOKENS)
     n = _in_range("num_sequences", num_sequences, 1, MAX_SEQUENCES)
     temp = _in_range("temperature", temperature, 0, 2)
@@ -247,14 +291,31 @@ def build_demo(pool: ModelPool) -> gr.Blocks:
             yield tuple(texts)
 
     def next_tokens(prompt: str) -> pd.DataFrame:
-        if not isinstance(prompt, str) or not prompt.strip():
-            raise InputError("The prompt is empty: type some text to see what the model expects next.")
+        prompt = _prompt_text(prompt, "to see what the model expects next")
         return next_token_table(pool, prompt[-MAX_PROMPT_CHARS:])
+
+    # On the page a bad value (an empty prompt) is a warning that leaves the outputs as they were: a gr.Error would
+    # cover every output with a red "Error" badge. The API endpoints keep the gr.Error, which tells a client it failed.
+    @functools.wraps(generate)
+    def generate_on_page(*values: Any) -> Iterator[tuple[Any, ...]]:
+        try:
+            yield from generate(*values)
+        except InputError as e:
+            gr.Warning(e.message)
+            yield tuple(gr.skip() for _ in range(MAX_SEQUENCES))
+
+    @functools.wraps(next_tokens)
+    def next_tokens_on_page(prompt: Any) -> Any:
+        try:
+            return next_tokens(prompt)
+        except InputError as e:
+            gr.Warning(e.message)
+            return gr.skip()
 
     def show_boxes(n: float) -> list[dict[str, Any]]:
         return [gr.update(visible=i < int(n)) for i in range(MAX_SEQUENCES)]
 
-    with gr.Blocks(title="smallgpt") as demo:
+    with _Blocks(title="smallgpt") as demo:
         gr.Markdown("# smallgpt\nA small GPT trained on one text file, quantized to int8, running on CPU. "
                     "Type the start of a text; the model continues it.")
         gr.Markdown(model_card(pool), elem_id="model-card")
@@ -280,10 +341,13 @@ def build_demo(pool: ModelPool) -> gr.Blocks:
                                 elem_id="next-token-chart")
 
         # preprocess=False: raw values reach check_request, whose errors name the parameter and its range.
+        # The API endpoints have no trigger on the page (triggers=[]); the page's triggers call the *_on_page handlers.
         inputs = [prompt, max_new, num, temperature, top_k, top_p, seed]
-        button.click(generate, inputs, boxes, api_name="generate", concurrency_id="model", preprocess=False)
-        prompt.submit(generate, inputs, boxes, api_visibility="private", concurrency_id="model", preprocess=False)
-        probe.click(next_tokens, [prompt], chart, api_name="next_tokens", concurrency_id="model", preprocess=False)
+        gr.on([], generate, inputs, boxes, api_name="generate", concurrency_id="model", preprocess=False)
+        gr.on([button.click, prompt.submit], generate_on_page, inputs, boxes, api_visibility="private",
+              concurrency_id="model", preprocess=False)
+        gr.on([], next_tokens, [prompt], chart, api_name="next_tokens", concurrency_id="model", preprocess=False)
+        probe.click(next_tokens_on_page, [prompt], chart, api_visibility="private", concurrency_id="model", preprocess=False)
         num.change(show_boxes, [num], boxes, api_visibility="private", queue=False)
     return demo
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import sys
 from concurrent.futures import ThreadPoolExecutor
 
@@ -92,6 +93,57 @@ def test_nan_is_refused_and_the_server_keeps_serving(server):
         events = httpx.get(f"{url}gradio_api/call/generate/{r.json()['event_id']}", timeout=60).text
         assert "event: error" in events and f"{name} must be a finite number" in events, events
     assert all(ask(client, "still there?", max_new_tokens=4, num_sequences=3)[:3])
+
+
+def call_raw(url: str, data: list, api: str = "generate") -> tuple[str, object]:
+    """One call through Gradio's REST protocol, as curl would make it: its last event ("complete" or "error") and
+    that event's data (the outputs, or the error message)."""
+    r = httpx.post(f"{url}gradio_api/call/{api}", json={"data": data})
+    assert r.status_code == 200, r.text
+    stream = httpx.get(f"{url}gradio_api/call/{api}/{r.json()['event_id']}", timeout=60).text
+    event, data_line = stream.strip().split("\n\n")[-1].splitlines()
+    payload = json.loads(data_line.removeprefix("data: "))
+    return event.removeprefix("event: "), payload["error"] if event == "event: error" else payload
+
+
+GENERATE_VALUES = "[prompt, max_new_tokens, num_sequences, temperature, top_k, top_p, seed]"
+
+
+@pytest.mark.parametrize("data, message", [
+    ([], f"prompt is missing: generate takes the values {GENERATE_VALUES}"),
+    ([5, 4, 1], "The prompt must be text, got 5."),
+    ([None], "The prompt must be text, got null."),
+    ([None] * 7, "The prompt must be text, got null."),
+    (["x", None], "max_new_tokens must be a number, got null."),
+    (["x", 4, None, 0.8], "num_sequences must be a number, got null."),
+    (["x", 4, "2"], 'num_sequences must be a number, got "2".'),
+    (["x", "4"], 'max_new_tokens must be a number, got "4".'),
+    (["x", 4, 1, 0.8, 50, 1.0, True], "seed must be a number, got true."),
+    (["x", 4, 1, 0.8, 50, 1.0, 10**400], "seed must be a finite number"),
+    (["x", 4, 9], "num_sequences must be between 1 and 5, got 9."),
+    (["x", 4, 1, 0.8, 50, 1.0, 1, 99], f"generate takes at most 7 values {GENERATE_VALUES}, got 8."),
+])
+def test_raw_api_calls_get_a_clear_message_and_no_traceback(server, capfd, data, message):
+    """Gradio's REST protocol with too few, too many or wrongly typed values: one clear error event, no traceback."""
+    url, _, _ = server
+    event, error = call_raw(url, data)
+    assert event == "error" and message in error, (event, error)
+    out, err = capfd.readouterr()
+    assert "Traceback" not in out + err, err
+
+
+def test_raw_api_calls_leaving_out_values_get_the_defaults(server, capfd):
+    """Values left out at the end take the page's defaults: 3 sequences; 2 when num_sequences is sent."""
+    url, _, _ = server
+    for data, sequences in ((["To be", 4], 3), (["To be", 4, 2], 2)):
+        event, final = call_raw(url, data)
+        assert event == "complete" and len(final) == MAX_SEQUENCES and sum(bool(s) for s in final) == sequences, final
+    for data, message in (([], "prompt is missing: next_tokens takes the values [prompt]"),
+                          ([7], "The prompt must be text, got 7.")):
+        event, error = call_raw(url, data, api="next_tokens")
+        assert event == "error" and message in error, (event, error)
+    out, err = capfd.readouterr()
+    assert "Traceback" not in out + err, err
 
 
 @pytest.mark.parametrize("prompt", ["Héllo wörld 🤖👋🏽 你好", "<|endoftext|>", "a<|endoftext|>b", "🙂" * 3, "word " * 300])

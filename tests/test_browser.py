@@ -19,29 +19,77 @@ pytestmark = [
 ]
 
 
-def test_type_prompt_click_generate_see_sequences(tmp_path, gpt2_tokenizer):
-    from playwright.sync_api import expect, sync_playwright
+@pytest.fixture(scope="module")
+def browser_page(tmp_path_factory, gpt2_tokenizer):
+    """One server and one chromium for the module; each test gets a freshly loaded page."""
+    from playwright.sync_api import sync_playwright
 
-    shot = Path(os.environ.get("SMALLGPT_SCREENSHOT") or tmp_path / "app.png")
-    with served(tiny_checkpoint(tmp_path, gpt2_tokenizer)) as (url, _), sync_playwright() as p:
+    with served(tiny_checkpoint(tmp_path_factory.mktemp("browser"), gpt2_tokenizer)) as (url, _), sync_playwright() as p:
         browser = p.chromium.launch(executable_path=str(CHROMIUM), args=ARGS)
         try:
-            page = browser.new_page(viewport={"width": 1280, "height": 1100})
-            page.goto(url)
-            expect(page.locator("#model-card")).to_contain_text("nats/char", timeout=30_000)
-            page.locator("#prompt textarea").fill("ROMEO:\nWhat light through yonder window")
-            page.locator("#generate").click()
-            boxes = [page.locator(f"#seq-{i} textarea") for i in (1, 2, 3)]
-            for box in boxes:
-                expect(box).not_to_have_value("", timeout=30_000)
-            expect(page.locator("#seq-4")).to_be_hidden()
-            page.wait_for_timeout(1500)  # let the 200-token default finish streaming before the picture
-            texts = [box.input_value() for box in boxes]
-            assert all(len(t) > 10 for t in texts) and len(set(texts)) == 3, texts
-            page.get_by_text("Under the hood").click()
-            page.get_by_role("button", name="Show next-token probabilities").click()
-            expect(page.locator("#next-token-chart")).to_contain_text("probability", timeout=30_000)
-            page.screenshot(path=str(shot), full_page=True)
+            yield url, browser
         finally:
             browser.close()
+
+
+def open_app(browser_page):
+    from playwright.sync_api import expect
+
+    url, browser = browser_page
+    page = browser.new_page(viewport={"width": 1280, "height": 1100})
+    page.goto(url)
+    expect(page.locator("#model-card")).to_contain_text("nats/char", timeout=30_000)
+    return page
+
+
+def generate(page, prompt: str) -> list[str]:
+    """Type prompt, click Generate, wait for the default 3 x 200 tokens to finish; the texts of the 3 boxes."""
+    from playwright.sync_api import expect
+
+    page.locator("#prompt textarea").fill(prompt)
+    page.locator("#generate").click()
+    boxes = [page.locator(f"#seq-{i} textarea") for i in (1, 2, 3)]
+    for box in boxes:
+        expect(box).not_to_have_value("", timeout=30_000)
+    page.wait_for_timeout(1500)  # let the 200-token default finish streaming
+    return [box.input_value() for box in boxes]
+
+
+def test_type_prompt_click_generate_see_sequences(browser_page, tmp_path):
+    from playwright.sync_api import expect
+
+    shot = Path(os.environ.get("SMALLGPT_SCREENSHOT") or tmp_path / "app.png")
+    page = open_app(browser_page)
+    texts = generate(page, "ROMEO:\nWhat light through yonder window")
+    expect(page.locator("#seq-4")).to_be_hidden()
+    assert all(len(t) > 10 for t in texts) and len(set(texts)) == 3, texts
+    page.get_by_text("Under the hood").click()
+    page.get_by_role("button", name="Show next-token probabilities").click()
+    expect(page.locator("#next-token-chart")).to_contain_text("probability", timeout=30_000)
+    page.screenshot(path=str(shot), full_page=True)
     assert shot.stat().st_size > 10_000
+
+
+def test_empty_prompt_warns_once_and_keeps_the_text(browser_page, tmp_path):
+    """Generate, clear the prompt, Generate again: one message says the prompt is empty; the boxes keep their text
+    and show no red "Error" badge over it. The same for the next-token chart."""
+    from playwright.sync_api import expect
+
+    page = open_app(browser_page)
+    texts = generate(page, "KING HENRY:\nOnce more unto the")
+    page.get_by_text("Under the hood").click()
+    page.get_by_role("button", name="Show next-token probabilities").click()
+    chart = page.locator("#next-token-chart")
+    expect(chart).to_contain_text("probability", timeout=30_000)
+    page.locator("#prompt textarea").fill("")
+    page.locator("#generate").click()
+    expect(page.get_by_text("The prompt is empty: type some text for the model")).to_have_count(1, timeout=10_000)
+    page.get_by_role("button", name="Show next-token probabilities").click()
+    expect(page.get_by_text("The prompt is empty: type some text to see")).to_have_count(1, timeout=10_000)
+    page.wait_for_timeout(1000)  # a reply that cleared the boxes would have arrived by now
+    page.screenshot(path=str(tmp_path / "empty-prompt.png"), full_page=True)
+    for i, text in enumerate(texts, 1):
+        expect(page.locator(f"#seq-{i} textarea")).to_have_value(text)
+        expect(page.locator(f"#seq-{i}").get_by_text("Error", exact=True)).to_have_count(0)
+    expect(chart).to_contain_text("probability")
+    expect(chart.get_by_text("Error", exact=True)).to_have_count(0)
