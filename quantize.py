@@ -2,6 +2,7 @@
 
     python quantize.py                      # out -> out/int8, after a plain python train.py
     python quantize.py --ckpt out --out out/int8 --data input.txt
+The output folder is built beside --out and swapped in whole: a kill at any point leaves the old one or the new one.
 """
 
 from __future__ import annotations
@@ -16,7 +17,8 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from model.checkpoint import METRICS, WEIGHTS, CheckpointError, read_json, write_json
+from model import atomic
+from model.checkpoint import CONFIG, METRICS, WEIGHTS, CheckpointError, read_json, write_json
 from model.data import DataError, prepare
 from model.evaluate import evaluate_pair
 from model.generate import prompt_tokens
@@ -57,6 +59,20 @@ def text_path(args: argparse.Namespace, meta: dict[str, Any]) -> Path | None:
     return None
 
 
+def check_out(out: Path) -> None:
+    """Refuse an --out this run may not replace whole: a file, or a non-empty folder that is not an int8 checkpoint."""
+    atomic.recover_dir(out)  # first undo what a killed earlier run left (an old folder set aside, dead builds)
+    if not out.exists() or (out.is_dir() and not any(out.iterdir())):
+        return
+    try:
+        is_int8 = out.is_dir() and read_json(out / CONFIG).get("kind") == "int8"
+    except CheckpointError:
+        is_int8 = False
+    if not is_int8:
+        raise CheckpointError(f"--out {out} exists and is not an int8 checkpoint, and quantize.py replaces it whole: "
+                              "pass a new or empty folder, or an earlier quantize.py output.")
+
+
 def run(args: argparse.Namespace) -> dict[str, Any]:
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -64,6 +80,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     out = Path(args.out) if args.out else ckpt / "int8"
     if out.resolve() == ckpt.resolve():
         raise CheckpointError("--out must differ from --ckpt: writing int8 weights there would replace the fp32 checkpoint.")
+    check_out(out)
     fp32 = load(ckpt)
     if fp32.kind != "fp32":
         raise CheckpointError(f"{ckpt} is already a quantized ({fp32.kind}) checkpoint: pass the fp32 one train.py wrote (e.g. out).")
@@ -73,39 +90,40 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             td = prepare(data_path, cache, fp32.tokenizer)
             td.check(1)
             val, val_chars = np.array(td.val), td.val_chars
-    steps = tqdm(total=4 if data_path else 3, desc="quantize", unit="step")
-    steps.set_postfix_str("converting")
-    save_int8(out, quantize_model(fp32.model, args.scheme), fp32.meta)
-    if (ckpt / METRICS).is_file():
-        write_json(out / METRICS, read_json(ckpt / METRICS))
-    int8 = load(out)  # measure what was written, as users will load it
-    steps.update()
-    model, qmodel, block = fp32.model, int8.model, fp32.config.block_size
-    sizes = file_size(ckpt / WEIGHTS) if (ckpt / WEIGHTS).is_file() else sum(p.numel() * 4 for p in model.parameters())
-    report: dict[str, Any] = {"fp32_checkpoint": str(ckpt), "int8_checkpoint": str(out), "scheme": args.scheme,
-                              "params": model.num_params(non_embedding=False), "size_fp32_bytes": sizes,
-                              "size_int8_bytes": file_size(out / WEIGHTS)}
-    report["size_ratio"] = report["size_fp32_bytes"] / report["size_int8_bytes"]
-    if data_path:
-        report["val_data"] = str(data_path)
-        steps.set_postfix_str("evaluating fp32 and int8")  # one pass: both losses and the top-1 agreement
-        ev32, ev8, report["top1_agreement"] = evaluate_pair(model.eval(), qmodel.eval(), val, val_chars, block,
-                                                            max_windows=args.eval_windows)
-        for name, ev in (("fp32", ev32), ("int8", ev8)):
-            report[f"val_nats_per_token_{name}"] = ev["val_nats_per_token"]
-            report[f"val_nats_per_char_{name}"] = ev["val_nats_per_char"]
+    with atomic.atomic_dir(out) as build:  # every file goes into build, which replaces out only once all are written
+        steps = tqdm(total=4 if data_path else 3, desc="quantize", unit="step")
+        steps.set_postfix_str("converting")
+        save_int8(build, quantize_model(fp32.model, args.scheme), fp32.meta)
+        if (ckpt / METRICS).is_file():
+            write_json(build / METRICS, read_json(ckpt / METRICS))
+        int8 = load(build)  # measure what was written, as users will load it
         steps.update()
-    steps.set_postfix_str("generation speed")
-    prompt_ids = prompt_tokens(fp32.tokenizer, args.prompt)
-    speed = tokens_per_second({"fp32": model, "int8": qmodel}, prompt_ids, args.gen_tokens, fp32.tokenizer.n_vocab, args.repeats)
-    report.update(tokens_per_s_fp32=speed["fp32"], tokens_per_s_int8=speed["int8"], gen_tokens=args.gen_tokens, repeats=args.repeats,
-                  threads=torch.get_num_threads())
-    steps.update()
-    steps.set_postfix_str("writing report")
-    write_json(out / "report.json", report)
-    plot_report(report, out / "report.png")
-    steps.update()
-    steps.close()
+        model, qmodel, block = fp32.model, int8.model, fp32.config.block_size
+        sizes = file_size(ckpt / WEIGHTS) if (ckpt / WEIGHTS).is_file() else sum(p.numel() * 4 for p in model.parameters())
+        report: dict[str, Any] = {"fp32_checkpoint": str(ckpt), "int8_checkpoint": str(out), "scheme": args.scheme,
+                                  "params": model.num_params(non_embedding=False), "size_fp32_bytes": sizes,
+                                  "size_int8_bytes": file_size(build / WEIGHTS)}
+        report["size_ratio"] = report["size_fp32_bytes"] / report["size_int8_bytes"]
+        if data_path:
+            report["val_data"] = str(data_path)
+            steps.set_postfix_str("evaluating fp32 and int8")  # one pass: both losses and the top-1 agreement
+            ev32, ev8, report["top1_agreement"] = evaluate_pair(model.eval(), qmodel.eval(), val, val_chars, block,
+                                                                max_windows=args.eval_windows)
+            for name, ev in (("fp32", ev32), ("int8", ev8)):
+                report[f"val_nats_per_token_{name}"] = ev["val_nats_per_token"]
+                report[f"val_nats_per_char_{name}"] = ev["val_nats_per_char"]
+            steps.update()
+        steps.set_postfix_str("generation speed")
+        prompt_ids = prompt_tokens(fp32.tokenizer, args.prompt)
+        speed = tokens_per_second({"fp32": model, "int8": qmodel}, prompt_ids, args.gen_tokens, fp32.tokenizer.n_vocab, args.repeats)
+        report.update(tokens_per_s_fp32=speed["fp32"], tokens_per_s_int8=speed["int8"], gen_tokens=args.gen_tokens, repeats=args.repeats,
+                      threads=torch.get_num_threads())
+        steps.update()
+        steps.set_postfix_str("writing report")
+        write_json(build / "report.json", report)
+        plot_report(report, build / "report.png")
+        steps.update()
+        steps.close()
     return report
 
 

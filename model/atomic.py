@@ -1,9 +1,15 @@
-"""Atomic file writes: write to a temporary file beside the target, then rename over it."""
+"""Atomic writes: a file or a whole folder is written beside its target under a temporary name, then renamed over it.
+
+Temporary names are `.<name>.<random>.tmp` (file or folder) beside `<name>`. A kill -9 can leave one behind; it is
+removed by the next write of `<name>` that says it is the sole writer of `<name>` (see remove_stale_temps).
+"""
 
 from __future__ import annotations
 
 import contextlib
 import os
+import re
+import shutil
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -15,26 +21,92 @@ def _umask() -> int:
     return mask
 
 
+def remove_stale_temps(path: str | os.PathLike) -> None:
+    """Delete `.<name>.<random>.tmp` files and folders beside `path`: what writes of `path` killed before their rename left.
+
+    Call it only as the sole writer of `path` (a checkpoint folder has one: the trainer's rank 0, or quantize.py for its
+    --out), about to write it: then no other write of `path` is under way, so every such temp is dead. Temps of other
+    names are left alone; they go when their own name is next written.
+    """
+    path = Path(path)
+    stale = re.compile(rf"\.{re.escape(path.name)}\.[^.]+\.tmp")  # the random part has no dot: never another name's temp
+    if not path.parent.is_dir():
+        return
+    for entry in path.parent.iterdir():
+        if stale.fullmatch(entry.name):
+            if entry.is_dir() and not entry.is_symlink():
+                shutil.rmtree(entry, ignore_errors=True)
+            else:
+                entry.unlink(missing_ok=True)
+
+
 @contextlib.contextmanager
-def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
+def atomic_path(path: str | os.PathLike, sole_writer: bool = False) -> Iterator[Path]:
     """Yield a temporary path to write; on success it replaces `path` in one rename, else it is removed.
 
-    A kill at any instant leaves either the old file or the new one, never a half-written file.
+    A kill at any instant leaves either the old file or the new one, never a half-written file. sole_writer: this
+    process is the only one that writes `path`, so leftovers of killed earlier writes are removed first.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    if sole_writer:
+        remove_stale_temps(path)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
     tmp_path = Path(tmp)
-    tmp_path.chmod(0o666 & ~_umask())  # mkstemp makes the file owner-only; give it what open() would have
     try:
         yield tmp_path
+        # The mode open() would have given (mkstemp makes files owner-only); set at the end, as a writer may have
+        # replaced the temp file with one of its own.
+        tmp_path.chmod(0o666 & ~_umask())
         with open(tmp_path, "rb+") as f:
             os.fsync(f.fileno())
         os.replace(tmp_path, path)
     finally:
         if tmp_path.exists():
             tmp_path.unlink()
+
+
+def aside_path(path: str | os.PathLike) -> Path:
+    """Where atomic_dir keeps the old folder for the instant between its two renames: `.<name>.old` beside it."""
+    path = Path(path)
+    return path.with_name(f".{path.name}.old")
+
+
+def recover_dir(path: str | os.PathLike) -> None:
+    """Undo what a kill left of an earlier atomic_dir(path): restore the old folder if the new one never got in, and
+    delete the aside copy and dead builds. Only for the sole writer of `path` (see remove_stale_temps)."""
+    path, aside = Path(path), aside_path(path)
+    if aside.is_dir():
+        if path.exists():  # killed while deleting the old folder: the new one is in place
+            shutil.rmtree(aside)
+        else:  # killed between the two renames: the old folder is still the current one
+            os.replace(aside, path)
+    remove_stale_temps(path)
+
+
+@contextlib.contextmanager
+def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
+    """Yield an empty temporary folder beside `path` to fill; on success it replaces `path` whole, else it is removed.
+
+    Readers see the old folder or the new one, never a mix. The swap is two renames (old aside, new in) and then the
+    old folder is deleted; recover_dir, run first, repairs a kill at any of those points. Only for the sole writer.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    recover_dir(path)
+    build = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
+    try:
+        build.chmod(0o777 & ~_umask())  # the mode mkdir would have given (mkdtemp makes folders owner-only)
+        yield build
+        if path.exists():
+            os.replace(path, aside_path(path))
+            os.replace(build, path)
+            shutil.rmtree(aside_path(path))
+        else:
+            os.replace(build, path)
+    finally:
+        shutil.rmtree(build, ignore_errors=True)
 
 
 def write_text(path: str | os.PathLike, text: str) -> None:

@@ -5,19 +5,22 @@ A checkpoint directory holds:
   config.json        {"kind": "fp32", "model": GPTConfig, "tokenizer": spec, "train": args}
   metrics.json       validation figures of those weights
   train_state.pt     what --resume needs: current weights, optimizer, step, RNG states (plain tensors/dicts)
-Every file is written atomically, and nothing is ever unpickled beyond plain tensors and containers.
+Every file is written atomically (the next save removes what a killed one left), with the mode open() gives; nothing
+is ever unpickled beyond plain tensors and containers, and weights that are not finite floats are refused.
 """
 
 from __future__ import annotations
 
 import json
 import os
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
+from safetensors.torch import save as serialize
 
 from . import atomic
 from .config import GPTConfig
@@ -42,7 +45,9 @@ def default_checkpoint() -> Path:
     return Path(os.environ.get(CKPT_ENV) or SERVED_CKPT)
 
 def write_json(path: str | Path, obj: Any) -> None:
-    atomic.write_text(path, json.dumps(obj, indent=2, sort_keys=False) + "\n")
+    """Atomically write a JSON file of a checkpoint folder, whose sole writer this process is (stale temps go)."""
+    with atomic.atomic_path(path, sole_writer=True) as tmp:
+        tmp.write_text(json.dumps(obj, indent=2, sort_keys=False) + "\n", encoding="utf-8")
 
 
 def read_json(path: str | Path) -> dict[str, Any]:
@@ -58,11 +63,20 @@ def read_json(path: str | Path) -> dict[str, Any]:
     return obj
 
 
+def save_tensors(path: str | Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> None:
+    """Atomically write tensors as a safetensors file of a checkpoint folder (sole writer: stale temps go).
+
+    Serialized in memory and written here: safetensors' save_file writes owner-only temp files of its own beside the
+    target (mode 0600 after the rename; left behind by a kill under a name no cleanup can recognise)."""
+    data = serialize(tensors, metadata=metadata)
+    with atomic.atomic_path(path, sole_writer=True) as tmp:
+        tmp.write_bytes(data)
+
+
 def save_weights(path: str | Path, model: GPT) -> None:
     """Atomically save a GPT's weights (tied head once) as safetensors."""
     state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items() if k != TIED_KEY}
-    with atomic.atomic_path(path) as tmp:
-        save_file(state, str(tmp), metadata={"format": "pt"})
+    save_tensors(path, state, {"format": "pt"})
 
 
 def save_config(out_dir: str | Path, config: GPTConfig, tokenizer_spec: dict[str, Any],
@@ -74,6 +88,9 @@ def save_config(out_dir: str | Path, config: GPTConfig, tokenizer_spec: dict[str
 def read_config(ckpt_dir: str | Path) -> dict[str, Any]:
     """config.json of a checkpoint directory, with a clear error when the path is not one."""
     ckpt_dir = Path(ckpt_dir)
+    if not ckpt_dir.exists() and atomic.aside_path(ckpt_dir).is_dir():
+        raise CheckpointError(f"No checkpoint at {ckpt_dir}: a rewrite of it was interrupted, leaving the previous one at "
+                              f"{atomic.aside_path(ckpt_dir)}; run python quantize.py again, which restores or replaces it.")
     if not ckpt_dir.exists():
         raise CheckpointError(f"No checkpoint at {ckpt_dir}: train one with python train.py (or pass --ckpt DIR).")
     if not ckpt_dir.is_dir():
@@ -106,8 +123,20 @@ def load_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
         ) from None
 
 
+def check_floats(state: Mapping[str, torch.Tensor], where: str, fix: str = "train or copy it again") -> None:
+    """Refuse tensors that are not floating point or hold NaN/inf: load_state_dict would cast or load them silently."""
+    for key, t in state.items():
+        if not isinstance(t, torch.Tensor) or not t.is_floating_point():
+            kind = str(t.dtype).removeprefix("torch.") if isinstance(t, torch.Tensor) else type(t).__name__
+            raise CheckpointError(f"{where} holds {key} as {kind}, not floating point; the checkpoint is damaged, {fix}.")
+        if not bool(torch.isfinite(t).all()):
+            raise CheckpointError(f"{where} holds NaN or infinite values in {key}; the checkpoint is damaged, {fix}.")
+
+
 def load_weights(model: GPT, state: dict[str, torch.Tensor], where: str) -> GPT:
-    """Copy a saved state (the tied head stored once) into model; a CheckpointError if the tensors do not fit it."""
+    """Copy a saved state (the tied head stored once) into model; a CheckpointError if the tensors do not fit it
+    or are not finite floats."""
+    check_floats(state, where)
     state = dict(state)
     state.setdefault(TIED_KEY, state.get("transformer.wte.weight"))
     try:
@@ -133,8 +162,8 @@ def load_fp32(ckpt_dir: str | Path) -> tuple[GPT, dict[str, Any]]:
 
 
 def save_train_state(path: str | Path, state: dict[str, Any]) -> None:
-    """Atomically save the resume state (plain tensors, numbers, strings, dicts and lists only)."""
-    with atomic.atomic_path(path) as tmp:
+    """Atomically save the resume state (plain tensors, numbers, strings, dicts and lists only); stale temps go."""
+    with atomic.atomic_path(path, sole_writer=True) as tmp:
         torch.save(state, tmp)
 
 

@@ -22,16 +22,15 @@ import torch
 import torch.ao.nn.quantized.dynamic as nnqd
 import torch.nn as nn
 import torch.nn.functional as F
-from safetensors.torch import save_file
 from torch.ao.quantization import default_dynamic_qconfig, per_channel_dynamic_qconfig, quantize_dynamic
 
-from . import atomic
-from .checkpoint import WEIGHTS, CheckpointError, load_state_dict, read_model_config, save_config
+from .checkpoint import WEIGHTS, CheckpointError, check_floats, load_state_dict, read_model_config, save_config, save_tensors
 from .generate import SamplingConfig, decode_tokens
 from .gpt import GPT
 
 SCHEMES = ("per_channel", "per_tensor")
 ENGINE_PREFERENCE = ("x86", "fbgemm", "qnnpack")  # x86-64 kernels first, qnnpack on ARM
+FIX = "run python quantize.py again"
 
 # torch.ao.quantization announces its move to torchao on every call. We keep it on purpose (tests/test_quantize.py
 # has a canary that fails the day it is gone), so only these two known notices are hidden; all else shows.
@@ -127,27 +126,29 @@ def int8_state(qmodel: GPT) -> dict[str, torch.Tensor]:
 def save_int8(out_dir: str | Path, qmodel: GPT, cfg: dict[str, Any]) -> None:
     """Write an int8 checkpoint: model.safetensors (atomic) and config.json of kind "int8" (cfg: the fp32 config.json)."""
     out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    with atomic.atomic_path(out_dir / WEIGHTS) as tmp:
-        save_file(int8_state(qmodel), str(tmp), metadata={"format": "smallgpt-int8"})
+    save_tensors(out_dir / WEIGHTS, int8_state(qmodel), {"format": "smallgpt-int8"})
     save_config(out_dir, qmodel.config, cfg["tokenizer"], cfg.get("train"), kind="int8")
 
 
 def _qlinear(name: str, linear: nn.Linear, state: dict[str, torch.Tensor], where: str) -> nnqd.Linear:
-    """Rebuild one dynamic-quantized Linear from its stored tensors, checking names, dtypes and shapes."""
+    """Rebuild one dynamic-quantized Linear from its stored tensors, checking names, dtypes, values and shapes."""
     try:
         w = state.pop(f"{name}.weight_int8")
-        scale = state.pop(f"{name}.weight_scale").to(torch.float64)
-        zero_point = state.pop(f"{name}.weight_zero_point").to(torch.int64)
-        bias = state.pop(f"{name}.bias") if linear.bias is not None else None
+        floats = {f"{name}.weight_scale": state.pop(f"{name}.weight_scale")}
+        zero_point = state.pop(f"{name}.weight_zero_point")
+        if linear.bias is not None:
+            floats[f"{name}.bias"] = state.pop(f"{name}.bias")
     except KeyError as e:
-        raise CheckpointError(f"{where} lacks {e.args[0]}: it is not a complete int8 checkpoint; run python quantize.py again.") from None
+        raise CheckpointError(f"{where} lacks {e.args[0]}: it is not a complete int8 checkpoint; {FIX}.") from None
+    check_floats(floats, where, FIX)  # scales and bias: finite floats
+    scale, bias = floats[f"{name}.weight_scale"].to(torch.float64), floats.get(f"{name}.bias")
     out_f, in_f = linear.out_features, linear.in_features
-    bad = w.dtype != torch.int8 or tuple(w.shape) != (out_f, in_f) or scale.numel() not in (1, out_f)
-    bad = bad or zero_point.numel() != scale.numel() or (bias is not None and tuple(bias.shape) != (out_f,))
+    bad = w.dtype != torch.int8 or tuple(w.shape) != (out_f, in_f) or scale.numel() not in (1, out_f) or not bool((scale > 0).all())
+    bad = bad or zero_point.is_floating_point() or zero_point.numel() != scale.numel()
+    bad = bad or (bias is not None and tuple(bias.shape) != (out_f,))
     if bad:
-        raise CheckpointError(f"The tensors of {name} in {where} do not match its config; "
-                              "the checkpoint is damaged, run python quantize.py again.")
+        raise CheckpointError(f"The tensors of {name} in {where} do not match its config; the checkpoint is damaged, {FIX}.")
+    zero_point = zero_point.to(torch.int64)
     with _quiet_known_deprecations():
         if scale.numel() == out_f and out_f > 1:
             qweight = torch._make_per_channel_quantized_tensor(w, scale, zero_point, 0)
@@ -175,6 +176,7 @@ def load_int8(ckpt_dir: str | Path) -> tuple[GPT, dict[str, Any]]:
     if set(state) != expected:
         odd = sorted(set(state) ^ expected)[:3]
         raise CheckpointError(f"{where} has unexpected or missing tensors ({', '.join(odd)}); it is not an int8 checkpoint of this config.")
+    check_floats(state, where, FIX)  # LayerNorms and position embeddings
     try:
         model.load_state_dict(state, strict=False)
     except RuntimeError as e:

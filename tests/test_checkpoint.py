@@ -1,12 +1,20 @@
-"""Checkpoint I/O: weights round trip to identical logits, the resume state never unpickles objects, writes are atomic."""
+"""Checkpoint I/O: weights round trip to identical logits, the resume state never unpickles objects, writes are atomic,
+leave no stale temp files, get the file mode open() gives, and damaged values (wrong dtype, NaN) are refused."""
 
 from __future__ import annotations
 
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 import torch
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 from train_support import tiny_config
 
+import generate as generate_cli
 from model import atomic, checkpoint
 from model.checkpoint import CheckpointError
 from model.gpt import GPT
@@ -79,3 +87,126 @@ def test_failed_write_keeps_the_old_file(tmp_path):
         raise RuntimeError("killed")
     assert target.read_text() == "old"
     assert [p.name for p in tmp_path.iterdir()] == ["f.json"]
+
+
+def _plain_mode(folder: Path) -> int:
+    """The permission bits a plain open() gives a new file in `folder` under the current umask."""
+    probe = folder / "probe"
+    with open(probe, "w"):
+        pass
+    mode = probe.stat().st_mode & 0o777
+    probe.unlink()
+    return mode
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o002])
+def test_checkpoint_files_get_the_mode_open_gives(tmp_path, umask):
+    before = os.umask(umask)
+    try:
+        model = GPT(tiny_config())
+        checkpoint.save_weights(tmp_path / checkpoint.WEIGHTS, model)
+        checkpoint.save_weights(tmp_path / checkpoint.WEIGHTS, model)  # a rewrite too: the replaced file must keep the mode
+        checkpoint.save_config(tmp_path, model.config, {"name": "bytes"})
+        checkpoint.write_json(tmp_path / checkpoint.METRICS, {"val": 1.0})
+        checkpoint.save_train_state(tmp_path / checkpoint.TRAIN_STATE, {"step": 1})
+        expected = _plain_mode(tmp_path)
+    finally:
+        os.umask(before)
+    modes = {p.name: oct(p.stat().st_mode & 0o777) for p in tmp_path.iterdir()}
+    assert modes == dict.fromkeys([checkpoint.WEIGHTS, checkpoint.CONFIG, checkpoint.METRICS, checkpoint.TRAIN_STATE], oct(expected))
+
+
+def test_saves_remove_stale_temp_files_of_what_they_write(tmp_path):
+    """Leftovers of killed writes (.NAME.RANDOM.tmp) go when NAME is next written; other temp files and folders stay."""
+    stale = [f".{name}.k1ll3d_x.tmp" for name in (checkpoint.WEIGHTS, checkpoint.CONFIG, checkpoint.METRICS, checkpoint.TRAIN_STATE)]
+    kept = [".log.jsonl.abc12345.tmp", ".config.abc12345.tmp", ".model.safetensors.old"]
+    for name in stale + kept:
+        (tmp_path / name).write_bytes(b"x" * 1000)
+    (tmp_path / ".int8.abc12345.tmp").mkdir()  # a quantize.py build under way in a subfolder of the trainer's folder
+    model = GPT(tiny_config())
+    checkpoint.save_weights(tmp_path / checkpoint.WEIGHTS, model)
+    checkpoint.save_config(tmp_path, model.config, {"name": "bytes"})
+    checkpoint.write_json(tmp_path / checkpoint.METRICS, {"val": 1.0})
+    checkpoint.save_train_state(tmp_path / checkpoint.TRAIN_STATE, {"step": 1})
+    left = {p.name for p in tmp_path.iterdir()}
+    assert left == {checkpoint.WEIGHTS, checkpoint.CONFIG, checkpoint.METRICS, checkpoint.TRAIN_STATE, ".int8.abc12345.tmp", *kept}
+
+
+KILL_DURING_SAVE = """
+import os, signal, sys
+from model import checkpoint
+from model.gpt import GPT
+from train_support import tiny_config
+os.fsync = lambda fd: os.kill(os.getpid(), signal.SIGKILL)  # dies after the temp file is written, before the rename
+checkpoint.save_weights(sys.argv[1], GPT(tiny_config()))
+"""
+
+
+def test_a_write_killed_by_sigkill_is_cleaned_by_the_next_save(tmp_path):
+    target = tmp_path / checkpoint.WEIGHTS
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(root), str(root / "tests")])}
+    proc = subprocess.run([sys.executable, "-c", KILL_DURING_SAVE, str(target)], env=env, cwd=root, timeout=120)
+    assert proc.returncode == -signal.SIGKILL
+    assert not target.exists() and len(list(tmp_path.iterdir())) > 0  # what a kill leaves: temp file(s) only
+    checkpoint.save_weights(target, GPT(tiny_config()))
+    assert [p.name for p in tmp_path.iterdir()] == [checkpoint.WEIGHTS]
+
+
+def _damage(state: dict[str, torch.Tensor], how: str) -> None:
+    if how == "int32":
+        state["transformer.wte.weight"] = state["transformer.wte.weight"].to(torch.int32)
+    elif how == "nan":
+        state["transformer.ln_f.weight"][0] = float("nan")
+    else:
+        state["transformer.h.0.attn.c_attn.weight"][3, 4] = float("inf")
+
+
+@pytest.mark.parametrize("how", ["int32", "nan", "inf"])
+def test_non_float_or_non_finite_weights_are_refused(tmp_path, how, capsys):
+    model = GPT(tiny_config())
+    state = {k: v.clone() for k, v in model.state_dict().items() if k != checkpoint.TIED_KEY}
+    _damage(state, how)
+    save_file(state, str(tmp_path / checkpoint.WEIGHTS))
+    checkpoint.save_config(tmp_path, model.config, {"name": "bytes"})
+    with pytest.raises(CheckpointError, match="not floating point|NaN or infinite") as info:
+        checkpoint.load_fp32(tmp_path)
+    assert "\n" not in str(info.value)
+    with pytest.raises(CheckpointError):  # the trainer's --resume and --init-from paths build the model the same way
+        checkpoint.build_model(model.config, state, "train_state.pt")
+    assert generate_cli.main(["--ckpt", str(tmp_path), "--prompt", "hi", "--max-new-tokens", "4"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: ") and err[0].endswith("."), err
+
+
+def test_atomic_dir_swaps_a_folder_whole(tmp_path):
+    target = tmp_path / "int8"
+    target.mkdir()
+    (target / "a").write_text("old")
+    (target / "b").write_text("old")
+    with pytest.raises(RuntimeError), atomic.atomic_dir(target) as build:
+        (build / "a").write_text("new")
+        raise RuntimeError("killed")
+    assert {p.name: p.read_text() for p in target.iterdir()} == {"a": "old", "b": "old"}
+    with atomic.atomic_dir(target) as build:
+        (build / "a").write_text("new")
+    assert {p.name: p.read_text() for p in target.iterdir()} == {"a": "new"}
+    assert [p.name for p in tmp_path.iterdir()] == ["int8"]
+
+
+def test_atomic_dir_recovers_from_a_kill_at_any_point(tmp_path):
+    target, aside = tmp_path / "int8", tmp_path / ".int8.old"
+    aside.mkdir()  # killed between renaming the old folder aside and the new one in: the old one is the current one
+    (aside / "a").write_text("old")
+    (tmp_path / ".int8.k1ll3d_x.tmp").mkdir()  # a build killed before its swap
+    atomic.recover_dir(target)
+    assert [p.name for p in tmp_path.iterdir()] == ["int8"] and (target / "a").read_text() == "old"
+    aside.mkdir()  # killed while deleting the old folder, after the new one was in place
+    atomic.recover_dir(target)
+    assert [p.name for p in tmp_path.iterdir()] == ["int8"] and (target / "a").read_text() == "old"
+
+
+def test_missing_folder_with_an_aside_copy_says_how_to_recover(tmp_path):
+    (tmp_path / ".int8.old").mkdir()
+    with pytest.raises(CheckpointError, match="interrupted"):
+        checkpoint.read_config(tmp_path / "int8")

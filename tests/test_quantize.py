@@ -4,8 +4,13 @@ size, the generation engine, the CLI's report, and one clear error (never an unp
 from __future__ import annotations
 
 import json
+import os
 import pickle
+import signal
+import subprocess
+import sys
 import warnings
+from pathlib import Path
 
 import pytest
 import torch
@@ -192,7 +197,8 @@ def test_cli_missing_data_writes_nothing(fp32_ckpt, tmp_path, capsys):
     assert not out.exists()
 
 
-@pytest.mark.parametrize("damage", ["pickle", "truncated", "fp32_weights", "missing_tensor"])
+@pytest.mark.parametrize("damage", ["pickle", "truncated", "fp32_weights", "missing_tensor", "nan_scale", "zero_scale",
+                                    "float_zero_point", "inf_bias", "nan_layernorm", "int32_position_embedding"])
 def test_bad_int8_checkpoint_is_refused(damage, tmp_path):
     qmodel = quantize_model(tiny_gpt())
     ckpt = tmp_path / "q"
@@ -207,10 +213,96 @@ def test_bad_int8_checkpoint_is_refused(damage, tmp_path):
     else:
         from safetensors.torch import load_file, save_file
 
-        state = load_file(str(weights))
-        del state["transformer.h.1.mlp.c_fc.weight_scale"]
+        state, fc = load_file(str(weights)), "transformer.h.1.mlp.c_fc"
+        if damage == "missing_tensor":
+            del state[f"{fc}.weight_scale"]
+        elif damage == "nan_scale":
+            state[f"{fc}.weight_scale"][2] = float("nan")
+        elif damage == "zero_scale":
+            state[f"{fc}.weight_scale"][2] = 0.0
+        elif damage == "float_zero_point":
+            state[f"{fc}.weight_zero_point"] = state[f"{fc}.weight_zero_point"].float() + 0.5
+        elif damage == "inf_bias":
+            state[f"{fc}.bias"][0] = float("inf")
+        elif damage == "nan_layernorm":
+            state["transformer.ln_f.weight"][0] = float("nan")
+        else:
+            state["transformer.wpe.weight"] = state["transformer.wpe.weight"].to(torch.int32)
         save_file(state, str(weights))
     with pytest.raises(CheckpointError) as info:
         load_int8(ckpt)
     assert "\n" not in str(info.value)
     assert not (tmp_path / "pwned").exists()
+
+
+QUICK = ["--eval-windows", "1", "--gen-tokens", "2", "--repeats", "1"]
+
+
+def _old_output(out):
+    """An earlier quantize.py output: int8 weights of another model and a report that describes them."""
+    save_int8(out, quantize_model(tiny_gpt(vocab_size=50304, seed=7)), {"tokenizer": {"name": "gpt2"}, "train": {}})
+    (out / "metrics.json").write_text('{"old": true}')
+    (out / "report.json").write_text('{"old": true}')
+    (out / "report.png").write_bytes(b"old png")
+    return {p.name: p.read_bytes() for p in out.iterdir()}
+
+
+KILL_DURING_QUANTIZE = """
+import os, signal, sys
+import quantize
+quantize.tokens_per_second = lambda *a, **k: os.kill(os.getpid(), signal.SIGKILL)  # killed while measuring speed
+quantize.main(sys.argv[1:])
+"""
+
+
+@pytest.mark.slow
+def test_sigkill_during_quantize_leaves_the_old_output_whole(fp32_ckpt):
+    """kill -9 mid-run leaves OUT all-old (never new weights beside an old report); the next run cleans up and replaces it."""
+    (fp32_ckpt / "metrics.json").write_text(json.dumps({"val_nats_per_char": 1.5}))
+    out = fp32_ckpt / "int8"
+    old = _old_output(out)
+    root = Path(__file__).resolve().parents[1]
+    proc = subprocess.run([sys.executable, "-c", KILL_DURING_QUANTIZE, "--ckpt", str(fp32_ckpt), *QUICK],
+                          env={**os.environ, "PYTHONPATH": str(root)}, cwd=root, timeout=300, capture_output=True)
+    assert proc.returncode == -signal.SIGKILL, proc.stderr.decode()[-2000:]
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == old
+    assert quantize_cli.main(["--ckpt", str(fp32_ckpt), *QUICK]) == 0
+    assert json.loads((out / "report.json").read_text())["int8_checkpoint"] == str(out)
+    assert json.loads((out / "metrics.json").read_text()) == {"val_nats_per_char": 1.5}
+    assert sorted(p.name for p in fp32_ckpt.iterdir()) == ["config.json", "int8", "metrics.json", "model.safetensors"]
+
+
+def test_failure_after_the_weights_leaves_the_old_output_whole(fp32_ckpt, monkeypatch):
+    out = fp32_ckpt / "int8"
+    old = _old_output(out)
+
+    def broken_plot(*args, **kwargs):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(quantize_cli, "plot_report", broken_plot)
+    with pytest.raises(OSError):
+        quantize_cli.main(["--ckpt", str(fp32_ckpt), *QUICK])
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == old
+    assert sorted(p.name for p in fp32_ckpt.iterdir()) == ["config.json", "int8", "model.safetensors"]
+
+
+def test_cli_refuses_to_replace_a_folder_that_is_not_its_output(fp32_ckpt, tmp_path, capsys):
+    mine = tmp_path / "notes"
+    mine.mkdir()
+    (mine / "todo.txt").write_text("keep me")
+    assert quantize_cli.main(["--ckpt", str(fp32_ckpt), "--out", str(mine), *QUICK]) == 2
+    assert capsys.readouterr().err.startswith("error: ")
+    assert [p.name for p in mine.iterdir()] == ["todo.txt"]
+
+
+def test_cli_output_gets_the_modes_open_and_mkdir_give(fp32_ckpt, tmp_path):
+    (fp32_ckpt / "metrics.json").write_text("{}")
+    out = tmp_path / "q" / "int8"
+    assert quantize_cli.main(["--ckpt", str(fp32_ckpt), "--out", str(out), *QUICK]) == 0
+    with open(tmp_path / "plain", "w"):
+        pass
+    (tmp_path / "plain_dir").mkdir()
+    file_mode, dir_mode = ((tmp_path / n).stat().st_mode & 0o777 for n in ("plain", "plain_dir"))
+    assert oct(out.stat().st_mode & 0o777) == oct(dir_mode)
+    modes = {p.name: oct(p.stat().st_mode & 0o777) for p in out.iterdir()}
+    assert modes == dict.fromkeys(["model.safetensors", "config.json", "metrics.json", "report.json", "report.png"], oct(file_mode))
