@@ -13,10 +13,9 @@ from typing import Any
 
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
-from . import atomic
-from .checkpoint import CONFIG, TIED_KEY, WEIGHTS, CheckpointError, build_model, read_config, read_json, write_json
+from .checkpoint import CONFIG, TIED_KEY, WEIGHTS, CheckpointError, build_model, read_config, read_json, save_tensors, write_json
 from .config import GPTConfig
 from .gpt import GPT
 from .hf_tokenizer import write_tokenizer_files
@@ -181,8 +180,7 @@ def export_hf(model: GPT, tokenizer: Tokenizer | None, out_dir: str | Path) -> P
         raise CheckpointError(f"{out_dir} already holds a checkpoint of this kit; export to another directory (--out).")
     state = state_to_hf(model)
     out_dir.mkdir(parents=True, exist_ok=True)
-    with atomic.atomic_path(out_dir / SAFETENSORS) as tmp:
-        save_file(state, str(tmp), metadata={"format": "pt"})
+    save_tensors(out_dir / SAFETENSORS, state, {"format": "pt"})
     if tokenizer is not None:
         write_tokenizer_files(tokenizer, out_dir, model.config.block_size)
     write_json(out_dir / CONFIG, hf_config(model.config, tokenizer))
