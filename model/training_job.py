@@ -1,0 +1,442 @@
+"""The engine of the app's Train tab, without any UI: check a visitor's text, train on it with train.py in a child process,
+quantize the result with quantize.py, keep a few finished models per server and zip one for download.
+
+    slot, store = TrainingSlot(), ModelStore()
+    job = slot.start(data, minutes=3)   # JobError: bad text, bad minutes, or another training is running
+    store.add(session_id, job)          # the store deletes it with the session, after an hour, or when a 5th arrives
+    job.status()                        # poll every few seconds: state, progress, loss curves, sample, error, report
+    job.stop()                          # keeps the best weights so far; they are quantized too
+    make_zip(job.run_dir)               # once the status has a model_dir
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import zipfile
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+from . import atomic
+from .checkpoint import CONFIG, METRICS, WEIGHTS, CheckpointError, read_json
+from .config import PRESETS
+from .data import VAL_FRACTION, DataError, decode_text
+from .trainer import LOG, PLOT, TOKENS, read_log
+
+PROJECT = Path(__file__).resolve().parents[1]  # a Space bundle carries train.py and quantize.py beside app.py too
+TRAIN_PY = PROJECT / "train.py"
+QUANTIZE_PY = PROJECT / "quantize.py"
+
+MAX_BYTES = 10 * 2**20  # uploads and pastes above 10 MB are refused
+# Shortest text accepted: its validation split (the last 10%) then holds a context window of the default "cpu" preset
+# (64 tokens) even at 6 characters a token (English takes 3 to 4). The trainer still checks exactly, in tokens; its
+# DataError sentence then becomes the job's error.
+MIN_CHARS = math.ceil((PRESETS["cpu"].block_size + 1) * 6 / VAL_FRACTION)
+CONTROL = re.compile(r"[\x00-\x08\x0b\x0e-\x1f\x7f-\x9f]")  # control characters other than tab, newlines and form feed
+MAX_CONTROL_SHARE = 0.01  # text with more of them than this is taken for a binary file
+MIN_MINUTES, MAX_MINUTES, DEFAULT_MINUTES = 1, 10, 3
+DEFAULT_THREADS = 1  # trainer threads: on a 2-vCPU Space the other CPU keeps serving generation requests
+MAX_MODELS = 4  # models kept per server, the oldest deleted first
+MAX_AGE_S = 3600.0  # a model is deleted this long after its training started
+STOP_GRACE_S = 30.0  # after a stop, the trainer gets this long to save and exit before it is killed
+OVERTIME_S = 120.0  # a trainer still running this long past its budget is stopped as if the visitor had pressed Stop
+QUANTIZE_TIMEOUT_S = 600.0
+QUANTIZE_EVAL_WINDOWS = 200  # the int8 report scores this many evenly spaced validation windows, so it takes seconds
+QUANTIZE_ESTIMATE_S = 30.0  # for "about N minutes left"
+
+FP32_DIR = "model"  # the trainer's --out-dir inside a job folder; quantize.py writes FP32_DIR/int8
+INT8_DIR = "int8"
+REPORT = "report.json"
+TEXT_FILE = "input.txt"
+TRAIN_LOG = "train.log"
+QUANTIZE_LOG = "quantize.log"
+ZIP_FP32_FILES = (WEIGHTS, CONFIG, METRICS, LOG, PLOT)  # train_state.pt (3x the weights) and the token cache stay out
+
+State = Literal["running", "quantizing", "done", "stopped", "failed"]
+ACTIVE: tuple[State, ...] = ("running", "quantizing")
+
+log = logging.getLogger(__name__)
+
+
+class JobError(ValueError):
+    """A training request that cannot be served; the message says, in one sentence, what to do."""
+
+
+def check_text(data: bytes) -> str:
+    """The visitor's text (an upload or a paste, as bytes) decoded, or a JobError saying what is wrong with it."""
+    if len(data) > MAX_BYTES:
+        raise JobError(f"The text is {len(data) / 2**20:.1f} MB, over the limit of {MAX_BYTES // 2**20} MB: use a shorter one.")
+    binary = "This looks like a binary file, not text: upload a plain-text (.txt) file saved as UTF-8."
+    if b"\x00" in data:
+        raise JobError(binary)
+    try:
+        text = decode_text(data, "The text")
+    except DataError as e:
+        raise JobError(str(e)) from None
+    if CONTROL.subn("", text)[1] > MAX_CONTROL_SHARE * len(text):
+        raise JobError(binary)
+    if len(text) < MIN_CHARS:
+        raise JobError(f"The text has {len(text):,} characters, too few to train on: use at least {MIN_CHARS:,} (a few pages).")
+    return text
+
+
+def remove_tree(path: Path) -> None:
+    """Delete a folder so that it vanishes in one step: renamed to a hidden name first, then deleted."""
+    trash = path.with_name(f".deleting-{path.name}")
+    try:
+        os.rename(path, trash)
+    except FileNotFoundError:
+        return
+    shutil.rmtree(trash, ignore_errors=True)
+
+
+def _signal(proc: subprocess.Popen, sig: int) -> None:
+    """Send sig to a child's process group, unless the child has already exited."""
+    if proc.poll() is None:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, sig)
+
+
+def _log_tail(path: Path, n_bytes: int = 65536) -> str:
+    """The end of a child's log (empty when there is none)."""
+    try:
+        with open(path, "rb") as f:
+            f.seek(max(0, f.seek(0, os.SEEK_END) - n_bytes))
+            return f.read().decode("utf-8", errors="replace")
+    except OSError:
+        return ""
+
+
+def _failure(tail: str, returncode: int, what: str) -> str:
+    """One sentence for a failed child: its last "error: ..." line, else what most likely happened; never a traceback."""
+    errors = [line.removeprefix("error: ").strip() for line in tail.splitlines() if line.startswith("error: ")]
+    if errors:
+        return errors[-1]
+    if returncode == -signal.SIGKILL or "MemoryError" in tail or "out of memory" in tail.lower():
+        return f"{what} was killed by the server, most likely for running out of memory: try a shorter text."
+    return f"{what} stopped unexpectedly (exit status {returncode}): please try again."
+
+
+@dataclass(frozen=True)
+class Status:
+    """A snapshot of one job for the UI: plain data."""
+
+    state: State
+    elapsed_s: float  # since the start; frozen when training ends
+    budget_s: float  # the training time the visitor chose
+    seconds_left: float  # a rough estimate until the model is ready (0 once the job is over)
+    records: list[dict[str, Any]]  # log.jsonl: train records (train_loss, nats/token) and eval records (val_nats_per_*)
+    train_curve: list[tuple[int, float]]  # (step, training loss in nats/char); empty until the text is tokenised
+    val_curve: list[tuple[int, float]]  # (step, validation loss in nats/char) of each evaluation; the final one is in records
+    sample: str | None  # the text generated at the latest evaluation, when the trainer logs one
+    error: str | None  # one sentence when failed (or stopped before any weights were saved)
+    report: dict[str, Any] | None  # quantize.py's report.json once the int8 model is ready
+    model_dir: Path | None  # the int8 checkpoint once ready (model.load reads it), else None
+
+    @property
+    def active(self) -> bool:
+        return self.state in ACTIVE
+
+    @property
+    def progress(self) -> float:
+        """Share of the time budget used, 0 to 1."""
+        return min(1.0, self.elapsed_s / self.budget_s) if self.budget_s > 0 else 1.0
+
+
+class TrainingJob:
+    """One training run in its own folder: train.py in a child process, then quantize.py, led by a background thread.
+
+    Thread-safe: status(), stop() and discard() may be called from any thread at any time.
+    """
+
+    def __init__(self, root: str | Path, text: str, minutes: float, threads: int = DEFAULT_THREADS, train_args: Sequence[str] = ()):
+        """Write text into a new folder under root and start training on it for `minutes` (train_args: extra train.py flags)."""
+        self.budget_s = minutes * 60.0
+        self.threads = threads
+        self._lock = threading.Lock()
+        self._state: State = "running"
+        self._error: str | None = None
+        self._report: dict[str, Any] | None = None
+        self._final_records: list[dict[str, Any]] = []
+        self._chars_per_token: float | None = None
+        self._stop_at: float | None = None  # when stop() was called
+        self._discarded = False
+        self._t0 = time.monotonic()
+        self._t_end: float | None = None  # when the trainer exited
+        run_dir = None
+        try:
+            Path(root).mkdir(parents=True, exist_ok=True)
+            self.run_dir = run_dir = Path(tempfile.mkdtemp(prefix="model-", dir=root))
+            self.fp32_dir = self.run_dir / FP32_DIR
+            self.int8_dir = self.fp32_dir / INT8_DIR
+            atomic.write_text(self.run_dir / TEXT_FILE, text)
+            self._proc = self._launch(TRAIN_PY, ["--data", str(self.run_dir / TEXT_FILE), "--out-dir", str(self.fp32_dir),
+                                                 "--max-minutes", f"{minutes:g}", "--threads", str(threads), *train_args], TRAIN_LOG)
+        except OSError as e:  # disk full, no permission: nothing a visitor did, and nothing left behind
+            if run_dir is not None:
+                remove_tree(run_dir)
+            raise JobError(f"The server could not start the training ({e.strerror or e}); please try again later.") from None
+        threading.Thread(target=self._run, name=f"training-{self.run_dir.name}", daemon=True).start()
+
+    # ---- for the UI -----------------------------------------------------------------------------------------------
+
+    @property
+    def state(self) -> State:
+        with self._lock:
+            return self._state
+
+    @property
+    def active(self) -> bool:
+        """Whether it still trains or quantizes (a discarded job is not: it is being killed)."""
+        with self._lock:
+            return self._state in ACTIVE and not self._discarded
+
+    def seconds_left(self) -> float:
+        """Roughly how long until the model is ready: the rest of the training budget plus the int8 step."""
+        with self._lock:
+            if self._state not in ACTIVE:
+                return 0.0
+            end = self._t_end if self._t_end is not None else self._t0 + self.budget_s
+        return max(0.0, end - time.monotonic()) + QUANTIZE_ESTIMATE_S
+
+    def status(self) -> Status:
+        """Where the job stands, read from its files: cheap enough to call every few seconds."""
+        with self._lock:
+            state, error, report, t_end = self._state, self._error, self._report, self._t_end
+        records = self._final_records if state not in ACTIVE else self._read_records()
+        per_char = self._tokens_per_char()
+        train = [(r["step"], r["train_loss"] * per_char) for r in records if "train_loss" in r] if per_char else []
+        val = [(r["step"], r["val_nats_per_char"]) for r in records if "val_nats_per_char" in r and not r.get("final")]
+        sample = next((r["sample"] for r in reversed(records) if isinstance(r.get("sample"), str)), None)
+        elapsed = (t_end if t_end is not None else time.monotonic()) - self._t0
+        return Status(state=state, elapsed_s=elapsed, budget_s=self.budget_s,
+                      seconds_left=self.seconds_left(), records=records, train_curve=train, val_curve=val, sample=sample,
+                      error=error, report=report, model_dir=self.int8_dir if report is not None else None)
+
+    def stop(self) -> None:
+        """Ask the trainer to stop (SIGINT): it keeps the best weights so far, which are then quantized. A no-op once training is over."""
+        with self._lock:
+            if self._t_end is None and self._stop_at is None:
+                self._stop_at = time.monotonic()
+                _signal(self._proc, signal.SIGINT)
+
+    def discard(self) -> None:
+        """Kill whatever still runs and delete the folder: now, or as soon as the background thread has let go of it."""
+        with self._lock:
+            self._discarded = True
+            over = self._state not in ACTIVE
+            if not over:
+                _signal(self._proc, signal.SIGKILL)
+        if over:
+            remove_tree(self.run_dir)
+
+    # ---- the background thread ------------------------------------------------------------------------------------
+
+    def _launch(self, script: Path, args: list[str], log_name: str) -> subprocess.Popen:
+        """Start a project script in its own process group, stdout and stderr to a log file in the job folder."""
+        env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": str(self.threads)}
+        with open(self.run_dir / log_name, "wb") as out:
+            return subprocess.Popen([sys.executable, str(script), *args], cwd=self.run_dir, env=env, stdin=subprocess.DEVNULL,
+                                    stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+
+    def _run(self) -> None:
+        try:
+            state, error, report = self._train_then_quantize()
+        except Exception:  # a bug here must not leave the job running forever, nor take the app down
+            log.exception("training job %s failed", self.run_dir.name)
+            state, error, report = "failed", "The training job failed on the server: please try again.", None
+        records = self._read_records()
+        with self._lock:
+            self._state, self._error, self._report, self._final_records = state, error, report, records
+            remove = self._discarded or report is None
+        if remove:  # a job without a model keeps nothing on disk
+            remove_tree(self.run_dir)
+
+    def _train_then_quantize(self) -> tuple[State, str | None, dict[str, Any] | None]:
+        rc = self._wait_for_trainer()
+        with self._lock:
+            self._t_end = time.monotonic()
+            stopped = self._stop_at is not None
+        if self._discarded:
+            return "failed", "This model was deleted.", None
+        if rc != 0 and not stopped:
+            return "failed", self._failed(TRAIN_LOG, rc, "Training"), None
+        if not ((self.fp32_dir / WEIGHTS).is_file() and (self.fp32_dir / CONFIG).is_file()):
+            if stopped:
+                return "stopped", "Training was stopped before its first weights were saved: there is no model to keep.", None
+            return "failed", self._failed(TRAIN_LOG, rc, "Training"), None
+        with self._lock:
+            if self._discarded:
+                return "failed", "This model was deleted.", None
+            self._state = "quantizing"
+            self._proc = self._launch(QUANTIZE_PY, ["--ckpt", str(self.fp32_dir), "--out", str(self.int8_dir), "--data",
+                                                    str(self.run_dir / TEXT_FILE), "--eval-windows", str(QUANTIZE_EVAL_WINDOWS),
+                                                    "--threads", str(self.threads)], QUANTIZE_LOG)
+        try:
+            rc = self._proc.wait(timeout=QUANTIZE_TIMEOUT_S)
+        except subprocess.TimeoutExpired:
+            _signal(self._proc, signal.SIGKILL)
+            self._proc.wait()
+            return "failed", "Quantizing the model took too long: try a shorter text.", None
+        if self._discarded:
+            return "failed", "This model was deleted.", None
+        if rc != 0:
+            return "failed", self._failed(QUANTIZE_LOG, rc, "Quantizing the model"), None
+        return ("stopped" if stopped else "done"), None, read_json(self.int8_dir / REPORT)
+
+    def _wait_for_trainer(self) -> int:
+        """Wait for train.py to exit; kill it when it outlives a stop by STOP_GRACE_S, stop it when it overruns its budget."""
+        while True:
+            try:
+                return self._proc.wait(timeout=1.0)
+            except subprocess.TimeoutExpired:
+                pass
+            now = time.monotonic()
+            if self._stop_at is None and now - self._t0 > self.budget_s + OVERTIME_S:
+                log.warning("training job %s overran its budget; stopping it", self.run_dir.name)
+                self.stop()
+            with self._lock:
+                if self._stop_at is not None and now - self._stop_at > STOP_GRACE_S:
+                    _signal(self._proc, signal.SIGKILL)
+
+    def _failed(self, log_name: str, returncode: int, what: str) -> str:
+        tail = _log_tail(self.run_dir / log_name)
+        log.warning("training job %s: %s failed (exit status %s); end of %s:\n%s", self.run_dir.name, what, returncode,
+                    log_name, tail[-4000:])
+        return _failure(tail, returncode, what)
+
+    def _read_records(self) -> list[dict[str, Any]]:
+        try:
+            return read_log(self.fp32_dir / LOG)
+        except OSError:  # deleted meanwhile
+            return []
+
+    def _tokens_per_char(self) -> float | None:
+        """Tokens per character of the training split (from the token cache), to turn nats/token into nats/char."""
+        if self._chars_per_token is None:
+            with contextlib.suppress(CheckpointError, KeyError, TypeError, ZeroDivisionError):  # not written yet, or deleted
+                meta = read_json(self.fp32_dir / TOKENS / "meta.json")
+                self._chars_per_token = meta["train_chars"] / meta["train_tokens"]
+        return 1.0 / self._chars_per_token if self._chars_per_token else None
+
+
+class TrainingSlot:
+    """One training at a time per server: start() refuses while another job trains or quantizes."""
+
+    def __init__(self, root: str | Path | None = None, threads: int = DEFAULT_THREADS, train_args: Sequence[str] = ()):
+        """Jobs get folders under root (default: a new temporary folder); threads and train_args go to every train.py."""
+        self.root = Path(root) if root is not None else Path(tempfile.mkdtemp(prefix="smallgpt-train-"))
+        self.threads = threads
+        self.train_args = tuple(train_args)
+        self._lock = threading.Lock()
+        self._job: TrainingJob | None = None
+
+    def start(self, data: bytes, minutes: float) -> TrainingJob:
+        """Check the text and the minutes and start a job, or raise a JobError saying why not (e.g. one is running)."""
+        if not MIN_MINUTES <= minutes <= MAX_MINUTES:
+            raise JobError(f"Choose between {MIN_MINUTES} and {MAX_MINUTES} minutes of training, not {minutes}.")
+        text = check_text(data)
+        with self._lock:
+            if self._job is not None and self._job.active:
+                left = max(1, math.ceil(self._job.seconds_left() / 60))
+                raise JobError(f"Another model is training on this server; try again in about {left} minute{'s' * (left != 1)}.")
+            self._job = TrainingJob(self.root, text, minutes, self.threads, self.train_args)
+            return self._job
+
+    def current(self) -> TrainingJob | None:
+        """The job training or quantizing now, if any."""
+        with self._lock:
+            return self._job if self._job is not None and self._job.active else None
+
+
+class ModelStore:
+    """Visitors' jobs by owner (a session id), one each: at most max_models kept, each deleted after max_age_s or with
+    its owner's session."""
+
+    def __init__(self, max_models: int = MAX_MODELS, max_age_s: float = MAX_AGE_S, clock: Callable[[], float] = time.monotonic):
+        self.max_models = max_models
+        self.max_age_s = max_age_s
+        self.clock = clock
+        self._lock = threading.Lock()
+        self._jobs: dict[str, tuple[TrainingJob, float]] = {}  # oldest first
+
+    def add(self, owner: str, job: TrainingJob) -> None:
+        """Keep job as owner's model, deleting owner's previous one and, beyond max_models, the oldest others."""
+        with self._lock:
+            gone = [self._jobs.pop(owner)[0]] if owner in self._jobs else []
+            self._jobs[owner] = (job, self.clock())
+            while len(self._jobs) > self.max_models:
+                gone.append(self._jobs.pop(next(iter(self._jobs)))[0])
+        for old in gone:
+            old.discard()
+
+    def get(self, owner: str) -> TrainingJob | None:
+        """owner's job, or None (never trained, or deleted since)."""
+        with self._lock:
+            entry = self._jobs.get(owner)
+        return entry[0] if entry else None
+
+    def drop(self, owner: str) -> None:
+        """Delete owner's job (their browser session ended), killing it if it still runs."""
+        with self._lock:
+            entry = self._jobs.pop(owner, None)
+        if entry:
+            entry[0].discard()
+
+    def sweep(self) -> int:
+        """Delete the jobs started more than max_age_s ago; call it every few minutes. Returns how many went."""
+        now = self.clock()
+        with self._lock:
+            old = [owner for owner, (_, added) in self._jobs.items() if now - added > self.max_age_s]
+            gone = [self._jobs.pop(owner)[0] for owner in old]
+        for job in gone:
+            job.discard()
+        return len(gone)
+
+    def clear(self) -> None:
+        """Delete every job (on server shutdown)."""
+        with self._lock:
+            gone = [job for job, _ in self._jobs.values()]
+            self._jobs.clear()
+        for job in gone:
+            job.discard()
+
+
+def make_zip(run_dir: str | Path) -> Path:
+    """The download of a finished job: the fp32 checkpoint in the zip's top folder, the int8 one in its int8/ folder.
+
+    Written once, atomically, into run_dir (so it is deleted with the model); later calls return the same file.
+    """
+    run_dir = Path(run_dir)
+    fp32, int8 = run_dir / FP32_DIR, run_dir / FP32_DIR / INT8_DIR
+    top = f"smallgpt-{run_dir.name}"
+    path = run_dir / f"{top}.zip"
+    if path.is_file():
+        return path
+    if not (int8 / REPORT).is_file():
+        raise JobError("This model is not ready to download: wait until it has been trained and quantized.")
+    try:
+        with atomic.atomic_path(path) as tmp, zipfile.ZipFile(tmp, "w", zipfile.ZIP_DEFLATED) as zf:
+            for name in ZIP_FP32_FILES:
+                if (fp32 / name).is_file():
+                    zf.write(fp32 / name, f"{top}/{name}")
+            for f in sorted(int8.iterdir()):
+                if f.is_file():
+                    zf.write(f, f"{top}/{INT8_DIR}/{f.name}")
+    except FileNotFoundError:  # deleted meanwhile; atomic_path may have made run_dir again, empty: remove that too
+        with contextlib.suppress(OSError):
+            run_dir.rmdir()
+        raise JobError("This model has been deleted (models are kept for an hour): train it again.") from None
+    return path

@@ -1,0 +1,266 @@
+"""The Train tab's engine: text checks, a training job in a child process (train, stop, crash, quantize), the one-job slot,
+the model store and the download zip."""
+
+from __future__ import annotations
+
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+import zipfile
+from pathlib import Path
+
+import pytest
+from train_support import TEXT
+
+from model import training_job as tj
+from model.load import load
+from model.training_job import JobError, ModelStore, TrainingJob, TrainingSlot, check_text, make_zip
+
+ROOT = Path(__file__).resolve().parents[1]
+# A 1-layer, 32-wide model over bytes: train.py starts, trains and evaluates in a few seconds.
+TINY = ("--preset", "tiny", "--tokenizer", "bytes", "--n-layer", "1", "--n-embd", "32", "--n-head", "2", "--block-size", "16",
+        "--batch-size", "4", "--eval-interval", "10", "--eval-windows", "4", "--log-interval", "5", "--dtype", "fp32", "--device", "cpu")
+LONG = TEXT * 8  # above MIN_CHARS
+
+
+@pytest.fixture
+def jobs():
+    """Jobs a test starts; each is discarded afterwards, so no child process outlives the test."""
+    started: list[TrainingJob] = []
+    yield started
+    for job in started:
+        job.discard()
+
+
+def wait_until_over(job: TrainingJob, timeout: float = 120) -> tj.Status:
+    deadline = time.monotonic() + timeout
+    while job.state in tj.ACTIVE:
+        assert time.monotonic() < deadline, job.status()
+        time.sleep(0.1)
+    return job.status()
+
+
+def wait_gone(path: Path, timeout: float = 10) -> bool:
+    """Whether path vanishes within timeout (a job deletes its folder just after its final state is set)."""
+    deadline = time.monotonic() + timeout
+    while path.exists() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    return not path.exists()
+
+
+def wait_for_eval(job: TrainingJob, min_step: int, timeout: float = 120) -> None:
+    """Until the log holds a validation record at min_step or later (the best weights are saved by then)."""
+    deadline = time.monotonic() + timeout
+    while not any(r["step"] >= min_step for r in job.status().records if "val_nats_per_char" in r):
+        assert job.active and time.monotonic() < deadline, job.status()
+        time.sleep(0.1)
+
+
+def test_check_text_returns_the_text():
+    assert check_text(LONG.encode()) == LONG
+    assert check_text(("é\f\t" + LONG).encode()) == "é\f\t" + LONG  # accents, form feeds and tabs are text
+
+
+@pytest.mark.parametrize("data, message", [
+    (b"", "is empty"),
+    (b"  \n\t ", "is empty"),
+    (b"caf\xe9 " * 1000, "not valid UTF-8: byte 0xe9 at offset 3"),
+    (bytes(range(256)) * 20, "binary file"),
+    ((b"\x01\x02\x1b" + b"abc") * 1000, "binary file"),  # valid UTF-8, but half control characters
+    (b"\x89PNG\r\n\x1a\n" + b"\x00\xff" * 500, "binary file"),
+    (b"To be, or not to be", "19 characters, too few to train on"),
+    (b"a" * (tj.MAX_BYTES + 1), "over the limit of 10 MB"),
+])
+def test_bad_text_is_refused_in_one_sentence_and_leaves_nothing(tmp_path, data, message):
+    with pytest.raises(JobError, match=message) as e:
+        check_text(data)
+    text = str(e.value)
+    assert text.endswith(".") and "\n" not in text and "Traceback" not in text
+    slot = TrainingSlot(tmp_path / "runs", train_args=TINY)
+    with pytest.raises(JobError, match=message):
+        slot.start(data, 3)
+    assert not (tmp_path / "runs").exists() or not any((tmp_path / "runs").iterdir())
+    assert slot.current() is None
+
+
+@pytest.mark.parametrize("minutes", [0, 0.5, 11, math.nan])
+def test_minutes_outside_the_range_are_refused(tmp_path, minutes):
+    with pytest.raises(JobError, match="between 1 and 10 minutes"):
+        TrainingSlot(tmp_path / "runs").start(LONG.encode(), minutes)
+
+
+def test_a_server_that_cannot_write_refuses_in_one_sentence(tmp_path):
+    (tmp_path / "runs").write_text("a file where the jobs' folder should be")
+    with pytest.raises(JobError, match=r"^The server could not start the training \(.*\); please try again later\.$"):
+        TrainingSlot(tmp_path / "runs").start(LONG.encode(), 1)
+
+
+@pytest.mark.slow
+def test_a_run_trains_quantizes_and_zips_into_loadable_checkpoints(tmp_path, jobs):
+    slot = TrainingSlot(tmp_path / "runs", train_args=(*TINY, "--max-iters", "30"))
+    jobs.append(job := slot.start(LONG.encode(), 1))
+    assert slot.current() is job
+    st = wait_until_over(job)
+    assert st.state == "done" and st.error is None, st
+    assert st.report["val_nats_per_char_int8"] > 0 and st.report["val_nats_per_char_fp32"] > 0
+    assert [s for s, _ in st.val_curve] == [0, 10, 20, 30]
+    assert [s for s, _ in st.train_curve] == [5, 10, 15, 20, 25, 30]
+    assert all(v > 0 for _, v in st.train_curve + st.val_curve)
+    assert st.sample is None or isinstance(st.sample, str)
+    assert 0 < st.elapsed_s < 60 and st.seconds_left == 0 and slot.current() is None
+    assert st.model_dir == job.int8_dir and load(st.model_dir).kind == "int8"
+
+    path = make_zip(job.run_dir)
+    assert make_zip(job.run_dir) == path  # written once
+    with zipfile.ZipFile(path) as zf:
+        names = set(zf.namelist())
+        zf.extractall(tmp_path / "unzipped")
+    top = f"smallgpt-{job.run_dir.name}"
+    assert {f"{top}/model.safetensors", f"{top}/config.json", f"{top}/metrics.json", f"{top}/int8/model.safetensors",
+            f"{top}/int8/config.json", f"{top}/int8/report.json"} <= names
+    assert not any("train_state" in n or "tokens/" in n or n.endswith(".log") for n in names)
+    unzipped = tmp_path / "unzipped" / top
+    assert load(unzipped).kind == "fp32"
+    gen = subprocess.run([sys.executable, "generate.py", "--ckpt", str(unzipped / "int8"), "--prompt", "hi", "--max-new-tokens", "5"],
+                         cwd=ROOT, capture_output=True, text=True, timeout=120, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert gen.returncode == 0 and gen.stdout.startswith("hi"), gen.stderr[-2000:]
+
+
+@pytest.mark.slow
+def test_stop_keeps_the_best_weights_and_still_quantizes(tmp_path, jobs):
+    jobs.append(job := TrainingJob(tmp_path / "runs", LONG, 1, train_args=(*TINY, "--max-iters", "1000000")))
+    wait_for_eval(job, 10)
+    job.stop()
+    st = wait_until_over(job)
+    assert st.state == "stopped" and st.error is None and st.report is not None, st
+    assert (job.fp32_dir / "train_state.pt").is_file()  # the trainer caught the SIGINT and saved its state: not killed
+    assert "stopped at step" in (job.run_dir / tj.TRAIN_LOG).read_text()
+    assert st.elapsed_s < 50 and load(st.model_dir).kind == "int8"
+    job.discard()  # a finished job's folder goes at once
+    assert not job.run_dir.exists() and not any((tmp_path / "runs").iterdir())
+
+
+@pytest.mark.slow
+def test_a_trainer_deaf_to_the_stop_is_killed_and_its_weights_kept(tmp_path, jobs, monkeypatch):
+    monkeypatch.setattr(tj, "STOP_GRACE_S", 2.0)
+    before = signal.signal(signal.SIGINT, signal.SIG_IGN)  # inherited by the child, as under `python app.py &` in a script
+    try:
+        jobs.append(job := TrainingJob(tmp_path / "runs", LONG, 1, train_args=(*TINY, "--max-iters", "1000000")))
+    finally:
+        signal.signal(signal.SIGINT, before)
+    wait_for_eval(job, 10)
+    job.stop()
+    st = wait_until_over(job)
+    assert st.state == "stopped" and st.report is not None, st
+    assert "stopped at step" not in (job.run_dir / tj.TRAIN_LOG).read_text()  # killed after the grace period, not stopped
+
+
+def test_second_start_is_refused_with_the_time_left(tmp_path, jobs):
+    slot = TrainingSlot(tmp_path / "runs", train_args=TINY)
+    jobs.append(first := slot.start(LONG.encode(), 3))
+    with pytest.raises(JobError, match=r"Another model is training on this server; try again in about [34] minutes\."):
+        slot.start(LONG.encode(), 1)
+    assert slot.current() is first
+    first.discard()
+    assert slot.current() is None  # at once: the slot is free while the discarded job's trainer is being killed
+    assert wait_gone(first.run_dir) and not any((tmp_path / "runs").iterdir())  # and it leaves no folder
+    jobs.append(slot.start(LONG.encode(), 1))  # the slot is free again
+
+
+def test_a_killed_trainer_fails_with_a_sentence(tmp_path, jobs):
+    jobs.append(job := TrainingJob(tmp_path / "runs", LONG, 1, train_args=TINY))
+    os.kill(job._proc.pid, signal.SIGKILL)  # as the OOM killer would
+    st = wait_until_over(job, timeout=30)
+    assert st.state == "failed" and st.report is None and st.model_dir is None
+    assert st.error == "Training was killed by the server, most likely for running out of memory: try a shorter text."
+    assert wait_gone(job.run_dir)
+
+
+@pytest.mark.slow
+def test_a_trainer_error_becomes_its_sentence(tmp_path, jobs):
+    jobs.append(job := TrainingJob(tmp_path / "runs", LONG, 1, train_args=(*TINY, "--n-embd", "33")))
+    st = wait_until_over(job, timeout=60)
+    assert st.state == "failed"
+    assert st.error == ("Inconsistent model shape: n_embd (33) must be divisible by n_head (2); "
+                        "pick a width that is a multiple of the number of heads.")
+    assert wait_gone(job.run_dir)
+
+
+def test_failure_sentences_never_show_a_traceback():
+    bar = "  6%|▌         | 4/60 s of the budget\r 12%|█▏        | 7/60 s of the budget\r"
+    tail = f"model: 0.02M parameters\n{bar}\nerror: The training split has 3 tokens, too few: use a longer text.\n"
+    assert tj._failure(tail, 2, "Training") == "The training split has 3 tokens, too few: use a longer text."
+    crash = "Traceback (most recent call last):\n  File \"train.py\", line 98, in <module>\nAttributeError: 'Trainer' object\n"
+    assert tj._failure(crash, 1, "Training") == "Training stopped unexpectedly (exit status 1): please try again."
+    assert "out of memory" in tj._failure(crash.replace("AttributeError", "MemoryError"), 1, "Training")
+    assert "out of memory" in tj._failure(bar, -signal.SIGKILL, "Quantizing the model")
+
+
+@pytest.mark.slow
+def test_the_default_settings_on_tiny_shakespeare(tmp_path, jobs, shakespeare_path, gpt2_tokenizer):
+    """The real default preset and tokenizer (as the app runs them), on 100 kB for a 20 s budget."""
+    text = shakespeare_path.read_text(encoding="utf-8")[:100_000]
+    jobs.append(job := TrainingJob(tmp_path / "runs", text, 1 / 3))
+    st = wait_until_over(job, timeout=180)
+    assert st.state == "done", st
+    assert st.elapsed_s < 20 + 15  # the trainer keeps to its budget (slack for a busy machine)
+    assert st.val_curve[-1][1] < st.val_curve[0][1]  # it learned something
+    assert abs(st.report["val_nats_per_char_int8"] - st.report["val_nats_per_char_fp32"]) < 0.1
+
+
+class FakeJob:
+    def __init__(self):
+        self.discarded = False
+
+    def discard(self):
+        self.discarded = True
+
+
+def test_store_keeps_one_model_per_owner_and_at_most_four():
+    store = ModelStore(clock=lambda: 0.0)
+    fakes = {name: FakeJob() for name in "abcde"}
+    for name in "abcd":
+        store.add(name, fakes[name])
+    replacement = FakeJob()
+    store.add("a", replacement)  # a trains again: its first model goes
+    assert fakes["a"].discarded and store.get("a") is replacement
+    store.add("e", fakes["e"])  # a fifth owner: the oldest (b) goes
+    assert fakes["b"].discarded and store.get("b") is None
+    assert [store.get(n) for n in "cde"] == [fakes[n] for n in "cde"] and not any(fakes[n].discarded for n in "cde")
+    store.drop("c")  # c's session ended
+    assert fakes["c"].discarded and store.get("c") is None
+    store.drop("nobody")
+    store.clear()
+    assert all(fakes[n].discarded for n in "de") and replacement.discarded and store.get("d") is None
+
+
+def test_store_sweeps_models_older_than_an_hour():
+    now = [1000.0]
+    store = ModelStore(clock=lambda: now[0])
+    old, new = FakeJob(), FakeJob()
+    store.add("old", old)
+    now[0] += 1800
+    store.add("new", new)
+    now[0] += 1801
+    assert store.sweep() == 1 and old.discarded and not new.discarded
+    assert store.get("old") is None and store.get("new") is new
+    now[0] += 1800
+    assert store.sweep() == 1 and new.discarded
+
+
+def test_zip_of_an_unfinished_run_is_refused(tmp_path):
+    (tmp_path / "model").mkdir()
+    with pytest.raises(JobError, match="not ready to download"):
+        make_zip(tmp_path)
+    assert list(tmp_path.iterdir()) == [tmp_path / "model"]
+
+
+def test_remove_tree_is_one_rename_then_gone(tmp_path):
+    (tmp_path / "run" / "int8").mkdir(parents=True)
+    (tmp_path / "run" / "int8" / "model.safetensors").write_bytes(b"x")
+    tj.remove_tree(tmp_path / "run")
+    tj.remove_tree(tmp_path / "run")  # twice is fine
+    assert list(tmp_path.iterdir()) == []
