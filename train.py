@@ -14,7 +14,7 @@ from model.config import PRESETS  # noqa: E402
 from model.data import DataError  # noqa: E402
 from model.distributed import PeerError  # noqa: E402
 from model.tokenizer import TokenizerError  # noqa: E402
-from model.trainer import FINETUNE_DEFAULTS, PRESET_DEFAULTS, ArgError, TrainArgs, train  # noqa: E402
+from model.trainer import FINETUNE_DEFAULTS, PRESET_DEFAULTS, ArgError, TrainArgs, TrainingDiverged, train  # noqa: E402
 
 D = TrainArgs()
 
@@ -47,7 +47,8 @@ def parse_args(argv: list[str] | None = None) -> dict[str, object]:
                                                      f"cosine ends exactly at the budget; 0 = none (default {D.max_minutes:g})")
     g.add_argument("--batch-size", type=int, help=f"sequences per micro-batch, per process under torchrun (default {D.batch_size})")
     g.add_argument("--grad-accum", type=int, help=f"micro-batches per optimizer step, all processes together: under torchrun "
-                                                  f"a multiple of the process count, split among them (default {D.grad_accum})")
+                                                  f"a multiple of the process count, split among them (default {D.grad_accum}, "
+                                                  "under torchrun the process count: one micro-batch per process)")
     g.add_argument("--lr", type=float, help=f"peak learning rate (default {D.lr:g})")
     g.add_argument("--min-lr", type=float, help=f"learning rate at the end of the cosine decay (default {D.min_lr:g})")
     g.add_argument("--warmup-iters", type=int, help=f"steps of linear warmup (default {D.warmup_iters})")
@@ -57,7 +58,9 @@ def parse_args(argv: list[str] | None = None) -> dict[str, object]:
     g.add_argument("--grad-clip", type=float, help=f"clip gradients to this global norm, 0 = off (default {D.grad_clip:g})")
     g = p.add_argument_group("evaluation and logging")
     g.add_argument("--eval-interval", type=int, help=f"evaluate (and keep the best weights) every N steps (default {D.eval_interval})")
-    g.add_argument("--eval-windows", type=int, help=f"fixed validation windows scored at each evaluation (default {D.eval_windows})")
+    g.add_argument("--eval-windows", type=int, help="each evaluation scores the whole validation split when it has at most this "
+                                                    "many windows of the model's context, else this many evenly spaced ones "
+                                                    f"(default {D.eval_windows})")
     g.add_argument("--log-interval", type=int, help=f"write a train-loss record to log.jsonl every N steps (default {D.log_interval})")
     g = p.add_argument_group("run")
     g.add_argument("--seed", type=int, help=f"random seed of the initial weights and of the batches (default {D.seed})")
@@ -85,7 +88,7 @@ def main(argv: list[str] | None = None, t_start: float | None = None) -> int:
     except (ArgError, DataError, CheckpointError, TokenizerError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    except PeerError as e:
+    except (PeerError, TrainingDiverged) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:

@@ -75,6 +75,13 @@ class TokenData:
                 f"{len(self.val)} token(s), too few to measure: use a longer text."
             )
 
+    def short_val_warning(self, block_size: int) -> str | None:
+        """A warning when the validation split is shorter than one context window: its loss then rests on few tokens."""
+        if len(self.val) - 1 >= block_size:
+            return None
+        return (f"the validation split is only {len(self.val)} tokens ({self.val_chars} characters), shorter than one "
+                f"{block_size}-token context window, so its validation number means little; use a longer text to measure it.")
+
 
 def _dtype_for(n_vocab: int) -> np.dtype:
     return np.dtype(np.uint16) if n_vocab <= 65536 else np.dtype(np.uint32)

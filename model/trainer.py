@@ -12,10 +12,11 @@ import dataclasses
 import json
 import math
 import shutil
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import torch
 from torch.nn.parallel import DistributedDataParallel
@@ -43,6 +44,10 @@ class ArgError(ValueError):
     """Training settings that cannot work together; the message says which and what to do."""
 
 
+class TrainingDiverged(RuntimeError):
+    """A loss went NaN or infinite; the message says which checkpoint was kept and what to do."""
+
+
 @dataclass
 class TrainArgs:
     """Every training knob. The field defaults are those of the default "cpu" preset: change them here, once."""
@@ -61,10 +66,10 @@ class TrainArgs:
     max_iters: int = 8000
     max_minutes: float = 9.5  # total wall-clock budget including the final evaluation (a margin under 10); 0 = no budget
     eval_interval: int = 200
-    eval_windows: int = 32  # the fixed, evenly spaced validation windows scored at every eval
+    eval_windows: int = 1024  # each eval scores the whole validation split if it has at most this many windows, else this many
     log_interval: int = 10
     batch_size: int = 16
-    grad_accum: int = 1
+    grad_accum: int = 1  # all processes together; not given under torchrun: rounded up to a multiple of the process count
     lr: float = 2e-3
     min_lr: float = 2e-4
     warmup_iters: int = 50
@@ -92,6 +97,7 @@ FINETUNE_DEFAULTS: dict[str, Any] = {"lr": 3e-5, "min_lr": 3e-6, "warmup_iters":
                                      "eval_interval": 50, "max_iters": 500}
 FINETUNE_BLOCK_SIZE = 256
 SHAPE_KEYS = ("preset", "init_from", "tokenizer", "vocab_min_count", "n_layer", "n_head", "n_embd", "block_size")
+FLOAT_KEYS = ("max_minutes", "lr", "min_lr", "weight_decay", "beta1", "beta2", "grad_clip", "dropout", "dist_timeout")
 
 
 def resolve_args(given: dict[str, Any]) -> tuple[TrainArgs, dict[str, Any] | None]:
@@ -119,13 +125,20 @@ def resolve_args(given: dict[str, Any]) -> tuple[TrainArgs, dict[str, Any] | Non
                 )
         return TrainArgs(**{**{k: v for k, v in saved.items() if k in names}, **given}), state
     base = FINETUNE_DEFAULTS if given.get("init_from") else PRESET_DEFAULTS.get(given.get("preset", TrainArgs.preset), {})
-    return TrainArgs(**{**base, **given}), None
+    args = TrainArgs(**{**base, **given})
+    if "grad_accum" not in given:  # under torchrun each process takes at least one micro-batch per step, as in nanoGPT
+        world = distributed.launched_world_size()
+        args.grad_accum = -(-args.grad_accum // world) * world
+    return args, None
 
 
 def check_args(args: TrainArgs) -> None:
     """Raise an ArgError for settings that cannot work, before anything is read or written."""
     if args.preset not in PRESETS:
         raise ArgError(f"Unknown preset {args.preset!r}; choose one of: {', '.join(PRESETS)}.")
+    for name in FLOAT_KEYS:
+        if getattr(args, name) is not None and not math.isfinite(getattr(args, name)):
+            raise ArgError(f"--{name.replace('_', '-')} must be a finite number, got {getattr(args, name)}.")
     for name in ("max_iters", "eval_interval", "eval_windows", "log_interval", "batch_size", "grad_accum", "vocab_min_count"):
         if getattr(args, name) < 1:
             raise ArgError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}.")
@@ -136,6 +149,14 @@ def check_args(args: TrainArgs) -> None:
         raise ArgError(f"--lr must be positive, got {args.lr}.")
     if args.min_lr > args.lr:
         raise ArgError(f"--min-lr ({args.min_lr}) must not exceed --lr ({args.lr}).")
+    for name in ("beta1", "beta2"):
+        if not 0.0 <= getattr(args, name) < 1.0:
+            raise ArgError(f"--{name} must be in [0, 1), got {getattr(args, name)}.")
+    out = Path(args.out_dir)
+    existing = next(p for p in (out, *out.parents) if p.exists())  # the nearest part of the path that is already there
+    if not existing.is_dir():
+        what = f"--out-dir {out} is a file" if existing == out else f"--out-dir {out} cannot be created: {existing} is a file"
+        raise ArgError(f"{what}, not a directory; pass the path of a directory (it is created if missing).")
     world = distributed.launched_world_size()
     if args.grad_accum % world:
         raise ArgError(f"--grad-accum {args.grad_accum} (micro-batches per optimizer step, all processes together) cannot be "
@@ -238,8 +259,11 @@ def build(args: TrainArgs, state: dict[str, Any] | None) -> tuple[GPT, GPTConfig
     return model, config, tokenizer
 
 
-def prepare_data(args: TrainArgs, tokenizer: Tokenizer) -> TokenData:
-    """Tokenise --data into OUT/tokens and check both splits; on a DataError remove the folders this call created."""
+def prepare_data(args: TrainArgs, tokenizer: Tokenizer) -> tuple[TokenData, Path | None]:
+    """Tokenise --data into OUT/tokens and check both splits; on a DataError remove the folders this call created.
+
+    Returns the data and the outermost folder this call created (None if none), for a run that ends writing nothing.
+    """
     out_dir = Path(args.out_dir)
     created = next((p for p in (out_dir, out_dir / TOKENS) if not p.exists()), None)
     try:
@@ -249,7 +273,7 @@ def prepare_data(args: TrainArgs, tokenizer: Tokenizer) -> TokenData:
         if created is not None:
             shutil.rmtree(created, ignore_errors=True)
         raise
-    return data
+    return data, created
 
 
 class Trainer:
@@ -270,7 +294,7 @@ class Trainer:
         model, self.config, self.tokenizer = build(args, state)
         if not self.master:
             self.dist.barrier()  # rank 0 writes the token cache first, then the others read it
-        self.data = prepare_data(args, self.tokenizer)
+        self.data, self.created = prepare_data(args, self.tokenizer)
         if self.master:
             self.dist.barrier()
         self.out = Path(args.out_dir)
@@ -289,6 +313,8 @@ class Trainer:
         self.best_val, self.best_step = math.inf, -1
         self.eval_sec_per_token, self.save_seconds, self.step_seconds = 0.0, 0.0, 0.0
         self.records: list[dict[str, Any]] = []
+        self.failure: str | None = None  # why a loss went non-finite; training stops at the next step
+        self.saved_step = self.step if state is not None else -1  # the step of train_state.pt on disk
         if state is not None:
             self._restore(state)
         self.last_eval_step = self.step if state is not None else -1
@@ -304,7 +330,7 @@ class Trainer:
         if not self.args.max_minutes:
             return None
         final_eval = self.eval_sec_per_token * len(self.data.val) * 1.2
-        periodic_eval = self.eval_sec_per_token * self.args.eval_windows * self.args.block_size
+        periodic_eval = self.eval_sec_per_token * min(len(self.data.val), self.args.eval_windows * self.config.block_size)
         return self.args.max_minutes * 60.0 - final_eval - periodic_eval - 2 * self.save_seconds - 1.0
 
     def warm_frac(self) -> float:
@@ -332,9 +358,10 @@ class Trainer:
     def plan(self) -> tuple[bool, float, float]:
         """Whether to stop, and the warmup and decay fractions of the next step: rank 0's, on every rank.
 
-        They depend on each process's own clock, so rank 0 takes them and broadcasts them: all ranks stay in lockstep.
+        They depend on each process's own clock (and on rank 0's evaluation), so rank 0 takes them and broadcasts them:
+        all ranks stay in lockstep.
         """
-        stop, warm, decay = self.done(), 0.0, 0.0
+        stop, warm, decay = self.failure is not None or self.done(), 0.0, 0.0
         if not stop:
             if self.t_loop is None:
                 self.t_loop = self.elapsed()
@@ -342,7 +369,9 @@ class Trainer:
             if warm >= 1.0 and self.t_warm is None:
                 self.t_warm = self.elapsed()
             decay = self.decay_frac()
-        stop, warm, decay = self.dist.from_master([float(stop), warm, decay], self.device)
+        stop, failed, warm, decay = self.dist.from_master([float(stop), float(self.failure is not None), warm, decay], self.device)
+        if failed > 0.5 and self.failure is None:
+            self.failure = "rank 0 found a non-finite validation loss"
         return stop > 0.5, warm, decay
 
     def autocast(self) -> contextlib.AbstractContextManager:
@@ -365,7 +394,11 @@ class Trainer:
         return x[part].to(self.device), y[part].to(self.device)
 
     def train_step(self) -> tuple[float, float]:
-        """One optimizer update over grad_accum micro-batches (split across ranks); returns the mean loss and the pre-clip grad norm."""
+        """One optimizer update over grad_accum micro-batches (split across ranks); returns the mean loss and the pre-clip grad norm.
+
+        A non-finite loss (or gradient norm, without fp16's GradScaler, which skips those steps itself) sets self.failure
+        and skips the update, so the weights stay as they were. Loss and norm are the same on every rank.
+        """
         self.optimizer.zero_grad(set_to_none=True)
         total = 0.0
         with distributed.peer_errors():
@@ -381,6 +414,10 @@ class Trainer:
         total = self.dist.mean(total, self.device)
         self.scaler.unscale_(self.optimizer)
         norm = clip_grads(self.raw_model, self.args.grad_clip)
+        if not math.isfinite(total) or (not self.scaler.is_enabled() and not math.isfinite(norm)):
+            what = f"the training loss is {total}" if not math.isfinite(total) else f"the gradient norm is {norm}"
+            self.failure = f"training diverged at step {self.step + 1} ({what})"
+            return total, norm
         self.scaler.step(self.optimizer)
         self.scaler.update()
         return total, norm
@@ -389,12 +426,14 @@ class Trainer:
         """Train until max_iters or the time budget, then score the best weights on the whole validation split.
 
         stop_after ends the session at that step as an interruption would: the state is saved for --resume.
+        Raises TrainingDiverged when a loss goes non-finite, and ArgError when the time budget leaves no room for one step.
         """
         args = self.args
         self._announce()
+        unwritten = False  # a new run writes its step-0 checkpoint only once it is sure to train (or is interrupted)
         if self.step == 0 and self.last_eval_step < 0:
-            self.evaluate_and_save()
-        bar = tqdm(total=args.max_iters, initial=self.step, unit="step", dynamic_ncols=True, smoothing=0.1, disable=not self.master)
+            unwritten = self.evaluate_and_save(write=False) is not None
+        bar: tqdm | None = None  # drawn once a first step is certain
         loss, norm, tok_s = math.nan, 0.0, 0.0
         interrupted = False
         try:
@@ -402,19 +441,24 @@ class Trainer:
                 stop, warm, decay = self.plan()
                 if stop:
                     break
+                if unwritten:
+                    self.save(improved=True)
+                    unwritten = False
+                if bar is None:
+                    bar = self._progress_bar()
                 lr = lr_at(warm, decay, args.lr, args.min_lr)
                 set_lr(self.optimizer, lr)
                 t0 = time.perf_counter()
                 loss, norm = self.train_step()
+                if self.failure is not None:
+                    break
                 dt = time.perf_counter() - t0
                 # Smoothed: one step stalled by the machine must not make the stop rule expect every next step as slow.
                 self.step_seconds = dt if self.step_seconds == 0 else 0.8 * self.step_seconds + 0.2 * dt
                 tok_s = self.tokens_per_step / dt if tok_s == 0 else 0.9 * tok_s + 0.1 * self.tokens_per_step / dt
                 self.step += 1
                 self.tokens_seen += self.tokens_per_step
-                bar.total = self._expected_steps()
-                bar.update(1)
-                bar.set_postfix(loss=f"{loss:.3f}", lr=f"{lr:.2e}", norm=f"{norm:.2f}", tok_s=f"{tok_s:,.0f}", refresh=False)
+                self._advance(bar, loss=f"{loss:.3f}", lr=f"{lr:.2e}", norm=f"{norm:.2f}", tok_s=f"{tok_s:,.0f}")
                 if self.step % args.log_interval == 0:
                     self.records.append({"step": self.step, "train_loss": loss, "lr": lr, "grad_norm": norm,
                                          "tokens_per_s": tok_s, "elapsed": round(self.elapsed(), 2)})
@@ -426,61 +470,94 @@ class Trainer:
         except KeyboardInterrupt:
             interrupted = True
         finally:
-            bar.close()
+            if bar is not None:
+                bar.close()
         train_seconds = self.elapsed()
+        if not self.master:  # rank 0 reports failures and writes the files
+            return {"step": self.step, "last_loss": loss, "interrupted": interrupted, "failed": self.failure is not None}
+        if self.failure is not None:
+            self._fail()
+        if unwritten and not interrupted:
+            self._too_short()
         if interrupted:
-            if self.master:
-                self.save_state()
-                self.write_log()
-                print(f"stopped at step {self.step}; continue with: python train.py --out-dir {args.out_dir} --resume")
+            if unwritten:
+                self.save_best()
+            self.save_state()
+            self.write_log()
+            print(f"stopped at step {self.step}; continue with: python train.py --out-dir {args.out_dir} --resume")
             return {"step": self.step, "last_loss": loss, "interrupted": True}
-        if not self.master:  # the final evaluation and files are rank 0's
-            return {"step": self.step, "last_loss": loss, "interrupted": False}
         if self.last_eval_step != self.step:
             self.evaluate_and_save()
+            if self.failure is not None:
+                self._fail()
         metrics = self.final_metrics(train_seconds)
         return {**metrics, "last_loss": loss, "interrupted": False}
 
-    def _expected_steps(self) -> int:
-        """Steps the run will take: max_iters, or fewer when the time budget runs out first (for the ETA)."""
-        budget = self.train_budget()
-        if budget is None:
-            return self.args.max_iters
-        left = max(0.0, budget - self.elapsed()) / max(self.step_seconds, 1e-6)
-        return max(self.step, min(self.args.max_iters, self.step + int(left)))
+    def _progress_bar(self) -> tqdm:
+        """With a time budget: elapsed seconds out of the budget's (the run's real end); else steps out of --max-iters.
 
-    def evaluate_and_save(self, bar: tqdm | None = None) -> dict[str, float]:
-        """Score the fixed validation windows; keep the weights when they are the best so far; save the state.
+        Either total is fixed, so the bar never jumps; a timed bar shows the step in its postfix.
+        """
+        common = {"dynamic_ncols": True, "smoothing": 0.1, "disable": not self.master}
+        if self.args.max_minutes:
+            return tqdm(total=self.args.max_minutes * 60, initial=self.elapsed(), unit="s", **common,
+                        bar_format="{l_bar}{bar}| {n:.0f}/{total:.0f} s of the budget [{elapsed}<{remaining}{postfix}]")
+        return tqdm(total=self.args.max_iters, initial=self.step, unit="step", **common)
 
-        Only rank 0 evaluates; the others go on and wait for it at the next step's broadcast.
+    def _advance(self, bar: tqdm, **postfix: str) -> None:
+        """Move the bar after a step: to the elapsed time of a timed run, else by one step."""
+        if self.args.max_minutes:
+            bar.set_postfix({"step": self.step}, **postfix, refresh=False)
+            bar.update(min(self.elapsed(), bar.total) - bar.n)
+        else:
+            bar.set_postfix(**postfix, refresh=False)
+            bar.update(1)
+
+    def evaluate_and_save(self, bar: tqdm | None = None, write: bool = True) -> dict[str, float] | None:
+        """Score the validation windows; keep the weights when they are the best so far; save the state.
+
+        Only rank 0 evaluates (the others go on and wait for it at the next step's broadcast) and returns the scores.
+        write=False leaves the writes to the caller (run(), for step 0). A non-finite loss sets self.failure and writes nothing.
         """
         if not self.master:
             self.last_eval_step = self.step
-            return {}
+            return None
         t0 = time.perf_counter()
-        val = evaluate(self.raw_model, self.data.val, self.data.val_chars, self.args.block_size, device=self.device,
+        val = evaluate(self.raw_model, self.data.val, self.data.val_chars, self.config.block_size, device=self.device,
                        autocast=self.autocast(), max_windows=self.args.eval_windows)
         self.eval_sec_per_token = (time.perf_counter() - t0) / max(val["val_tokens"], 1)
         self.last_eval_step = self.step
+        if not math.isfinite(val["val_nats_per_token"]):
+            where = "of the initial weights" if self.step == 0 else f"at step {self.step}"
+            self.failure = f"the validation loss {where} is {val['val_nats_per_token']}"
+            return val
         improved = val["val_nats_per_token"] < self.best_val
         if improved:
             self.best_val, self.best_step = val["val_nats_per_token"], self.step
         self.records.append({"step": self.step, "val_nats_per_token": val["val_nats_per_token"],
-                             "val_nats_per_char": val["val_nats_per_char"], "tokens_seen": self.tokens_seen,
-                             "elapsed": round(self.elapsed(), 2)})
+                             "val_nats_per_char": val["val_nats_per_char"], "val_tokens": val["val_tokens"],
+                             "tokens_seen": self.tokens_seen, "elapsed": round(self.elapsed(), 2)})
         msg = (f"step {self.step}: val {val['val_nats_per_token']:.4f} nats/token, {val['val_nats_per_char']:.4f} nats/char"
-               + (" (best, saved)" if improved else ""))
+               + ((" (best, saved)" if write else " (best)") if improved else ""))
         (bar.write if bar is not None else print)(msg)
+        if write:
+            self.save(improved)
+        return val
+
+    def save(self, improved: bool) -> None:
+        """I/O after an evaluation: the best weights when they improved, the resume state and the log."""
         t0 = time.perf_counter()
         if improved:
             self.save_best()
         self.save_state()
         self.write_log()
         self.save_seconds = time.perf_counter() - t0
-        return val
 
     def final_metrics(self, train_seconds: float) -> dict[str, Any]:
-        """I/O: load the best weights and score them on the whole validation split in windows of the model's context."""
+        """I/O: load the best weights and score them on the whole validation split in windows of the model's context.
+
+        The score is also the last val record of log.jsonl (and point of loss.png), marked final.
+        """
         best = self.out / checkpoint.WEIGHTS
         checkpoint.load_weights(self.raw_model, checkpoint.load_state_dict(best), str(best))
         print(f"final evaluation of the best weights (step {self.best_step}) on the whole validation split ...")
@@ -490,10 +567,38 @@ class Trainer:
                    "train_seconds": round(train_seconds, 2), "params": self.raw_model.num_params(),
                    "eval_dtype": str(self.dtype).removeprefix("torch."), "eval_block_size": self.config.block_size}
         checkpoint.write_json(self.out / checkpoint.METRICS, {**metrics, "total_seconds": round(self.elapsed(), 2)})
+        self.records.append({"step": self.step, "final": True, "best_step": self.best_step, **val,
+                             "tokens_seen": self.tokens_seen, "elapsed": round(self.elapsed(), 2)})
         self.write_log()
         print(f"done in {self.elapsed():.0f} s: val {val['val_nats_per_token']:.4f} nats/token, "
               f"{val['val_nats_per_char']:.4f} nats/char; checkpoint in {self.out}/")
         return metrics
+
+    def _fail(self) -> NoReturn:
+        """I/O: end a run whose loss went non-finite, keeping the last good checkpoint, or writing nothing if there is none."""
+        if self.best_step < 0:
+            self._remove_created()
+            raise TrainingDiverged(f"{self.failure}, so there is no good checkpoint to keep and nothing was written: check the "
+                                   "model you start from (--init-from), or train in --dtype fp32.")
+        raise TrainingDiverged(
+            f"{self.failure}, so training stopped; {self.out}/ keeps the last good checkpoint (the best weights, of step "
+            f"{self.best_step}) and the state of step {self.saved_step}: train again with a lower --lr (now {self.args.lr:g}), "
+            f"or continue from step {self.saved_step} with --resume --lr LOWER."
+        )
+
+    def _too_short(self) -> NoReturn:
+        """I/O: a new run whose time budget ran out before its first step: say so and leave nothing behind."""
+        self._remove_created()
+        budget = self.args.max_minutes * 60
+        reserve = budget - (self.train_budget() or budget)
+        raise ArgError(f"--max-minutes {self.args.max_minutes:g} ({budget:g} s in all) is too short to train a single step: start-up "
+                       f"and the first evaluation took {self.elapsed():.1f} s, and the final evaluation and writes need about "
+                       f"{reserve:.1f} s more; give a larger --max-minutes, or 0 for no time limit.")
+
+    def _remove_created(self) -> None:
+        """I/O: remove the folders this run created (the token cache), for a run that ends without a checkpoint."""
+        if self.created is not None:
+            shutil.rmtree(self.created, ignore_errors=True)
 
     # ---- rank-0 I/O --------------------------------------------------------------------------------------
 
@@ -506,6 +611,9 @@ class Trainer:
               f"context {self.config.block_size}, tokenizer {self.tokenizer.name}); training window {a.block_size}")
         print(f"data: {len(self.data.train):,} train / {len(self.data.val):,} val tokens; "
               f"{self.tokens_per_step:,} tokens per step; device {self.device}, {str(self.dtype).removeprefix('torch.')}")
+        warning = self.data.short_val_warning(self.config.block_size)
+        if warning:
+            print(f"warning: {warning}", file=sys.stderr)
         if self.dist.enabled:
             print(f"data-parallel: {self.dist.world_size} processes x batch {a.batch_size} x {self.micro_steps} micro-steps x "
                   f"{a.block_size} tokens = global batch of {self.tokens_per_step:,} tokens per step")
@@ -529,6 +637,7 @@ class Trainer:
                  "best_val": self.best_val, "best_step": self.best_step, "eval_sec_per_token": self.eval_sec_per_token,
                  "rng": rng}
         checkpoint.save_train_state(self.out / checkpoint.TRAIN_STATE, state)
+        self.saved_step = self.step
 
     def write_log(self) -> None:
         """I/O: log.jsonl (one record per log interval and per eval) and loss.png, both rewritten atomically."""
@@ -551,7 +660,7 @@ class Trainer:
         except (KeyError, ValueError, RuntimeError, TypeError) as e:
             raise CheckpointError(f"Cannot resume: {self.out / checkpoint.TRAIN_STATE} is incomplete or from another "
                                   f"setup ({type(e).__name__}: {e}); train again without --resume.") from None
-        self.records = [r for r in read_log(self.out / LOG) if r.get("step", 0) <= self.step]
+        self.records = [r for r in read_log(self.out / LOG) if r.get("step", 0) <= self.step and not r.get("final")]
 
 
 def read_log(path: Path) -> list[dict[str, Any]]:

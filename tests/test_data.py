@@ -7,7 +7,7 @@ import pytest
 import torch
 from train_support import TEXT, byte_tokenizer
 
-from model.data import DataError, decode_text, get_batch, prepare, read_text, split_text, val_windows
+from model.data import DataError, TokenData, decode_text, get_batch, prepare, read_text, split_text, val_windows
 
 
 def test_split_is_last_tenth():
@@ -62,3 +62,10 @@ def test_val_windows_predict_every_token_once():
     windows = val_windows(np.zeros(21), 8)
     assert windows == [(0, 8), (8, 8), (16, 4)]
     assert sum(n for _, n in windows) == 20
+
+
+def test_a_validation_split_shorter_than_one_window_is_flagged():
+    one_window = TokenData(np.zeros(100), np.zeros(17), 100, 17)  # 16 predicted tokens: one window of 16
+    assert one_window.short_val_warning(16) is None
+    short = TokenData(np.zeros(100), np.zeros(16), 100, 40).short_val_warning(16)
+    assert short.startswith("the validation split is only 16 tokens (40 characters), shorter than one 16-token context window")

@@ -19,11 +19,13 @@ from train_support import TEXT
 import model.trainer
 import train
 from model import distributed
+from model.trainer import check_args, resolve_args
 
 ROOT = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
-# A 1-layer, 16-wide GPT-2-vocabulary model: 2 processes x batch 2 = a global micro-batch of 4 windows of 16 tokens.
-FLAGS = {"preset": "tiny", "n_layer": 1, "n_embd": 16, "n_head": 2, "block_size": 16, "batch_size": 2, "grad_accum": 2,
+# A 1-layer, 16-wide GPT-2-vocabulary model: 2 processes x batch 2 = a global micro-batch of 4 windows of 16 tokens
+# (no --grad-accum: under torchrun each process takes one micro-batch per step).
+FLAGS = {"preset": "tiny", "n_layer": 1, "n_embd": 16, "n_head": 2, "block_size": 16, "batch_size": 2,
          "max_iters": 4, "eval_interval": 2, "eval_windows": 2, "log_interval": 1, "max_minutes": 0, "dtype": "fp32", "device": "cpu",
          "lr": 0.01, "warmup_iters": 100}  # still warming up at the end: the LR of a step does not depend on --max-iters
 # Measured: after 6 steps the 2-process losses differ from one process with batch 4 by at most 5e-7 (float summation order).
@@ -54,7 +56,8 @@ def rank_log(tmp: Path, rank: int, stream: str) -> str:
 
 
 def records(out: Path, key: str) -> dict[int, float]:
-    return {r["step"]: r[key] for r in map(json.loads, (out / "log.jsonl").read_text().splitlines()) if key in r}
+    """The values of key per step in log.jsonl, without the final evaluation's record (the best weights, not the step's)."""
+    return {r["step"]: r[key] for r in map(json.loads, (out / "log.jsonl").read_text().splitlines()) if key in r and not r.get("final")}
 
 
 @pytest.fixture(scope="module")
@@ -66,7 +69,7 @@ def text(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def two_procs(tmp_path_factory, text) -> Path:
-    """Four steps of 2 ranks x batch 2 (grad-accum 2: one micro-step each) with the offline GPT-2 vocabulary."""
+    """Four steps of 2 ranks x batch 2 (no --grad-accum: one micro-step each) with the offline GPT-2 vocabulary."""
     tmp = tmp_path_factory.mktemp("ddp2")
     out = tmp / "out"
     finish(torchrun(tmp, *cli({**FLAGS, "data": text, "out_dir": out})))
@@ -196,6 +199,18 @@ def test_grad_accum_must_split_evenly_over_the_processes(tmp_path, monkeypatch, 
     err = capsys.readouterr().err
     assert err.startswith("error: --grad-accum 3 (micro-batches per optimizer step, all processes together) cannot be split")
     assert "use a multiple of 2" in err and err.count("\n") == 1 and not out.exists()
+
+
+def test_without_grad_accum_each_process_takes_one_micro_batch_per_step(monkeypatch):
+    """torchrun --nproc_per_node=N train.py works with the defaults: an unset --grad-accum becomes a multiple of N."""
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    args, _ = resolve_args({"preset": "tiny", "device": "cpu"})
+    assert args.grad_accum == 2  # global batch: 2 processes x batch 16 x 1 micro-step
+    check_args(args)
+    assert resolve_args({"preset": "gpt2", "device": "cpu"})[0].grad_accum == 8  # the preset's 8 splits as 4 per process
+    monkeypatch.setenv("WORLD_SIZE", "3")
+    assert resolve_args({"preset": "gpt2", "device": "cpu"})[0].grad_accum == 9  # rounded up to a multiple of 3
+    assert resolve_args({"preset": "tiny", "device": "cpu", "grad_accum": 6})[0].grad_accum == 6  # a given value is kept
 
 
 def test_without_torchrun_there_is_one_process(monkeypatch):

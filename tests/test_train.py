@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib
 import json
+import math
 import os
 import re
 import subprocess
@@ -15,6 +16,7 @@ import pytest
 import torch
 from train_support import TEXT, byte_tokenizer, tiny_config
 
+import model.plot
 import model.trainer
 import train
 from model import checkpoint
@@ -48,6 +50,10 @@ def text(tmp_path) -> Path:
 
 def records(out: Path) -> list[dict]:
     return [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+
+
+def cli(flags: dict) -> list[str]:
+    return [f"--{k.replace('_', '-')}={v}" for k, v in flags.items()]
 
 
 def test_lr_schedule():
@@ -102,7 +108,7 @@ def test_tiny_model_overfits_tiny_corpus(tmp_path, text, bytes_tok):
     total_nats = metrics["val_nats_per_token"] * metrics["val_tokens"]
     assert metrics["val_nats_per_char"] * val_chars == pytest.approx(total_nats)  # nats/char: the same total over characters
     assert result["val_nats_per_token"] == metrics["val_nats_per_token"]
-    assert [r["step"] for r in records(out) if "val_nats_per_token" in r] == [0, 75, 150]
+    assert [r["step"] for r in records(out) if "val_nats_per_token" in r and not r.get("final")] == [0, 75, 150]
     for name in ("model.safetensors", "config.json", "train_state.pt", "loss.png", "tokens/train.bin"):
         assert (out / name).is_file(), name
 
@@ -184,6 +190,10 @@ BAD = [  # (flags, text bytes or None for no file, expected message)
     (["--block-size", "65"], TEXT.encode(), "--block-size 65 exceeds the 64 positions of preset 'tiny'"),
     (["--min-lr", "1"], TEXT.encode(), r"--min-lr \(1.0\) must not exceed --lr"),
     (["--threads", "0"], TEXT.encode(), "--threads must be at least 1, got 0"),
+    (["--lr", "inf"], TEXT.encode(), "--lr must be a finite number, got inf"),
+    (["--max-minutes", "nan"], TEXT.encode(), "--max-minutes must be a finite number, got nan"),
+    (["--beta2", "1"], TEXT.encode(), r"--beta2 must be in \[0, 1\), got 1.0"),
+    (["--max-minutes", "0.0001"], TEXT.encode() * 3, r"--max-minutes 0.0001 \(0.006 s in all\) is too short to train a single step"),
     (["--resume"], TEXT.encode(), "Cannot resume: .* does not exist; train without --resume first"),
 ]
 
@@ -235,3 +245,106 @@ def test_cli_end_to_end_on_tiny_shakespeare(tmp_path, shakespeare_path, gpt2_tok
                              cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert missing.returncode == 2 and "Traceback" not in missing.stderr
     assert missing.stderr.startswith("error: No training text at") and not (tmp_path / "o2").exists()
+
+
+def test_out_dir_that_is_a_file_is_refused(tmp_path, text, capsys, bytes_tok):
+    out = tmp_path / "out"
+    out.write_text("not a directory")
+    code = train.main(cli({**SMALL, "data": text, "out_dir": out, "max_iters": 2}))
+    err = capsys.readouterr().err
+    assert code == 2 and err.count("\n") == 1, err
+    assert err.startswith(f"error: --out-dir {out} is a file, not a directory; pass the path of a directory"), err
+    assert out.read_text() == "not a directory"
+
+
+def test_a_diverged_run_stops_and_keeps_the_last_good_checkpoint(tmp_path, text, capsys, bytes_tok, monkeypatch):
+    real = model.trainer.Trainer.train_step
+
+    def train_step(self):
+        if self.step == 6:  # the weights blow up before step 7
+            with torch.no_grad():
+                for p in self.raw_model.parameters():
+                    p.fill_(math.nan)
+        return real(self)
+
+    monkeypatch.setattr(model.trainer.Trainer, "train_step", train_step)
+    out = tmp_path / "out"
+    code = train.main(cli({**SMALL, "data": text, "out_dir": out, "max_iters": 20, "eval_interval": 4}))
+    captured = capsys.readouterr()
+    assert code == 1 and "done in" not in captured.out and "Traceback" not in captured.err
+    last = captured.err.splitlines()[-1]  # after the progress bar
+    assert last.startswith("error: training diverged at step 7 (the training loss is nan)") and captured.err.count("error") == 1
+    assert "the best weights, of step 4" in last and "continue from step 4 with --resume --lr LOWER" in last
+    state = checkpoint.load_train_state(out / checkpoint.TRAIN_STATE)
+    assert state["step"] == 4 and all(torch.isfinite(v).all() for v in state["model"].values())  # the state of the last eval
+    weights = checkpoint.load_state_dict(out / checkpoint.WEIGHTS)
+    assert all(torch.isfinite(v).all() for v in weights.values())
+    assert not (out / "metrics.json").exists()
+    assert max(r["step"] for r in records(out)) == 4
+
+
+def test_non_finite_initial_weights_write_nothing(tmp_path, text, capsys, bytes_tok, monkeypatch):
+    """A model whose very first validation loss is NaN (e.g. broken weights) leaves no good checkpoint: nothing is written."""
+    nan = {"val_nats_per_token": math.nan, "val_nats_per_char": math.nan, "val_tokens": 54}
+    monkeypatch.setattr(model.trainer, "evaluate", lambda *args, **kwargs: nan)
+    out = tmp_path / "out"
+    code = train.main(cli({**SMALL, "data": text, "out_dir": out, "max_iters": 3}))
+    err = capsys.readouterr().err
+    assert code == 1 and err.count("\n") == 1, err
+    assert err.startswith("error: the validation loss of the initial weights is nan") and "nothing was written" in err
+    assert not out.exists()
+
+
+def test_interim_validation_is_the_whole_split_and_the_plot_ends_at_metrics(tmp_path, bytes_tok, monkeypatch):
+    """The default --eval-windows scores the whole split of a small text, so the best checkpoint is chosen on the number
+    metrics.json reports; the final evaluation is the last point of log.jsonl and of loss.png."""
+    data = tmp_path / "input.txt"
+    data.write_text(TEXT * 12, encoding="utf-8")  # a 656-token validation split: 41 windows of 16, more than the old default of 32
+    plotted = []
+
+    def save_figure(fig, path, dpi=100):
+        plotted.append([(list(line.get_xdata()), list(line.get_ydata())) for line in fig.axes[1].lines])
+        model.plot.plt.close(fig)
+
+    monkeypatch.setattr(model.plot, "save_figure", save_figure)
+    flags = {k: v for k, v in SMALL.items() if k != "eval_windows"}
+    out = tmp_path / "out"
+    model.trainer.train({**flags, "data": str(data), "out_dir": str(out), "max_iters": 20, "eval_interval": 10})
+    metrics = json.loads((out / "metrics.json").read_text())
+    interim = {r["step"]: r for r in records(out) if "val_nats_per_char" in r and not r.get("final")}
+    assert sorted(interim) == [0, 10, 20]
+    assert interim[metrics["best_step"]]["val_tokens"] == metrics["val_tokens"] == 656 - 1  # the whole split
+    assert abs(interim[metrics["best_step"]]["val_nats_per_char"] - metrics["val_nats_per_char"]) < 0.005
+    last = records(out)[-1]
+    assert last["final"] and last["step"] == 20 and last["best_step"] == metrics["best_step"]
+    assert last["val_nats_per_char"] == metrics["val_nats_per_char"]
+    points = [(x, y) for xs, ys in plotted[-1] for x, y in zip(xs, ys, strict=True)]
+    assert max(points)[0] == 20 and (20, metrics["val_nats_per_char"]) in points
+    assert all(y == metrics["val_nats_per_char"] for x, y in points if x == 20)  # the plot ends at metrics.json's value
+
+
+def test_progress_bar_total_never_changes(tmp_path, text, bytes_tok, monkeypatch):
+    """A budgeted run counts seconds out of its budget; a run bounded only by --max-iters counts steps."""
+    seen = []
+
+    class Bar(model.trainer.tqdm):
+        def update(self, n=1):
+            seen.append((self.unit, self.total))
+            return super().update(n)
+
+    monkeypatch.setattr(model.trainer, "tqdm", Bar)
+    common = {**SMALL, "data": str(text), "max_iters": 20, "eval_interval": 100}
+    model.trainer.train({**common, "out_dir": str(tmp_path / "a"), "max_minutes": 0.1})
+    assert len(seen) > 1 and all(unit == "s" and total == pytest.approx(6.0) for unit, total in seen), seen
+    seen.clear()
+    model.trainer.train({**common, "out_dir": str(tmp_path / "b")})
+    assert len(seen) == 20 and set(seen) == {("step", 20)}
+
+
+def test_a_validation_split_shorter_than_one_window_warns(tmp_path, text, capsys, bytes_tok):
+    model.trainer.train({**SMALL, "data": str(text), "out_dir": str(tmp_path / "a"), "max_iters": 2})  # windows of 16: no warning
+    assert "warning" not in capsys.readouterr().err
+    model.trainer.train({**SMALL, "block_size": None, "data": str(text), "out_dir": str(tmp_path / "b"), "max_iters": 2})
+    warnings = [line for line in capsys.readouterr().err.splitlines() if "warning" in line]
+    assert len(warnings) == 1 and warnings[0].startswith("warning: the validation split is only 55 tokens (55 characters)"), warnings
+    assert "shorter than one 64-token context window" in warnings[0]
