@@ -7,7 +7,9 @@ import time
 T_START = time.perf_counter()  # the --max-minutes budget counts from here, before the slow imports
 
 import argparse  # noqa: E402
+import signal  # noqa: E402
 import sys  # noqa: E402
+import threading  # noqa: E402
 
 from model.checkpoint import CheckpointError  # noqa: E402
 from model.config import PRESETS  # noqa: E402
@@ -82,9 +84,12 @@ def parse_args(argv: list[str] | None = None) -> dict[str, object]:
 
 def main(argv: list[str] | None = None, t_start: float | None = None) -> int:
     """Run train.py; t_start is when the time budget began (None: now). Returns the exit status."""
+    # A parent that ignores SIGINT (a script's `cmd &`) passes that on: Ctrl-C, or the app's Stop, must still stop cleanly.
+    if threading.current_thread() is threading.main_thread():  # signal handlers can only be set there
+        signal.signal(signal.SIGINT, signal.default_int_handler)
     given = parse_args(argv)
     try:
-        train(given, t_start=t_start)
+        result = train(given, t_start=t_start)
     except (ArgError, DataError, CheckpointError, TokenizerError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -94,7 +99,7 @@ def main(argv: list[str] | None = None, t_start: float | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
-    return 0
+    return 130 if result.get("interrupted") else 0  # stopped early (state saved for --resume): not a finished run
 
 
 if __name__ == "__main__":

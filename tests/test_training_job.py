@@ -144,14 +144,25 @@ def test_stop_keeps_the_best_weights_and_still_quantizes(tmp_path, jobs):
 
 
 @pytest.mark.slow
-def test_a_trainer_deaf_to_the_stop_is_killed_and_its_weights_kept(tmp_path, jobs, monkeypatch):
-    monkeypatch.setattr(tj, "STOP_GRACE_S", 2.0)
+def test_a_trainer_started_with_sigint_ignored_still_stops_cleanly(tmp_path, jobs):
     before = signal.signal(signal.SIGINT, signal.SIG_IGN)  # inherited by the child, as under `python app.py &` in a script
     try:
         jobs.append(job := TrainingJob(tmp_path / "runs", LONG, 1, train_args=(*TINY, "--max-iters", "1000000")))
     finally:
         signal.signal(signal.SIGINT, before)
     wait_for_eval(job, 10)
+    job.stop()
+    st = wait_until_over(job)
+    assert st.state == "stopped" and st.report is not None, st
+    assert "stopped at step" in (job.run_dir / tj.TRAIN_LOG).read_text()  # train.py restored Ctrl-C: a clean stop
+
+
+@pytest.mark.slow
+def test_a_trainer_deaf_to_the_stop_is_killed_and_its_weights_kept(tmp_path, jobs, monkeypatch):
+    monkeypatch.setattr(tj, "STOP_GRACE_S", 2.0)
+    jobs.append(job := TrainingJob(tmp_path / "runs", LONG, 1, train_args=(*TINY, "--max-iters", "1000000")))
+    wait_for_eval(job, 10)
+    os.kill(job._proc.pid, signal.SIGSTOP)  # a hung trainer: the SIGINT stays pending
     job.stop()
     st = wait_until_over(job)
     assert st.state == "stopped" and st.report is not None, st
