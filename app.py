@@ -8,9 +8,6 @@ import sys
 from pathlib import Path
 
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # never call home
-HERE = Path(__file__).resolve().parent
-if "TIKTOKEN_CACHE_DIR" not in os.environ and (HERE / "tiktoken-cache").is_dir():
-    os.environ["TIKTOKEN_CACHE_DIR"] = str(HERE / "tiktoken-cache")  # the vocabulary bundled in a Space folder
 
 
 def main() -> int:

@@ -44,7 +44,7 @@ def tokens_per_s(out: Path) -> float:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--data", default=str(ROOT.parent / "shared" / "data" / "tinyshakespeare.txt"))
+    p.add_argument("--data", default=str(ROOT / "input.txt"))
     p.add_argument("--preset", default="tiny")
     p.add_argument("--batch-size", type=int, default=8, help="per process per micro-step")
     p.add_argument("--chars", type=int, default=100_000, help="train on the first N characters (a short final evaluation)")

@@ -155,7 +155,7 @@ def plot_curve(curve: list[tuple[float, float]], label: str, path: Path) -> None
 def main() -> int:
     t_start = time.perf_counter()
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--data", default="../shared/data/tinyshakespeare.txt")
+    p.add_argument("--data", default="input.txt")
     p.add_argument("--cache", default="bench/results/cache", help="token caches of the throughput and lever runs")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--minutes", type=float, default=10.0, help="budget of the default or lever run")

@@ -1,8 +1,8 @@
-"""Export a self-contained Hugging Face Space folder: app.py, the model package, the checkpoint, requirements, README."""
+"""Export a self-contained Hugging Face Space folder: app.py, the model package (with its GPT-2 vocabulary), the checkpoint,
+requirements, README."""
 
 from __future__ import annotations
 
-import hashlib
 import os
 import shutil
 import tempfile
@@ -12,12 +12,10 @@ from pathlib import Path
 import torch
 
 from .checkpoint import SERVED_CKPT, TRAIN_STATE, CheckpointError, read_config
-from .tokenizer import GPT2_ENCODING
 
 PACKAGE = Path(__file__).resolve().parent
 CKPT_IN_SPACE = SERVED_CKPT  # the app's default checkpoint path, so the Space needs no flags
 MARKER = ".smallgpt-space"  # marks a folder this function wrote, so re-exporting may replace it
-TIKTOKEN_URL = f"https://openaipublic.blob.core.windows.net/encodings/{GPT2_ENCODING}.tiktoken"
 
 # On Spaces, the extra index serves CPU-only torch wheels (about 200 MB instead of a multi-GB CUDA build);
 # pip takes 2.x.y+cpu from it, since a local version sorts above the plain one on PyPI.
@@ -95,33 +93,17 @@ def export_space(ckpt: str | Path, out_dir: str | Path, app_file: str | Path, ti
 
 def _fill(dest: Path, ckpt: Path, meta: dict, app_file: Path, title: str) -> None:
     shutil.copy2(app_file, dest / "app.py")
-    (dest / "model").mkdir()
-    for src in sorted(PACKAGE.glob("*.py")):
-        shutil.copy2(src, dest / "model" / src.name)
+    # The whole package, subpackages and GPT-2's vocabulary (gpt2.tiktoken) included: the Space starts offline.
+    shutil.copytree(PACKAGE, dest / "model", ignore=shutil.ignore_patterns("__pycache__"))
     ckpt_dest = dest / CKPT_IN_SPACE
     ckpt_dest.mkdir(parents=True)
     for src in sorted(ckpt.iterdir()):
         if src.is_file() and src.name != TRAIN_STATE and not src.name.startswith("."):
             shutil.copy2(src, ckpt_dest / src.name)
     tokenizer = str(meta["tokenizer"].get("name", "?"))  # read_config checked config.json, copied above
-    _bundle_vocabulary(dest / "tiktoken-cache", tokenizer)
     size_mb = sum(f.stat().st_size for f in ckpt_dest.glob("*.safetensors")) / 1e6
     (dest / "requirements.txt").write_text(REQUIREMENTS.format(torch=torch_version(), gradio=version("gradio")), encoding="utf-8")
     (dest / "README.md").write_text(README.format(title=title, gradio=version("gradio"), kind=meta.get("kind", "fp32"),
                                                   size_mb=size_mb, tokenizer=tokenizer), encoding="utf-8")
     (dest / MARKER).write_text("written by python app.py --export-space; safe to replace\n", encoding="utf-8")
 
-
-def _bundle_vocabulary(dest: Path, tokenizer_name: str) -> None:
-    """Copy GPT-2's cached BPE ranks file (tiktoken's cache name is the sha1 of its URL) so the Space starts offline."""
-    if not tokenizer_name.startswith("gpt2"):
-        return
-    name = hashlib.sha1(TIKTOKEN_URL.encode()).hexdigest()
-    # Where tiktoken itself looks: $TIKTOKEN_CACHE_DIR, else $DATA_GYM_CACHE_DIR, else <tmp>/data-gym-cache.
-    cache = (os.environ.get("TIKTOKEN_CACHE_DIR") or os.environ.get("DATA_GYM_CACHE_DIR")
-             or os.path.join(tempfile.gettempdir(), "data-gym-cache"))
-    src = Path(cache).resolve() / name
-    if not src.is_file():
-        raise CheckpointError(f"GPT-2's vocabulary is not cached at {src}; set TIKTOKEN_CACHE_DIR to the folder holding it.")
-    dest.mkdir()
-    shutil.copy2(src, dest / name)

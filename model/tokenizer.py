@@ -7,18 +7,26 @@ Three kinds, all able to encode any text:
                 encodes the training text into exactly GPT-2's tokens, with a far smaller (cheaper) output layer;
                 a higher min_count spells rare words with shorter, better-trained pieces. The spec lists the kept ranks.
   bytes         256 single-byte tokens, no merges: char-level for ASCII text, needs no vocabulary file.
+
+GPT-2's BPE ranks ship inside this package (gpt2.tiktoken, from OpenAI's MIT-licensed GPT-2), so no tokenizer
+needs the network or a tiktoken cache.
 """
 
 from __future__ import annotations
 
+import base64
+import functools
+import hashlib
 from collections import Counter
+from pathlib import Path
 from typing import Any
 
 import tiktoken
 
-# GPT-2's BPE. tiktoken's "r50k_base" has exactly GPT-2's ranks, pattern and <|endoftext|> (50256),
-# and unlike "gpt2" it loads offline from a single cached ranks file (TIKTOKEN_CACHE_DIR).
-GPT2_ENCODING = "r50k_base"
+# GPT-2's BPE ranks (the same file, and hash, as tiktoken's "r50k_base"); its <|endoftext|> comes after them.
+VOCAB_FILE = Path(__file__).resolve().parent / "gpt2.tiktoken"
+VOCAB_SHA256 = "306cd27f03c1a714eca7108e03d66b7dc042abe8c258b44c199a7ed9838dd930"
+GPT2_EOT = 50256
 EOT = "<|endoftext|>"
 NAMES = ("gpt2", "gpt2-compact", "bytes")
 # GPT-2's pre-tokenisation pattern (contractions, letters, numbers, other symbols, whitespace).
@@ -57,19 +65,32 @@ class Tokenizer:
         return self.enc.decode_bytes(ids)
 
 
-def _base_encoding(name: str) -> tiktoken.Encoding:
+@functools.cache
+def _gpt2_from(path: Path) -> tiktoken.Encoding:
+    """GPT-2's BPE built from the ranks file at path, checked against VOCAB_SHA256 (once per file and process)."""
     try:
-        return tiktoken.get_encoding(name)
-    except Exception as e:  # tiktoken raises network, file and value errors alike
-        raise TokenizerError(
-            f"Could not load the tiktoken vocabulary {name!r} ({type(e).__name__}); set TIKTOKEN_CACHE_DIR "
-            "to a folder holding its cached ranks file (for example ../shared/tiktoken-cache) or go online once."
-        ) from e
+        data = path.read_bytes()
+    except OSError as e:
+        raise TokenizerError(f"Could not read GPT-2's vocabulary file {path} ({e}); "
+                             "restore it (git checkout model/gpt2.tiktoken) or reinstall smallgpt.") from e
+    if hashlib.sha256(data).hexdigest() != VOCAB_SHA256:
+        raise TokenizerError(f"GPT-2's vocabulary file {path} is damaged (its sha256 is not {VOCAB_SHA256[:16]}...); "
+                             "restore it (git checkout model/gpt2.tiktoken) or reinstall smallgpt.")
+    # tiktoken's format, one "base64(token) rank" per line. Not tiktoken.load.load_tiktoken_bpe: it copies every file it
+    # reads into its cache folder ($TIKTOKEN_CACHE_DIR, else a temp folder), and skips the hash check when that is off.
+    ranks = {base64.b64decode(token): int(rank) for token, rank in (line.split() for line in data.splitlines() if line)}
+    return tiktoken.Encoding("gpt2", pat_str=GPT2_PATTERN, mergeable_ranks=ranks, special_tokens={EOT: GPT2_EOT},
+                             explicit_n_vocab=GPT2_EOT + 1)
+
+
+def _gpt2_encoding() -> tiktoken.Encoding:
+    """GPT-2's BPE from the packaged vocabulary file."""
+    return _gpt2_from(VOCAB_FILE)
 
 
 def gpt2() -> Tokenizer:
     """GPT-2 BPE (50257 tokens)."""
-    enc = _base_encoding(GPT2_ENCODING)
+    enc = _gpt2_encoding()
     return Tokenizer(enc, {"name": "gpt2"}, enc.eot_token)
 
 
@@ -111,7 +132,7 @@ def _merge_path(token: bytes, ranks: dict[bytes, int]) -> set[bytes]:
 def compact_ranks(text: str, min_count: int = 1) -> list[int]:
     """GPT-2 ranks a compact vocabulary for `text` keeps: tokens used at least min_count times, their merge
     paths, all 256 bytes. Rarer tokens are then spelled with their (better trained) pieces."""
-    enc = _base_encoding(GPT2_ENCODING)
+    enc = _gpt2_encoding()
     ranks = _gpt2_ranks(enc)
     keep = {ranks[bytes([i])] for i in range(256)}
     counts = Counter(enc.encode_ordinary(text))
@@ -122,7 +143,7 @@ def compact_ranks(text: str, min_count: int = 1) -> list[int]:
 
 def gpt2_compact(kept_ranks: list[int]) -> Tokenizer:
     """GPT-2 BPE restricted to kept_ranks, renumbered densely in rank order, <|endoftext|> last."""
-    enc = _base_encoding(GPT2_ENCODING)
+    enc = _gpt2_encoding()
     kept = sorted(set(int(r) for r in kept_ranks))
     ranks = {enc.decode_single_token_bytes(r): new for new, r in enumerate(kept) if 0 <= r < enc.eot_token}
     if len(ranks) != len(kept) or any(bytes([i]) not in ranks for i in range(256)):

@@ -27,6 +27,7 @@ from .checkpoint import CheckpointError
 from .config import PRESETS, GPTConfig, preset
 from .data import DataError, TokenData, get_batch, prepare, training_tokenizer
 from .evaluate import evaluate
+from .generate import SamplingConfig, generate
 from .gpt import GPT
 from .load import load
 from .optim import clip_grads, lr_at, make_optimizer, set_lr, warmup_frac
@@ -38,6 +39,7 @@ LOG = "log.jsonl"
 PLOT = "loss.png"
 TOKENS = "tokens"
 STATE_VERSION = 1
+SAMPLE_TOKENS = 48  # a short sample written with every evaluation: what the model writes by now (the app shows it)
 
 
 class ArgError(ValueError):
@@ -460,7 +462,9 @@ class Trainer:
                 self.tokens_seen += self.tokens_per_step
                 self._advance(bar, loss=f"{loss:.3f}", lr=f"{lr:.2e}", norm=f"{norm:.2f}", tok_s=f"{tok_s:,.0f}")
                 if self.step % args.log_interval == 0:
-                    self.records.append({"step": self.step, "train_loss": loss, "lr": lr, "grad_norm": norm,
+                    self.records.append({"step": self.step, "train_loss": loss,
+                                         "train_nats_per_char": loss * len(self.data.train) / max(self.data.train_chars, 1),
+                                         "lr": lr, "grad_norm": norm,
                                          "tokens_per_s": tok_s, "elapsed": round(self.elapsed(), 2)})
                 if self.step % args.eval_interval == 0:
                     self.evaluate_and_save(bar)
@@ -536,13 +540,22 @@ class Trainer:
             self.best_val, self.best_step = val["val_nats_per_token"], self.step
         self.records.append({"step": self.step, "val_nats_per_token": val["val_nats_per_token"],
                              "val_nats_per_char": val["val_nats_per_char"], "val_tokens": val["val_tokens"],
-                             "tokens_seen": self.tokens_seen, "elapsed": round(self.elapsed(), 2)})
+                             "tokens_seen": self.tokens_seen, "elapsed": round(self.elapsed(), 2),
+                             "sample": self.sample()})
         msg = (f"step {self.step}: val {val['val_nats_per_token']:.4f} nats/token, {val['val_nats_per_char']:.4f} nats/char"
                + ((" (best, saved)" if write else " (best)") if improved else ""))
         (bar.write if bar is not None else print)(msg)
         if write:
             self.save(improved)
         return val
+
+    def sample(self) -> str:
+        """A short continuation of a new line by the current weights (fixed seed), for the log and the app's live view."""
+        sampling = SamplingConfig(max_new_tokens=SAMPLE_TOKENS, temperature=0.8, top_k=50, seed=self.args.seed)
+        try:
+            return generate(self.raw_model, self.tokenizer, "\n", 1, sampling)[0]
+        finally:
+            self.raw_model.clear_caches()  # the training forward needs no KV cache
 
     def save(self, improved: bool) -> None:
         """I/O after an evaluation: the best weights when they improved, the resume state and the log."""

@@ -1,37 +1,31 @@
-"""Shared test fixtures: the offline GPT-2 vocabulary and Tiny Shakespeare from ../shared when present."""
+"""Shared test fixtures: GPT-2's BPE from the packaged vocabulary and Tiny Shakespeare, the committed input.txt."""
 
 from __future__ import annotations
 
-import os
+import hashlib
 from pathlib import Path
 
 import pytest
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
-SHARED = ROOT.parent / "shared"
-TINY_SHAKESPEARE = SHARED / "data" / "tinyshakespeare.txt"
-TIKTOKEN_CACHE = SHARED / "tiktoken-cache"
-
-if "TIKTOKEN_CACHE_DIR" not in os.environ and TIKTOKEN_CACHE.is_dir():
-    os.environ["TIKTOKEN_CACHE_DIR"] = str(TIKTOKEN_CACHE)
+TINY_SHAKESPEARE = ROOT / "input.txt"  # the default corpus, committed
+TINY_SHAKESPEARE_SHA256 = "86c4e6aa9db7c042ec79f339dcb96d42b0075e16b8fc2e86bf0ca57e2dc565ed"
 
 
 @pytest.fixture(scope="session")
 def gpt2_tokenizer():
-    """GPT-2 BPE, loaded offline; skips (with the reason) when no cached vocabulary is available."""
-    from model.tokenizer import TokenizerError, gpt2
+    """GPT-2 BPE, built offline from model/gpt2.tiktoken."""
+    from model.tokenizer import gpt2
 
-    try:
-        return gpt2()
-    except TokenizerError as e:
-        pytest.skip(f"GPT-2 vocabulary unavailable offline: {e}")
+    return gpt2()
 
 
 @pytest.fixture(scope="session")
 def shakespeare_path() -> Path:
-    if not TINY_SHAKESPEARE.is_file():
-        pytest.skip(f"Tiny Shakespeare not found at {TINY_SHAKESPEARE} (the ../shared folder beside the project)")
+    """Tiny Shakespeare (1,115,394 characters), the committed input.txt; skips if a user replaced it with their own text."""
+    if hashlib.sha256(TINY_SHAKESPEARE.read_bytes()).hexdigest() != TINY_SHAKESPEARE_SHA256:
+        pytest.skip(f"{TINY_SHAKESPEARE} is not the committed Tiny Shakespeare (git checkout input.txt restores it)")
     return TINY_SHAKESPEARE
 
 

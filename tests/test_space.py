@@ -14,7 +14,7 @@ from app_support import free_port, tiny_checkpoint
 from gradio_client import Client
 
 from model.checkpoint import CheckpointError
-from model.space import MARKER, export_space, torch_version
+from model.space import MARKER, PACKAGE, export_space, torch_version
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -27,9 +27,10 @@ def space(tmp_path_factory, gpt2_tokenizer) -> Path:
 
 def test_bundle_holds_everything_it_needs(space):
     names = {p.relative_to(space).as_posix() for p in space.rglob("*") if p.is_file()}
-    assert {"app.py", "README.md", "requirements.txt", "model/__init__.py", "model/webapp.py", "model/generate.py",
+    assert {"app.py", "README.md", "requirements.txt", "model/gpt2.tiktoken",  # GPT-2's vocabulary: the Space starts offline
             "out/int8/config.json", "out/int8/model.safetensors", "out/int8/report.json"} <= names
-    assert any(n.startswith("tiktoken-cache/") for n in names)  # GPT-2 vocabulary: the Space starts offline
+    assert {f"model/{p.relative_to(PACKAGE).as_posix()}" for p in PACKAGE.rglob("*.py")} <= names  # the whole package
+    assert not any("__pycache__" in n for n in names)
     readme = (space / "README.md").read_text(encoding="utf-8")
     front = readme.split("---")[1]
     for line in ["sdk: gradio", f"sdk_version: {gradio.__version__}", "app_file: app.py", 'python_version: "3.11"',

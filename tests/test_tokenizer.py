@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import json
+import shutil
 
 import pytest
-import tiktoken
 
 from model import tokenizer as tk
 from model.data import read_text, split_text
@@ -85,19 +85,29 @@ def test_unknown_or_damaged_spec_says_what_to_do():
         tk.load_tokenizer({"name": "gpt2-compact"})
 
 
-def test_missing_vocabulary_names_tiktoken_cache_dir(tmp_path, monkeypatch):
-    monkeypatch.setenv("TIKTOKEN_CACHE_DIR", str(tmp_path))
-    tiktoken.registry.ENCODINGS.pop(tk.GPT2_ENCODING, None)  # force a fresh load from the (empty) cache
+def test_gpt2_is_built_offline_from_the_packaged_vocabulary(tmp_path, monkeypatch):
+    cache = tmp_path / "cache"
+    monkeypatch.setenv("TIKTOKEN_CACHE_DIR", str(cache))
+    copy = tmp_path / "gpt2.tiktoken"
+    shutil.copyfile(tk.VOCAB_FILE, copy)
+    monkeypatch.setattr(tk, "VOCAB_FILE", copy)  # a path not loaded before in this process
+    tok = tk.gpt2()
+    assert tok.n_vocab == 50257 and tok.eot_token == 50256
+    assert tok.encode("Hello world") == [15496, 995] and tok.encode(" ROMEO:") == [21224, 4720, 25]  # GPT-2's ids
+    assert not cache.exists()  # tiktoken's cache is neither read nor written
 
-    def no_network(*args, **kwargs):
-        raise ConnectionError("network disabled in tests")
 
-    monkeypatch.setattr("tiktoken.load.read_file", no_network)
-    try:
-        with pytest.raises(tk.TokenizerError, match="set TIKTOKEN_CACHE_DIR"):
-            tk.gpt2()
-        with pytest.raises(tk.TokenizerError, match="set TIKTOKEN_CACHE_DIR"):
-            tk.load_tokenizer({"name": "gpt2-compact", "ranks": list(range(300))})
-        assert tk.load_tokenizer("bytes").n_vocab == 257  # needs no vocabulary file
-    finally:
-        tiktoken.registry.ENCODINGS.pop(tk.GPT2_ENCODING, None)
+def test_damaged_or_missing_vocabulary_says_what_to_do(tmp_path, monkeypatch):
+    damaged = tmp_path / "gpt2.tiktoken"
+    data = bytearray(tk.VOCAB_FILE.read_bytes())
+    data[100] ^= 1  # one flipped bit: the sha256 no longer matches
+    damaged.write_bytes(bytes(data))
+    monkeypatch.setattr(tk, "VOCAB_FILE", damaged)
+    with pytest.raises(tk.TokenizerError, match=r"gpt2.tiktoken is damaged \(its sha256 is not 306cd27f03c1a714"):
+        tk.gpt2()
+    with pytest.raises(tk.TokenizerError, match="is damaged"):
+        tk.load_tokenizer({"name": "gpt2-compact", "ranks": list(range(300))})
+    monkeypatch.setattr(tk, "VOCAB_FILE", tmp_path / "missing.tiktoken")
+    with pytest.raises(tk.TokenizerError, match=r"Could not read GPT-2's vocabulary file .*missing.tiktoken \(.*No such file"):
+        tk.build_tokenizer("gpt2-compact", SAMPLE)
+    assert tk.load_tokenizer("bytes").n_vocab == 257  # needs no vocabulary file

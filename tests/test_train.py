@@ -109,8 +109,26 @@ def test_tiny_model_overfits_tiny_corpus(tmp_path, text, bytes_tok):
     assert metrics["val_nats_per_char"] * val_chars == pytest.approx(total_nats)  # nats/char: the same total over characters
     assert result["val_nats_per_token"] == metrics["val_nats_per_token"]
     assert [r["step"] for r in records(out) if "val_nats_per_token" in r and not r.get("final")] == [0, 75, 150]
+    samples = [r["sample"] for r in records(out) if "sample" in r]
+    assert len(samples) == 3 and all(isinstance(t, str) and t for t in samples)  # what the model writes, at each evaluation
+    train_chars = json.loads((out / "tokens" / "meta.json").read_text())["train_chars"]
+    train_tokens = (out / "tokens" / "train.bin").stat().st_size // 2  # uint16 ids
+    first = next(r for r in records(out) if "train_loss" in r)
+    assert first["train_nats_per_char"] == pytest.approx(first["train_loss"] * train_tokens / train_chars)
     for name in ("model.safetensors", "config.json", "train_state.pt", "loss.png", "tokens/train.bin"):
         assert (out / name).is_file(), name
+
+
+def test_the_evaluation_sample_leaves_training_as_it_was(tmp_path, text, bytes_tok):
+    args, _ = resolve_args({**SMALL, "data": str(text), "out_dir": str(tmp_path / "out"), "max_iters": 2})
+    trainer = Trainer(args)
+    trainer.raw_model.train()
+    rng = torch.get_rng_state()
+    weights = {k: v.clone() for k, v in trainer.raw_model.state_dict().items()}
+    assert trainer.sample() == trainer.sample()  # a fixed seed: the same text every time
+    assert torch.equal(torch.get_rng_state(), rng)  # dropout and batches draw as if no sample had been made
+    assert trainer.raw_model.training and trainer.raw_model.transformer.h[0].attn.kv_cache is None
+    assert all(torch.equal(v, weights[k]) for k, v in trainer.raw_model.state_dict().items())
 
 
 @pytest.mark.slow
