@@ -132,9 +132,9 @@ def default_run(args: argparse.Namespace) -> dict:
 
 
 def run_curve(out: Path, metrics: dict, wall: float) -> dict:
-    """Val nats/char against wall minutes of a finished run: its periodic estimates, then the whole-split figure."""
+    """Val nats/char against wall minutes of a finished run: its periodic evaluations, then the final whole-split figure."""
     records = read_log(out / LOG)
-    curve = [(r["elapsed"] / 60, r["val_nats_per_char"]) for r in records if "val_nats_per_char" in r]
+    curve = [(r["elapsed"] / 60, r["val_nats_per_char"]) for r in records if "val_nats_per_char" in r and not r.get("final")]
     curve.append((wall / 60, metrics["val_nats_per_char"]))
     return {"val_nats_per_char": metrics["val_nats_per_char"], "steps": metrics["step"], "wall_s": wall, "curve": curve}
 
@@ -143,7 +143,7 @@ def plot_curve(curve: list[tuple[float, float]], label: str, path: Path) -> None
     """val nats/char against wall minutes, with the nanoGPT CPU baseline, as a small PNG."""
     import matplotlib.pyplot as plt  # the Agg backend: model.plot (imported with model.trainer) selects it
     fig, ax = plt.subplots(figsize=(6, 4), dpi=80)
-    ax.plot([c[0] for c in curve[:-1]], [c[1] for c in curve[:-1]], ".-", label=f"{label} (32-window estimates)")
+    ax.plot([c[0] for c in curve[:-1]], [c[1] for c in curve[:-1]], ".-", label=f"{label} (periodic evaluations)")
     ax.plot([curve[-1][0]], [curve[-1][1]], "o", color="C3", label=f"final, whole split: {curve[-1][1]:.3f}")
     ax.axhline(BASELINE, color="gray", ls="--", lw=1, label=f"nanoGPT CPU recipe, 16k iters, 10.9 min ({BASELINE})")
     ax.set(xlabel="wall minutes (startup and evaluations included)", ylabel="val nats/char", ylim=(1.3, 3.0))
