@@ -48,14 +48,13 @@ def default_ckpt() -> str:
     return "out/int8" if Path("out/int8").is_dir() else "out"
 
 
-def show(loaded: Loaded, prompt: str, num_samples: int, sampling: SamplingConfig, traced: bool | None = None) -> None:
-    """Stream sample 1 live while all samples decode together; then print the others, each under a header.
-    traced: as model.generate.decode_tokens (True in a session, whose later prompts reuse the traces)."""
+def show(loaded: Loaded, prompt: str, num_samples: int, sampling: SamplingConfig) -> None:
+    """Stream sample 1 live while all samples decode together; then print the others, each under a header."""
     texts = [""] * num_samples
     header = (lambda i: f"\n--- sample {i + 1}/{num_samples} ---\n") if num_samples > 1 else (lambda i: "")
     print(header(0) + prompt, end="", flush=True)
     try:
-        for new in stream(loaded.model, loaded.tokenizer, prompt, num_samples, sampling, traced=traced):
+        for new in stream(loaded.model, loaded.tokenizer, prompt, num_samples, sampling):
             print(new[0], end="", flush=True)
             texts = [t + n for t, n in zip(texts, new, strict=True)]
     finally:
@@ -102,7 +101,7 @@ def interactive(loaded: Loaded, num_samples: int, sampling: SamplingConfig) -> N
             print(f"error: unknown command {cmd}; /help lists them.")
         elif line.strip():
             try:
-                show(loaded, line, num_samples, sampling, traced=True)
+                show(loaded, line, num_samples, sampling)
             except KeyboardInterrupt:
                 print("\n(stopped)")
 

@@ -1,27 +1,41 @@
-"""Benchmark: generation tokens/s of the naive loop against our KV-cached batched engine, fp32 and int8.
+"""Benchmark: generation tokens/s of our engine against the naive loop, and side by side with CTranslate2.
 
     python bench/generation.py --ckpt out                 # a trained checkpoint (int8: out/int8, else quantized here)
     python bench/generation.py --random 6x384x256         # a random-weight model of that shape: same speed as trained
-Grid: fp32 / int8 x prompts of 8 / 512 tokens x 1 / 3 return sequences, top-k 50, 200 new tokens per sequence, for
+    python bench/generation.py --only ctranslate2 --busy  # the side-by-side table, also under a competing load
+Two parts, each run alternating its cells in every repeat, so load from other processes hits all alike; tokens/s
+is the median over repeats. Not a test: numbers depend on the machine and its load.
+
+grid (bench/results/generation.json and .png): fp32 / int8 x prompts of 8 / 512 tokens x 1 / 3 return sequences,
+top-k 50, 200 new tokens per sequence, for
   naive       the original loop: one sequence at a time, the plain forward over the whole window every step
   naive-last  the same, but computing the logits of the last position only (nanoGPT's trick)
-  ours-eager  model.generate's engine run eagerly: one prompt prefill, all sequences decoded together over a KV cache
-  ours        the same engine as the app runs it: its one-token steps and window slides replay TorchScript traces
-The naive loops handle sequences one after another, so their tokens/s does not depend on the number of return
-sequences: they are timed with one. Every repeat runs every cell once, in turn, so load from other processes
-hits all alike; tokens/s is the median over repeats, a speed-up the median of the per-repeat ratios.
-It also times, for the int8 model, the int8 Linear kernels of one decode step on their own: a floor for a step.
-Writes bench/results/generation.json and generation.png. Not a test: numbers depend on the machine and its load.
+  ours-eager  model.generate's engine with the eager step: one prompt prefill, all sequences decoded over a KV cache
+  ours        the same engine with its fast path (as the app runs it): steps and window slides replay TorchScript traces
+  The naive loops handle sequences one after another, so their tokens/s does not depend on the number of return
+  sequences: they are timed with one. A speed-up is the median of the per-repeat ratios. It also times, for the int8
+  model, the int8 Linear kernels of one decode step on their own: a floor for a step.
+ctranslate2 (bench/results/generation_ctranslate2.json): the app's prompt "Hello, my name is", 3 sequences, top-k 50,
+temperature 0.8, for ours int8 (the fast path), CTranslate2 int8 and CTranslate2 fp32 (converted from export_hf's
+export of the fp32 model), at 1 and 2 threads: 56 new tokens (no window slide), and the app's 200 (window slides:
+CTranslate2 cannot go past the context, so those cells are n/a). With --busy every cell also runs while competing
+processes keep every core busy with matmuls; contention = busy tok/s / quiet tok/s at the same thread count.
+Needs `pip install -r requirements-dev.txt` (ctranslate2, transformers).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import multiprocessing
+import os
 import statistics
 import sys
+import tempfile
 import time
 import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -33,16 +47,22 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from model import atomic  # noqa: E402
 from model.checkpoint import CheckpointError  # noqa: E402
 from model.config import GPTConfig, preset  # noqa: E402
-from model.generate import SamplingConfig, decode_tokens, naive_tokens  # noqa: E402
+from model.generate import SamplingConfig, decode_tokens, naive_tokens, slide_keep, warm_up  # noqa: E402
 from model.gpt import GPT  # noqa: E402
+from model.hf import export_hf  # noqa: E402
+from model.hf_tokenizer import token_strings  # noqa: E402
 from model.load import load  # noqa: E402
 from model.plot import plt, save_figure  # noqa: E402
 from model.tokenizer import TokenizerError, gpt2, padded_vocab_size  # noqa: E402
+from model.trace import eager_forward, traced_step  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 NAIVE = ("naive", "naive-last")
 OURS = ("ours-eager", "ours")
 PROMPT = "Hello, my name is"  # the app's example prompt; repeated and cut to the wanted token counts
+SIDE_BY_SIDE = {"56 tokens": 56, "app, 200 tokens": 200}  # new tokens per sequence of the side-by-side workloads
+SIDE_SEQUENCES, SIDE_TOP_K, SIDE_TEMPERATURE = 3, 50, 0.8
+ENGINES = ("ours int8", "CTranslate2 int8", "CTranslate2 fp32")
 
 
 def prompt_of(tokenizer, n_tokens: int) -> list[int]:
@@ -96,7 +116,8 @@ def time_cell(engine: str, model: torch.nn.Module, prompt_ids: list[int], num_sa
         for _ in range(num_samples):
             naive_tokens(model, prompt_ids, sampling, n_vocab, gen, last_only=engine == "naive-last")
     else:
-        for _ in decode_tokens(model, prompt_ids, num_samples, sampling, n_vocab, traced=engine == "ours"):
+        step = traced_step(model) if engine == "ours" else eager_forward(model)
+        for _ in decode_tokens(model, prompt_ids, num_samples, sampling, n_vocab, step=step):
             pass
     return time.perf_counter() - start
 
@@ -130,8 +151,10 @@ def int8_linear_ms(model: torch.nn.Module, batch: int, repeats: int = 200) -> tu
     return statistics.median(rounds[1:]), len(linears)
 
 
-def run(args: argparse.Namespace) -> dict:
-    models, tokenizer, source = models_to_bench(args)
+def run_grid(args: argparse.Namespace, models: dict[str, torch.nn.Module], tokenizer, source: str) -> dict:
+    """The grid: naive loops against our engine, eager and traced, fp32 and int8."""
+    if args.threads:
+        torch.set_num_threads(args.threads)
     sampling = SamplingConfig(max_new_tokens=args.max_new_tokens, temperature=1.0, top_k=50, seed=0)
     # Each engine right after the naive loops on the same weights and prompt, so compared cells run close in time.
     cells = [c for p in args.prompt_tokens for kind in models
@@ -221,6 +244,164 @@ def plot(result: dict, path: Path) -> None:
     save_figure(fig, path, dpi=120)
 
 
+# --- side by side with CTranslate2 ---
+
+def _spin(ready, busy, stop) -> None:
+    """A competing process: one thread of fp32 matmuls whenever busy is set, until stop is (another job on the CPU)."""
+    torch.set_num_threads(1)
+    a = torch.randn(256, 256) / 16
+    ready.release()
+    while not stop.is_set():
+        if busy.wait(0.05):
+            for _ in range(20):
+                torch.mm(a, a)
+
+
+@contextmanager
+def competing_load(n_procs: int) -> Iterator:
+    """n_procs processes, each keeping one core busy whenever the event this yields is set."""
+    ctx = multiprocessing.get_context("spawn")  # not fork: torch's thread pools do not survive a fork
+    ready, busy, stop = ctx.Semaphore(0), ctx.Event(), ctx.Event()
+    procs = [ctx.Process(target=_spin, args=(ready, busy, stop), daemon=True) for _ in range(n_procs)]
+    for proc in procs:
+        proc.start()
+    for _ in procs:  # started (they import torch first): idle from here until busy is set
+        ready.acquire()
+    try:
+        yield busy
+    finally:
+        stop.set()
+        for proc in procs:
+            proc.join(timeout=10)
+
+
+def ctranslate2_generators(fp32: GPT, tokenizer, workdir: Path, threads: list[int]) -> tuple[dict, list[str]]:
+    """{(engine, threads): ctranslate2.Generator} for CTranslate2 int8 and fp32, converted from export_hf's export of
+    the fp32 model (as ct2-transformers-converter --quantization does), and the export's token strings by id."""
+    import ctranslate2
+
+    export_hf(fp32, tokenizer, workdir / "hf")
+    generators = {}
+    for engine, quantization in (("CTranslate2 int8", "int8"), ("CTranslate2 fp32", "float32")):
+        out = workdir / quantization
+        ctranslate2.converters.TransformersConverter(str(workdir / "hf")).convert(str(out), quantization=quantization)
+        for t in threads:
+            generators[(engine, t)] = ctranslate2.Generator(str(out), device="cpu", intra_threads=t)
+    return generators, token_strings(workdir / "hf")
+
+
+def time_side_cell(engine: str, threads: int, new_tokens: int, int8: torch.nn.Module, prompt_ids: list[int], n_vocab: int,
+                   generators: dict, strings: list[str]) -> float:
+    """Seconds for SIDE_SEQUENCES x new_tokens tokens: ours int8 with its traced steps, or a CTranslate2 generator."""
+    if engine == "ours int8":
+        torch.set_num_threads(threads)
+        sampling = SamplingConfig(max_new_tokens=new_tokens, temperature=SIDE_TEMPERATURE, top_k=SIDE_TOP_K, seed=0)
+        start = time.perf_counter()
+        for _ in decode_tokens(int8, prompt_ids, SIDE_SEQUENCES, sampling, n_vocab, step=traced_step(int8)):
+            pass
+        return time.perf_counter() - start
+    batch = [[strings[i] for i in prompt_ids]] * SIDE_SEQUENCES  # three prompts, not num_hypotheses=3 (CTranslate2 issue 1579)
+    start = time.perf_counter()
+    results = generators[(engine, threads)].generate_batch(
+        batch, max_length=new_tokens, min_length=new_tokens, sampling_topk=SIDE_TOP_K, sampling_temperature=SIDE_TEMPERATURE,
+        include_prompt_in_result=False, end_token=[])
+    seconds = time.perf_counter() - start
+    if any(len(r.sequences_ids[0]) != new_tokens for r in results):
+        raise RuntimeError(f"{engine} returned {[len(r.sequences_ids[0]) for r in results]} tokens, not {new_tokens} each.")
+    return seconds
+
+
+def run_side_by_side(args: argparse.Namespace, models: dict[str, torch.nn.Module], tokenizer, source: str) -> dict:
+    """Ours int8 beside CTranslate2 int8 and fp32 at each thread count, on both workloads; with args.busy also under load."""
+    try:
+        import ctranslate2
+    except ImportError:
+        raise ValueError("ctranslate2 is not installed: pip install -r requirements-dev.txt.") from None
+    ctranslate2.set_random_seed(0)
+    int8, block = models["int8"], models["int8"].config.block_size
+    prompt_ids = tokenizer.encode(PROMPT)
+    fits = {w: len(prompt_ids) + n <= block for w, n in SIDE_BY_SIDE.items()}
+    cells = [(w, e, t) for w in SIDE_BY_SIDE for e in ENGINES for t in args.thread_counts if e == "ours int8" or fits[w]]
+    loads = ("quiet", "busy") if args.busy else ("quiet",)
+    times: dict[tuple, list[float]] = {(c, load): [] for c in cells for load in loads}
+    threads_before = torch.get_num_threads()
+    with tempfile.TemporaryDirectory() as tmp:
+        generators, strings = ctranslate2_generators(models["fp32"], tokenizer, Path(tmp), args.thread_counts)
+    warm_up(int8, SIDE_SEQUENCES)
+    warm_up(int8, SIDE_SEQUENCES, slide_keep(block))
+    time_cell = lambda w, e, t: time_side_cell(e, t, SIDE_BY_SIDE[w], int8, prompt_ids, tokenizer.n_vocab, generators, strings)
+    for cell in cells:  # warm-up: first calls allocate and pick kernels
+        time_cell(*cell)
+    with competing_load(len(os.sched_getaffinity(0)) if args.busy else 0) as busy, \
+            tqdm(total=len(times) * args.repeats, desc="side-by-side bench", unit="cell") as bar:
+        for _ in range(args.repeats):
+            for cell in cells:
+                for load in loads:
+                    if load == "busy":
+                        busy.set()
+                        time.sleep(0.2)  # the competing processes are spinning
+                    times[(cell, load)].append(time_cell(*cell))
+                    busy.clear()
+                    bar.update()
+    torch.set_num_threads(threads_before)
+    rows = []
+    for w, n in SIDE_BY_SIDE.items():
+        for e in ENGINES:
+            for t in args.thread_counts:
+                for load in loads:
+                    secs = times.get(((w, e, t), load))
+                    tps = SIDE_SEQUENCES * n / statistics.median(secs) if secs else None
+                    rows.append({"workload": w, "new_tokens": n, "engine": e, "threads": t, "load": load, "tokens_per_s": tps,
+                                 "all_seconds": secs, "note": None if secs else f"n/a: context {block}"})
+    return {"source": source, "block_size": block, "prompt": PROMPT, "prompt_tokens": len(prompt_ids), "sequences": SIDE_SEQUENCES,
+            "top_k": SIDE_TOP_K, "temperature": SIDE_TEMPERATURE, "repeats": args.repeats, "threads": args.thread_counts,
+            "ctranslate2": ctranslate2.__version__, "busy_processes": len(os.sched_getaffinity(0)) if args.busy else 0, "rows": rows}
+
+
+def _side_row(result: dict, workload: str, engine: str, threads: int, load: str) -> dict:
+    return next(r for r in result["rows"] if (r["workload"], r["engine"], r["threads"], r["load"]) == (workload, engine, threads, load))
+
+
+def side_table(result: dict, load: str) -> str:
+    """A Markdown table of one load's tokens/s: a row per workload and engine, a column per thread count."""
+    threads = result["threads"]
+    lines = ["| workload | engine | " + " | ".join(f"{t} thread{'s' * (t > 1)}" for t in threads) + " |",
+             "|---|---|" + "---:|" * len(threads)]
+    for w in SIDE_BY_SIDE:
+        for e in ENGINES:
+            cells = [_side_row(result, w, e, t, load) for t in threads]
+            lines.append(f"| {w} | {e} | " + " | ".join(r["note"] or f"{r['tokens_per_s']:.1f}" for r in cells) + " |")
+    return "\n".join(lines)
+
+
+def contention_table(result: dict) -> str:
+    """Busy tok/s / quiet tok/s of every cell, at the same thread count."""
+    threads = result["threads"]
+    lines = ["| workload | engine | " + " | ".join(f"{t} thread{'s' * (t > 1)}" for t in threads) + " |",
+             "|---|---|" + "---:|" * len(threads)]
+    for w in SIDE_BY_SIDE:
+        for e in ENGINES:
+            pairs = [(_side_row(result, w, e, t, "busy"), _side_row(result, w, e, t, "quiet")) for t in threads]
+            ratios = [b["note"] or f"{b['tokens_per_s'] / q['tokens_per_s']:.2f}" for b, q in pairs]
+            lines.append(f"| {w} | {e} | " + " | ".join(ratios) + " |")
+    return "\n".join(lines)
+
+
+def ratio_line(result: dict, load: str) -> str:
+    """Ours / CTranslate2 int8, each at its best thread count, per workload."""
+    parts = []
+    for w in SIDE_BY_SIDE:
+        best = {e: max((_side_row(result, w, e, t, load) for t in result["threads"]), key=lambda r: r["tokens_per_s"] or 0)
+                for e in ENGINES[:2]}
+        ours, ct2 = best["ours int8"], best["CTranslate2 int8"]
+        if ct2["tokens_per_s"] is None:
+            parts.append(f"{w}: {ct2['note']}")
+        else:
+            parts.append(f"{w}: {ours['tokens_per_s'] / ct2['tokens_per_s']:.2f}x (ours {ours['tokens_per_s']:.1f} tok/s with "
+                         f"{ours['threads']} thread(s), CTranslate2 int8 {ct2['tokens_per_s']:.1f} with {ct2['threads']})")
+    return f"ours / CTranslate2 int8 at each one's best thread count ({load}): " + "; ".join(parts)
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     src = ap.add_mutually_exclusive_group()
@@ -228,31 +409,53 @@ def main() -> int:
     src.add_argument("--random", metavar="SHAPE", help="benchmark a random-weight model with GPT-2's vocabulary instead of a "
                      "checkpoint: a preset name, or LAYERSxWIDTHxCONTEXT such as 6x384x256")
     ap.add_argument("--int8-ckpt", help="int8 checkpoint directory (default: CKPT/int8, else quantize the fp32 model here)")
+    ap.add_argument("--only", choices=("grid", "ctranslate2"), help="run one part (default: both)")
     ap.add_argument("--repeats", type=int, default=3, help="timed repeats of every cell; the median is reported (default 3)")
-    ap.add_argument("--max-new-tokens", type=int, default=200)
-    ap.add_argument("--num-samples", type=int, nargs="+", default=[1, 3], help="return sequences per request (default: 1 3)")
-    ap.add_argument("--prompt-tokens", type=int, nargs="+", default=[8, 512], help="prompt lengths in tokens (default: 8 512)")
-    ap.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
-    ap.add_argument("--out", default=str(RESULTS / "generation.json"), help="JSON results path (a PNG is written beside it)")
+    ap.add_argument("--max-new-tokens", type=int, default=200, help="grid: new tokens per sequence (default 200)")
+    ap.add_argument("--num-samples", type=int, nargs="+", default=[1, 3], help="grid: return sequences per request (default: 1 3)")
+    ap.add_argument("--prompt-tokens", type=int, nargs="+", default=[8, 512], help="grid: prompt lengths in tokens (default: 8 512)")
+    ap.add_argument("--threads", type=int, help="grid: torch CPU threads (default: torch's choice)")
+    ap.add_argument("--thread-counts", type=int, nargs="+", default=[1, 2], help="ctranslate2: the columns' threads (default: 1 2)")
+    ap.add_argument("--busy", action="store_true", help="ctranslate2: also run every cell while competing processes keep every "
+                    "core busy, and report busy / quiet tokens/s")
+    ap.add_argument("--out", default=str(RESULTS / "generation.json"),
+                    help="grid JSON path (a PNG is written beside it, and the ctranslate2 part's JSON as NAME_ctranslate2.json)")
     args = ap.parse_args()
-    if args.repeats < 1 or args.max_new_tokens < 1 or min(args.num_samples) < 1 or min(args.prompt_tokens) < 1:
-        print("error: --repeats, --max-new-tokens, --num-samples and --prompt-tokens must be positive.", file=sys.stderr)
+    if (args.repeats < 1 or args.max_new_tokens < 1 or min(args.num_samples) < 1 or min(args.prompt_tokens) < 1
+            or min(args.thread_counts) < 1):
+        print("error: --repeats, --max-new-tokens, --num-samples, --prompt-tokens and --thread-counts must be positive.", file=sys.stderr)
         return 2
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    out = Path(args.out)
+    side_out = out.with_name(out.stem + "_ctranslate2.json")
     try:
-        result = run(args)
+        models, tokenizer, source = models_to_bench(args)
+        grid = run_grid(args, models, tokenizer, source) if args.only != "ctranslate2" else None
+        side = run_side_by_side(args, models, tokenizer, source) if args.only != "grid" else None
     except (CheckpointError, TokenizerError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    out = Path(args.out)
-    atomic.write_text(out, json.dumps(result, indent=2) + "\n")
-    plot(result, out.with_suffix(".png"))
-    print(f"{result['source']}; context {result['block_size']}, {args.max_new_tokens} new tokens per sequence, "
-          f"top-k 50, median of {args.repeats}, {result['torch_threads']} torch threads")
-    print(table(result))
-    print(anatomy(result))
-    print(f"wrote {out} and {out.with_suffix('.png')}")
+    if grid:
+        atomic.write_text(out, json.dumps(grid, indent=2) + "\n")
+        plot(grid, out.with_suffix(".png"))
+        print(f"{grid['source']}; context {grid['block_size']}, {args.max_new_tokens} new tokens per sequence, "
+              f"top-k 50, median of {args.repeats}, {grid['torch_threads']} torch threads")
+        print(table(grid))
+        print(anatomy(grid))
+        print(f"wrote {out} and {out.with_suffix('.png')}")
+    if side:
+        atomic.write_text(side_out, json.dumps(side, indent=2) + "\n")
+        print(f"\n{side['source']}; CTranslate2 {side['ctranslate2']}; prompt {side['prompt']!r} ({side['prompt_tokens']} tokens), "
+              f"{side['sequences']} sequences, top-k {side['top_k']}, temperature {side['temperature']}, context {side['block_size']}; "
+              f"tokens/s, median of {args.repeats}")
+        for load in ("quiet", "busy") if args.busy else ("quiet",):
+            if args.busy:
+                print(f"\n{load}" + (f": {side['busy_processes']} competing processes of matmuls, one per core" if load == "busy" else ""))
+            print(side_table(side, load))
+            print(ratio_line(side, load))
+        if args.busy:
+            print("\ncontention: busy tok/s / quiet tok/s at the same thread count")
+            print(contention_table(side))
+        print(f"wrote {side_out}")
     return 0
 
 

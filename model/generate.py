@@ -1,9 +1,11 @@
 """Fast CPU generation: one prompt prefill, batched KV-cached decoding, sampling, stop rules, UTF-8 safe streaming.
 
-The engine only calls model.setup_caches() and model(idx, input_pos=..., last_only=True), so it serves fp32 and
-int8 models alike; for a GPT the one-token step and the window slide can replay TorchScript traces (model.trace):
-always in the app and the interactive session, and by default when it pays (see decode_tokens).
-One model generates one request at a time: the caches, kept for the next request, are per model.
+Shaped as gpt-fast's generate.py: prefill, decode_one_token and decode_n_tokens, with the speed applied to one
+function, the step decode_one_token runs. The engine only calls model.setup_caches() and model(idx, input_pos=...,
+last_only=True), so it serves fp32 and int8 models alike; for a GPT the step (and the window slide) can replay
+TorchScript traces (model.trace), and fast_step alone decides when: when it pays. Callers just call stream(),
+generate() or decode_tokens(); a server may warm_up() the shapes it serves before its first request.
+One model generates one request at a time: its caches and traces are kept for its next request.
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ from __future__ import annotations
 import codecs
 import dataclasses
 import math
+import weakref
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -18,10 +21,10 @@ import torch
 
 from .gpt import GPT
 from .tokenizer import Tokenizer
-from .trace import CachedForward, cached_forward, eager_forward, has_trace
+from .trace import CachedForward, cached_forward, eager_forward, has_trace, last_logits, traced_step
 
 # A fresh trace costs about 0.4 s before it runs at full speed (tracing, then TorchScript's first optimizing calls);
-# on the cpu preset that is won back after about 500 tokens, so a lone shorter request runs eagerly instead.
+# on the cpu preset that is won back after about 500 tokens, so the engine traces once a model has decoded that many.
 TRACE_MIN_TOKENS = 512
 # Below this temperature logits / temperature can overflow to inf (NaN probabilities); the limit is greedy anyway.
 GREEDY_BELOW = 1e-5
@@ -143,16 +146,97 @@ def _device(model: torch.nn.Module) -> torch.device:
     return next(iter(model.parameters())).device
 
 
+@dataclass
+class Sampler:
+    """Picks every row's next token from last-position logits (B, V): the settings, the seeded generator and, when a
+    penalty is on, the counts (B, n_vocab) of the tokens so far, which each pick adds to."""
+
+    sampling: SamplingConfig
+    n_vocab: int
+    generator: torch.Generator
+    counts: torch.Tensor | None = None
+
+    def __call__(self, logits: torch.Tensor) -> torch.Tensor:
+        nxt = sample_next(logits[:, :self.n_vocab], self.sampling, self.generator, self.counts)
+        if self.counts is not None:
+            self.counts.scatter_add_(1, nxt.view(-1, 1), torch.ones(nxt.shape[0], 1, device=nxt.device))
+        return nxt
+
+
+# How many decode steps each model has asked the engine for: a model that has decoded TRACE_MIN_TOKENS tokens serves
+# a session or a server, where tracing pays.
+_DECODED: weakref.WeakKeyDictionary[torch.nn.Module, int] = weakref.WeakKeyDictionary()
+
+
+def fast_step(model: torch.nn.Module, num_samples: int, steps: int) -> CachedForward:
+    """The engine's one choice of the step for a request of num_samples rows and `steps` tokens: traced when it pays
+    (the trace exists already, or the model's steps so far, this request's included, reach TRACE_MIN_TOKENS: a
+    one-off short request stays eager, a session or a server soon traces), else eager. Only a GPT is traced.
+    Call after model.setup_caches()."""
+    if not isinstance(model, GPT) or steps < 2:
+        return eager_forward(model)
+    _DECODED[model] = _DECODED.get(model, 0) + steps
+    if has_trace(model, num_samples, 1) or _DECODED[model] >= TRACE_MIN_TOKENS:
+        return traced_step(model)
+    return eager_forward(model)
+
+
+def warm_up(model: torch.nn.Module, num_samples: int, n_tokens: int = 1) -> None:
+    """Make the traced step for num_samples rows of n_tokens (1: a decode step; slide_keep(context): a slide) and run
+    it twice (TorchScript optimizes over its first calls): a server before its first request, a timing before its
+    clock starts. Requests of that shape then run traced. Caches the model already has for more rows are kept."""
+    if not isinstance(model, GPT):
+        return
+    model.setup_caches(num_samples)
+    device = _device(model)
+    with torch.inference_mode():
+        forward = cached_forward(model, num_samples, n_tokens)
+        for _ in range(2):
+            forward(torch.zeros(num_samples, n_tokens, dtype=torch.long, device=device), torch.arange(n_tokens, device=device))
+
+
+def prefill(model: torch.nn.Module, window: torch.Tensor) -> torch.Tensor:
+    """Last-position logits (1, V) of the prompt window (1, T), whose keys and values it writes at cache positions
+    0..T-1 of every row: a prompt all sequences share runs once. Always eager: prompts vary in length."""
+    return last_logits(model, window, torch.arange(window.shape[1], device=window.device))
+
+
+def decode_one_token(step: CachedForward, idx: torch.Tensor, input_pos: torch.Tensor, sample: Sampler) -> torch.Tensor:
+    """The next token of every row: step (eager or traced, the only difference) runs idx (B, T) at input_pos over
+    the KV cache, T = 1 for a step or the kept tokens of a slide; then sample picks from the logits."""
+    return sample(step(idx, input_pos))
+
+
+def decode_n_tokens(step: CachedForward, first: torch.Tensor, history: torch.Tensor, done: int, pos: int, block: int,
+                    keep: int, sample: Sampler) -> Iterator[torch.Tensor]:
+    """Yield first, then each next token of every row (decode_one_token), until history (B, done + n) is full.
+
+    history holds every row's tokens: the first `done` given, the rest written here. pos is the next free position
+    of the cache of `block` positions; when it is full, the last `keep` tokens are re-run at positions 0.. (a slide:
+    long outputs go on instead of failing).
+    """
+    positions = torch.arange(block, device=history.device)
+    nxt = first
+    for end in range(done + 1, history.shape[1] + 1):
+        yield nxt
+        if end == history.shape[1]:
+            return
+        history[:, end - 1] = nxt
+        if pos < block:
+            nxt = decode_one_token(step, nxt.view(-1, 1), positions[pos:pos + 1], sample)
+            pos += 1
+        else:  # contiguous: a trace replays its optimized graph only for inputs laid out as when it was made
+            nxt = decode_one_token(step, history[:, end - keep:end].contiguous(), positions[:keep], sample)
+            pos = keep
+
+
 @torch.inference_mode()
 def decode_tokens(model: torch.nn.Module, prompt_ids: list[int], num_samples: int, sampling: SamplingConfig,
-                  n_vocab: int, keep: int | None = None, traced: bool | None = None) -> Iterator[torch.Tensor]:
-    """Yield the next token of each of num_samples sequences (a (num_samples,) tensor) per step.
-
-    The prompt is prefilled once (batch 1, shared by all rows); each step then decodes one token for all rows
-    together over the KV cache. When the cache is full, the last `keep` tokens (default half the context) are
-    re-prefilled at positions 0.. and decoding goes on, so long outputs slide instead of failing. With traced
-    (and a GPT), steps and slides replay TorchScript traces of the same forward (model.trace); traced=False runs it
-    eagerly; None (default) traces when it pays: the traces exist already, or there are TRACE_MIN_TOKENS steps or more.
+                  n_vocab: int, keep: int | None = None, step: CachedForward | None = None) -> Iterator[torch.Tensor]:
+    """Yield the next token of each of num_samples sequences (a (num_samples,) tensor) per step: the prompt prefilled
+    once (batch 1, shared by all rows), then decode_n_tokens over the KV cache, sliding by `keep` tokens (default half
+    the context) when it is full. step: the cached forward of the steps, for tests and benchmarks that compare eager
+    (trace.eager_forward) with traced (trace.traced_step); by default fast_step picks.
     """
     if not prompt_ids:
         raise ValueError("The prompt has no tokens; give some text to continue.")
@@ -169,46 +253,24 @@ def decode_tokens(model: torch.nn.Module, prompt_ids: list[int], num_samples: in
     else:
         generator.manual_seed(int(sampling.seed))
     L = len(prompt_ids)
-    tokens = torch.empty(num_samples, L + steps, dtype=torch.long, device=device)  # every row's full history
-    tokens[:, :L] = torch.tensor(prompt_ids, dtype=torch.long, device=device)
-    positions = torch.arange(block, device=device)
+    history = torch.empty(num_samples, L + steps, dtype=torch.long, device=device)  # every row's tokens
+    history[:, :L] = torch.tensor(prompt_ids, dtype=torch.long, device=device)
     counts = None
     if sampling.repetition_penalty != 1.0 or sampling.frequency_penalty != 0.0:
         counts = torch.zeros(num_samples, n_vocab, device=device)
-        ids = tokens[:, :L].clamp(max=n_vocab - 1)
+        ids = history[:, :L].clamp(max=n_vocab - 1)
         counts.scatter_add_(1, ids, torch.ones_like(ids, dtype=counts.dtype))
+    sample = Sampler(sampling, n_vocab, generator, counts)
     was_training = model.training
     model.eval()
-    model.setup_caches(num_samples, block)
-    fast = isinstance(model, GPT) and (traced if traced is not None else
-                                       steps >= TRACE_MIN_TOKENS or has_trace(model, num_samples, 1))
-    eager = eager_forward(model)
-
-    def forward(n_tokens: int) -> CachedForward:  # one step, or a slide: fixed shapes, reused every request
-        return cached_forward(model, num_samples, n_tokens) if fast else eager
-
     try:
-        window = tokens[:1, max(0, L - block):L]
-        logits = eager(window, positions[:window.shape[1]])[:, :n_vocab]  # prompts vary in length: not traced
-        logits = logits.expand(num_samples, -1)
-        pos = window.shape[1]  # next free cache position
-        step_forward = forward(1) if steps > 1 else eager
-        for step in range(steps):
-            nxt = sample_next(logits, sampling, generator, counts)
-            yield nxt
-            if step == steps - 1:
-                break
-            end = L + step + 1
-            tokens[:, end - 1] = nxt
-            if counts is not None:
-                counts.scatter_add_(1, nxt.view(-1, 1), torch.ones(num_samples, 1, device=device))
-            if pos < block:
-                logits = step_forward(nxt.view(-1, 1), positions[pos:pos + 1])[:, :n_vocab]
-                pos += 1
-            else:  # cache full: slide the window, recomputing the cache once for the kept tokens
-                # contiguous: a trace replays its optimized graph only for inputs laid out as when it was made
-                logits = forward(keep)(tokens[:, end - keep:end].contiguous(), positions[:keep])[:, :n_vocab]
-                pos = keep
+        model.setup_caches(num_samples, block)
+        step = step or fast_step(model, num_samples, steps)
+        if steps == 0:
+            return
+        window = history[:1, max(0, L - block):L]
+        first = sample(prefill(model, window).expand(num_samples, -1))
+        yield from decode_n_tokens(step, first, history, L, window.shape[1], block, keep, sample)
     finally:
         model.train(was_training)
 
@@ -276,15 +338,14 @@ def prompt_tokens(tokenizer: Tokenizer, prompt: str) -> list[int]:
 
 
 def stream(model: torch.nn.Module, tokenizer: Tokenizer, prompt: str, num_samples: int = 1,
-           sampling: SamplingConfig = DEFAULT_SAMPLING, traced: bool | None = None) -> Iterator[list[str]]:
+           sampling: SamplingConfig = DEFAULT_SAMPLING) -> Iterator[list[str]]:
     """Yields, after each decode step, a list of num_samples strings: the NEW text of each sequence since the previous
-    yield ('' if none). Stops early once every sequence hit <|endoftext|> or a stop string. traced: as decode_tokens;
-    True suits a server or a session, whose later requests reuse the traces."""
+    yield ('' if none). Stops early once every sequence hit <|endoftext|> or a stop string."""
     sampling.validate()
     if int(num_samples) < 1:
         raise ValueError(f"num_samples must be at least 1, got {num_samples}.")
     rows = [_TextRow(tokenizer, tuple(sampling.stop)) for _ in range(num_samples)]
-    steps = decode_tokens(model, prompt_tokens(tokenizer, prompt), num_samples, sampling, tokenizer.n_vocab, traced=traced)
+    steps = decode_tokens(model, prompt_tokens(tokenizer, prompt), num_samples, sampling, tokenizer.n_vocab)
     try:
         for step, nxt in enumerate(steps):
             last = step == sampling.max_new_tokens - 1
@@ -302,9 +363,9 @@ def stream(model: torch.nn.Module, tokenizer: Tokenizer, prompt: str, num_sample
 
 
 def generate(model: torch.nn.Module, tokenizer: Tokenizer, prompt: str, num_samples: int = 1,
-             sampling: SamplingConfig = DEFAULT_SAMPLING, traced: bool | None = None) -> list[str]:
-    """The full continuations (without the prompt), one per sample. traced: as decode_tokens."""
+             sampling: SamplingConfig = DEFAULT_SAMPLING) -> list[str]:
+    """The full continuations (without the prompt), one per sample."""
     out = [""] * num_samples
-    for new in stream(model, tokenizer, prompt, num_samples, sampling, traced=traced):
+    for new in stream(model, tokenizer, prompt, num_samples, sampling):
         out = [a + b for a, b in zip(out, new, strict=True)]
     return out

@@ -114,13 +114,6 @@ class GPT(nn.Module):
                     nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * config.n_layer))
         # Additive causal mask over the KV cache, made by setup_caches; a buffer, so .to() moves it with the caches.
         self.register_buffer("causal_mask", None, persistent=False)
-        # Traced cached forwards (model.trace.cached_forward), by input shape and the tensors they were traced with.
-        self.traces: dict[tuple, torch.jit.ScriptModule] = {}
-
-    def __getstate__(self) -> dict:
-        """Copies (copy.deepcopy, as quantize_dynamic makes) start without traces: a trace copied along would hold a
-        private copy of every weight and never be used again."""
-        return {**self.__dict__, "traces": {}}
 
     @staticmethod
     def _init_weights(module: nn.Module) -> None:
@@ -141,9 +134,9 @@ class GPT(nn.Module):
     def setup_caches(self, batch_size: int, max_len: int | None = None, dtype: torch.dtype | None = None) -> None:
         """Preallocate a KV cache in every layer for batch_size sequences of up to max_len tokens.
 
-        Caches that already hold at least batch_size rows of that length and dtype are kept as they are, so a
-        traced decode step (model.trace) bound to them stays valid from one request to the next. They are ordinary
-        tensors even when made in inference mode, so the model still works outside it afterwards.
+        Caches that already hold at least batch_size rows of that length and dtype are kept as they are (as in
+        gpt-fast): a request needs no new allocation, and whatever holds them stays valid. They are ordinary tensors
+        even when made in inference mode, so the model still works outside it afterwards.
         """
         max_len = min(max_len or self.config.block_size, self.config.block_size)
         weights = self.transformer.wpe.weight
@@ -161,14 +154,12 @@ class GPT(nn.Module):
             causal = torch.ones(max_len, max_len, dtype=torch.bool, device=weights.device).tril()
             self.causal_mask = torch.zeros(max_len, max_len, dtype=weights.dtype, device=weights.device).masked_fill(
                 ~causal, float("-inf"))
-        self.traces = {}
 
     def clear_caches(self) -> None:
-        """Free the KV caches and the traces bound to them."""
+        """Drop the KV caches and the mask."""
         for block in self.transformer.h:
             block.attn.kv_cache = None
         self.causal_mask = None
-        self.traces = {}
 
     def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None,
                 input_pos: torch.Tensor | None = None, last_only: bool = False):

@@ -182,7 +182,7 @@ def export_hf(model: GPT, tokenizer: Tokenizer | None, out_dir: str | Path) -> P
     out_dir.mkdir(parents=True, exist_ok=True)
     save_tensors(out_dir / SAFETENSORS, state, {"format": "pt"})
     if tokenizer is not None:
-        write_tokenizer_files(tokenizer, out_dir, model.config.block_size)
+        write_tokenizer_files(tokenizer, out_dir, model.config.block_size, model.config.vocab_size)
     write_json(out_dir / CONFIG, hf_config(model.config, tokenizer))
     return out_dir
 

@@ -18,6 +18,7 @@ EOT_TEXT = "<|endoftext|>"
 VOCAB = "vocab.json"
 MERGES = "merges.txt"
 TOKENIZER_CONFIG = "tokenizer_config.json"
+PLACEHOLDER = "<|unused_{}|>"  # vocab.json's name for an embedding row past the tokenizer's tokens
 
 
 def byte_chars() -> list[str]:
@@ -56,10 +57,21 @@ def vocab_and_merges(spec_json: str) -> tuple[str, str]:
     return json.dumps(vocab, ensure_ascii=False), "#version: 0.2\n" + "".join(f"{text(a)} {text(b)}\n" for a, b in merges)
 
 
-def write_tokenizer_files(tokenizer: Tokenizer, out_dir: str | Path, max_length: int) -> None:
-    """Write vocab.json, merges.txt and tokenizer_config.json that make transformers.GPT2Tokenizer(Fast) encode as ours."""
+def padded_vocab(vocab_json: str, size: int) -> str:
+    """vocab.json with placeholder tokens "<|unused_ID|>" for the ids from its length up to size (the embedding's rows,
+    padded for matmul speed), so converters that want one string per row (CTranslate2) take it. No merge builds a
+    placeholder, so it never comes out of encoding."""
+    vocab = json.loads(vocab_json)
+    vocab.update({PLACEHOLDER.format(i): i for i in range(len(vocab), size)})
+    return json.dumps(vocab, ensure_ascii=False)
+
+
+def write_tokenizer_files(tokenizer: Tokenizer, out_dir: str | Path, max_length: int, vocab_size: int) -> None:
+    """Write vocab.json (vocab_size entries, one per embedding row), merges.txt and tokenizer_config.json that make
+    transformers.GPT2Tokenizer(Fast) encode as ours."""
     out_dir = Path(out_dir)
     vocab, merges = vocab_and_merges(json.dumps(tokenizer.spec, sort_keys=True))
+    vocab = padded_vocab(vocab, vocab_size)
     specials = {}
     if tokenizer.eot_token is not None:
         specials = {"bos_token": EOT_TEXT, "eos_token": EOT_TEXT, "unk_token": EOT_TEXT}
@@ -67,3 +79,9 @@ def write_tokenizer_files(tokenizer: Tokenizer, out_dir: str | Path, max_length:
     atomic.write_text(out_dir / MERGES, merges)
     config = {"tokenizer_class": "GPT2Tokenizer", "model_max_length": max_length, "add_prefix_space": False, **specials}
     atomic.write_text(out_dir / TOKENIZER_CONFIG, json.dumps(config, indent=2) + "\n")
+
+
+def token_strings(hf_dir: str | Path) -> list[str]:
+    """The strings of an export's vocab.json in id order: how tools that take tokens as text (CTranslate2) spell our ids."""
+    vocab = json.loads((Path(hf_dir) / VOCAB).read_text(encoding="utf-8"))
+    return sorted(vocab, key=vocab.__getitem__)

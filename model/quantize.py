@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from torch.ao.quantization import default_dynamic_qconfig, per_channel_dynamic_qconfig, quantize_dynamic
 
 from .checkpoint import WEIGHTS, CheckpointError, check_floats, load_state_dict, read_model_config, save_config, save_tensors
-from .generate import SamplingConfig, decode_tokens
+from .generate import SamplingConfig, decode_tokens, warm_up
 from .gpt import GPT
 
 SCHEMES = ("per_channel", "per_tensor")
@@ -202,8 +202,9 @@ def tokens_per_second(models: dict[str, nn.Module], prompt_ids: list[int], n_tok
     times: dict[str, list[float]] = {name: [] for name in models}
     for r in range(repeats + 1):
         for name, model in models.items():
+            warm_up(model, 1)  # the traced step, as a server runs it (made on the first repeat, untimed)
             start = time.perf_counter()
-            for _ in decode_tokens(model, prompt_ids, 1, sampling, n_vocab, traced=True):  # the untimed first run traces
+            for _ in decode_tokens(model, prompt_ids, 1, sampling, n_vocab):  # the untimed first run warms up
                 pass
             if r > 0:
                 times[name].append(time.perf_counter() - start)

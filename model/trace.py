@@ -1,10 +1,11 @@
-"""A GPT's cached forward at one input shape, traced once with TorchScript and replayed.
+"""The engine's fast path: a GPT's cached forward traced once per input shape with TorchScript and replayed.
 
 On a CPU a small model's decode step is bound by per-operator Python overhead, not arithmetic: on the cpu preset
 more than half of each eager step. The trace runs the very same operators without it. It bakes in the input shape
 (batch, tokens) and holds the model's weights and KV caches by reference, so one trace per shape serves every
-request until those tensors change (GPT.setup_caches drops the traces when it reallocates the caches; a model moved
-or given new weights gets new traces).
+request until those tensors change. The traces live here, in a cache keyed by the model (weakly), not on the model:
+a copy of a model starts without any, a dropped model takes its traces with it, and a trace of tensors the model
+no longer has (new caches, .to(), new weights) is dropped at the next look-up.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from __future__ import annotations
 import functools
 import threading
 import warnings
+import weakref
 from collections.abc import Callable
 
 import torch
@@ -19,11 +21,16 @@ import torch.nn as nn
 
 from .gpt import GPT
 
-CachedForward = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+CachedForward = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (idx (B, T), input_pos (T,)) -> logits (B, V)
+
+# model -> {(batch, tokens, its tensors): trace}. A trace holds the model's tensors, not the model, so the weak key
+# really lets a dropped model go.
+_TRACES: weakref.WeakKeyDictionary[nn.Module, dict[tuple, torch.jit.ScriptModule]] = weakref.WeakKeyDictionary()
+_TRACING = threading.Lock()  # torch.jit.trace and warnings.catch_warnings are not safe from two threads at once
 
 
 class _LastLogits(nn.Module):
-    """What a trace records: the logits of each row's last position, attending over the KV cache."""
+    """What a trace records: last_logits of the wrapped model."""
 
     def __init__(self, model: GPT):
         super().__init__()
@@ -34,41 +41,59 @@ class _LastLogits(nn.Module):
 
 
 def last_logits(model: nn.Module, idx: torch.Tensor, input_pos: torch.Tensor) -> torch.Tensor:
-    """The logits of each row's last position, attending over the KV cache."""
+    """The logits of each row's last position, attending over the KV cache: the forward every engine step runs."""
     return model(idx, input_pos=input_pos, last_only=True)[0][:, -1]
 
 
 def eager_forward(model: nn.Module) -> CachedForward:
-    """(idx, input_pos) -> last-position logits, by the model's own Python forward."""
+    """(idx, input_pos) -> last-position logits, by the model's own Python forward (any shape)."""
     return functools.partial(last_logits, model)
 
 
-def _key(model: GPT, batch_size: int, n_tokens: int) -> tuple:
-    """A trace holds the tensors it was traced with; it is valid while the model still has exactly those (weights,
-    caches, mask). model.to(), reallocated caches or load_state_dict(assign=True) give a new key."""
-    return batch_size, n_tokens, tuple(t.data_ptr() for t in (*model.parameters(), *model.buffers()))
+def _tensors(model: nn.Module) -> tuple[int, ...]:
+    """Which tensors the model has now (weights, caches, mask): what a trace made now would hold."""
+    return tuple(t.data_ptr() for t in (*model.parameters(), *model.buffers()))
+
+
+def traces(model: nn.Module) -> dict[tuple, torch.jit.ScriptModule]:
+    """The model's valid traces by (batch, tokens, tensors); traces of tensors it no longer has are dropped here."""
+    made = _TRACES.setdefault(model, {})
+    now = _tensors(model)
+    for old in [k for k in made if k[2] != now]:
+        del made[old]
+    return made
 
 
 def has_trace(model: nn.Module, batch_size: int, n_tokens: int) -> bool:
     """Whether a trace for this shape exists and is valid for the model as it is (so using it costs nothing extra)."""
-    return isinstance(model, GPT) and model.causal_mask is not None and _key(model, batch_size, n_tokens) in model.traces
-
-
-_TRACING = threading.Lock()  # torch.jit.trace and warnings.catch_warnings are not safe from two threads at once
+    return (isinstance(model, GPT) and model.causal_mask is not None
+            and any(k[:2] == (batch_size, n_tokens) for k in traces(model)))
 
 
 def cached_forward(model: GPT, batch_size: int, n_tokens: int) -> CachedForward:
     """(idx of shape (batch_size, n_tokens), input_pos) -> last-position logits: a trace of the model's cached forward
-    in eval mode, made on first use and kept in model.traces. Call model.setup_caches() first."""
+    in eval mode, made on first use and kept for the model. Call model.setup_caches() first."""
     if model.causal_mask is None:
         raise RuntimeError("Call setup_caches() before tracing the cached forward.")
-    key = _key(model, batch_size, n_tokens)
-    if key not in model.traces:
+    made = traces(model)
+    key = (batch_size, n_tokens, _tensors(model))
+    if key not in made:
         with _TRACING:
-            for old in [k for k in model.traces if k[2] != key[2]]:  # traces of tensors the model no longer has
-                del model.traces[old]
-            model.traces[key] = _trace(model, batch_size, n_tokens)
-    return model.traces[key]
+            made[key] = _trace(model, batch_size, n_tokens)
+    return made[key]
+
+
+def traced_step(model: GPT) -> CachedForward:
+    """A cached forward that replays the trace for each input shape it is given (a one-token step, a slide), made on
+    first use; for one request (it looks each shape's trace up once, so it must not outlive the model's caches)."""
+    by_shape: dict[torch.Size, CachedForward] = {}
+
+    def step(idx: torch.Tensor, input_pos: torch.Tensor) -> torch.Tensor:
+        if idx.shape not in by_shape:
+            by_shape[idx.shape] = cached_forward(model, idx.shape[0], idx.shape[1])
+        return by_shape[idx.shape](idx, input_pos)
+
+    return step
 
 
 def _trace(model: GPT, batch_size: int, n_tokens: int) -> torch.jit.ScriptModule:

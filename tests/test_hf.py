@@ -16,10 +16,11 @@ import quantize
 import train
 from model.checkpoint import CheckpointError, save_config, save_weights
 from model.config import GPTConfig, preset
-from model.generate import SamplingConfig, generate
+from model.generate import SamplingConfig, decode_tokens, generate
 from model.gpt import GPT
 from model.hf import export_checkpoint, is_hf_dir
 from model.hf import export_hf as export_model
+from model.hf_tokenizer import token_strings
 from model.load import load
 from model.tokenizer import build_tokenizer, padded_vocab_size
 
@@ -164,6 +165,8 @@ def test_export_writes_a_tokenizer_transformers_reads(transformers, gpt2_tokeniz
     tokenizer = build_tokenizer(name, text)
     model = GPT(GPTConfig(block_size=32, vocab_size=padded_vocab_size(tokenizer.n_vocab), n_layer=1, n_head=2, n_embd=16))
     export_model(model, tokenizer, tmp_path)
+    vocab = json.loads((tmp_path / "vocab.json").read_text(encoding="utf-8"))
+    assert sorted(vocab.values()) == list(range(model.config.vocab_size))  # one string per embedding row, padding too
     hf_tok = transformers.AutoTokenizer.from_pretrained(tmp_path)
     assert hf_tok.eos_token_id == tokenizer.eot_token
     for prompt in [*PROMPTS, text]:
@@ -171,6 +174,30 @@ def test_export_writes_a_tokenizer_transformers_reads(transformers, gpt2_tokeniz
         assert hf_tok(prompt)["input_ids"] == ids, prompt
         assert hf_tok.decode(ids) == prompt
     assert load(tmp_path).tokenizer.spec == tokenizer.spec
+
+
+def test_ctranslate2_converts_an_export_and_decodes_our_greedy_tokens(transformers, tmp_path):
+    """The export converts with CTranslate2 as it is (vocab.json as long as the embedding), and CTranslate2's greedy
+    tokens from the vocabulary strings of our prompt ids are ours."""
+    ctranslate2 = pytest.importorskip("ctranslate2", reason="ctranslate2 (requirements-dev.txt) is not installed")
+    tokenizer = build_tokenizer("gpt2-compact", " ".join(PROMPTS) * 3)
+    assert padded_vocab_size(tokenizer.n_vocab) > tokenizer.n_vocab  # so placeholders are written and converted
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(block_size=32, vocab_size=padded_vocab_size(tokenizer.n_vocab), n_layer=2, n_head=2, n_embd=32)).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() == 2:
+                p.normal_(0.0, 0.5)  # large weights: decisive logits, and an output that depends on the context
+    export_model(model, tokenizer, tmp_path / "hf")
+    ctranslate2.converters.TransformersConverter(str(tmp_path / "hf")).convert(str(tmp_path / "ct2"), quantization="float32")
+    ids = tokenizer.encode(PROMPTS[1])
+    ours = torch.stack(list(decode_tokens(model, ids, 1, SamplingConfig(max_new_tokens=8, temperature=0), model.config.vocab_size)))
+    strings = token_strings(tmp_path / "hf")
+    generator = ctranslate2.Generator(str(tmp_path / "ct2"), device="cpu", intra_threads=1)
+    result = generator.generate_batch([[strings[i] for i in ids]], max_length=8, min_length=8, sampling_topk=1,
+                                      include_prompt_in_result=False, end_token=[])
+    assert result[0].sequences_ids[0] == ours[:, 0].tolist()
+    assert len(set(result[0].sequences_ids[0])) > 1  # not one token over and over
 
 
 def write_hf_config(d, **overrides):

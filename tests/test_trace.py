@@ -1,16 +1,19 @@
-"""Traced cached forwards (model.trace): same logits and tokens as the eager forward, reuse across requests, caches kept."""
+"""The engine's fast path (model.trace): same logits and tokens as the eager forward, reuse across requests, caches kept,
+the traces held by the engine (not the model) and chosen by it alone."""
 
 from __future__ import annotations
 
 import copy
+import gc
+import weakref
 
 import model_support
 import pytest
 import torch
 
-from model.generate import SamplingConfig, decode_tokens, draw
+from model.generate import SamplingConfig, decode_tokens, draw, warm_up
 from model.gpt import GPT
-from model.trace import cached_forward, eager_forward
+from model.trace import cached_forward, eager_forward, traced_step, traces
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -25,8 +28,10 @@ def int8_gpt() -> GPT:
     return quantize_model(tiny_gpt())
 
 
-def tokens(model: GPT, num_samples: int, sampling: SamplingConfig, traced: bool, prompt=(3, 4, 5, 6)) -> list[list[int]]:
-    steps = [t.tolist() for t in decode_tokens(model, list(prompt), num_samples, sampling, 128, traced=traced)]
+def tokens(model: GPT, num_samples: int, sampling: SamplingConfig, traced: bool | None, prompt=(3, 4, 5, 6)) -> list[list[int]]:
+    """The engine's tokens per sequence with the traced step, the eager one, or (None) the one the engine picks."""
+    step = None if traced is None else traced_step(model) if traced else eager_forward(model)
+    steps = [t.tolist() for t in decode_tokens(model, list(prompt), num_samples, sampling, 128, step=step)]
     return [list(col) for col in zip(*steps, strict=True)]
 
 
@@ -64,13 +69,13 @@ def test_traces_are_made_once_per_shape_and_reused_across_requests():
     model, sampling = tiny_gpt(), SamplingConfig(max_new_tokens=40, top_k=20, seed=1)
     fresh = {n: tokens(tiny_gpt(), n, sampling, traced=False) for n in (1, 3)}
     assert tokens(model, 3, sampling, traced=True) == fresh[3]
-    made = dict(model.traces)
+    made = dict(traces(model))
     assert sorted(k[:2] for k in made) == [(3, 1), (3, 16)]  # the one-token step and the slide of half the context
     assert tokens(model, 1, sampling, traced=True) == fresh[1]  # fewer rows: the same caches, a trace of its own
     assert tokens(model, 3, sampling, traced=True) == fresh[3]
-    assert all(model.traces[k] is t for k, t in made.items())  # not traced again
+    assert all(traces(model)[k] is t for k, t in made.items())  # not traced again
     model.setup_caches(5)  # more rows than the caches hold: new caches, and the traces bound to the old ones go
-    assert model.traces == {}
+    assert traces(model) == {}
     assert tokens(model, 3, sampling, traced=True) == fresh[3]
 
 
@@ -96,25 +101,51 @@ def test_draw_follows_the_probabilities():
     assert int((got == 2).sum()) == 0
 
 
-def test_by_default_a_lone_short_request_runs_eagerly_and_a_long_one_or_known_shape_traced(monkeypatch):
-    """traced=None: trace only when it pays (TRACE_MIN_TOKENS steps, or the traces exist already)."""
+def test_the_engine_traces_once_it_pays_and_then_keeps_tracing(monkeypatch):
+    """No step given: a lone short request runs eagerly; once the model's eager steps (this request's included) reach
+    TRACE_MIN_TOKENS, or a trace of the shape exists, the request runs traced. Text is the same either way."""
     import model.generate as engine
 
     calls = []
-    real = engine.cached_forward
-    monkeypatch.setattr(engine, "cached_forward", lambda *a: calls.append(a[1:]) or real(*a))
+    real = engine.traced_step
+    monkeypatch.setattr(engine, "traced_step", lambda m: calls.append(1) or real(m))
     monkeypatch.setattr(engine, "TRACE_MIN_TOKENS", 30)
+    model, other = tiny_gpt(), tiny_gpt()
+    expected = tokens(other, 2, SamplingConfig(max_new_tokens=12, seed=0), traced=False)
+    assert tokens(model, 2, SamplingConfig(max_new_tokens=12, seed=0), traced=None) == expected
+    assert calls == [] and traces(model) == {}  # short and never traced: eager
+    tokens(model, 1, SamplingConfig(max_new_tokens=12, seed=0), traced=None)
+    assert calls == [] and traces(model) == {}  # 24 eager steps so far
+    assert tokens(model, 2, SamplingConfig(max_new_tokens=12, seed=0), traced=None) == expected
+    assert calls == [1] and {k[:2] for k in traces(model)} == {(2, 1)}  # 36 >= 30: tracing has paid, so traced
+    tokens(model, 1, SamplingConfig(max_new_tokens=2, seed=0), traced=None)
+    assert {k[:2] for k in traces(model)} == {(2, 1), (1, 1)}  # and from then on, every shape
+    assert tokens(other, 2, SamplingConfig(max_new_tokens=30, seed=0), traced=None)  # one long request: traced at once
+    assert {k[:2] for k in traces(other)} == {(2, 1), (2, 16)}  # 4 + 30 tokens: a slide too
+
+
+def test_warm_up_makes_the_shapes_a_server_serves():
+    """warm_up traces a shape (over caches kept for more rows); the engine then uses it even for a short request."""
     model = tiny_gpt()
-    tokens(model, 2, SamplingConfig(max_new_tokens=29, seed=0), traced=None)
-    assert calls == [] and model.traces == {}  # short and never traced: eager
-    tokens(model, 2, SamplingConfig(max_new_tokens=30, seed=0), traced=None)
-    assert {k[:2] for k in model.traces} == {(2, 1), (2, 16)}  # long enough: traced (4 + 30 tokens: a slide too)
-    calls.clear()
-    tokens(model, 2, SamplingConfig(max_new_tokens=5, seed=0), traced=None)
-    assert calls == [(2, 1)]  # short, but the trace exists: used
-    calls.clear()
-    tokens(model, 1, SamplingConfig(max_new_tokens=5, seed=0), traced=None)
-    assert calls == []  # another shape, short: eager
+    model.setup_caches(4)
+    for n in (1, 2, 3):
+        warm_up(model, n)
+    warm_up(model, 3, 16)
+    assert {k[:2] for k in traces(model)} == {(1, 1), (2, 1), (3, 1), (3, 16)}
+    made = dict(traces(model))
+    sampling = SamplingConfig(max_new_tokens=40, seed=0)  # past the context: the slide too
+    assert tokens(model, 3, sampling, traced=None) == tokens(tiny_gpt(), 3, sampling, traced=False)
+    assert traces(model) == made and model.transformer.h[0].attn.kv_cache.k.shape[0] == 4  # nothing new
+
+
+def test_a_dropped_model_takes_its_traces_with_it():
+    """The engine holds traces by the model weakly: the traces do not keep a model (and its caches) alive."""
+    model = tiny_gpt()
+    tokens(model, 2, SamplingConfig(max_new_tokens=5, seed=0), traced=True)
+    ref = weakref.ref(model)
+    del model
+    gc.collect()
+    assert ref() is None
 
 
 def test_copies_start_without_traces():
@@ -124,11 +155,11 @@ def test_copies_start_without_traces():
     model = tiny_gpt()
     sampling = SamplingConfig(max_new_tokens=40, seed=0)
     tokens(model, 2, sampling, traced=True)
-    assert model.traces
+    assert traces(model)
     for copy_ in (copy.deepcopy(model), quantize_model(model)):
-        assert copy_.traces == {}
+        assert traces(copy_) == {}
         assert tokens(copy_, 2, sampling, traced=True) == tokens(copy_, 2, sampling, traced=False)
-    assert model.traces  # the original keeps its own
+    assert traces(model)  # the original keeps its own
 
 
 def test_draw_makes_torch_multinomials_draw():
@@ -153,11 +184,11 @@ def test_a_moved_or_reloaded_model_gets_new_traces():
     """.to() and load_state_dict(assign=True) give the model new tensors: the traces of the old ones are not used."""
     model, sampling = tiny_gpt(), SamplingConfig(max_new_tokens=40, top_k=20, seed=2)
     tokens(model, 2, sampling, traced=True)
-    old = set(model.traces)
+    old = set(traces(model))
     model.double()  # weights, caches and mask move together
     assert model.causal_mask.dtype == torch.float64
     assert tokens(model, 2, sampling, traced=True) == tokens(model, 2, sampling, traced=False)
-    assert not old & set(model.traces)  # made anew; the old ones are gone
+    assert not old & set(traces(model))  # made anew; the old ones are gone
     other = model_support.tiny_gpt(vocab=128, seed=1).double()
     model.load_state_dict(other.state_dict(), assign=True)
     expected = tokens(other, 2, sampling, traced=False)
