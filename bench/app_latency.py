@@ -29,19 +29,13 @@ from gradio_client import Client  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
 from model import atomic  # noqa: E402
-from model.checkpoint import CheckpointError  # noqa: E402
+from model.checkpoint import CheckpointError, default_checkpoint  # noqa: E402
 from model.plot import save_figure  # noqa: E402
 from model.tokenizer import TokenizerError  # noqa: E402
-from model.webapp import (  # noqa: E402
-    CONCURRENCY,
-    DEFAULT_MAX_NEW_TOKENS,
-    DEFAULT_SEQUENCES,
-    DEFAULT_TOP_K,
-    ModelPool,
-    available_cpus,
-    default_checkpoint,
-    launch,
-)
+from model.webapp.checks import DEFAULT_MAX_NEW_TOKENS, DEFAULT_SEQUENCES, DEFAULT_TOP_K  # noqa: E402
+from model.webapp.cpus import available_cpus  # noqa: E402
+from model.webapp.pool import CONCURRENCY, ModelPool  # noqa: E402
+from model.webapp.server import launch  # noqa: E402
 
 
 def one_request(client: Client, args: argparse.Namespace, seed: int) -> tuple[float, float]:

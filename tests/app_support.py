@@ -1,4 +1,4 @@
-"""Helpers shared by the app tests: a tiny random int8 checkpoint, a free port, an in-process server."""
+"""Helpers shared by the app tests: a tiny random int8 checkpoint, a free port, an in-process server, tiny trainer flags."""
 
 from __future__ import annotations
 
@@ -18,7 +18,14 @@ from model.gpt import GPT  # noqa: E402
 from model.quantize import quantize_model, save_int8  # noqa: E402
 from model.tokenizer import Tokenizer, padded_vocab_size  # noqa: E402
 
+CHROMIUM = Path("/usr/bin/chromium")  # Debian's, driven by Playwright in the browser tests
+CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
+                 "--disable-sync", "--no-first-run"]
 REPORT = {"params": 3_300_000, "size_int8_bytes": 3_400_000, "val_nats_per_char_int8": 1.234}
+# train.py flags for the Train tab's tests: a 1-layer, 32-wide model over bytes starts, trains and evaluates in seconds.
+TINY_TRAIN = ("--preset", "tiny", "--tokenizer", "bytes", "--n-layer", "1", "--n-embd", "32", "--n-head", "2",
+              "--block-size", "16", "--batch-size", "4", "--eval-interval", "10", "--eval-windows", "4",
+              "--log-interval", "5", "--dtype", "fp32", "--device", "cpu")
 
 
 def tiny_checkpoint(out_dir: Path, tokenizer: Tokenizer, block_size: int = 64) -> Path:
@@ -43,16 +50,22 @@ def free_port() -> int:
 
 
 @contextmanager
-def served(ckpt: Path) -> Iterator[tuple[str, object]]:
-    """The app on a free localhost port, in this process: yields (url, pool); restores torch's thread count after."""
-    from model.webapp import ModelPool, launch
+def served(ckpt: Path, training=None) -> Iterator[tuple[str, object]]:
+    """The app on a free localhost port, in this process, with a Train tab backed by training (default: a Training with
+    the app's defaults, none started): yields (url, pool); after, deletes the trained models and restores torch's
+    thread count."""
+    from model.webapp.pool import ModelPool
+    from model.webapp.server import launch
+    from model.webapp.train_tab import Training
 
     threads = torch.get_num_threads()
     pool = ModelPool(ckpt)
+    training = training if training is not None else Training()
     port = free_port()
-    demo = launch(pool, host="127.0.0.1", port=port, prevent_thread_lock=True)
+    demo = launch(pool, host="127.0.0.1", port=port, prevent_thread_lock=True, training=training)
     try:
         yield f"http://127.0.0.1:{port}/", pool
     finally:
         demo.close()
+        training.close()
         torch.set_num_threads(threads)

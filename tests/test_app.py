@@ -3,17 +3,23 @@
 from __future__ import annotations
 
 import json
+import subprocess
 import sys
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import httpx
 import pytest
-from app_support import REPORT, served, tiny_checkpoint
+from app_support import REPORT, free_port, served, tiny_checkpoint
 from gradio_client import Client
 from gradio_client.exceptions import AppError
 
 import app
-from model.webapp import MAX_SEQUENCES, check_request, model_card, stream_sequences
+from model.webapp.checks import MAX_SEQUENCES, check_request
+from model.webapp.pool import model_card
+from model.webapp.streaming import stream_sequences
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
@@ -43,7 +49,7 @@ def test_defaults_give_three_sequences(server):
 
 def test_streaming_yields_growing_text(server, monkeypatch):
     _, _, client = server
-    monkeypatch.setattr("model.webapp.UPDATE_INTERVAL_S", 0.0)  # an update per step, however fast the machine
+    monkeypatch.setattr("model.webapp.streaming.UPDATE_INTERVAL_S", 0.0)  # an update per step, however fast the machine
     job = client.submit(prompt="KING:", max_new_tokens=12, num_sequences=2, seed=5, api_name="/generate")
     updates = [tuple(u) for u in job]
     final = job.result()
@@ -195,21 +201,23 @@ def test_warm_up_traces_every_request_size_on_every_copy(tmp_path, gpt2_tokenize
     """Before serving: each copy has the traced step for 1..MAX_SEQUENCES sequences and the default request's slide,
     over caches for any request, and the first request uses them instead of tracing."""
     from model.generate import SamplingConfig
-    from model.webapp import DEFAULT_SEQUENCES, ModelPool
+    from model.trace import traces
+    from model.webapp.checks import DEFAULT_SEQUENCES
+    from model.webapp.pool import ModelPool
 
     pool = ModelPool(tiny_checkpoint(tmp_path, gpt2_tokenizer), copies=2)
     copies = list(pool.copies.queue)
-    assert all(loaded.model.traces == {} for loaded in copies)
+    assert all(traces(loaded.model) == {} for loaded in copies)
     pool.warm_up()
     for loaded in copies:
         block = loaded.config.block_size
         expected = {(n, 1) for n in range(1, MAX_SEQUENCES + 1)} | {(DEFAULT_SEQUENCES, block // 2)}
-        assert {k[:2] for k in loaded.model.traces} == expected
+        assert {k[:2] for k in traces(loaded.model)} == expected
         assert loaded.model.transformer.h[0].attn.kv_cache.k.shape[0] == MAX_SEQUENCES
-    made = {id(t) for loaded in copies for t in loaded.model.traces.values()}
+    made = {id(t) for loaded in copies for t in traces(loaded.model).values()}
     sampling = SamplingConfig(max_new_tokens=block + 5, seed=0)  # past the context: the slide too
     list(stream_sequences(pool, "KING:", DEFAULT_SEQUENCES, sampling))
-    assert {id(t) for loaded in copies for t in loaded.model.traces.values()} == made
+    assert {id(t) for loaded in copies for t in traces(loaded.model).values()} == made
 
 
 def test_threads_follow_the_containers_cpu_quota(tmp_path, monkeypatch):
@@ -218,7 +226,7 @@ def test_threads_follow_the_containers_cpu_quota(tmp_path, monkeypatch):
 
     import torch
 
-    from model.webapp import available_cpus, set_threads
+    from model.webapp.cpus import available_cpus, set_threads
 
     monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(16)))
     v2, v1 = tmp_path / "v2", tmp_path / "v1"
@@ -234,13 +242,42 @@ def test_threads_follow_the_containers_cpu_quota(tmp_path, monkeypatch):
     assert available_cpus(tmp_path / "absent") == 16
     before = torch.get_num_threads()
     try:
-        monkeypatch.setattr("model.webapp.CGROUP", tmp_path / "absent")
+        monkeypatch.setattr("model.webapp.cpus.CGROUP", tmp_path / "absent")
         assert set_threads(2) == 8 and torch.get_num_threads() == 8
         (v2 / "cpu.max").write_text("200000 100000\n")
-        monkeypatch.setattr("model.webapp.CGROUP", v2)
+        monkeypatch.setattr("model.webapp.cpus.CGROUP", v2)
         assert set_threads(2) == 1 and torch.get_num_threads() == 1
     finally:
         torch.set_num_threads(before)
+
+
+def test_each_request_asks_which_model_serves_it(server):
+    """The Generate tab asks pool_for(request) for the model of every request (so a visitor's own model can serve it);
+    the request Gradio passes is not an API value."""
+    import gradio as gr
+
+    from model.webapp.checks import CheckedBlocks
+    from model.webapp.generate_tab import build_generate_tab
+
+    _, pool, _ = server
+    asked = []
+    with CheckedBlocks() as demo, gr.Tabs(), gr.Tab("Generate"):
+        build_generate_tab(pool, lambda request: asked.append(request) or pool)
+    demo.queue().launch(server_port=free_port(), prevent_thread_lock=True)
+    try:
+        client = Client(demo.local_url, verbose=False)
+        assert sum(bool(s) for s in ask(client, "ROMEO:", max_new_tokens=3)) == 3
+        assert len(client.predict(prompt="ROMEO:", api_name="/next_tokens")["data"]) == 10
+        assert call_raw(demo.local_url, ["x", 3, 1, 0.8, 50, 1.0, 1, 99])[0] == "error"  # still 7 values at most
+    finally:
+        demo.close()
+    assert len(asked) == 2 and all(isinstance(r, gr.Request) and r.session_hash for r in asked)
+
+
+def test_cpu_share_loads_no_gradio():
+    """The trainer sizes its threads with model.webapp.cpus: importing it (so the package too) must not load gradio."""
+    code = "import sys, model.webapp.cpus; assert 'gradio' not in sys.modules, sorted(sys.modules)"
+    subprocess.run([sys.executable, "-c", code], cwd=ROOT, check=True)
 
 
 def test_model_card_reads_the_report(server):

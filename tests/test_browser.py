@@ -6,11 +6,7 @@ import os
 from pathlib import Path
 
 import pytest
-from app_support import served, tiny_checkpoint
-
-CHROMIUM = Path("/usr/bin/chromium")
-ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
-        "--disable-sync", "--no-first-run"]
+from app_support import CHROMIUM, CHROMIUM_ARGS, served, tiny_checkpoint
 
 pytestmark = [
     pytest.mark.browser,
@@ -25,7 +21,7 @@ def browser_page(tmp_path_factory, gpt2_tokenizer):
     from playwright.sync_api import sync_playwright
 
     with served(tiny_checkpoint(tmp_path_factory.mktemp("browser"), gpt2_tokenizer)) as (url, _), sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=str(CHROMIUM), args=ARGS)
+        browser = p.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
         try:
             yield url, browser
         finally:
@@ -39,6 +35,7 @@ def open_app(browser_page):
     page = browser.new_page(viewport={"width": 1280, "height": 1100})
     page.goto(url)
     expect(page.locator("#model-card")).to_contain_text("nats/char", timeout=30_000)
+    expect(page.get_by_role("tab", name="Generate")).to_have_attribute("aria-selected", "true")
     return page
 
 

@@ -1,0 +1,23 @@
+"""The Gradio app, one module per concern: cpus (CPU share, no gradio), pool (the model copies and their card), checks
+(request limits and value checks), streaming (running the model), generate_tab (the Generate tab), train_tab (the
+Train tab, over model/training_job.py), server (the page and launch).
+
+Importing the package loads none of them, so `model.webapp.cpus` stays free of gradio; the names app.py imports from
+here load their module on first use."""
+
+from __future__ import annotations
+
+import importlib
+import os
+from typing import Any
+
+os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # the app never calls home; set before any module imports gradio
+
+_EXPORTS = {"ModelPool": "pool", "launch": "server"}  # what app.py imports from model.webapp
+__all__ = list(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    if name in _EXPORTS:
+        return getattr(importlib.import_module(f".{_EXPORTS[name]}", __name__), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -1,0 +1,127 @@
+"""What a request may ask for: its defaults and limits, and the checks that turn raw values (from the page or any API
+client) into one clear gr.Error naming the parameter, never a traceback."""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+import gradio as gr
+from gradio.utils import get_function_params
+
+from ..generate import SamplingConfig
+
+if TYPE_CHECKING:
+    from .pool import ModelPool
+
+MAX_SEQUENCES = 5  # sequence boxes in the UI; the API returns one string per box
+# The defaults of a request, in the UI and the API alike.
+DEFAULT_SEQUENCES = 3
+DEFAULT_MAX_NEW_TOKENS = 200
+DEFAULT_TEMPERATURE = 0.8
+DEFAULT_TOP_K = 50
+DEFAULT_TOP_P = 1.0
+MAX_NEW_TOKENS = 500  # with MAX_SEQUENCES, bounds one request so it cannot starve the others
+MAX_PROMPT_CHARS = 20_000  # longer prompts are cut (keeping the end) before tokenizing
+
+
+class InputError(gr.Error):
+    """A bad request value: shown to the user, not logged with a traceback (the server is fine)."""
+
+    def __init__(self, message: str):
+        super().__init__(message, print_exception=False)
+
+
+def _shown(value: Any) -> str:
+    """value as an API caller wrote it (JSON: null, true, "4"), cut short, for a message."""
+    text = json.dumps(value, ensure_ascii=False, default=repr)
+    return text if len(text) <= 40 else text[:37] + "..."
+
+
+def _number(name: str, value: Any) -> float:
+    """value as a finite float, else a gr.Error naming the parameter. Text, true/false and null are not numbers."""
+    if not isinstance(value, int | float) or isinstance(value, bool):
+        raise InputError(f"{name} must be a number, got {_shown(value)}.")
+    try:
+        x = float(value)
+    except OverflowError:  # an integer too large for a float
+        x = math.inf
+    if not math.isfinite(x):
+        raise InputError(f"{name} must be a finite number, got {_shown(value)}.")
+    return x
+
+
+def _in_range(name: str, value: Any, low: float, high: float) -> float:
+    """value as a float in [low, high], else a gr.Error saying which range."""
+    x = _number(name, value)
+    if not low <= x <= high:
+        raise InputError(f"{name} must be between {low:g} and {high:g}, got {_shown(value)}.")
+    return x
+
+
+def prompt_text(prompt: Any, purpose: str) -> str:
+    """prompt if it is text with something in it, else a gr.Error saying what is wrong with it."""
+    if not isinstance(prompt, str):
+        raise InputError(f"The prompt must be text, got {_shown(prompt)}.")
+    if not prompt.strip():
+        raise InputError(f"The prompt is empty: type some text {purpose}.")
+    return prompt
+
+
+def check_request(prompt: Any, max_new_tokens: Any, num_sequences: Any, temperature: Any, top_k: Any, top_p: Any,
+                  seed: Any, pool: ModelPool) -> tuple[str, int, SamplingConfig, list[str]]:
+    """Validate one request: (prompt as the model will see it, sequences, sampling, notes for the user).
+
+    Values out of range raise a gr.Error naming the parameter; a too-long prompt is cropped, with a note.
+    """
+    notes: list[str] = []
+    prompt = prompt_text(prompt, "for the model to continue")
+    tokens = _in_range("max_new_tokens", max_new_tokens, 1, MAX_NEW_TOKENS)
+    n = _in_range("num_sequences", num_sequences, 1, MAX_SEQUENCES)
+    temp = _in_range("temperature", temperature, 0, 2)
+    k = _in_range("top_k", top_k, 0, 1_000_000)
+    p = _in_range("top_p", top_p, 1e-6, 1)
+    s = _number("seed", seed)
+    seed_value = random.randrange(2**31) if s < 0 else int(s) % 2**63
+
+    if len(prompt) > MAX_PROMPT_CHARS:
+        notes.append(f"The prompt has {len(prompt)} characters; only its last {MAX_PROMPT_CHARS} are used.")
+        prompt = prompt[-MAX_PROMPT_CHARS:]
+    tokenizer, block_size = pool.first.tokenizer, pool.first.config.block_size
+    ids = tokenizer.encode(prompt)
+    if len(ids) > block_size:
+        notes.append(f"The prompt is {len(ids)} tokens but the model sees at most {block_size}: "
+                     f"only its last {block_size} tokens are used.")
+        prompt = tokenizer.decode_bytes(ids[-block_size:]).decode("utf-8", "ignore")  # a cut character is dropped
+    sampling = SamplingConfig(max_new_tokens=int(tokens), temperature=temp,
+                              top_k=int(min(k, tokenizer.n_vocab)) or None, top_p=p, seed=seed_value)
+    return prompt, int(n), sampling, notes
+
+
+def complete_values(fn: Callable[..., Any], values: list[Any]) -> list[Any]:
+    """values for fn's parameters, those left out at the end taking fn's defaults; a gr.Error if a value without a
+    default is left out, or if there are more values than parameters. Parameters Gradio fills itself (a gr.Request)
+    take no value: Gradio's own list of API parameters leaves them out."""
+    params = get_function_params(fn)  # (name, has_default, default, type hint)
+    names = ", ".join(name for name, *_ in params)
+    if len(values) > len(params):
+        raise InputError(f"{fn.__name__} takes at most {len(params)} values [{names}], got {len(values)}.")
+    missing = params[len(values):]
+    required = [name for name, has_default, *_ in missing if not has_default]
+    if required:
+        raise InputError(f"{', '.join(required)} is missing: {fn.__name__} takes the values [{names}] in this order; "
+                         "those left out at the end take their defaults.")
+    return [*values, *(default for _, _, default, _ in missing)]
+
+
+class CheckedBlocks(gr.Blocks):
+    """gr.Blocks that completes an API call sending fewer values than its event has inputs with the handler's defaults
+    (Gradio itself logs a traceback and answers {"error": null}), and refuses one sending more (Gradio drops them)."""
+
+    async def preprocess_data(self, block_fn: Any, inputs: list[Any], state: Any, explicit_call: bool = False) -> Any:
+        if len(inputs) != len(block_fn.inputs):  # never from the page: only from a raw API call
+            inputs = complete_values(block_fn.fn, inputs)
+        return await super().preprocess_data(block_fn, inputs, state, explicit_call)

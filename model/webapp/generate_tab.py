@@ -1,0 +1,128 @@
+"""The Generate tab: prompt, sampling settings, sequence boxes and next-token chart, with the /generate and
+/next_tokens endpoints. Which model serves a request is asked per request, so a visitor's own model can serve it; with
+choose_model the tab also shows a "Model: bundled / yours" choice (and the /use_model endpoint)."""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import gradio as gr
+import pandas as pd
+
+from .checks import (
+    DEFAULT_MAX_NEW_TOKENS,
+    DEFAULT_SEQUENCES,
+    DEFAULT_TEMPERATURE,
+    DEFAULT_TOP_K,
+    DEFAULT_TOP_P,
+    MAX_NEW_TOKENS,
+    MAX_PROMPT_CHARS,
+    MAX_SEQUENCES,
+    InputError,
+    check_request,
+    prompt_text,
+)
+from .pool import ModelPool, model_card
+from .streaming import next_token_table, stream_sequences
+
+EXAMPLES = [
+    "ROMEO:\n",
+    "First Citizen:\nBefore we proceed any further, hear me speak.\n",
+    "KING HENRY:\nOnce more unto the",
+    "To be, or not to be",
+]
+
+PoolFor = Callable[[gr.Request | None], ModelPool]  # the model that serves one request (Gradio passes the request)
+# (choice, request) -> the model card of the chosen model, or an InputError (e.g. "yours" before any was trained)
+ChooseModel = Callable[[Any, gr.Request | None], str]
+MODEL_CHOICES = ("bundled", "yours")
+
+
+def build_generate_tab(pool: ModelPool, pool_for: PoolFor | None = None, choose_model: ChooseModel | None = None) -> None:
+    """The tab's components and events, inside the enclosing gr.Blocks and gr.Tab. pool is the bundled model (the card
+    describes it); pool_for(request) picks the model for each request, by default pool; choose_model, if given, backs a
+    "Model: bundled / yours" radio whose choice pool_for then follows, and the card follows the choice."""
+    pool_for = pool_for or (lambda request: pool)
+
+    # A gr.Request parameter is filled by Gradio: it is not an API value (CheckedBlocks and the API docs skip it).
+    def generate(prompt: str, max_new_tokens: float = DEFAULT_MAX_NEW_TOKENS, num_sequences: float = DEFAULT_SEQUENCES,
+                 temperature: float = DEFAULT_TEMPERATURE, top_k: float = DEFAULT_TOP_K, top_p: float = DEFAULT_TOP_P,
+                 seed: float = -1, request: gr.Request | None = None) -> Iterator[tuple[str, ...]]:
+        served = pool_for(request)
+        prompt, n, sampling, notes = check_request(prompt, max_new_tokens, num_sequences, temperature, top_k, top_p, seed, served)
+        for note in notes:
+            gr.Warning(note)
+        for texts in stream_sequences(served, prompt, n, sampling):
+            yield tuple(texts)
+
+    def next_tokens(prompt: str, request: gr.Request | None = None) -> pd.DataFrame:
+        prompt = prompt_text(prompt, "to see what the model expects next")
+        return next_token_table(pool_for(request), prompt[-MAX_PROMPT_CHARS:])
+
+    # On the page a bad value (an empty prompt) is a warning that leaves the outputs as they were: a gr.Error would
+    # cover every output with a red "Error" badge. The API endpoints keep the gr.Error, which tells a client it failed.
+    @functools.wraps(generate)
+    def generate_on_page(*values: Any) -> Iterator[tuple[Any, ...]]:
+        try:
+            yield from generate(*values)
+        except InputError as e:
+            gr.Warning(e.message)
+            yield tuple(gr.skip() for _ in range(MAX_SEQUENCES))
+
+    @functools.wraps(next_tokens)
+    def next_tokens_on_page(*values: Any) -> Any:
+        try:
+            return next_tokens(*values)
+        except InputError as e:
+            gr.Warning(e.message)
+            return gr.skip()
+
+    def show_boxes(n: float) -> list[dict[str, Any]]:
+        return [gr.update(visible=i < int(n)) for i in range(MAX_SEQUENCES)]
+
+    def choose_on_page(choice: str, request: gr.Request) -> tuple[Any, Any]:
+        try:
+            return gr.skip(), choose_model(choice, request)
+        except InputError as e:  # only "yours" can fail, so the choice stays "bundled"
+            gr.Warning(e.message)
+            return "bundled", gr.skip()
+
+    if choose_model is not None:
+        choice = gr.Radio(list(MODEL_CHOICES), value="bundled", label="Model",
+                          info="bundled: the model this app ships with; yours: the one you trained in the Train tab",
+                          elem_id="model-choice")
+    card = gr.Markdown(model_card(pool), elem_id="model-card")
+    with gr.Row():
+        with gr.Column(scale=2):
+            prompt = gr.Textbox(label="Prompt", lines=4, placeholder="Type the start of a text, or click an example below",
+                                elem_id="prompt")
+            button = gr.Button("Generate", variant="primary", elem_id="generate")
+            gr.Examples(examples=[[e] for e in EXAMPLES], inputs=[prompt], label="Examples (click one)")
+        with gr.Column(scale=1):
+            max_new = gr.Slider(1, MAX_NEW_TOKENS, value=DEFAULT_MAX_NEW_TOKENS, step=1, label="max new tokens")
+            num = gr.Slider(1, MAX_SEQUENCES, value=DEFAULT_SEQUENCES, step=1, label="number of sequences")
+            temperature = gr.Slider(0, 2, value=DEFAULT_TEMPERATURE, step=0.05, label="temperature", info="0 = greedy")
+            top_k = gr.Slider(0, 200, value=DEFAULT_TOP_K, step=1, label="top-k", info="0 = off")
+            top_p = gr.Slider(0.05, 1, value=DEFAULT_TOP_P, step=0.05, label="top-p")
+            seed = gr.Number(value=-1, precision=0, label="seed", info="-1 = random; same seed, same text")
+    boxes = [gr.Textbox(label=f"Sequence {i + 1}", lines=6, visible=i < DEFAULT_SEQUENCES, elem_id=f"seq-{i + 1}")
+             for i in range(MAX_SEQUENCES)]
+    with gr.Accordion("Under the hood: what the model expects next", open=False):
+        gr.Markdown("Probabilities of the 10 most likely next tokens after the prompt (temperature 1, before top-k/top-p).")
+        probe = gr.Button("Show next-token probabilities")
+        chart = gr.BarPlot(x="token", y="probability", sort="-y", label="next token", height=320, elem_id="next-token-chart")
+
+    # preprocess=False: raw values reach check_request, whose errors name the parameter and its range.
+    # The API endpoints have no trigger on the page (triggers=[]); the page's triggers call the *_on_page handlers.
+    inputs = [prompt, max_new, num, temperature, top_k, top_p, seed]
+    gr.on([], generate, inputs, boxes, api_name="generate", concurrency_id="model", preprocess=False)
+    gr.on([button.click, prompt.submit], generate_on_page, inputs, boxes, api_visibility="private",
+          concurrency_id="model", preprocess=False)
+    gr.on([], next_tokens, [prompt], chart, api_name="next_tokens", concurrency_id="model", preprocess=False)
+    probe.click(next_tokens_on_page, [prompt], chart, api_visibility="private", concurrency_id="model", preprocess=False)
+    num.change(show_boxes, [num], boxes, api_visibility="private", queue=False)
+    if choose_model is not None:  # loading a visitor's model takes a moment: it waits in the "model" queue too
+        gr.on([], choose_model, [choice], card, api_name="use_model", concurrency_id="model", preprocess=False)
+        choice.input(choose_on_page, [choice], [choice, card], api_visibility="private", concurrency_id="model")

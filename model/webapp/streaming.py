@@ -1,0 +1,47 @@
+"""Running the model for a request: the growing texts of a generation, throttled for the page, and the next-token table."""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Iterator
+
+import pandas as pd
+import torch
+
+from ..generate import SamplingConfig, prompt_tokens, stream
+from .checks import MAX_SEQUENCES
+from .pool import ModelPool
+
+UPDATE_INTERVAL_S = 0.05  # streamed text reaches the page at most 20 times a second: smooth, and cheap for Gradio
+
+
+def stream_sequences(pool: ModelPool, prompt: str, num_sequences: int, sampling: SamplingConfig,
+                     interval: float | None = None) -> Iterator[list[str]]:
+    """The full text of every sequence so far (always MAX_SEQUENCES strings): at once after the first decode step, then
+    at most once per interval seconds (default UPDATE_INTERVAL_S), and at the end. Every update costs Gradio a few
+    ms, more than a decode step."""
+    interval = UPDATE_INTERVAL_S if interval is None else interval
+    texts = [""] * num_sequences
+    last, pending = -math.inf, False
+    with pool.borrow() as loaded, torch.inference_mode():
+        for new in stream(loaded.model, loaded.tokenizer, prompt, num_sequences, sampling):
+            texts = [t + piece for t, piece in zip(texts, new, strict=True)]
+            pending = True
+            if time.monotonic() - last >= interval:
+                yield texts + [""] * (MAX_SEQUENCES - num_sequences)
+                last, pending = time.monotonic(), False
+    if pending:
+        yield texts + [""] * (MAX_SEQUENCES - num_sequences)
+
+
+def next_token_table(pool: ModelPool, prompt: str, k: int = 10) -> pd.DataFrame:
+    """The k most likely next tokens after prompt (temperature 1), as rows of (token, probability)."""
+    with pool.borrow() as loaded, torch.inference_mode():
+        tokenizer, block_size = loaded.tokenizer, loaded.config.block_size
+        ids = prompt_tokens(tokenizer, prompt)[-block_size:]
+        logits, _ = loaded.model(torch.tensor([ids]), last_only=True)
+    probs = torch.softmax(logits[0, -1, :tokenizer.n_vocab].float(), dim=-1)
+    top = torch.topk(probs, k)
+    labels = [f"{rank}. {tokenizer.decode([int(i)])!r}" for rank, i in enumerate(top.indices.tolist(), 1)]
+    return pd.DataFrame({"token": labels, "probability": top.values.tolist()})

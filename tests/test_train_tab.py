@@ -1,0 +1,272 @@
+"""The Train tab through gradio_client, as an API client uses it: start, poll, stop, zip, generate from your own model;
+bad input; one training per server; models go with their session and after their hour. A tiny trainer (1 layer over
+bytes, 30 steps) keeps each training to seconds."""
+
+from __future__ import annotations
+
+import math
+import time
+import zipfile
+from pathlib import Path
+
+import httpx
+import pytest
+from app_support import TINY_TRAIN, served, tiny_checkpoint
+from gradio_client import Client, handle_file
+from gradio_client.exceptions import AppError
+from train_support import TEXT
+
+from model.training_job import ModelStore, TrainingSlot
+from model.webapp import train_tab
+from model.webapp.pool import TRAIN_THREADS
+from model.webapp.server import build_demo
+from model.webapp.train_tab import SAMPLE_PLACEHOLDER, Training
+
+LONG = TEXT * 8  # above the shortest text accepted
+ACTIVE = ("running", "quantizing")
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory, gpt2_tokenizer):
+    """The app with a Train tab whose trainings are tiny: yields (url, training, runs folder)."""
+    tmp = tmp_path_factory.mktemp("train-tab")
+    runs = tmp / "runs"
+    training = Training(TrainingSlot(runs, train_args=(*TINY_TRAIN, "--max-iters", "30")))
+    with served(tiny_checkpoint(tmp, gpt2_tokenizer), training) as (url, _):
+        yield url, training, runs
+
+
+@pytest.fixture(scope="module")
+def api(server):
+    """One API client (one session) for the module."""
+    c = Client(server[0], verbose=False)
+    yield c
+    c.close()
+
+
+@pytest.fixture
+def client(server, api):
+    """The module's client; after each test its model, if any, is deleted, the slot is free and it chose "bundled"."""
+    _, training, _ = server
+    yield api
+    training.forget(type("Request", (), {"session_hash": api.session_hash})())
+    wait_until(lambda: training.slot.current() is None, 30)
+
+
+def wait_until(condition, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.2)
+
+
+def poll(client: Client, timeout: float = 120) -> dict:
+    """/train_status until the job is over; its last answer."""
+    deadline = time.monotonic() + timeout
+    while (st := client.predict(api_name="/train_status"))["state"] in ACTIVE:
+        assert time.monotonic() < deadline, st
+        time.sleep(0.3)
+    return st
+
+
+def folders(runs: Path) -> list[Path]:
+    return sorted(runs.iterdir()) if runs.is_dir() else []
+
+
+@pytest.mark.slow
+def test_train_poll_generate_and_download_through_the_api(server, client, tmp_path):
+    url, training, _ = server
+    st = client.predict(source="paste", text=LONG, minutes=1, api_name="/train_start")
+    assert st["state"] == "running" and st["budget_s"] == 60 and "Training: " in st["message"], st
+    st = poll(client)
+    assert st["state"] == "done" and st["error"] is None and st["message"].startswith("Done: trained for"), st
+    assert [s for s, _ in st["val_curve"]] == [0, 10, 20, 30] and len(st["train_curve"]) == 6
+    report = st["report"]
+    assert report["size_int8_bytes"] < report["size_fp32_bytes"] and report["val_nats_per_char_int8"] > 0
+    job = training.store.get(client.session_hash)
+    if any("sample" in r for r in job.status().records):  # the trainer logs a sample at each evaluation
+        assert isinstance(st["sample"], str) and st["sample"]
+    else:
+        assert st["sample"] is None  # the page then shows SAMPLE_PLACEHOLDER
+
+    card = client.predict(model="yours", api_name="/use_model")
+    assert card.startswith("**Your model**") and "bytes (" in card and "context 16 tokens" in card
+    texts = client.predict(prompt="First Citizen:", max_new_tokens=8, num_sequences=2, seed=1, api_name="/generate")
+    assert all(texts[:2]) and texts[2:] == ("", "", "")
+    other = Client(url, verbose=False)  # another visitor still gets the bundled model (gpt2 tokens, not bytes)
+    assert other.predict(prompt="First Citizen:", max_new_tokens=8, num_sequences=2, seed=1, api_name="/generate") != texts
+    other.close()
+
+    path = client.predict(api_name="/train_zip")
+    with zipfile.ZipFile(path) as zf:
+        names = zf.namelist()
+        assert zf.testzip() is None
+    top = names[0].split("/")[0]
+    assert {f"{top}/model.safetensors", f"{top}/config.json", f"{top}/int8/model.safetensors",
+            f"{top}/int8/report.json"} <= set(names), names
+
+    training.store.drop(client.session_hash)  # as after an hour: Generate falls back to the bundled model
+    assert all(client.predict(prompt="First Citizen:", max_new_tokens=8, num_sequences=2, seed=1, api_name="/generate")[:2])
+    with pytest.raises(AppError, match="You have no trained model yet"):
+        client.predict(model="yours", api_name="/use_model")
+    assert "**Parameters** 3.30 M" in client.predict(model="bundled", api_name="/use_model")
+
+
+@pytest.mark.parametrize("kw, message", [
+    (dict(source="upload"), "Choose a .txt file to upload first."),
+    (dict(source="paste", text=""), "The text is empty"),
+    (dict(source="paste", text=" \n\t "), "The text is empty"),
+    (dict(source="paste", text="To be, or not to be"), "19 characters, too few to train on: use at least 3,900"),
+    (dict(source="paste", text="a" * (10 * 2**20 + 1)), "The text is 10.0 MB, over the limit of 10 MB"),
+    (dict(source="paste", text="\x01\x02\x1babc" * 1000), "This looks like a binary file"),
+    (dict(source="paste", text=LONG, minutes=0), "Choose between 1 and 10 minutes of training, not 0."),
+    (dict(source="paste", text=LONG, minutes=11), "Choose between 1 and 10 minutes of training, not 11."),
+    (dict(source="paste", text=LONG, minutes="3"), 'minutes must be a number from 1 to 10, got "3".'),
+    (dict(source="paste", text=5), "The text must be a string, got 5."),
+    (dict(source="mine", text=LONG), "source must be one of 'upload', 'paste', 'shakespeare', got \"mine\"."),
+])
+def test_bad_input_gets_one_clear_message_and_starts_nothing(server, client, kw, message):
+    _, training, runs = server
+    with pytest.raises(AppError, match=message.replace("(", r"\(").replace(".", r"\.")) as e:
+        client.predict(api_name="/train_start", **kw)
+    assert "Traceback" not in str(e.value) and "\n" not in str(e.value)
+    assert training.slot.current() is None and training.store.get(client.session_hash) is None and not folders(runs)
+
+
+@pytest.mark.parametrize("name, data, message", [
+    ("binary.txt", b"\x89PNG\r\n\x1a\n" + b"\x00\xff" * 500, "This looks like a binary file, not text"),
+    ("latin1.txt", "café ".encode("latin-1") * 1000, "The text is not valid UTF-8: byte 0xe9 at offset 3"),
+    ("empty.txt", b"", "The text is empty"),
+])
+def test_bad_uploads_get_one_clear_message(server, client, tmp_path, name, data, message):
+    _, training, runs = server
+    (tmp_path / name).write_bytes(data)
+    with pytest.raises(AppError, match=message):
+        client.predict(source="upload", file=handle_file(str(tmp_path / name)), api_name="/train_start")
+    assert training.slot.current() is None and not folders(runs)
+
+
+def test_uploads_over_10_mb_are_refused_by_the_server(server, client, tmp_path):
+    (tmp_path / "big.txt").write_bytes(b"a" * (10 * 2**20 + 1))
+    with pytest.raises(Exception, match="(?i)too large|exceeds|413"):
+        client.predict(source="upload", file=handle_file(str(tmp_path / "big.txt")), api_name="/train_start")
+
+
+def test_a_second_start_from_another_session_is_refused_while_one_trains(server, client, monkeypatch):
+    url, training, runs = server
+    monkeypatch.setattr(training.slot, "train_args", (*TINY_TRAIN, "--max-iters", "1000000"))  # trains until stopped
+    first = client.predict(source="paste", text=LONG, minutes=1, api_name="/train_start")
+    assert first["state"] == "running"
+    other = Client(url, verbose=False)
+    try:
+        with pytest.raises(AppError, match=r"^Another model is training on this server; try again in about 2 minutes\.$"):
+            other.predict(source="paste", text=LONG, minutes=1, api_name="/train_start")
+        assert other.predict(api_name="/train_status") == {"state": "none", "message": "No training in this session yet."}
+        with pytest.raises(AppError, match="Nothing of yours is training"):
+            other.predict(api_name="/train_stop")
+    finally:
+        other.close()
+    # A raw REST call names its session in the body: it sees the same training.
+    r = httpx.post(f"{url}gradio_api/call/train_status", json={"data": [], "session_hash": client.session_hash})
+    assert '"state": "running"' in httpx.get(f"{url}gradio_api/call/train_status/{r.json()['event_id']}", timeout=30).text
+    with pytest.raises(AppError, match="Your model is still training: press Stop"):
+        client.predict(source="paste", text=LONG, minutes=1, api_name="/train_start")
+    with pytest.raises(AppError, match="Your model is still training: choose it once"):
+        client.predict(model="yours", api_name="/use_model")
+    assert client.predict(api_name="/train_stop")["state"] in ACTIVE
+    assert poll(client)["state"] == "stopped"
+    assert len(folders(runs)) <= 1  # the stopped model, if its first weights were saved
+
+
+def test_closing_the_session_deletes_its_model(server, monkeypatch):
+    """gradio_client's close() ends its heartbeat; Gradio notices at its next beat (every 15 s; 1 s here)."""
+    url, training, runs = server
+    monkeypatch.setenv("GRADIO_HEARTBEAT_INTERVAL", "1")  # read by the server (this process) as the session connects
+    c = Client(url, verbose=False)
+    c.predict(source="paste", text=LONG, minutes=1, api_name="/train_start")
+    owner = c.session_hash
+    assert training.store.get(owner) is not None
+    c.close()  # ends its heartbeat: Gradio runs the page's unload event, which drops the model and kills its training
+    wait_until(lambda: training.store.get(owner) is None and training.slot.current() is None, 30)
+    wait_until(lambda: not folders(runs), 30)
+
+
+def test_models_past_their_hour_are_swept_and_let_go(tmp_path, gpt2_tokenizer):
+    """sweep() deletes old models and the copies loaded for Generate; the visitor then gets the bundled model."""
+    now = [0.0]
+    ckpt = tiny_checkpoint(tmp_path, gpt2_tokenizer)
+
+    class Finished:  # a finished job, as far as the Train tab looks
+        active, discarded = False, False
+
+        def status(self):
+            return type("S", (), {"model_dir": ckpt})()
+
+        def discard(self):
+            self.discarded = True
+
+    training = Training(TrainingSlot(tmp_path / "runs"), ModelStore(clock=lambda: now[0]))
+    job = Finished()
+    training.store.add("visitor", job)
+    bundled = object()
+    request = type("R", (), {"session_hash": "visitor"})()
+    assert "**Your model**" in training.chooser(bundled)("yours", request)
+    pool = training.pool_for(bundled)(request)
+    assert pool is not bundled and pool.ckpt == ckpt and training.own_pool("visitor") is pool  # loaded once
+    now[0] += 1800
+    training.sweep()
+    assert training.pool_for(bundled)(request) is pool
+    now[0] += 1801
+    training.sweep()
+    assert job.discarded and training._pools == {}
+    with pytest.warns(UserWarning, match="Your model is not ready, or was deleted .*: the bundled model answered"):
+        assert training.pool_for(bundled)(request) is bundled  # a warning toast on the page
+    training.close()
+
+
+def test_the_split_and_the_tab_switch(tmp_path, gpt2_tokenizer, monkeypatch):
+    """Trainings use TRAIN_THREADS (1); the Tiny Shakespeare choice shows only where the file is; without training
+    the page has no Train tab and no train endpoints."""
+    from model.webapp.pool import ModelPool
+
+    assert Training().slot.threads == TRAIN_THREADS == 1
+    assert train_tab.sources() == ["upload", "paste", "shakespeare"]
+    monkeypatch.setattr(train_tab, "SHAKESPEARE", tmp_path / "missing.txt")
+    assert train_tab.sources() == ["upload", "paste"]
+    with pytest.raises(train_tab.JobError, match="source must be one of 'upload', 'paste', got \"shakespeare\""):
+        train_tab._text_bytes("shakespeare", None, None)
+    pool = ModelPool(tiny_checkpoint(tmp_path, gpt2_tokenizer), copies=1)
+    apis = {fn.api_name for fn in build_demo(pool).fns.values()}
+    assert "generate" in apis and not {"train_start", "use_model"} & apis
+    demo = build_demo(pool, Training())
+    assert {"generate", "train_start", "train_status", "train_stop", "train_zip", "use_model"} <= {
+        fn.api_name for fn in demo.fns.values()}
+    assert any(target[1] == "unload" for fn in demo.fns.values() for target in fn.targets)  # a closed page drops its model
+
+
+def test_status_sentences():
+    from model.training_job import Status
+
+    def status(**kw):
+        base = dict(state="running", elapsed_s=73.2, budget_s=180.0, seconds_left=137.0, records=[], train_curve=[],
+                    val_curve=[], sample=None, error=None, report=None, model_dir=None)
+        return Status(**{**base, **kw})
+
+    assert train_tab.status_text(status()) == "Training: 73 s of 180 s; the model is ready in about 3 minutes."
+    assert 'value="73"' in train_tab.status_html(status())
+    assert train_tab.status_text(status(state="stopped", report={})) == \
+        "Stopped after 73 s: the best weights so far were kept and quantized to int8."
+    assert train_tab.status_text(status(state="failed", error="Training stopped unexpectedly.")) == \
+        "Failed: Training stopped unexpectedly."
+    assert "&lt;b&gt;" in train_tab.status_html(status(state="failed", error="<b>"))  # escaped
+    assert train_tab.curve_frame(status()) is None
+    frame = train_tab.curve_frame(status(train_curve=[(5, 4.0)], val_curve=[(0, 5.0), (10, 3.5)]))
+    assert frame.values.tolist() == [[5, 4.0, "train"], [0, 5.0, "validation"], [10, 3.5, "validation"]]
+    frame = train_tab.curve_frame(status(val_curve=[(0, 5.0)]))  # both series from the first table on
+    assert frame["split"].tolist() == ["train", "validation"] and math.isnan(frame["nats_per_char"][0])
+    report = {"params": 4.6e6, "size_fp32_bytes": 18.4e6, "size_int8_bytes": 4.7e6, "val_nats_per_char_fp32": 1.51,
+              "val_nats_per_char_int8": 1.523}
+    md = train_tab.report_markdown(status(state="done", report=report, records=[{"step": 900}]))
+    assert "4.60 M parameters, 900 steps" in md and "| int8 | 4.7 MB | 1.523 nats/char |" in md
+    assert "| fp32 | 18.4 MB | 1.510 nats/char |" in md
+    assert SAMPLE_PLACEHOLDER == "(a sample appears at each evaluation)"
