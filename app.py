@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
 import sys
 from pathlib import Path
 
@@ -22,6 +23,7 @@ def main() -> int:
     ap.add_argument("--share", action="store_true", help="also serve through a temporary public gradio.live link")
     ap.add_argument("--export-space", type=Path, default=None, metavar="DIR",
                     help="instead of serving, write a self-contained Hugging Face Space folder to DIR")
+    ap.add_argument("--no-train", action="store_true", help="serve without the Train tab (no training on this server)")
     args = ap.parse_args()
     ckpt = args.ckpt or default_checkpoint()
     from model.webapp import ModelPool, launch  # gradio: seconds to import, so not before --help
@@ -32,7 +34,10 @@ def main() -> int:
             out = export_space(ckpt, args.export_space, app_file=Path(__file__).resolve())
             print(f"Space folder written to {out}; upload it as described in docs/app.md.")
             return 0
-        launch(ModelPool(ckpt), host=args.host, port=args.port, share=args.share)  # OSError: e.g. the port is taken
+        # SIGTERM (a stopped container, kill) exits through the atexit hooks: visitors' models and trainings go with it.
+        signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
+        # OSError: e.g. the port is taken
+        launch(ModelPool(ckpt), host=args.host, port=args.port, share=args.share, train=not args.no_train)
     except (CheckpointError, TokenizerError, OSError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

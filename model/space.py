@@ -1,5 +1,5 @@
 """Export a self-contained Hugging Face Space folder: app.py, the model package (with its GPT-2 vocabulary), the checkpoint,
-requirements, README."""
+train.py, quantize.py and input.txt for the Train tab, requirements, README."""
 
 from __future__ import annotations
 
@@ -15,6 +15,7 @@ from .checkpoint import SERVED_CKPT, TRAIN_STATE, CheckpointError, read_config
 
 PACKAGE = Path(__file__).resolve().parent
 CKPT_IN_SPACE = SERVED_CKPT  # the app's default checkpoint path, so the Space needs no flags
+TRAIN_TAB_FILES = ("train.py", "quantize.py", "input.txt")  # beside app.py: the Train tab runs them (input.txt: if present)
 MARKER = ".smallgpt-space"  # marks a folder this function wrote, so re-exporting may replace it
 
 # On Spaces, the extra index serves CPU-only torch wheels (about 200 MB instead of a multi-GB CUDA build);
@@ -51,6 +52,7 @@ short_description: A small GPT, int8 on CPU, that continues your text
 A small GPT trained with smallgpt on one text file, quantized to int8 and served on CPU.
 Type the start of a text; the model writes up to five continuations, streamed token by token.
 The "Under the hood" panel shows the ten most likely next tokens after the prompt.
+The Train tab trains a model of your own on a text you bring (1 to 10 minutes), then you generate from it and download it.
 
 Checkpoint: `out/int8` ({kind}, {size_mb:.1f} MB weights). Tokenizer: {tokenizer}.
 Run locally: `pip install -r requirements.txt && python app.py`.
@@ -93,6 +95,9 @@ def export_space(ckpt: str | Path, out_dir: str | Path, app_file: str | Path, ti
 
 def _fill(dest: Path, ckpt: Path, meta: dict, app_file: Path, title: str) -> None:
     shutil.copy2(app_file, dest / "app.py")
+    for name in TRAIN_TAB_FILES:
+        if (app_file.parent / name).is_file():
+            shutil.copy2(app_file.parent / name, dest / name)
     # The whole package, subpackages and GPT-2's vocabulary (gpt2.tiktoken) included: the Space starts offline.
     shutil.copytree(PACKAGE, dest / "model", ignore=shutil.ignore_patterns("__pycache__"))
     ckpt_dest = dest / CKPT_IN_SPACE

@@ -28,6 +28,7 @@ def space(tmp_path_factory, gpt2_tokenizer) -> Path:
 def test_bundle_holds_everything_it_needs(space):
     names = {p.relative_to(space).as_posix() for p in space.rglob("*") if p.is_file()}
     assert {"app.py", "README.md", "requirements.txt", "model/gpt2.tiktoken",  # GPT-2's vocabulary: the Space starts offline
+            "train.py", "quantize.py", "input.txt",  # what the Train tab runs, and its bundled text
             "out/int8/config.json", "out/int8/model.safetensors", "out/int8/report.json"} <= names
     assert {f"model/{p.relative_to(PACKAGE).as_posix()}" for p in PACKAGE.rglob("*.py")} <= names  # the whole package
     assert not any("__pycache__" in n for n in names)
@@ -75,6 +76,18 @@ def test_exported_folder_boots_and_answers(space):
                     raise
                 time.sleep(0.5)
         out = client.predict(prompt="Hello from the Space", max_new_tokens=5, seed=1, api_name="/generate")
+        assert sum(bool(s) for s in out) == 3
+        # The Train tab works there: train on the bundled text until a first sample, stop, get the int8 model, use it.
+        st = client.predict(source="shakespeare", minutes=1, api_name="/train_start")
+        while st["state"] == "running" and not st.get("sample"):
+            time.sleep(1)
+            st = client.predict(api_name="/train_status")
+        client.predict(api_name="/train_stop")
+        while (st := client.predict(api_name="/train_status"))["state"] in ("running", "quantizing"):
+            time.sleep(1)
+        assert st["state"] == "stopped" and st["report"], st
+        assert "Parameters" in client.predict(model="yours", api_name="/use_model")
+        out = client.predict(prompt="ROMEO:", max_new_tokens=5, seed=1, api_name="/generate")
         assert sum(bool(s) for s in out) == 3
     finally:
         proc.terminate()
