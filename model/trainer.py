@@ -39,6 +39,7 @@ LOG = "log.jsonl"
 PLOT = "loss.png"
 TOKENS = "tokens"
 STATE_VERSION = 1
+LOG_EVERY_S = 5.0  # log.jsonl is also rewritten this often between evaluations, so live views (the app) follow
 SAMPLE_TOKENS = 48  # a short sample written with every evaluation: what the model writes by now (the app shows it)
 
 
@@ -315,6 +316,7 @@ class Trainer:
         self.best_val, self.best_step = math.inf, -1
         self.eval_sec_per_token, self.save_seconds, self.step_seconds = 0.0, 0.0, 0.0
         self.records: list[dict[str, Any]] = []
+        self.t_log = time.perf_counter()  # when log.jsonl was last written
         self.failure: str | None = None  # why a loss went non-finite; training stops at the next step
         self.saved_step = self.step if state is not None else -1  # the step of train_state.pt on disk
         if state is not None:
@@ -466,6 +468,8 @@ class Trainer:
                                          "train_nats_per_char": loss * len(self.data.train) / max(self.data.train_chars, 1),
                                          "lr": lr, "grad_norm": norm,
                                          "tokens_per_s": tok_s, "elapsed": round(self.elapsed(), 2)})
+                    if self.master and time.perf_counter() - self.t_log >= LOG_EVERY_S:
+                        self.write_log(plot=False)
                 if self.step % args.eval_interval == 0:
                     self.evaluate_and_save(bar)
                 if stop_after is not None and self.step >= stop_after:
@@ -652,10 +656,12 @@ class Trainer:
         checkpoint.save_train_state(self.out / checkpoint.TRAIN_STATE, state)
         self.saved_step = self.step
 
-    def write_log(self) -> None:
+    def write_log(self, plot: bool = True) -> None:
         """I/O: log.jsonl (one record per log interval and per eval) and loss.png, both rewritten atomically."""
         atomic.write_text(self.out / LOG, "".join(json.dumps(r) + "\n" for r in self.records))
-        plot_losses(self.records, self.out / PLOT, title=f"{self.out.name}: {self.raw_model.num_params() / 1e6:.1f}M params")
+        self.t_log = time.perf_counter()
+        if plot:
+            plot_losses(self.records, self.out / PLOT, title=f"{self.out.name}: {self.raw_model.num_params() / 1e6:.1f}M params")
 
     def _restore(self, state: dict[str, Any]) -> None:
         """Continue a saved run exactly: optimizer, counters, RNG streams and the log up to the saved step."""

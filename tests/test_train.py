@@ -366,3 +366,19 @@ def test_a_validation_split_shorter_than_one_window_warns(tmp_path, text, capsys
     warnings = [line for line in capsys.readouterr().err.splitlines() if "warning" in line]
     assert len(warnings) == 1 and warnings[0].startswith("warning: the validation split is only 55 tokens (55 characters)"), warnings
     assert "shorter than one 64-token context window" in warnings[0]
+
+
+def test_the_log_follows_training_between_evaluations(tmp_path, text, bytes_tok, monkeypatch):
+    monkeypatch.setattr(model.trainer, "LOG_EVERY_S", 0.0)
+    seen = []  # (last step in log.jsonl, whether loss.png exists) at each write between evaluations
+    write_log = model.trainer.Trainer.write_log
+
+    def spy(self, plot=True):
+        write_log(self, plot)
+        if not plot:
+            seen.append(records(self.out)[-1]["step"])
+
+    monkeypatch.setattr(model.trainer.Trainer, "write_log", spy)
+    out = tmp_path / "out"
+    model.trainer.train({**SMALL, "data": str(text), "out_dir": str(out), "max_iters": 8, "eval_interval": 8})
+    assert seen == list(range(1, 9))  # a live view (the app's Train tab) sees every step's record, not only the evaluations'
