@@ -35,7 +35,7 @@ class InputError(gr.Error):
         super().__init__(message, print_exception=False)
 
 
-def _shown(value: Any) -> str:
+def shown(value: Any) -> str:
     """value as an API caller wrote it (JSON: null, true, "4"), cut short, for a message."""
     text = json.dumps(value, ensure_ascii=False, default=repr)
     return text if len(text) <= 40 else text[:37] + "..."
@@ -44,13 +44,13 @@ def _shown(value: Any) -> str:
 def _number(name: str, value: Any) -> float:
     """value as a finite float, else a gr.Error naming the parameter. Text, true/false and null are not numbers."""
     if not isinstance(value, int | float) or isinstance(value, bool):
-        raise InputError(f"{name} must be a number, got {_shown(value)}.")
+        raise InputError(f"{name} must be a number, got {shown(value)}.")
     try:
         x = float(value)
     except OverflowError:  # an integer too large for a float
         x = math.inf
     if not math.isfinite(x):
-        raise InputError(f"{name} must be a finite number, got {_shown(value)}.")
+        raise InputError(f"{name} must be a finite number, got {shown(value)}.")
     return x
 
 
@@ -58,14 +58,14 @@ def _in_range(name: str, value: Any, low: float, high: float) -> float:
     """value as a float in [low, high], else a gr.Error saying which range."""
     x = _number(name, value)
     if not low <= x <= high:
-        raise InputError(f"{name} must be between {low:g} and {high:g}, got {_shown(value)}.")
+        raise InputError(f"{name} must be between {low:g} and {high:g}, got {shown(value)}.")
     return x
 
 
 def prompt_text(prompt: Any, purpose: str) -> str:
     """prompt if it is text with something in it, else a gr.Error saying what is wrong with it."""
     if not isinstance(prompt, str):
-        raise InputError(f"The prompt must be text, got {_shown(prompt)}.")
+        raise InputError(f"The prompt must be text, got {shown(prompt)}.")
     if not prompt.strip():
         raise InputError(f"The prompt is empty: type some text {purpose}.")
     return prompt

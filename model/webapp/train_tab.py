@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import contextlib
 import html
-import json
 import logging
 import math
 import threading
@@ -34,7 +33,7 @@ from ..training_job import (
     TrainingSlot,
     make_zip,
 )
-from .checks import InputError
+from .checks import InputError, shown
 from .generate_tab import MODEL_CHOICES, ChooseModel, PoolFor
 from .pool import OWN_MODEL_COPIES, TRAIN_THREADS, ModelPool, model_card
 
@@ -47,12 +46,6 @@ SAMPLE_PLACEHOLDER = "(a sample appears at each evaluation)"
 YOURS_GONE = "Your model is not ready, or was deleted (models are kept for an hour): the bundled model answered."
 
 log = logging.getLogger(__name__)
-
-
-def _shown(value: Any) -> str:
-    """value as an API caller wrote it, cut short, for a message."""
-    text = json.dumps(value, ensure_ascii=False, default=repr)
-    return text if len(text) <= 40 else text[:37] + "..."
 
 
 def _owner(request: gr.Request | None) -> str:
@@ -137,7 +130,7 @@ class Training:
         """For the Generate tab: record a visitor's choice of model and return the card of the model chosen."""
         def use_model(model: Any = "bundled", request: gr.Request | None = None) -> str:
             if model not in MODEL_CHOICES:
-                raise InputError(f"model must be one of {', '.join(map(repr, MODEL_CHOICES))}, got {_shown(model)}.")
+                raise InputError(f"model must be one of {', '.join(map(repr, MODEL_CHOICES))}, got {shown(model)}.")
             with _api_errors():
                 owner = _owner(request)
             pool = self.own_pool(owner) if model == "yours" else None
@@ -215,17 +208,17 @@ def _text_bytes(source: Any, text: Any, file: Any) -> bytes:
     if source == "paste":
         text = "" if text is None else text
         if not isinstance(text, str):
-            raise JobError(f"The text must be a string, got {_shown(text)}.")
+            raise JobError(f"The text must be a string, got {shown(text)}.")
         return text.encode("utf-8", "surrogatepass")  # a lone surrogate from JSON: check_text says where it is
     if source == "shakespeare" and SHAKESPEARE.is_file():
         return SHAKESPEARE.read_bytes()
-    raise JobError(f"source must be one of {', '.join(map(repr, sources()))}, got {_shown(source)}.")
+    raise JobError(f"source must be one of {', '.join(map(repr, sources()))}, got {shown(source)}.")
 
 
 def _checked_minutes(minutes: Any) -> Any:
     """minutes if it is a number (the slot checks its range), else a JobError."""
     if isinstance(minutes, bool) or not isinstance(minutes, int | float):
-        raise JobError(f"minutes must be a number from {MIN_MINUTES} to {MAX_MINUTES}, got {_shown(minutes)}.")
+        raise JobError(f"minutes must be a number from {MIN_MINUTES} to {MAX_MINUTES}, got {shown(minutes)}.")
     return minutes
 
 
