@@ -533,19 +533,20 @@ class Trainer:
         t0 = time.perf_counter()
         val = evaluate(self.raw_model, self.data.val, self.data.val_chars, self.config.block_size, device=self.device,
                        autocast=self.autocast(), max_windows=self.args.eval_windows)
-        self.eval_sec_per_token = (time.perf_counter() - t0) / max(val["val_tokens"], 1)
         self.last_eval_step = self.step
         if not math.isfinite(val["val_nats_per_token"]):
             where = "of the initial weights" if self.step == 0 else f"at step {self.step}"
             self.failure = f"the validation loss {where} is {val['val_nats_per_token']}"
             return val
+        sample = self.sample()  # before the best is updated: a Ctrl-C here leaves the saved state consistent
+        self.eval_sec_per_token = (time.perf_counter() - t0) / max(val["val_tokens"], 1)  # the sample counted in
         improved = val["val_nats_per_token"] < self.best_val
         if improved:
             self.best_val, self.best_step = val["val_nats_per_token"], self.step
         self.records.append({"step": self.step, "val_nats_per_token": val["val_nats_per_token"],
                              "val_nats_per_char": val["val_nats_per_char"], "val_tokens": val["val_tokens"],
                              "tokens_seen": self.tokens_seen, "elapsed": round(self.elapsed(), 2),
-                             "sample": self.sample()})
+                             "sample": sample})
         msg = (f"step {self.step}: val {val['val_nats_per_token']:.4f} nats/token, {val['val_nats_per_char']:.4f} nats/char"
                + ((" (best, saved)" if write else " (best)") if improved else ""))
         (bar.write if bar is not None else print)(msg)
@@ -554,12 +555,12 @@ class Trainer:
         return val
 
     def sample(self) -> str:
-        """A short continuation of a new line by the current weights (fixed seed), for the log and the app's live view."""
+        """A short continuation of a new line by the current weights (fixed seed), for the log and the app's live view.
+
+        The one-row KV cache stays between evaluations (the training forward ignores it), so once the engine traces
+        the step it keeps that trace instead of making a new one at every evaluation."""
         sampling = SamplingConfig(max_new_tokens=SAMPLE_TOKENS, temperature=0.8, top_k=50, seed=self.args.seed)
-        try:
-            return generate(self.raw_model, self.tokenizer, "\n", 1, sampling)[0]
-        finally:
-            self.raw_model.clear_caches()  # the training forward needs no KV cache
+        return generate(self.raw_model, self.tokenizer, "\n", 1, sampling)[0]
 
     def save(self, improved: bool) -> None:
         """I/O after an evaluation: the best weights when they improved, the resume state and the log."""
@@ -680,6 +681,7 @@ class Trainer:
             raise CheckpointError(f"Cannot resume: {self.out / checkpoint.TRAIN_STATE} is incomplete or from another "
                                   f"setup ({type(e).__name__}: {e}); train again without --resume.") from None
         self.records = [r for r in read_log(self.out / LOG) if r.get("step", 0) <= self.step and not r.get("final")]
+        self.saved_step = self.step
 
 
 def read_log(path: Path) -> list[dict[str, Any]]:

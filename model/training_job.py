@@ -30,10 +30,10 @@ from pathlib import Path
 from typing import Any, Literal
 
 from . import atomic
-from .checkpoint import CONFIG, METRICS, WEIGHTS, CheckpointError, read_json
+from .checkpoint import CONFIG, METRICS, WEIGHTS, read_json
 from .config import PRESETS
 from .data import VAL_FRACTION, DataError, decode_text
-from .trainer import LOG, PLOT, TOKENS, read_log
+from .trainer import LOG, PLOT, read_log
 
 PROJECT = Path(__file__).resolve().parents[1]  # a Space bundle carries train.py and quantize.py beside app.py too
 TRAIN_PY = PROJECT / "train.py"
@@ -170,7 +170,6 @@ class TrainingJob:
         self._error: str | None = None
         self._report: dict[str, Any] | None = None
         self._final_records: list[dict[str, Any]] = []
-        self._chars_per_token: float | None = None
         self._stop_at: float | None = None  # when stop() was called
         self._discarded = False
         self._t0 = time.monotonic()
@@ -216,8 +215,7 @@ class TrainingJob:
         with self._lock:
             state, error, report, t_end = self._state, self._error, self._report, self._t_end
         records = self._final_records if state not in ACTIVE else self._read_records()
-        per_char = self._tokens_per_char()
-        train = [(r["step"], r["train_loss"] * per_char) for r in records if "train_loss" in r] if per_char else []
+        train = [(r["step"], r["train_nats_per_char"]) for r in records if "train_nats_per_char" in r]
         val = [(r["step"], r["val_nats_per_char"]) for r in records if "val_nats_per_char" in r and not r.get("final")]
         sample = next((r["sample"] for r in reversed(records) if isinstance(r.get("sample"), str)), None)
         elapsed = (t_end if t_end is not None else time.monotonic()) - self._t0
@@ -322,14 +320,6 @@ class TrainingJob:
             return read_log(self.fp32_dir / LOG)
         except OSError:  # deleted meanwhile
             return []
-
-    def _tokens_per_char(self) -> float | None:
-        """Tokens per character of the training split (from the token cache), to turn nats/token into nats/char."""
-        if self._chars_per_token is None:
-            with contextlib.suppress(CheckpointError, KeyError, TypeError, ZeroDivisionError):  # not written yet, or deleted
-                meta = read_json(self.fp32_dir / TOKENS / "meta.json")
-                self._chars_per_token = meta["train_chars"] / meta["train_tokens"]
-        return 1.0 / self._chars_per_token if self._chars_per_token else None
 
 
 class TrainingSlot:

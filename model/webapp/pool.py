@@ -16,6 +16,7 @@ from ..generate import slide_keep
 from ..gpt import GPT
 from ..load import Loaded, load
 from ..trace import cached_forward
+from ..training_job import DEFAULT_THREADS
 from .checks import DEFAULT_SEQUENCES, MAX_SEQUENCES
 
 # The CPU split, in one place (a 2-vCPU Space): CONCURRENCY requests generate at once, each on its own model copy with
@@ -23,7 +24,7 @@ from .checks import DEFAULT_SEQUENCES, MAX_SEQUENCES
 # Train tab's training (and then quantizing) subprocess, one at a time per server, gets TRAIN_THREADS threads.
 CONCURRENCY = 2
 OWN_MODEL_COPIES = 1
-TRAIN_THREADS = 1
+TRAIN_THREADS = DEFAULT_THREADS  # 1: measured with bench/app_training.py (docs/app.md)
 
 
 class ModelPool:

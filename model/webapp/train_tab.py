@@ -32,6 +32,7 @@ from ..training_job import (
     TrainingJob,
     TrainingSlot,
     make_zip,
+    remove_tree,
 )
 from .checks import InputError, shown
 from .generate_tab import MODEL_CHOICES, ChooseModel, PoolFor
@@ -185,9 +186,8 @@ class Training:
     def close(self) -> None:
         """Stop sweeping and delete every model (server shutdown); idempotent."""
         self._closed.set()
-        self.store.clear()
-        with contextlib.suppress(OSError):  # the jobs' folder, if empty by now (a killed job's goes a moment later)
-            self.slot.root.rmdir()
+        self.store.clear()  # kills what still runs; a killed job's folder would go a moment later, in a thread
+        remove_tree(self.slot.root)  # at exit that thread may not get the chance: the whole jobs' folder goes now
         with self._lock:
             self._pools.clear()
             self._yours.clear()
@@ -311,8 +311,9 @@ def build_train_tab(training: Training) -> None:
 
     def stop_job(request: gr.Request | None) -> TrainingJob:
         job = training.store.get(_owner(request))
-        if job is None or not job.active:
-            raise JobError("Nothing of yours is training: there is nothing to stop.")
+        if job is None or job.state != "running":
+            raise JobError("Nothing of yours is training: there is nothing to stop (the int8 copy, once started, "
+                           "takes a few seconds).")
         job.stop()
         return job
 
