@@ -60,7 +60,9 @@ def text_path(args: argparse.Namespace, meta: dict[str, Any]) -> Path | None:
 
 
 def check_out(out: Path) -> None:
-    """Refuse an --out this run may not replace whole: a file, or a non-empty folder that is not an int8 checkpoint."""
+    """Refuse an --out this run may not replace whole: a link, a file, or a non-empty folder that is not an int8 checkpoint."""
+    if out.is_symlink():  # replacing it whole would swap the link itself aside, not the folder it points to
+        raise CheckpointError(f"--out {out} is a symbolic link; pass the folder it points to ({out.resolve()}) instead.")
     atomic.recover_dir(out)  # first undo what a killed earlier run left (an old folder set aside, dead builds)
     if not out.exists() or (out.is_dir() and not any(out.iterdir())):
         return

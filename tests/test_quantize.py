@@ -293,6 +293,11 @@ def test_cli_refuses_to_replace_a_folder_that_is_not_its_output(fp32_ckpt, tmp_p
     assert quantize_cli.main(["--ckpt", str(fp32_ckpt), "--out", str(mine), *QUICK]) == 2
     assert capsys.readouterr().err.startswith("error: ")
     assert [p.name for p in mine.iterdir()] == ["todo.txt"]
+    link = tmp_path / "int8-link"
+    link.symlink_to(mine)
+    assert quantize_cli.main(["--ckpt", str(fp32_ckpt), "--out", str(link), *QUICK]) == 2  # not a traceback
+    assert "symbolic link" in capsys.readouterr().err
+    assert link.is_symlink() and [p.name for p in mine.iterdir()] == ["todo.txt"]
 
 
 def test_cli_output_gets_the_modes_open_and_mkdir_give(fp32_ckpt, tmp_path):
