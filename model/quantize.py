@@ -144,7 +144,8 @@ def _qlinear(name: str, linear: nn.Linear, state: dict[str, torch.Tensor], where
     scale, bias = floats[f"{name}.weight_scale"].to(torch.float64), floats.get(f"{name}.bias")
     out_f, in_f = linear.out_features, linear.in_features
     bad = w.dtype != torch.int8 or tuple(w.shape) != (out_f, in_f) or scale.numel() not in (1, out_f) or not bool((scale > 0).all())
-    bad = bad or zero_point.is_floating_point() or zero_point.numel() != scale.numel()
+    bad = bad or scale.dim() != 1 or zero_point.is_floating_point() or tuple(zero_point.shape) != tuple(scale.shape)
+    bad = bad or not bool(((zero_point >= -128) & (zero_point <= 127)).all())  # qint8's range
     bad = bad or (bias is not None and tuple(bias.shape) != (out_f,))
     if bad:
         raise CheckpointError(f"The tensors of {name} in {where} do not match its config; the checkpoint is damaged, {FIX}.")

@@ -198,7 +198,8 @@ def test_cli_missing_data_writes_nothing(fp32_ckpt, tmp_path, capsys):
 
 
 @pytest.mark.parametrize("damage", ["pickle", "truncated", "fp32_weights", "missing_tensor", "nan_scale", "zero_scale",
-                                    "float_zero_point", "inf_bias", "nan_layernorm", "int32_position_embedding"])
+                                    "float_zero_point", "inf_bias", "nan_layernorm", "int32_position_embedding",
+                                    "scalar_scale", "zero_point_out_of_range"])
 def test_bad_int8_checkpoint_is_refused(damage, tmp_path):
     qmodel = quantize_model(tiny_gpt())
     ckpt = tmp_path / "q"
@@ -222,6 +223,11 @@ def test_bad_int8_checkpoint_is_refused(damage, tmp_path):
             state[f"{fc}.weight_scale"][2] = 0.0
         elif damage == "float_zero_point":
             state[f"{fc}.weight_zero_point"] = state[f"{fc}.weight_zero_point"].float() + 0.5
+        elif damage == "scalar_scale":  # 0-d: a raw IndexError before
+            state[f"{fc}.weight_scale"] = state[f"{fc}.weight_scale"][0].clone()
+            state[f"{fc}.weight_zero_point"] = state[f"{fc}.weight_zero_point"][0].clone()
+        elif damage == "zero_point_out_of_range":  # an integer, but outside qint8: a raw RuntimeError before
+            state[f"{fc}.weight_zero_point"] = state[f"{fc}.weight_zero_point"].to(torch.int32) + 500
         elif damage == "inf_bias":
             state[f"{fc}.bias"][0] = float("inf")
         elif damage == "nan_layernorm":
