@@ -10,6 +10,7 @@ from pathlib import Path
 
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 
+import pytest  # noqa: E402
 import torch  # noqa: E402
 
 from model.checkpoint import read_config, save_config, save_weights, write_json  # noqa: E402
@@ -21,6 +22,12 @@ from model.tokenizer import Tokenizer, padded_vocab_size  # noqa: E402
 CHROMIUM = Path("/usr/bin/chromium")  # Debian's, driven by Playwright in the browser tests
 CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
                  "--disable-sync", "--no-first-run"]
+# A browser test module says: pytestmark = BROWSER_TEST (slow; skipped, with the reason, where chromium is missing).
+BROWSER_TEST = [
+    pytest.mark.browser,
+    pytest.mark.slow,
+    pytest.mark.skipif(not CHROMIUM.is_file(), reason=f"Debian's chromium is not installed at {CHROMIUM} (apt-get install chromium)"),
+]
 REPORT = {"params": 3_300_000, "size_int8_bytes": 3_400_000, "val_nats_per_char_int8": 1.234}
 # train.py flags for the Train tab's tests: a 1-layer, 32-wide model over bytes starts, trains and evaluates in seconds.
 TINY_TRAIN = ("--preset", "tiny", "--tokenizer", "bytes", "--n-layer", "1", "--n-embd", "32", "--n-head", "2",

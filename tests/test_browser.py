@@ -6,13 +6,9 @@ import os
 from pathlib import Path
 
 import pytest
-from app_support import CHROMIUM, CHROMIUM_ARGS, served, tiny_checkpoint
+from app_support import BROWSER_TEST, CHROMIUM, CHROMIUM_ARGS, served, tiny_checkpoint
 
-pytestmark = [
-    pytest.mark.browser,
-    pytest.mark.slow,
-    pytest.mark.skipif(not CHROMIUM.is_file(), reason=f"Debian's chromium is not installed at {CHROMIUM} (apt-get install chromium)"),
-]
+pytestmark = BROWSER_TEST
 
 
 @pytest.fixture(scope="module")

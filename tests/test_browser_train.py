@@ -9,7 +9,7 @@ import zipfile
 from pathlib import Path
 
 import pytest
-from app_support import CHROMIUM, CHROMIUM_ARGS, served, tiny_checkpoint
+from app_support import BROWSER_TEST, CHROMIUM, CHROMIUM_ARGS, served, tiny_checkpoint
 
 from model import training_job
 from model.training_job import TrainingSlot
@@ -26,11 +26,7 @@ TRAIN_ARGS = ("--eval-interval", "20")
 # Vega draws each curve as an SVG path; a curve of two points or more has a line segment ("L") in it.
 DRAWN_LINE = "() => [...document.querySelectorAll('#train-curve .mark-line path')].some(p => (p.getAttribute('d') || '').includes('L'))"
 
-pytestmark = [
-    pytest.mark.browser,
-    pytest.mark.slow,
-    pytest.mark.skipif(not CHROMIUM.is_file(), reason=f"Debian's chromium is not installed at {CHROMIUM} (apt-get install chromium)"),
-]
+pytestmark = BROWSER_TEST
 
 
 @pytest.fixture(scope="module")
