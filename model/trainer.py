@@ -25,7 +25,7 @@ from tqdm import tqdm
 from . import atomic, checkpoint, distributed
 from .checkpoint import CheckpointError
 from .config import PRESETS, GPTConfig, preset
-from .data import DataError, TokenData, get_batch, prepare, training_tokenizer
+from .data import DataError, TokenData, get_batch, prepare, training_tokenizer, val_windows
 from .evaluate import evaluate
 from .generate import SamplingConfig, generate
 from .gpt import GPT
@@ -298,6 +298,8 @@ class Trainer:
         if not self.master:
             self.dist.barrier()  # rank 0 writes the token cache first, then the others read it
         self.data, self.created = prepare_data(args, self.tokenizer)
+        # Whether each evaluation scores the whole split: then the best one is already the final score.
+        self.evals_whole = len(val_windows(self.data.val, self.config.block_size)) <= args.eval_windows
         if self.master:
             self.dist.barrier()
         self.out = Path(args.out_dir)
@@ -314,6 +316,7 @@ class Trainer:
         self.t_loop: float | None = None  # elapsed seconds when the first training step started
         self.t_warm: float | None = None  # elapsed seconds when warmup ended (time-budget decay starts there)
         self.best_val, self.best_step = math.inf, -1
+        self.best_scores: dict[str, float] | None = None  # the best evaluation's scores, this session
         self.eval_sec_per_token, self.save_seconds, self.step_seconds = 0.0, 0.0, 0.0
         self.records: list[dict[str, Any]] = []
         self.t_log = time.perf_counter()  # when log.jsonl was last written
@@ -333,7 +336,7 @@ class Trainer:
         """Seconds training may use: --max-minutes less a reserve for the final evaluation and checkpoint writes."""
         if not self.args.max_minutes:
             return None
-        final_eval = self.eval_sec_per_token * len(self.data.val) * 1.2
+        final_eval = 0.0 if self.final_is_known() else self.eval_sec_per_token * len(self.data.val) * 1.2
         periodic_eval = self.eval_sec_per_token * min(len(self.data.val), self.args.eval_windows * self.config.block_size)
         return self.args.max_minutes * 60.0 - final_eval - periodic_eval - 2 * self.save_seconds - 1.0
 
@@ -542,7 +545,7 @@ class Trainer:
         self.eval_sec_per_token = (time.perf_counter() - t0) / max(val["val_tokens"], 1)  # the sample counted in
         improved = val["val_nats_per_token"] < self.best_val
         if improved:
-            self.best_val, self.best_step = val["val_nats_per_token"], self.step
+            self.best_val, self.best_step, self.best_scores = val["val_nats_per_token"], self.step, val
         self.records.append({"step": self.step, "val_nats_per_token": val["val_nats_per_token"],
                              "val_nats_per_char": val["val_nats_per_char"], "val_tokens": val["val_tokens"],
                              "tokens_seen": self.tokens_seen, "elapsed": round(self.elapsed(), 2),
@@ -571,16 +574,23 @@ class Trainer:
         self.write_log()
         self.save_seconds = time.perf_counter() - t0
 
+    def final_is_known(self) -> bool:
+        """Whether the final score is the best evaluation's (it scored the whole split, in this session)."""
+        return self.evals_whole and self.best_scores is not None
+
     def final_metrics(self, train_seconds: float) -> dict[str, Any]:
         """I/O: load the best weights and score them on the whole validation split in windows of the model's context.
 
         The score is also the last val record of log.jsonl (and point of loss.png), marked final.
         """
-        best = self.out / checkpoint.WEIGHTS
-        checkpoint.load_weights(self.raw_model, checkpoint.load_state_dict(best), str(best))
-        print(f"final evaluation of the best weights (step {self.best_step}) on the whole validation split ...")
-        val = evaluate(self.raw_model, self.data.val, self.data.val_chars, self.config.block_size, device=self.device,
-                       autocast=self.autocast())
+        if self.final_is_known():
+            val = self.best_scores  # the best weights' evaluation already covered the whole split: not scored twice
+        else:
+            best = self.out / checkpoint.WEIGHTS
+            checkpoint.load_weights(self.raw_model, checkpoint.load_state_dict(best), str(best))
+            print(f"final evaluation of the best weights (step {self.best_step}) on the whole validation split ...")
+            val = evaluate(self.raw_model, self.data.val, self.data.val_chars, self.config.block_size, device=self.device,
+                           autocast=self.autocast())
         metrics = {**val, "step": self.step, "best_step": self.best_step, "tokens_seen": self.tokens_seen,
                    "train_seconds": round(train_seconds, 2), "params": self.raw_model.num_params(),
                    "eval_dtype": str(self.dtype).removeprefix("torch."), "eval_block_size": self.config.block_size}

@@ -331,9 +331,13 @@ def test_interim_validation_is_the_whole_split_and_the_plot_ends_at_metrics(tmp_
         model.plot.plt.close(fig)
 
     monkeypatch.setattr(model.plot, "save_figure", save_figure)
+    scored = []  # one entry per evaluation of the validation split
+    evaluate = model.trainer.evaluate
+    monkeypatch.setattr(model.trainer, "evaluate", lambda *a, **kw: scored.append(1) or evaluate(*a, **kw))
     flags = {k: v for k, v in SMALL.items() if k != "eval_windows"}
     out = tmp_path / "out"
     model.trainer.train({**flags, "data": str(data), "out_dir": str(out), "max_iters": 20, "eval_interval": 10})
+    assert len(scored) == 3  # steps 0, 10 and 20: the final score is the best one's, not a fourth pass over the split
     metrics = json.loads((out / "metrics.json").read_text())
     interim = {r["step"]: r for r in records(out) if "val_nats_per_char" in r and not r.get("final")}
     assert sorted(interim) == [0, 10, 20]
