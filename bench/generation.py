@@ -26,6 +26,7 @@ Needs `pip install -r requirements-dev.txt` (ctranslate2, transformers).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import multiprocessing
 import os
@@ -46,13 +47,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from model import atomic  # noqa: E402
 from model.checkpoint import CheckpointError  # noqa: E402
-from model.config import GPTConfig, preset  # noqa: E402
+from model.config import GPTConfig
 from model.generate import SamplingConfig, decode_tokens, naive_tokens, slide_keep, warm_up  # noqa: E402
 from model.gpt import GPT  # noqa: E402
 from model.hf import export_hf  # noqa: E402
 from model.hf_tokenizer import token_strings  # noqa: E402
 from model.load import load  # noqa: E402
 from model.plot import plt, save_figure  # noqa: E402
+from model.settings import preset  # noqa: E402
 from model.tokenizer import TokenizerError, gpt2, padded_vocab_size  # noqa: E402
 from model.trace import eager_forward, traced_step  # noqa: E402
 
@@ -275,6 +277,25 @@ def competing_load(n_procs: int) -> Iterator:
             proc.join(timeout=10)
 
 
+@contextlib.contextmanager
+def neox_names_for_ctranslate2() -> Iterator[None]:
+    """Lend CTranslate2 4.8's GPT-NeoX converter the two names transformers 5 dropped (config.rotary_pct,
+    model.embed_out) while it converts a rotary export; our exports rotate the whole head, and the head is lm_head."""
+    import transformers
+
+    lent = []
+    for cls, name, value in ((transformers.GPTNeoXConfig, "rotary_pct", 1.0),
+                             (transformers.GPTNeoXForCausalLM, "embed_out", property(lambda self: self.lm_head))):
+        if not hasattr(cls, name):
+            setattr(cls, name, value)
+            lent.append((cls, name))
+    try:
+        yield
+    finally:
+        for cls, name in lent:
+            delattr(cls, name)
+
+
 def ctranslate2_generators(fp32: GPT, tokenizer, workdir: Path, threads: list[int]) -> tuple[dict, list[str]]:
     """{(engine, threads): ctranslate2.Generator} for CTranslate2 int8 and fp32, converted from export_hf's export of
     the fp32 model (as ct2-transformers-converter --quantization does), and the export's token strings by id."""
@@ -284,7 +305,8 @@ def ctranslate2_generators(fp32: GPT, tokenizer, workdir: Path, threads: list[in
     generators = {}
     for engine, quantization in (("CTranslate2 int8", "int8"), ("CTranslate2 fp32", "float32")):
         out = workdir / quantization
-        ctranslate2.converters.TransformersConverter(str(workdir / "hf")).convert(str(out), quantization=quantization)
+        with neox_names_for_ctranslate2():
+            ctranslate2.converters.TransformersConverter(str(workdir / "hf")).convert(str(out), quantization=quantization)
         for t in threads:
             generators[(engine, t)] = ctranslate2.Generator(str(out), device="cpu", intra_threads=t)
     return generators, token_strings(workdir / "hf")

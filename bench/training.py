@@ -4,6 +4,10 @@
     python bench/training.py --minutes 10        a run of the default `python train.py` for that budget: val nats/char + curve
     python bench/training.py --lever ...         one lever run of a minimal loop, budget in CPU seconds (--clock cpu), so
                                                  configurations can be ranked fairly on a shared machine
+    python bench/training.py --vs-nanogpt --nanogpt-dir PATH [--compile]
+                                                 our training tokens/s beside nanoGPT's model.py (imported from PATH, a
+                                                 checkout of github.com/karpathy/nanoGPT) at the default shape and batch,
+                                                 each stepped as its own train.py does on a CPU (alternating, median)
 Not a test: numbers depend on the machine and on what else runs on it.
 """
 
@@ -11,11 +15,16 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import importlib.util
+import io
 import json
 import statistics
 import sys
 import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
+from types import ModuleType
 
 import torch
 
@@ -27,9 +36,11 @@ from model.data import DataError, TokenData, get_batch, prepare, training_tokeni
 from model.evaluate import evaluate  # noqa: E402
 from model.gpt import GPT  # noqa: E402
 from model.optim import clip_grads, lr_at, make_optimizer, set_lr, warmup_frac  # noqa: E402
+from model.plan import resolve  # noqa: E402
 from model.plot import save_figure  # noqa: E402
+from model.settings import ArgError, TrainSettings  # noqa: E402
 from model.tokenizer import Tokenizer, TokenizerError, padded_vocab_size  # noqa: E402
-from model.trainer import LOG, ArgError, TrainArgs, read_log, train  # noqa: E402
+from model.trainer import LOG, Trainer, read_log, train  # noqa: E402
 
 BASELINE = 1.539  # nanoGPT's CPU recipe run for 16,000 iters (10.9 min here), val nats/char
 
@@ -42,7 +53,7 @@ def autocast_for(dtype: str) -> contextlib.AbstractContextManager:
 def load_data(text_path: str, tokenizer_name: str, cache_root: Path) -> tuple[Tokenizer, TokenData]:
     """A tokenizer built for the training split (gpt2-compact with the trainer's default min count) and both splits
     tokenised (cached per tokenizer)."""
-    tok = training_tokenizer(tokenizer_name, text_path, TrainArgs.vocab_min_count)
+    tok = training_tokenizer(tokenizer_name, text_path, TrainSettings.vocab_min_count)
     return tok, prepare(text_path, cache_root / tokenizer_name, tok)
 
 
@@ -93,6 +104,114 @@ def throughput_table(args: argparse.Namespace) -> None:
     print("| preset | tokenizer | dtype | tokens/s | chars/s |\n|---|---|---|---:|---:|")
     for name, tok_name, dtype, tps, cps in rows:
         print(f"| {name} | {tok_name} | {dtype} | {tps:,.0f} | {cps:,.0f} |")
+
+
+@dataclass
+class Engine:
+    """One side of the nanoGPT comparison: a training step as its own trainer takes it, and what it measured."""
+
+    name: str
+    step: Callable[[], None]  # one optimizer update on a fresh batch
+    describe: str
+    params: int
+    first_step_s: float = 0.0  # the first step alone (torch.compile's start-up with --compile)
+    rates: list[float] = field(default_factory=list)  # tokens/s of each repeat
+
+
+def load_nanogpt(path: str | None) -> ModuleType:
+    """nanoGPT's model.py imported by file path from a checkout (nothing of it is copied here); ArgError if unusable."""
+    model_py = Path(path) / "model.py" if path else None
+    if model_py is None or not model_py.is_file():
+        where = f"{path} has no model.py" if path else "--nanogpt-dir is missing"
+        raise ArgError(f"{where}; pass --nanogpt-dir PATH, a checkout of https://github.com/karpathy/nanoGPT "
+                       "(git clone https://github.com/karpathy/nanoGPT PATH).")
+    spec = importlib.util.spec_from_file_location("nanogpt_model", model_py)
+    module = importlib.util.module_from_spec(spec)  # type: ignore[arg-type]
+    try:
+        spec.loader.exec_module(module)  # type: ignore[union-attr]
+    except Exception as e:  # noqa: BLE001 - any failure of foreign code becomes one message
+        raise ArgError(f"{model_py} could not be imported ({type(e).__name__}: {e}); pass a nanoGPT checkout.") from None
+    if not (hasattr(module, "GPT") and hasattr(module, "GPTConfig")):
+        raise ArgError(f"{model_py} defines no GPT and GPTConfig; pass a checkout of https://github.com/karpathy/nanoGPT.")
+    return module
+
+
+def ours_engine(trainer: Trainer) -> Engine:
+    """Our side: the trainer's own optimizer step (autocast, micro-batches, clipping, the default optimizer) on a
+    trainer built as `python train.py` builds it."""
+    cfg, a = trainer.config, trainer.args
+    variants = ", ".join(f"{k}={getattr(cfg, k)}" for k in ("rotary", "mlp", "qk_norm"))
+    opt = type(trainer.optimizer).__name__
+    desc = (f"model.gpt.GPT ({variants}, dropout {cfg.dropout:g}, bias {cfg.bias}){', torch.compile' if a.compile else ''}; "
+            f"{str(trainer.dtype).removeprefix('torch.')}; Trainer.train_step with {a.optimizer} ({opt}); clip {a.grad_clip:g}")
+    return Engine("ours", trainer.train_step, desc, trainer.raw_model.num_params())
+
+
+def nanogpt_engine(module: ModuleType, cfg: GPTConfig, a: TrainSettings, data: TokenData, block: int) -> Engine:
+    """nanoGPT's classic GPT (learned positions, GELU, dropout 0, bias) stepped as its train.py does on a CPU: fp32
+    (nullcontext), configure_optimizers (non-fused AdamW off CUDA), clip_grad_norm_, zero_grad(set_to_none=True)."""
+    ncfg = module.GPTConfig(block_size=cfg.block_size, vocab_size=cfg.vocab_size, n_layer=cfg.n_layer, n_head=cfg.n_head,
+                            n_embd=cfg.n_embd, dropout=0.0, bias=True)
+    torch.manual_seed(a.seed)
+    with contextlib.redirect_stdout(io.StringIO()):  # its parameter counts and optimizer groups
+        model = module.GPT(ncfg)
+        opt = model.configure_optimizers(a.weight_decay, a.lr, (a.beta1, a.beta2), "cpu")
+    gen = torch.Generator().manual_seed(a.seed)
+    accum = a.grad_accum
+
+    def step() -> None:
+        for _ in range(accum):
+            x, y = get_batch(data.train, a.batch_size, block, gen)
+            with contextlib.nullcontext():  # train.py: ctx = nullcontext() if device_type == 'cpu'
+                _, loss = model(x, y)
+                loss = loss / accum
+            loss.backward()
+        if a.grad_clip != 0.0:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), a.grad_clip)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    fused = "fused" if opt.defaults.get("fused") else "non-fused"
+    desc = (f"nanoGPT model.py GPT (learned positions, GELU, dropout 0, bias True); fp32; "
+            f"configure_optimizers ({type(opt).__name__}, {fused}); clip_grad_norm_ {a.grad_clip:g}")
+    return Engine("nanoGPT", step, desc, sum(p.numel() for p in model.parameters()))
+
+
+def vs_nanogpt(args: argparse.Namespace) -> None:
+    """Our training tokens/s beside nanoGPT's model.py at the default shape and batch: both built once, warmed up, then
+    timed alternately (ours, nanoGPT, ours, ...), median of the repeats."""
+    module = load_nanogpt(args.nanogpt_dir)
+    # Every setting at what `python train.py` uses; no time budget, nothing written but the token cache.
+    trainer = Trainer(resolve({"data": args.data, "out_dir": str(Path(args.cache) / "vs-nanogpt"), "max_minutes": 0,
+                               "compile": args.compile or None, "threads": args.threads}))
+    a, cfg, data, block = trainer.args, trainer.config, trainer.data, trainer.args.block_size
+    engines = [ours_engine(trainer), nanogpt_engine(module, cfg, a, data, block)]
+    tokens_per_step = a.batch_size * block * a.grad_accum
+    print(f"shape: preset {a.preset}, {cfg.n_layer} layers x {cfg.n_head} heads x {cfg.n_embd} wide, context {block}, vocab "
+          f"{cfg.vocab_size} ({a.tokenizer}); batch {a.batch_size} x {a.grad_accum} accum; {args.threads} threads")
+    for e in engines:
+        print(f"  {e.name:8s} {e.params / 1e6:.2f}M params: {e.describe}")
+    for e in engines:
+        t0 = time.perf_counter()
+        e.step()
+        e.first_step_s = time.perf_counter() - t0
+        for _ in range(args.warmup - 1):
+            e.step()
+    for r in range(args.repeats):
+        for e in engines:
+            t0 = time.perf_counter()
+            for _ in range(args.steps):
+                e.step()
+            e.rates.append(args.steps * tokens_per_step / (time.perf_counter() - t0))
+        print(f"  repeat {r + 1}/{args.repeats}: " + ", ".join(f"{e.name} {e.rates[-1]:,.0f} tok/s" for e in engines), flush=True)
+    tps = {e.name: statistics.median(e.rates) for e in engines}
+    print(f"\nmedian of {args.repeats} x {args.steps} steps after {args.warmup} warm-up steps, alternating, {args.threads} threads")
+    print("| engine | tokens/s | ratio to nanoGPT | first step s |\n|---|---:|---:|---:|")
+    for e in engines:
+        print(f"| {e.name} | {tps[e.name]:,.0f} | {tps[e.name] / tps['nanoGPT']:.2f}x | {e.first_step_s:.2f} |")
+    if args.compile:
+        print(f"ours' first step includes torch.compile: {engines[0].first_step_s:.1f} s of the 10-minute budget")
+    print(f"ours {tps['ours']:,.0f} tok/s vs nanoGPT {tps['nanoGPT']:,.0f} tok/s: {tps['ours'] / tps['nanoGPT']:.2f}x")
 
 
 def lever_run(args: argparse.Namespace, t_start: float) -> dict:
@@ -156,7 +275,7 @@ def main() -> int:
     t_start = time.perf_counter()
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data", default="input.txt")
-    p.add_argument("--cache", default="bench/results/cache", help="token caches of the throughput and lever runs")
+    p.add_argument("--cache", default="bench/results/cache", help="token caches of the throughput, lever and vs-nanoGPT runs")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--minutes", type=float, default=10.0, help="budget of the default or lever run")
     p.add_argument("--out-dir", default="bench/results/default", help="checkpoint of the default run")
@@ -167,8 +286,13 @@ def main() -> int:
     g.add_argument("--presets", default="cpu,tiny")
     g.add_argument("--tokenizers", default="bytes,gpt2-compact,gpt2")
     g.add_argument("--batch-size", type=int, default=8)
-    g.add_argument("--steps", type=int, default=5)
-    g.add_argument("--repeats", type=int, default=3)
+    g.add_argument("--steps", type=int, help="timed steps per repeat (default: 5 with --throughput, 20 with --vs-nanogpt)")
+    g.add_argument("--repeats", type=int, help="repeats, median taken (default: 3 with --throughput, 5 with --vs-nanogpt)")
+    g = p.add_argument_group("vs nanoGPT (--steps, --repeats and --threads as above)")
+    g.add_argument("--vs-nanogpt", action="store_true", help="our training tokens/s beside nanoGPT's model.py")
+    g.add_argument("--nanogpt-dir", metavar="PATH", help="a checkout of https://github.com/karpathy/nanoGPT (its model.py is imported)")
+    g.add_argument("--compile", action="store_true", help="torch.compile our model (its first step is reported apart)")
+    g.add_argument("--warmup", type=int, default=2, help="untimed steps of each engine before the repeats")
     g = p.add_argument_group("lever run")
     g.add_argument("--lever", action="store_true", help="train one configuration with the minimal loop")
     g.add_argument("--clock", choices=["wall", "cpu"], default="cpu",
@@ -190,6 +314,10 @@ def main() -> int:
     g.add_argument("--label", default="")
     g.add_argument("--results", default="bench/results/levers.jsonl", help="lever results are appended here as JSON lines")
     args = p.parse_args()
+    args.steps = (20 if args.vs_nanogpt else 5) if args.steps is None else args.steps
+    args.repeats = (5 if args.vs_nanogpt else 3) if args.repeats is None else args.repeats
+    if min(args.steps, args.repeats, args.warmup) < 1:
+        p.error("--steps, --repeats and --warmup must be at least 1")
     torch.set_num_threads(args.threads)
     try:
         if args.curve_of:
@@ -199,6 +327,8 @@ def main() -> int:
             print(f"curve of {args.curve_of}: val {res['val_nats_per_char']:.4f} nats/char; written to {args.plot}")
         elif args.throughput:
             throughput_table(args)
+        elif args.vs_nanogpt:
+            vs_nanogpt(args)
         elif args.lever:
             res = {"label": args.label, **lever_run(args, t_start), "args": vars(args)}
             print(json.dumps({k: v for k, v in res.items() if k != "args"}))

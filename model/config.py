@@ -1,4 +1,4 @@
-"""Model configuration: one dataclass and the named presets users pick with --preset."""
+"""Model configuration: the shape of a GPT as one dataclass (the presets are model/settings.py's)."""
 
 from __future__ import annotations
 
@@ -6,6 +6,8 @@ import dataclasses
 import operator
 from dataclasses import dataclass
 from typing import Any
+
+MLP_KINDS = ("gelu", "relu2")
 
 
 @dataclass
@@ -19,6 +21,10 @@ class GPTConfig:
     n_embd: int = 384
     dropout: float = 0.0
     bias: bool = True  # bias in Linear and LayerNorm layers, as GPT-2
+    # The block's variants. The defaults are GPT-2's, so a config.json without these keys loads as the classic block.
+    rotary: bool = False  # rotary position embeddings on queries and keys instead of learned positions (wpe)
+    mlp: str = "gelu"  # the MLP's activation: "gelu" (GPT-2's tanh approximation) or "relu2" (ReLU squared)
+    qk_norm: bool = False  # queries and keys RMS-normalised per head before attention
 
     def __post_init__(self) -> None:
         self.validate()
@@ -38,6 +44,10 @@ class GPTConfig:
                 f"n_embd ({self.n_embd}) must be divisible by n_head ({self.n_head}); "
                 "pick a width that is a multiple of the number of heads."
             )
+        if self.mlp not in MLP_KINDS:
+            raise ValueError(f"mlp must be one of {', '.join(MLP_KINDS)}, got {self.mlp!r}.")
+        if self.rotary and (self.n_embd // self.n_head) % 2:
+            raise ValueError(f"rotary embeddings need an even head size, got {self.n_embd // self.n_head}; change n_embd or n_head.")
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"dropout must be in [0, 1), got {self.dropout}.")
 
@@ -49,20 +59,3 @@ class GPTConfig:
         """Build from a dict, ignoring keys this version does not know."""
         names = {f.name for f in dataclasses.fields(cls)}
         return cls(**{k: v for k, v in d.items() if k in names})
-
-
-# Named presets. "cpu" is what `python train.py` trains by default; "gpt2" is GPT-2 small (124M).
-PRESETS: dict[str, GPTConfig] = {
-    # "cpu": tuned for the best val nats/char in 10 minutes on 2 CPU cores with the gpt2-compact tokenizer
-    # (64 tokens of context ~ 200 characters); see docs/training-results.md for what each lever measured.
-    "cpu": GPTConfig(block_size=64, n_layer=4, n_head=4, n_embd=256, dropout=0.2),
-    "tiny": GPTConfig(block_size=64, n_layer=2, n_head=2, n_embd=64, dropout=0.0),
-    "gpt2": GPTConfig(block_size=1024, vocab_size=50304, n_layer=12, n_head=12, n_embd=768),
-}
-
-
-def preset(name: str) -> GPTConfig:
-    """A fresh copy of a named preset."""
-    if name not in PRESETS:
-        raise ValueError(f"Unknown preset {name!r}; choose one of: {', '.join(PRESETS)}.")
-    return dataclasses.replace(PRESETS[name])

@@ -33,11 +33,27 @@ class KVCache(nn.Module):
         return self.k[:b], self.v[:b]
 
 
+def rotary_tables(length: int, head_dim: int, base: float = 10000.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and sin (length, head_dim) of rotary embeddings, halves laid out as GPT-NeoX and Llama lay them out."""
+    inv_freq = 1.0 / base ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim)
+    angles = torch.outer(torch.arange(length, dtype=torch.float32), inv_freq)
+    angles = torch.cat((angles, angles), dim=-1)
+    return angles.cos(), angles.sin()
+
+
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate x (B, H, T, D) by the position angles (T, D): each pair (i, i + D/2) turns as one complex number."""
+    half = x.shape[-1] // 2
+    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+    return x * cos.to(x.dtype) + rotated * sin.to(x.dtype)
+
+
 class CausalSelfAttention(nn.Module):
     def __init__(self, config: GPTConfig):
         super().__init__()
         self.n_head = config.n_head
         self.n_embd = config.n_embd
+        self.qk_norm = config.qk_norm
         self.dropout = config.dropout
         self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd, bias=config.bias)  # fused q, k, v
         self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
@@ -45,13 +61,17 @@ class CausalSelfAttention(nn.Module):
         self.kv_cache: KVCache | None = None
 
     def forward(self, x: torch.Tensor, input_pos: torch.Tensor | None = None,
-                mask: torch.Tensor | None = None) -> torch.Tensor:
+                mask: torch.Tensor | None = None, rope: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
         B, T, C = x.shape
         q, k, v = self.c_attn(x).split(self.n_embd, dim=2)
         hd = C // self.n_head
         q = q.view(B, T, self.n_head, hd).transpose(1, 2)
         k = k.view(B, T, self.n_head, hd).transpose(1, 2)
         v = v.view(B, T, self.n_head, hd).transpose(1, 2)
+        if self.qk_norm:
+            q, k = F.rms_norm(q, (hd,)), F.rms_norm(k, (hd,))
+        if rope is not None:
+            q, k = apply_rotary(q, *rope), apply_rotary(k, *rope)
         if self.kv_cache is not None and input_pos is not None:
             k, v = self.kv_cache.update(input_pos, k, v)
             y = F.scaled_dot_product_attention(q, k.to(q.dtype), v.to(q.dtype), attn_mask=mask)
@@ -67,12 +87,15 @@ class MLP(nn.Module):
     def __init__(self, config: GPTConfig):
         super().__init__()
         self.c_fc = nn.Linear(config.n_embd, 4 * config.n_embd, bias=config.bias)
+        self.relu2 = config.mlp == "relu2"
         self.gelu = nn.GELU(approximate="tanh")
         self.c_proj = nn.Linear(4 * config.n_embd, config.n_embd, bias=config.bias)
         self.dropout = nn.Dropout(config.dropout)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.dropout(self.c_proj(self.gelu(self.c_fc(x))))
+        h = self.c_fc(x)
+        h = F.relu(h).square() if self.relu2 else self.gelu(h)
+        return self.dropout(self.c_proj(h))
 
 
 class Block(nn.Module):
@@ -86,8 +109,8 @@ class Block(nn.Module):
         self.mlp = MLP(config)
 
     def forward(self, x: torch.Tensor, input_pos: torch.Tensor | None = None,
-                mask: torch.Tensor | None = None) -> torch.Tensor:
-        x = x + self.attn(self.ln_1(x), input_pos, mask)
+                mask: torch.Tensor | None = None, rope: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+        x = x + self.attn(self.ln_1(x), input_pos, mask, rope)
         return x + self.mlp(self.ln_2(x))
 
 
@@ -99,11 +122,12 @@ class GPT(nn.Module):
         self.config = config
         self.transformer = nn.ModuleDict(dict(
             wte=nn.Embedding(config.vocab_size, config.n_embd),
-            wpe=nn.Embedding(config.block_size, config.n_embd),
             drop=nn.Dropout(config.dropout),
             h=nn.ModuleList([Block(config) for _ in range(config.n_layer)]),
             ln_f=nn.LayerNorm(config.n_embd, bias=config.bias),
         ))
+        if not config.rotary:
+            self.transformer["wpe"] = nn.Embedding(config.block_size, config.n_embd)
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
         self.lm_head.weight = self.transformer.wte.weight  # tied input and output embeddings
         if init_weights:
@@ -114,6 +138,10 @@ class GPT(nn.Module):
                     nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * config.n_layer))
         # Additive causal mask over the KV cache, made by setup_caches; a buffer, so .to() moves it with the caches.
         self.register_buffer("causal_mask", None, persistent=False)
+        if config.rotary:  # not saved: rebuilt from the config
+            cos, sin = rotary_tables(config.block_size, config.n_embd // config.n_head)
+            self.register_buffer("rope_cos", cos, persistent=False)
+            self.register_buffer("rope_sin", sin, persistent=False)
 
     @staticmethod
     def _init_weights(module: nn.Module) -> None:
@@ -127,7 +155,7 @@ class GPT(nn.Module):
     def num_params(self, non_embedding: bool = True) -> int:
         """Parameter count (tied weights once); without position embeddings by default, as nanoGPT."""
         n = sum(p.numel() for p in self.parameters())
-        if non_embedding:
+        if non_embedding and "wpe" in self.transformer:
             n -= self.transformer.wpe.weight.numel()
         return n
 
@@ -139,7 +167,7 @@ class GPT(nn.Module):
         even when made in inference mode, so the model still works outside it afterwards.
         """
         max_len = min(max_len or self.config.block_size, self.config.block_size)
-        weights = self.transformer.wpe.weight
+        weights = self.transformer.ln_f.weight
         dtype = dtype or weights.dtype
         cache = self.transformer.h[0].attn.kv_cache
         if (cache is not None and cache.k.shape[0] >= batch_size and cache.k.shape[2] == max_len
@@ -179,9 +207,15 @@ class GPT(nn.Module):
                 raise RuntimeError("Call setup_caches() before passing input_pos.")
             pos = input_pos
             mask = self.causal_mask[input_pos][None, None]  # (1, 1, T, cache length): the whole cache, masked
-        x = self.transformer.drop(self.transformer.wte(idx) + self.transformer.wpe(pos))
+        x = self.transformer.wte(idx)
+        rope = None
+        if self.config.rotary:
+            rope = (self.rope_cos[pos], self.rope_sin[pos])
+        else:
+            x = x + self.transformer.wpe(pos)
+        x = self.transformer.drop(x)
         for block in self.transformer.h:
-            x = block(x, input_pos, mask)
+            x = block(x, input_pos, mask, rope)
         x = self.transformer.ln_f(x)
         if last_only:
             x = x[:, -1:, :]

@@ -1,8 +1,10 @@
-"""Hugging Face GPT-2 directories: import them as our GPT and export our GPT as one.
+"""Hugging Face directories: import GPT-2s as our GPT, and export our GPT as a GPT-2 or (rotary blocks) a GPT-NeoX.
 
-Our module names are GPT-2's, so conversion is only: the optional "transformer." key prefix, GPT-2's Conv1D
-weights stored as (in, out) where our Linear holds (out, in), and the tied lm_head kept once. No network and
-no transformers import: config.json is read as JSON, weights with safetensors or torch.load(weights_only=True).
+Our module names are GPT-2's, so GPT-2 conversion is only: the optional "transformer." key prefix, GPT-2's Conv1D
+weights stored as (in, out) where our Linear holds (out, in), and the tied lm_head kept once. A rotary GPT is
+GPTNeoXForCausalLM with sequential residuals and rotary over the whole head; only its names differ and its fused
+q/k/v rows, grouped per head. No network and no transformers import: config.json is read as JSON, weights with
+safetensors or torch.load(weights_only=True).
 """
 
 from __future__ import annotations
@@ -30,27 +32,40 @@ TANH_GELU = ("gelu_new", "gelu_pytorch_tanh")
 GPT2_VOCAB = 50257
 TOKENIZER_KEY = "smallgpt_tokenizer"  # our exports record their tokenizer spec here; other GPT-2s use GPT-2's
 LN_EPS = 1e-5  # PyTorch's LayerNorm default, which our GPT uses; GPT-2's too
+GPT2_ARCH = "GPT2LMHeadModel"
+NEOX_ARCH = "GPTNeoXForCausalLM"
+HF_ACT = {"gelu": "gelu_new", "relu2": "relu2"}  # our MLP kinds as transformers' ACT2FN names (gelu_new: tanh GELU)
+ROPE_BASE = 10000  # rotary_tables' default base
+NEOX_LAYER = {"ln_1": "input_layernorm", "attn.c_attn": "attention.query_key_value", "attn.c_proj": "attention.dense",
+              "ln_2": "post_attention_layernorm", "mlp.c_fc": "mlp.dense_h_to_4h", "mlp.c_proj": "mlp.dense_4h_to_h"}
+QK_NORM_REFUSAL = ("This model RMS-normalises queries and keys (qk_norm), which no standard transformers class computes "
+                   "with our LayerNorm blocks, so it cannot be exported; train it with --no-qk-norm to export it.")
+
+
+def hf_dir_config(path: str | Path) -> dict[str, Any] | None:
+    """The config.json of a Hugging Face model directory (not one of our checkpoints), or None when path is not one."""
+    cfg_path = Path(path) / CONFIG
+    if not cfg_path.is_file():
+        return None
+    try:
+        cfg = json.loads(cfg_path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return None
+    return cfg if isinstance(cfg, dict) and "model" not in cfg else None
 
 
 def is_hf_dir(path: str | Path) -> bool:
     """True when path is a directory whose config.json describes a Hugging Face GPT-2 (and not one of our checkpoints)."""
-    cfg_path = Path(path) / CONFIG
-    if not cfg_path.is_file():
-        return False
-    try:
-        cfg = json.loads(cfg_path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
-        return False
-    if not isinstance(cfg, dict) or "model" in cfg:
-        return False
-    return cfg.get("model_type") == "gpt2" or "GPT2LMHeadModel" in (cfg.get("architectures") or [])
+    cfg = hf_dir_config(path)
+    return cfg is not None and (cfg.get("model_type") == "gpt2" or GPT2_ARCH in (cfg.get("architectures") or []))
 
 
 def config_from_hf(cfg: dict[str, Any], where: str) -> GPTConfig:
     """Our GPTConfig for a Hugging Face GPT-2 config.json, or a CheckpointError naming the setting we cannot run."""
     act = cfg.get("activation_function", "gelu_new")
-    if act not in TANH_GELU:
-        raise CheckpointError(f"{where} uses activation_function {act!r}; this kit runs only GPT-2's tanh GELU ('gelu_new').")
+    if act not in (*TANH_GELU, HF_ACT["relu2"]):
+        raise CheckpointError(f"{where} uses activation_function {act!r}; this kit runs only GPT-2's tanh GELU ('gelu_new') "
+                              "or ReLU squared ('relu2').")
     unsupported = {"scale_attn_weights": True, "scale_attn_by_inverse_layer_idx": False, "add_cross_attention": False}
     for key, ours in unsupported.items():
         if bool(cfg.get(key, ours)) != ours:
@@ -64,7 +79,7 @@ def config_from_hf(cfg: dict[str, Any], where: str) -> GPTConfig:
             raise CheckpointError(f"{where} sets n_inner={cfg['n_inner']}; this kit's MLP is 4 * n_embd = {4 * n_embd} wide.")
         return GPTConfig(block_size=int(cfg.get("n_positions", cfg.get("n_ctx", 1024))), vocab_size=int(cfg.get("vocab_size", GPT2_VOCAB)),
                          n_layer=int(cfg.get("n_layer", 12)), n_head=int(cfg.get("n_head", 12)), n_embd=n_embd,
-                         dropout=0.0, bias=True)
+                         dropout=0.0, bias=True, mlp="relu2" if act == HF_ACT["relu2"] else "gelu")
     except (TypeError, ValueError) as e:
         raise CheckpointError(f"{where} has an invalid GPT-2 setting: {e}") from None
 
@@ -133,16 +148,43 @@ def load_hf(hf_dir: str | Path) -> tuple[GPT, dict[str, Any]]:
     return model.eval(), meta
 
 
-def hf_config(config: GPTConfig, tokenizer: Tokenizer | None) -> dict[str, Any]:
-    """The config.json transformers.GPT2LMHeadModel needs for a GPT of `config`."""
-    cfg: dict[str, Any] = {
-        "model_type": "gpt2", "architectures": ["GPT2LMHeadModel"],
-        "vocab_size": config.vocab_size, "n_positions": config.block_size, "n_embd": config.n_embd,
-        "n_layer": config.n_layer, "n_head": config.n_head, "n_inner": None,
-        "activation_function": "gelu_new", "layer_norm_epsilon": LN_EPS, "initializer_range": 0.02,
-        "resid_pdrop": config.dropout, "embd_pdrop": config.dropout, "attn_pdrop": config.dropout,
-        "scale_attn_weights": True, "tie_word_embeddings": True, "torch_dtype": "float32",
+def hf_architecture(config: GPTConfig) -> str:
+    """The transformers class an export of `config` is: GPT-2 for learned positions, GPT-NeoX for rotary; qk_norm is refused."""
+    if config.qk_norm:
+        raise CheckpointError(QK_NORM_REFUSAL)
+    return NEOX_ARCH if config.rotary else GPT2_ARCH
+
+
+def neox_config(config: GPTConfig) -> dict[str, Any]:
+    """The model part of the config.json transformers.GPTNeoXForCausalLM needs for a rotary GPT of `config`.
+
+    The rotary settings are written both the classic way (rotary_pct, rotary_emb_base) and as transformers 5's rope_parameters.
+    """
+    return {
+        "model_type": "gpt_neox", "architectures": [NEOX_ARCH],
+        "vocab_size": config.vocab_size, "max_position_embeddings": config.block_size, "hidden_size": config.n_embd,
+        "num_hidden_layers": config.n_layer, "num_attention_heads": config.n_head, "intermediate_size": 4 * config.n_embd,
+        "hidden_act": HF_ACT[config.mlp], "layer_norm_eps": LN_EPS, "initializer_range": 0.02,
+        "use_parallel_residual": False, "rotary_pct": 1.0, "rotary_emb_base": ROPE_BASE,
+        "rope_parameters": {"rope_type": "default", "rope_theta": float(ROPE_BASE), "partial_rotary_factor": 1.0},
+        "attention_bias": config.bias, "hidden_dropout": config.dropout, "attention_dropout": config.dropout,
+        "tie_word_embeddings": True, "bos_token_id": None, "eos_token_id": None, "torch_dtype": "float32",
     }
+
+
+def hf_config(config: GPTConfig, tokenizer: Tokenizer | None) -> dict[str, Any]:
+    """The config.json the transformers class of hf_architecture(config) needs for a GPT of `config`."""
+    if hf_architecture(config) == NEOX_ARCH:
+        cfg = neox_config(config)
+    else:
+        cfg = {
+            "model_type": "gpt2", "architectures": [GPT2_ARCH],
+            "vocab_size": config.vocab_size, "n_positions": config.block_size, "n_embd": config.n_embd,
+            "n_layer": config.n_layer, "n_head": config.n_head, "n_inner": None,
+            "activation_function": HF_ACT[config.mlp], "layer_norm_epsilon": LN_EPS, "initializer_range": 0.02,
+            "resid_pdrop": config.dropout, "embd_pdrop": config.dropout, "attn_pdrop": config.dropout,
+            "scale_attn_weights": True, "tie_word_embeddings": True, "torch_dtype": "float32",
+        }
     if tokenizer is not None:
         cfg[TOKENIZER_KEY] = tokenizer.spec
         if tokenizer.eot_token is not None:  # 50256 for GPT-2's tokenizer
@@ -150,16 +192,21 @@ def hf_config(config: GPTConfig, tokenizer: Tokenizer | None) -> dict[str, Any]:
     return cfg
 
 
-def state_to_hf(model: GPT) -> dict[str, torch.Tensor]:
-    """Our GPT's weights under GPT-2's key names with Conv1D-transposed weights; zero biases where ours has none."""
+def float_state(model: GPT) -> dict[str, torch.Tensor]:
+    """Our GPT's weights as fp32 CPU tensors, the tied head once; a CheckpointError for a quantized model, which no export takes."""
     state = {}
     for key, value in model.state_dict().items():
         if key == TIED_KEY:
             continue
         if not isinstance(value, torch.Tensor) or not value.is_floating_point():
             raise CheckpointError("This model is quantized (int8); export the fp32 checkpoint it was quantized from instead.")
-        value = value.detach().float().cpu()
-        state[key] = (value.t() if key.endswith(CONV1D) else value).contiguous()
+        state[key] = value.detach().float().cpu()
+    return state
+
+
+def state_to_hf(model: GPT) -> dict[str, torch.Tensor]:
+    """Our GPT's weights under GPT-2's key names with Conv1D-transposed weights; zero biases where ours has none."""
+    state = {key: (value.t() if key.endswith(CONV1D) else value).contiguous() for key, value in float_state(model).items()}
     if not model.config.bias:  # GPT-2 has no bias-free variant: a zero bias computes the same thing
         for key in list(state):
             if (key.startswith(PREFIX + "h.") and key.endswith(".weight")) or key == PREFIX + "ln_f.weight":
@@ -168,17 +215,50 @@ def state_to_hf(model: GPT) -> dict[str, torch.Tensor]:
     return state
 
 
-def export_hf(model: GPT, tokenizer: Tokenizer | None, out_dir: str | Path) -> Path:
-    """Write `model` as a directory transformers.GPT2LMHeadModel.from_pretrained loads (model.safetensors + config.json),
-    with the tokenizer as GPT-2 tokenizer files (vocab.json, merges.txt) when given.
+def neox_qkv(t: torch.Tensor, n_head: int) -> torch.Tensor:
+    """Our fused c_attn weight or bias (rows [q; k; v], each split per head) with NeoX's row order: per head [q_h; k_h; v_h]."""
+    return t.reshape(3, n_head, -1, *t.shape[1:]).transpose(0, 1).reshape(t.shape).contiguous()
 
-    A model trained with bias=False gets zero biases, since GPT-2 has no bias-free option; the function is unchanged.
+
+def state_to_neox(model: GPT) -> dict[str, torch.Tensor]:
+    """Our rotary GPT's weights under GPTNeoXForCausalLM's names, q/k/v rows regrouped per head.
+
+    NeoX's attention has biases only with attention_bias (set to our bias); its MLP and LayerNorms always have them,
+    so a bias-free model gets zero ones there: the function is unchanged. The tied head is embed_in, kept once.
+    """
+    ours = float_state(model)
+    state = {"gpt_neox.embed_in.weight": ours.pop(PREFIX + "wte.weight")}
+    names = {f"h.{i}.{src}": f"layers.{i}.{dst}" for i in range(model.config.n_layer) for src, dst in NEOX_LAYER.items()}
+    names["ln_f"] = "final_layer_norm"
+    for src, dst in names.items():
+        weight = ours.pop(f"{PREFIX}{src}.weight")
+        bias = ours.pop(f"{PREFIX}{src}.bias", None)
+        if bias is None and ".attention." not in dst:
+            bias = torch.zeros(weight.shape[0])
+        if src.endswith("c_attn"):
+            weight = neox_qkv(weight, model.config.n_head)
+            bias = None if bias is None else neox_qkv(bias, model.config.n_head)
+        state[f"gpt_neox.{dst}.weight"] = weight.contiguous()
+        if bias is not None:
+            state[f"gpt_neox.{dst}.bias"] = bias.contiguous()
+    if ours:
+        raise CheckpointError(f"This model has weights GPT-NeoX has no place for ({', '.join(sorted(ours))}); it cannot be exported.")
+    return state
+
+
+def export_hf(model: GPT, tokenizer: Tokenizer | None, out_dir: str | Path) -> Path:
+    """Write `model` as a directory transformers.AutoModelForCausalLM.from_pretrained loads (model.safetensors + config.json)
+    as the class hf_architecture names, with the tokenizer as GPT-2 tokenizer files (vocab.json, merges.txt) when given.
+
+    The classic block is a GPT2LMHeadModel, a rotary one a GPTNeoXForCausalLM; qk_norm is refused before anything is written.
+    A model trained with bias=False gets zero biases where the class has no bias-free option; the function is unchanged.
     Weights go first and config.json last, each atomically, so a crash never leaves a loadable-looking half directory.
     """
     out_dir = Path(out_dir)
-    if (out_dir / CONFIG).is_file() and not is_hf_dir(out_dir):
+    existing = hf_dir_config(out_dir) or {}
+    if (out_dir / CONFIG).is_file() and not (is_hf_dir(out_dir) or existing.get("model_type") == "gpt_neox"):
         raise CheckpointError(f"{out_dir} already holds a checkpoint of this kit; export to another directory (--out).")
-    state = state_to_hf(model)
+    state = state_to_neox(model) if hf_architecture(model.config) == NEOX_ARCH else state_to_hf(model)
     out_dir.mkdir(parents=True, exist_ok=True)
     save_tensors(out_dir / SAFETENSORS, state, {"format": "pt"})
     if tokenizer is not None:
@@ -188,7 +268,7 @@ def export_hf(model: GPT, tokenizer: Tokenizer | None, out_dir: str | Path) -> P
 
 
 def export_checkpoint(ckpt: str | Path, out_dir: str | Path) -> Path:
-    """Export a checkpoint directory (ours in fp32, or a Hugging Face GPT-2) as a Hugging Face GPT-2 directory; int8 is refused."""
+    """Export a checkpoint directory (ours in fp32, or a Hugging Face GPT-2) as a Hugging Face directory (export_hf); int8 is refused."""
     from .load import load  # load.py imports this module
 
     if Path(ckpt).resolve() == Path(out_dir).resolve():

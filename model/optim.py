@@ -1,4 +1,5 @@
-"""Optimizer pieces of training: AdamW parameter groups, the warmup + cosine LR schedule, gradient clipping."""
+"""Optimizer pieces of training: AdamW parameter groups (or Muon for the blocks' matrices), the warmup + cosine LR
+schedule, gradient clipping."""
 
 from __future__ import annotations
 
@@ -6,15 +7,60 @@ import math
 
 import torch
 
+OPTIMIZERS = ("adamw", "muon")
+MUON_MOMENTUM = 0.95
+
+
+class Optimizers(torch.optim.Optimizer):
+    """Several optimizers stepped as one (Muon for some parameters, AdamW for the rest): one param_groups list for the
+    schedule, one state_dict for --resume."""
+
+    def __init__(self, *optimizers: torch.optim.Optimizer):  # noqa: D107 - no torch.optim.Optimizer.__init__: nothing of its own
+        self.optimizers = optimizers
+        self.defaults = {}
+        self.state = {}
+
+    @property
+    def param_groups(self) -> list[dict]:  # type: ignore[override]
+        return [g for opt in self.optimizers for g in opt.param_groups]
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        for opt in self.optimizers:
+            opt.zero_grad(set_to_none=set_to_none)
+
+    def step(self, closure=None) -> None:  # type: ignore[override]
+        for opt in self.optimizers:
+            opt.step()
+
+    def state_dict(self) -> dict:  # type: ignore[override]
+        return {"optimizers": [opt.state_dict() for opt in self.optimizers]}
+
+    def load_state_dict(self, state_dict: dict) -> None:  # type: ignore[override]
+        saved = state_dict["optimizers"]
+        if len(saved) != len(self.optimizers):
+            raise ValueError(f"the saved state has {len(saved)} optimizers, this run {len(self.optimizers)}")
+        for opt, s in zip(self.optimizers, saved, strict=True):
+            opt.load_state_dict(s)
+
 
 def make_optimizer(model: torch.nn.Module, lr: float, weight_decay: float, betas: tuple[float, float],
-                   device_type: str = "cpu") -> torch.optim.AdamW:
-    """AdamW with weight decay on matrices and embeddings (>= 2-D) only, never on biases or LayerNorm gains."""
+                   device_type: str = "cpu", kind: str = "adamw") -> torch.optim.Optimizer:
+    """AdamW with weight decay on matrices and embeddings (>= 2-D) only, never on biases or LayerNorm gains.
+
+    kind "muon": Muon (orthogonalised momentum) for the 2-D matrices inside the blocks, at the learning rate AdamW's
+    update size would have; AdamW for the embeddings, biases and gains, as modded-nanogpt does.
+    """
     params = [p for p in model.parameters() if p.requires_grad]  # parameters() yields the tied weight once
-    decay = [p for p in params if p.dim() >= 2]
+    hidden = {id(p) for name, p in model.named_parameters() if kind == "muon" and ".h." in f".{name}" and p.dim() == 2}
+    decay = [p for p in params if p.dim() >= 2 and id(p) not in hidden]
     no_decay = [p for p in params if p.dim() < 2]
     groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    return torch.optim.AdamW(groups, lr=lr, betas=betas, fused=device_type == "cuda")
+    adamw = torch.optim.AdamW(groups, lr=lr, betas=betas, fused=device_type in ("cuda", "cpu"))
+    if not hidden:
+        return adamw
+    muon = torch.optim.Muon([p for p in params if id(p) in hidden], lr=lr, weight_decay=weight_decay,
+                            momentum=MUON_MOMENTUM, adjust_lr_fn="match_rms_adamw")
+    return Optimizers(muon, adamw)
 
 
 def warmup_frac(step: int, warmup_iters: int) -> float:

@@ -31,8 +31,8 @@ from typing import Any, Literal
 
 from . import atomic
 from .checkpoint import CONFIG, METRICS, WEIGHTS, read_json
-from .config import PRESETS
 from .data import VAL_FRACTION, DataError, decode_text
+from .settings import PRESETS
 from .trainer import LOG, PLOT, read_log
 
 PROJECT = Path(__file__).resolve().parents[1]  # a Space bundle carries train.py and quantize.py beside app.py too
@@ -43,7 +43,7 @@ MAX_BYTES = 10 * 2**20  # uploads and pastes above 10 MB are refused
 # Shortest text accepted: its validation split (the last 10%) then holds a context window of the default "cpu" preset
 # (64 tokens) even at 6 characters a token (English takes 3 to 4). The trainer still checks exactly, in tokens; its
 # DataError sentence then becomes the job's error.
-MIN_CHARS = math.ceil((PRESETS["cpu"].block_size + 1) * 6 / VAL_FRACTION)
+MIN_CHARS = math.ceil((PRESETS["cpu"]["block_size"] + 1) * 6 / VAL_FRACTION)
 CONTROL = re.compile(r"[\x00-\x08\x0b\x0e-\x1f\x7f-\x9f]")  # control characters other than tab, newlines and form feed
 MAX_CONTROL_SHARE = 0.01  # text with more of them than this is taken for a binary file
 MIN_MINUTES, MAX_MINUTES, DEFAULT_MINUTES = 1, 10, 3

@@ -14,9 +14,9 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 
 from model.checkpoint import read_config, save_config, save_weights, write_json  # noqa: E402
-from model.config import preset  # noqa: E402
 from model.gpt import GPT  # noqa: E402
 from model.quantize import quantize_model, save_int8  # noqa: E402
+from model.settings import preset  # noqa: E402
 from model.tokenizer import Tokenizer, padded_vocab_size  # noqa: E402
 
 CHROMIUM = Path("/usr/bin/chromium")  # Debian's, driven by Playwright in the browser tests

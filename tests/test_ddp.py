@@ -19,7 +19,7 @@ from train_support import TEXT
 import model.trainer
 import train
 from model import distributed
-from model.trainer import check_args, resolve_args
+from model.plan import settings_for
 
 ROOT = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
@@ -204,13 +204,11 @@ def test_grad_accum_must_split_evenly_over_the_processes(tmp_path, monkeypatch, 
 def test_without_grad_accum_each_process_takes_one_micro_batch_per_step(monkeypatch):
     """torchrun --nproc_per_node=N train.py works with the defaults: an unset --grad-accum becomes a multiple of N."""
     monkeypatch.setenv("WORLD_SIZE", "2")
-    args, _ = resolve_args({"preset": "tiny", "device": "cpu"})
-    assert args.grad_accum == 2  # global batch: 2 processes x batch 16 x 1 micro-step
-    check_args(args)
-    assert resolve_args({"preset": "gpt2", "device": "cpu"})[0].grad_accum == 8  # the preset's 8 splits as 4 per process
+    assert settings_for({"preset": "tiny", "device": "cpu"}).grad_accum == 2  # 2 processes x batch 16 x 1 micro-step
+    assert settings_for({"preset": "gpt2", "device": "cpu"}).grad_accum == 8  # the preset's 8 splits as 4 per process
     monkeypatch.setenv("WORLD_SIZE", "3")
-    assert resolve_args({"preset": "gpt2", "device": "cpu"})[0].grad_accum == 9  # rounded up to a multiple of 3
-    assert resolve_args({"preset": "tiny", "device": "cpu", "grad_accum": 6})[0].grad_accum == 6  # a given value is kept
+    assert settings_for({"preset": "gpt2", "device": "cpu"}).grad_accum == 9  # rounded up to a multiple of 3
+    assert settings_for({"preset": "tiny", "device": "cpu", "grad_accum": 6}).grad_accum == 6  # a given value is kept
 
 
 def test_without_torchrun_there_is_one_process(monkeypatch):

@@ -15,13 +15,14 @@ import generate as generate_cli
 import quantize
 import train
 from model.checkpoint import CheckpointError, save_config, save_weights
-from model.config import GPTConfig, preset
+from model.config import GPTConfig
 from model.generate import SamplingConfig, decode_tokens, generate
 from model.gpt import GPT
 from model.hf import export_checkpoint, is_hf_dir
 from model.hf import export_hf as export_model
 from model.hf_tokenizer import token_strings
 from model.load import load
+from model.settings import preset
 from model.tokenizer import build_tokenizer, padded_vocab_size
 
 PROMPTS = ["ROMEO:", "To be, or not to be, that is the question:", "The quick brown fox jumps over the lazy dog.",
@@ -125,6 +126,65 @@ def test_export_matches_transformers(transformers, gpt2_tokenizer, tmp_path):
         assert is_hf_dir(out) and max_diff(model, load(out).model, gpt2_tokenizer, a_is_hf=False) < TOL  # and back
 
 
+VARIANTS = [  # rotary, mlp, bias: the transformers class an export of that block loads as
+    (True, "gelu", True, "GPTNeoXForCausalLM"),
+    (True, "relu2", False, "GPTNeoXForCausalLM"),
+    (False, "relu2", True, "GPT2LMHeadModel"),
+]
+
+
+def random_gpt(**variant) -> GPT:
+    """A tiny GPT of a block variant with every parameter random (LayerNorms and biases too), so any mix-up shows."""
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(block_size=32, vocab_size=320, n_layer=2, n_head=4, n_embd=64, **variant)).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0.0, 0.2)
+    return model
+
+
+@pytest.mark.parametrize("rotary, mlp, bias, arch", VARIANTS)
+def test_block_variants_export_with_logit_parity(transformers, tmp_path, rotary, mlp, bias, arch):
+    """A rotary GPT exports as GPT-NeoX (sequential residuals, rotary over the whole head, tied head), a learned-position
+    relu2 one as GPT-2 with relu2: AutoModelForCausalLM loads that class, whose logits on random tokens are ours, and
+    the GPT-2 tokenizer files are written as for any export."""
+    model = random_gpt(rotary=rotary, mlp=mlp, bias=bias)
+    tokenizer = build_tokenizer("bytes", "")
+    export_model(model, tokenizer, tmp_path)
+    cfg = json.loads((tmp_path / "config.json").read_text())
+    assert cfg["architectures"] == [arch] and cfg["eos_token_id"] == tokenizer.eot_token
+    if rotary:
+        assert cfg["use_parallel_residual"] is False and cfg["rotary_pct"] == 1.0 and cfg["rotary_emb_base"] == 10000
+        assert cfg["hidden_act"] == {"gelu": "gelu_new", "relu2": "relu2"}[mlp] and cfg["attention_bias"] is bias
+        assert cfg["intermediate_size"] == 4 * 64 and cfg["max_position_embeddings"] == 32 and cfg["tie_word_embeddings"] is True
+    hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path).eval()
+    assert type(hf).__name__ == arch
+    assert hf.get_output_embeddings().weight.data_ptr() == hf.get_input_embeddings().weight.data_ptr()  # tied
+    ids = torch.randint(0, model.config.vocab_size, (2, model.config.block_size), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        ours, theirs = model(ids)[0], hf(ids).logits
+    diff = (ours - theirs).abs().max().item()
+    print(f"  {arch} ({mlp}, bias={bias}): max |logit diff| {diff:.3g} (max |logit| {ours.abs().max().item():.3g})")
+    assert diff < TOL
+    vocab = json.loads((tmp_path / "vocab.json").read_text(encoding="utf-8"))
+    assert sorted(vocab.values()) == list(range(model.config.vocab_size))  # one string per embedding row
+    hf_tok = transformers.AutoTokenizer.from_pretrained(tmp_path)
+    assert hf_tok(PROMPTS[0])["input_ids"] == tokenizer.encode(PROMPTS[0]) and hf_tok.eos_token_id == tokenizer.eot_token
+    if not rotary:  # GPT-2 directories import back; GPT-NeoX ones do not
+        back = load(tmp_path).model
+        with torch.no_grad():
+            assert back.config == model.config and (back(ids)[0] - ours).abs().max().item() < TOL
+
+
+@pytest.mark.parametrize("rotary", [True, False])
+def test_qk_norm_export_is_refused(tmp_path, rotary):
+    """No standard transformers class RMS-normalises q and k per head inside LayerNorm blocks: refused, nothing written."""
+    model = GPT(GPTConfig(block_size=16, vocab_size=64, n_layer=1, n_head=2, n_embd=16, rotary=rotary, qk_norm=True))
+    with pytest.raises(CheckpointError, match="no standard transformers class .* train it with --no-qk-norm"):
+        export_model(model, None, tmp_path / "hf")
+    assert not (tmp_path / "hf").exists()
+
+
 def test_hf_dir_roundtrip_through_export(transformers, hf_model, hf_dirs, gpt2_tokenizer, tmp_path):
     export_checkpoint(hf_dirs["bin"], tmp_path / "again")
     again = transformers.GPT2LMHeadModel.from_pretrained(tmp_path / "again").eval()
@@ -176,14 +236,22 @@ def test_export_writes_a_tokenizer_transformers_reads(transformers, gpt2_tokeniz
     assert load(tmp_path).tokenizer.spec == tokenizer.spec
 
 
-def test_ctranslate2_converts_an_export_and_decodes_our_greedy_tokens(transformers, tmp_path):
-    """The export converts with CTranslate2 as it is (vocab.json as long as the embedding), and CTranslate2's greedy
-    tokens from the vocabulary strings of our prompt ids are ours."""
+CT2_NEOX_ON_TRANSFORMERS_5 = pytest.mark.xfail(
+    raises=AttributeError, strict=False,
+    reason="CTranslate2 4.x's GPT-NeoX converter reads config.rotary_pct and model.embed_out, which transformers 5 renamed "
+           "(rope_parameters, lm_head); with those two names shimmed it decodes our tokens")
+
+
+@pytest.mark.parametrize("rotary", [False, pytest.param(True, marks=CT2_NEOX_ON_TRANSFORMERS_5)])
+def test_ctranslate2_converts_an_export_and_decodes_our_greedy_tokens(transformers, tmp_path, rotary):
+    """The export (GPT-2, or GPT-NeoX for rotary) converts with CTranslate2 as it is (vocab.json as long as the embedding),
+    and CTranslate2's greedy tokens from the vocabulary strings of our prompt ids are ours."""
     ctranslate2 = pytest.importorskip("ctranslate2", reason="ctranslate2 (requirements-dev.txt) is not installed")
     tokenizer = build_tokenizer("gpt2-compact", " ".join(PROMPTS) * 3)
     assert padded_vocab_size(tokenizer.n_vocab) > tokenizer.n_vocab  # so placeholders are written and converted
     torch.manual_seed(0)
-    model = GPT(GPTConfig(block_size=32, vocab_size=padded_vocab_size(tokenizer.n_vocab), n_layer=2, n_head=2, n_embd=32)).eval()
+    model = GPT(GPTConfig(block_size=32, vocab_size=padded_vocab_size(tokenizer.n_vocab), n_layer=2, n_head=2, n_embd=32,
+                          rotary=rotary)).eval()
     with torch.no_grad():
         for p in model.parameters():
             if p.dim() == 2:
@@ -286,3 +354,26 @@ def test_cli_exports_and_reports_errors_in_one_line(tmp_path, capsys):
     assert err.startswith("error: No checkpoint at") and "\n" not in err
     assert export_hf.main(["--ckpt", str(tmp_path / "hf"), "--out", str(tmp_path)]) == 2  # would overwrite our checkpoint
     assert "already holds a checkpoint of this kit" in capsys.readouterr().err
+
+
+def save_tiny_checkpoint(ckpt, **variant) -> None:
+    """A random tiny GPT of a block variant saved as our fp32 checkpoint with the bytes tokenizer."""
+    model = GPT(GPTConfig(block_size=16, vocab_size=320, n_layer=1, n_head=2, n_embd=16, **variant))
+    ckpt.mkdir()
+    save_weights(ckpt / "model.safetensors", model)
+    save_config(ckpt, model.config, {"name": "bytes"})
+
+
+def test_cli_names_the_class_it_wrote_and_refuses_qk_norm(tmp_path, capsys):
+    """export_hf.py says which transformers class it wrote (exporting again over its own export works); a qk_norm model
+    is refused in one line that says what to do."""
+    for name, variant, arch in (("classic", {}, "GPT2LMHeadModel"), ("rotary", {"rotary": True}, "GPTNeoXForCausalLM")):
+        save_tiny_checkpoint(tmp_path / name, **variant)
+        for _ in range(2):
+            assert export_hf.main(["--ckpt", str(tmp_path / name), "--out", str(tmp_path / f"{name}_hf")]) == 0
+            assert f"as a {arch} " in capsys.readouterr().out
+    save_tiny_checkpoint(tmp_path / "qk", rotary=True, qk_norm=True)
+    assert export_hf.main(["--ckpt", str(tmp_path / "qk"), "--out", str(tmp_path / "qk_hf")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ") and "--no-qk-norm" in err and "\n" not in err
+    assert not (tmp_path / "qk_hf").exists()

@@ -1,4 +1,5 @@
-"""The GPT module: shapes, causality, the context limit, and KV-cached decoding equal to the plain forward."""
+"""The GPT module: shapes, causality, the context limit, and KV-cached decoding equal to the plain forward, for the
+classic GPT-2 block and its variants (rotary positions, ReLU², QK-norm)."""
 
 from __future__ import annotations
 
@@ -8,11 +9,13 @@ from train_support import tiny_config
 
 from model.gpt import GPT
 
+VARIANTS = {"classic": {}, "rotary-relu2": {"rotary": True, "mlp": "relu2"}, "rotary-qknorm": {"rotary": True, "qk_norm": True}}
 
-@pytest.fixture
-def model() -> GPT:
+
+@pytest.fixture(params=list(VARIANTS))
+def model(request) -> GPT:
     torch.manual_seed(0)
-    return GPT(tiny_config()).eval()
+    return GPT(tiny_config(**VARIANTS[request.param])).eval()
 
 
 def test_shapes_and_loss(model):
@@ -28,7 +31,7 @@ def test_shapes_and_loss(model):
 def test_num_params_counts_tied_weights_once(model):
     total = sum(p.numel() for p in model.parameters())
     assert model.num_params(non_embedding=False) == total
-    assert model.num_params() == total - 16 * 32
+    assert model.num_params() == total - (0 if model.config.rotary else 16 * 32)  # learned positions are not counted
     assert model.lm_head.weight is model.transformer.wte.weight
 
 
@@ -57,3 +60,24 @@ def test_kv_cached_forward_equals_plain_forward(model):
         torch.testing.assert_close(step[:, 0], full[:, t], rtol=1e-5, atol=1e-5)
     model.clear_caches()
     torch.testing.assert_close(model(x)[0], full)
+
+
+def test_rotary_model_has_no_learned_positions_and_attends_by_relative_position():
+    torch.manual_seed(0)
+    model = GPT(tiny_config(rotary=True)).eval()
+    assert "wpe" not in model.transformer and not any("wpe" in k for k in model.state_dict())
+    assert not any("rope" in k for k in model.state_dict())  # the tables are rebuilt from the config, never saved
+    x = torch.randint(0, 256, (1, 8))
+    model.setup_caches(batch_size=1)
+    at_0 = model(x, input_pos=torch.arange(8))[0]
+    model.clear_caches()
+    model.setup_caches(batch_size=1)
+    at_5 = model(x, input_pos=torch.arange(5, 13))[0]  # the same tokens further on: only relative positions matter
+    torch.testing.assert_close(at_0, at_5, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("bad,message", [({"mlp": "swish"}, "mlp must be one of gelu, relu2"),
+                                         ({"rotary": True, "n_embd": 30, "n_head": 2}, "even head size")])
+def test_impossible_variant_is_refused(bad, message):
+    with pytest.raises(ValueError, match=message):
+        tiny_config(**bad)

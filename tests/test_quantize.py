@@ -3,6 +3,7 @@ size, the generation engine, the CLI's report, and one clear error (never an unp
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import pickle
@@ -19,11 +20,11 @@ import torch.nn.functional as F
 
 import quantize as quantize_cli
 from model.checkpoint import WEIGHTS, CheckpointError, save_config, save_weights
-from model.config import preset
 from model.generate import SamplingConfig, decode_tokens
 from model.gpt import GPT
 from model.load import load
 from model.quantize import ENGINE_PREFERENCE, Int8Embedding, int8_state, load_int8, quantize_model, save_int8, set_engine
+from model.settings import preset
 
 TEXT = "First Citizen:\nBefore we proceed any further, hear me speak.\n\nAll:\nSpeak, speak.\n\n" * 8  # ~600 characters
 
@@ -99,8 +100,10 @@ def test_tied_matrix_stored_once_as_int8():
     assert {k for k, t in state.items() if t.is_floating_point() and t.dim() > 1} == {"transformer.wpe.weight"}  # only matrix left fp32
 
 
-def test_save_load_round_trip_is_bit_identical(tmp_path):
-    qmodel = quantize_model(tiny_gpt())
+@pytest.mark.parametrize("variant", [{}, {"rotary": True, "mlp": "relu2"}], ids=["classic", "rotary-relu2"])
+def test_save_load_round_trip_is_bit_identical(tmp_path, variant):
+    torch.manual_seed(0)
+    qmodel = quantize_model(GPT(dataclasses.replace(preset("tiny"), vocab_size=512, **variant)).eval())
     save_int8(tmp_path, qmodel, {"tokenizer": {"name": "gpt2"}, "train": {}})
     loaded, cfg = load_int8(tmp_path)
     assert cfg["kind"] == "int8"

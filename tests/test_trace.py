@@ -28,6 +28,17 @@ def int8_gpt() -> GPT:
     return quantize_model(tiny_gpt())
 
 
+def rotary_gpt() -> GPT:
+    """The default cpu preset's block: rotary positions."""
+    return model_support.tiny_gpt(vocab=128, rotary=True)
+
+
+def int8_rotary_relu2_gpt() -> GPT:
+    from model.quantize import quantize_model
+
+    return quantize_model(model_support.tiny_gpt(vocab=128, rotary=True, mlp="relu2"))
+
+
 def tokens(model: GPT, num_samples: int, sampling: SamplingConfig, traced: bool | None, prompt=(3, 4, 5, 6)) -> list[list[int]]:
     """The engine's tokens per sequence with the traced step, the eager one, or (None) the one the engine picks."""
     step = None if traced is None else traced_step(model) if traced else eager_forward(model)
@@ -35,7 +46,8 @@ def tokens(model: GPT, num_samples: int, sampling: SamplingConfig, traced: bool 
     return [list(col) for col in zip(*steps, strict=True)]
 
 
-@pytest.mark.parametrize("make", [tiny_gpt, int8_gpt], ids=["fp32", "int8"])
+@pytest.mark.parametrize("make", [tiny_gpt, int8_gpt, rotary_gpt, int8_rotary_relu2_gpt],
+                         ids=["fp32", "int8", "rotary", "int8-rotary-relu2"])
 def test_traced_logits_equal_eager_logits_step_by_step(make):
     """Two copies of one model: every one-token step and a window slide give the same logits traced and eager."""
     eager_model = make()

@@ -22,8 +22,9 @@ import train
 from model import checkpoint
 from model.gpt import GPT
 from model.optim import clip_grads, lr_at, make_optimizer, warmup_frac
+from model.plan import resolve
 from model.trace import traces
-from model.trainer import Trainer, resolve_args
+from model.trainer import Trainer
 
 ROOT = Path(__file__).resolve().parents[1]
 # A 2-layer 32-wide model over bytes, fp32, no time budget: a few steps take well under a second.
@@ -37,7 +38,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 @pytest.fixture
 def bytes_tok(monkeypatch):
     """Make the trainer and the loader use the 256-token byte tokenizer, so test models stay tiny."""
-    monkeypatch.setattr(model.trainer, "load_tokenizer", lambda spec: byte_tokenizer())
+    monkeypatch.setattr(importlib.import_module("model.plan"), "load_tokenizer", lambda spec: byte_tokenizer())  # resumed runs
     monkeypatch.setattr(importlib.import_module("model.data"), "load_tokenizer", lambda spec: byte_tokenizer())  # new runs
     monkeypatch.setattr(importlib.import_module("model.load"), "load_tokenizer", lambda spec: byte_tokenizer())
 
@@ -69,12 +70,10 @@ def test_lr_schedule():
 
 
 def test_trainer_decay_fraction_by_steps(tmp_path, text, bytes_tok):
-    args, _ = resolve_args({**SMALL, "data": str(text), "out_dir": str(tmp_path / "o"), "max_iters": 110, "warmup_iters": 10})
-    t = Trainer(args)
+    t = Trainer(resolve({**SMALL, "data": str(text), "out_dir": str(tmp_path / "o"), "max_iters": 110, "warmup_iters": 10}))
     for step, frac in ((10, 0.0), (60, 0.5), (110, 1.0)):
-        t.step = step
-        assert t.decay_frac() == pytest.approx(frac)
-        assert t.warm_frac() == 1.0
+        assert t.budget.decay_frac(step) == pytest.approx(frac)
+        assert t.budget.warm_frac(step) == 1.0
 
 
 def test_weight_decay_only_on_matrices():
@@ -121,8 +120,7 @@ def test_tiny_model_overfits_tiny_corpus(tmp_path, text, bytes_tok):
 
 
 def test_the_evaluation_sample_leaves_training_as_it_was(tmp_path, text, bytes_tok):
-    args, _ = resolve_args({**SMALL, "data": str(text), "out_dir": str(tmp_path / "out"), "max_iters": 2})
-    trainer = Trainer(args)
+    trainer = Trainer(resolve({**SMALL, "data": str(text), "out_dir": str(tmp_path / "out"), "max_iters": 2}))
     trainer.raw_model.train()
     rng = torch.get_rng_state()
     weights = {k: v.clone() for k, v in trainer.raw_model.state_dict().items()}
@@ -191,10 +189,10 @@ def test_init_from_finetunes_with_a_shorter_window(tmp_path, text, bytes_tok):
     checkpoint.save_weights(src / checkpoint.WEIGHTS, base)
     checkpoint.save_config(src, base.config, {"name": "bytes"})
     out = tmp_path / "ft"
-    args, _ = resolve_args({"init_from": str(src), "data": str(text), "out_dir": str(out), "block_size": 8, "n_embd": 999,
-                            "max_iters": 3, "eval_interval": 3, "device": "cpu", "dtype": "fp32", "max_minutes": 0})
-    assert args.lr == 3e-5 and args.preset == "cpu"
-    trainer = Trainer(args)
+    plan = resolve({"init_from": str(src), "data": str(text), "out_dir": str(out), "block_size": 8, "n_embd": 999,
+                    "max_iters": 3, "eval_interval": 3, "device": "cpu", "dtype": "fp32", "max_minutes": 0})
+    assert plan.settings.lr == 3e-5 and plan.settings.preset == "cpu"
+    trainer = Trainer(plan)
     assert all(torch.equal(v, base.state_dict()[k]) for k, v in trainer.raw_model.state_dict().items())  # n_embd ignored
     trainer.run()
     cfg = json.loads((out / "config.json").read_text())
@@ -211,7 +209,7 @@ BAD = [  # (flags, text bytes or None for no file, expected message)
     ([], b"x" * 50, "fewer than one window of 65: use a longer text or a smaller --block-size"),
     (["--block-size", "4"], b"y" * 10, "validation split .* too few to measure"),
     (["--n-embd", "33"], TEXT.encode(), r"n_embd \(33\) must be divisible by n_head \(2\)"),
-    (["--block-size", "65"], TEXT.encode(), "--block-size 65 exceeds the 64 positions of preset 'tiny'"),
+    (["--block-size", "0"], TEXT.encode(), "--block-size must be at least 1, got 0"),
     (["--min-lr", "1"], TEXT.encode(), r"--min-lr \(1.0\) must not exceed --lr"),
     (["--threads", "0"], TEXT.encode(), "--threads must be at least 1, got 0"),
     (["--lr", "inf"], TEXT.encode(), "--lr must be a finite number, got inf"),
@@ -392,3 +390,46 @@ def test_the_log_follows_training_between_evaluations(tmp_path, text, bytes_tok,
     out = tmp_path / "out"
     model.trainer.train({**SMALL, "data": str(text), "out_dir": str(out), "max_iters": 8, "eval_interval": 8})
     assert seen == list(range(1, 9))  # a live view (the app's Train tab) sees every step's record, not only the evaluations'
+
+
+def test_patience_stops_a_run_whose_validation_stopped_improving(tmp_path, text, capsys, bytes_tok, monkeypatch):
+    """Validation that gets worse after step 4 ends the run after --patience evaluations without a new best, says so in
+    one line, and keeps step 4's weights as the result."""
+    evaluate = model.trainer.evaluate
+    worse = iter(range(1, 1000))
+
+    def scores(*a, **kw):
+        val = evaluate(*a, **kw)
+        if model_step() > 4:  # from step 8 on, every evaluation is worse than the last
+            bump = next(worse)
+            val = {**val, "val_nats_per_token": 9.0 + bump, "val_nats_per_char": 3.0 + bump}
+        return val
+
+    trainers = []
+    real_init = model.trainer.Trainer.__init__
+    monkeypatch.setattr(model.trainer.Trainer, "__init__", lambda self, *a, **kw: trainers.append(self) or real_init(self, *a, **kw))
+
+    def model_step():
+        return trainers[-1].step
+
+    monkeypatch.setattr(model.trainer, "evaluate", scores)
+    out = tmp_path / "out"
+    metrics = model.trainer.train({**SMALL, "data": str(text), "out_dir": str(out), "max_iters": 100, "eval_interval": 4,
+                                   "patience": 3})
+    printed = capsys.readouterr().out
+    assert metrics["step"] == 16 and metrics["best_step"] == 4 and metrics["stopped_early"]  # evaluations at 8, 12, 16
+    assert printed.count("stopping early") == 1
+    assert "stopping early at step 16: validation has not improved for 3 evaluations (12 steps)" in printed
+    assert json.loads((out / "metrics.json").read_text())["stopped_early"] is True
+
+
+@pytest.mark.slow
+def test_resume_continues_a_muon_run_exactly(tmp_path, text, bytes_tok):
+    common = {**SMALL, "data": str(text), "max_iters": 8, "eval_interval": 4, "warmup_iters": 2, "optimizer": "muon",
+              "rotary": True, "mlp": "relu2"}
+    straight = model.trainer.train({**common, "out_dir": str(tmp_path / "a")})
+    model.trainer.train({**common, "out_dir": str(tmp_path / "b")}, stop_after=3)
+    resumed = model.trainer.train({"resume": True, "out_dir": str(tmp_path / "b")})
+    assert resumed["step"] == 8 and abs(resumed["last_loss"] - straight["last_loss"]) < 1e-5
+    with pytest.raises(checkpoint.CheckpointError, match="trained with optimizer='muon', not 'adamw'"):
+        model.trainer.train({"resume": True, "out_dir": str(tmp_path / "b"), "optimizer": "adamw"})

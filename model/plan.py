@@ -1,0 +1,179 @@
+"""A run resolved once: the settings from the flags, the preset and a saved run, the model's shape, the tokenizer, the
+tokenised text, the device and dtype, and the weights and state to start from. The trainer only builds and loops."""
+
+from __future__ import annotations
+
+import dataclasses
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from . import checkpoint, distributed
+from .checkpoint import CheckpointError
+from .config import GPTConfig
+from .data import DataError, TokenData, prepare, training_tokenizer
+from .distributed import Dist
+from .gpt import GPT
+from .load import load
+from .settings import CPU_EVAL_INTERVAL, FINETUNE_BLOCK_SIZE, PRESETS, SHAPE, ArgError, TrainSettings, check, cpu_size, layered
+from .tokenizer import Tokenizer, load_tokenizer, padded_vocab_size
+
+TOKENS = "tokens"  # the token cache inside --out-dir
+STATE_VERSION = 1
+RESUME_FIXED = ("preset", "init_from", "tokenizer", "vocab_min_count", *SHAPE[:4], *SHAPE[5:], "optimizer")  # not dropout
+
+
+@dataclass(frozen=True)
+class Plan:
+    """Everything a run needs, decided before it starts; nothing in it changes afterwards."""
+
+    settings: TrainSettings  # every setting concrete: shape, window, evaluation interval, micro-batches
+    config: GPTConfig  # the model's shape; its context may be longer than the training window (settings.block_size)
+    tokenizer: Tokenizer
+    data: TokenData
+    created: Path | None  # the outermost folder this run created (the token cache), removed if it ends writing nothing
+    dist: Dist
+    device: torch.device
+    dtype: torch.dtype
+    weights: dict[str, torch.Tensor] | None  # the weights to start from (--init-from, --resume); None: new ones from the seed
+    state: dict[str, Any] | None  # the saved training state of a resumed run
+    sized_by_text: bool  # whether the cpu preset chose depth, width and dropout from the text's size
+
+
+def pick_device(name: str) -> torch.device:
+    """The device for --device: auto picks CUDA when present, else the CPU."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ArgError(f"--device {name!r} is not a device; use auto, cpu, cuda or cuda:N.") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ArgError("--device cuda was asked for but no CUDA GPU is available; use --device cpu.")
+    if device.type == "mps" and not torch.backends.mps.is_available():
+        raise ArgError("--device mps was asked for but MPS is not available; use --device cpu.")
+    return device
+
+
+def cpu_has_fast_bf16() -> bool:
+    """Whether this CPU runs bf16 matmuls natively (AVX512-BF16 or AMX), where bf16 autocast pays off."""
+    checks = ("_is_amx_tile_supported", "_is_avx512_bf16_supported")
+    return any(getattr(torch.cpu, name, lambda: False)() for name in checks)
+
+
+def pick_dtype(name: str, device: torch.device) -> torch.dtype:
+    """The autocast dtype for --dtype: auto is bf16 on CUDA GPUs and CPUs that support it, else fp32."""
+    if name in ("fp32", "fp16", "bf16"):
+        if name == "fp16" and device.type != "cuda":
+            raise ArgError("--dtype fp16 needs a CUDA GPU; use --dtype bf16 or fp32 on this device.")
+        return {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[name]
+    if device.type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float32
+    if device.type == "cpu" and cpu_has_fast_bf16():
+        return torch.bfloat16
+    return torch.float32
+
+
+def model_config(s: TrainSettings, vocab_size: int, size: dict[str, Any]) -> GPTConfig:
+    """The shape of a new model: the settings' shape over the size chosen for the text, or an ArgError saying what is wrong."""
+    values = {**size, **{k: getattr(s, k) for k in SHAPE if getattr(s, k) is not None}}
+    try:
+        return GPTConfig(vocab_size=vocab_size, **{k: v for k, v in values.items() if k in SHAPE})
+    except (TypeError, ValueError) as e:
+        raise ArgError(f"Inconsistent model shape: {e}") from None
+
+
+def saved_state(given: dict[str, Any]) -> dict[str, Any] | None:
+    """With --resume, the training state saved in --out-dir (checked to be this version's); else None."""
+    if not given.get("resume"):
+        return None
+    out_dir = Path(given.get("out_dir") or TrainSettings.out_dir)
+    state = checkpoint.load_train_state(out_dir / checkpoint.TRAIN_STATE)
+    saved = state.get("args") if isinstance(state, dict) else None
+    if not isinstance(saved, dict) or state.get("version") != STATE_VERSION:
+        raise CheckpointError(f"Cannot resume: {out_dir / checkpoint.TRAIN_STATE} is not a training state of this version; "
+                              "train again without --resume.")
+    for key in RESUME_FIXED:
+        if given.get(key) is not None and given[key] != saved.get(key):
+            raise CheckpointError(
+                f"Cannot resume: the checkpoint in {out_dir} was trained with {key}={saved.get(key)!r}, not {given[key]!r} "
+                "(another architecture); drop that flag to resume it, or train into another --out-dir."
+            )
+    return state
+
+
+def prepare_data(s: TrainSettings, tokenizer: Tokenizer, dist: Dist, window: int) -> tuple[TokenData, Path | None]:
+    """Tokenise --data into OUT/tokens (rank 0 first) and check both splits; on a DataError remove the folders this
+    created. Returns the data and the outermost folder created (None if none)."""
+    out_dir = Path(s.out_dir)
+    created = next((p for p in (out_dir, out_dir / TOKENS) if not p.exists()), None)
+    if not dist.master:
+        dist.barrier()  # rank 0 writes the token cache first, then the others read it
+    try:
+        data = prepare(s.data, out_dir / TOKENS, tokenizer)
+        data.check(window)
+    except DataError:
+        if created is not None:
+            shutil.rmtree(created, ignore_errors=True)
+        raise
+    if dist.master:
+        dist.barrier()
+    return data, created
+
+
+def settings_for(given: dict[str, Any], state: dict[str, Any] | None = None) -> TrainSettings:
+    """The checked settings from the flags given over the preset's and a resumed run's saved ones (state)."""
+    s = layered(given, state["args"] if state else None)
+    if given.get("grad_accum") is None and state is None:  # under torchrun each process takes at least one micro-batch
+        world = distributed.launched_world_size()
+        s = dataclasses.replace(s, grad_accum=-(-(s.grad_accum or 1) // world) * world)
+    check(s)
+    return s
+
+
+def resolve(given: dict[str, Any]) -> Plan:
+    """The plan of a run from the flags a user gave (None or absent: not given); raises an ArgError, DataError,
+    CheckpointError or TokenizerError, in one sentence, for a run that cannot work."""
+    state = saved_state(given)
+    s = settings_for(given, state)
+    device = pick_device(s.device)
+    dtype = pick_dtype(s.dtype, device)
+    weights = None
+    sized = False
+    if state is not None:
+        config = GPTConfig.from_dict(state["model_config"])
+        if s.dropout is not None:
+            config = dataclasses.replace(config, dropout=s.dropout)
+        weights, tokenizer = state["model"], load_tokenizer(state["tokenizer"])
+    elif s.init_from is not None:
+        loaded = load(s.init_from)
+        if not isinstance(loaded.model, GPT):
+            raise CheckpointError(f"--init-from {s.init_from} holds a {loaded.kind} model, which cannot be trained; "
+                                  "pass an fp32 or Hugging Face GPT-2 checkpoint directory.")
+        config = dataclasses.replace(loaded.config, dropout=s.dropout or 0.0)  # the checkpoint's shape; only dropout may change
+        weights, tokenizer = loaded.model.state_dict(), loaded.tokenizer
+        s = dataclasses.replace(s, **{k: getattr(config, k) for k in SHAPE if k != "block_size"},
+                                block_size=s.block_size or min(config.block_size, FINETUNE_BLOCK_SIZE))
+    else:
+        model_config(s, 64, cpu_size(0) if s.preset == "cpu" else {})  # an impossible shape fails before the text is read
+        tokenizer = training_tokenizer(s.tokenizer, s.data, s.vocab_min_count)
+        config = None
+    if config is not None and s.block_size is not None and s.block_size > config.block_size:
+        raise ArgError(f"--block-size {s.block_size} exceeds the model's context of {config.block_size} tokens; "
+                       f"use at most {config.block_size}.")
+    window = s.block_size or (config.block_size if config is not None else PRESETS[s.preset]["block_size"])
+    dist = distributed.setup(device, s.dist_timeout)
+    device = dist.device(device)
+    data, created = prepare_data(s, tokenizer, dist, window)
+    if config is None:
+        sized = s.preset == "cpu" and any(getattr(s, k) is None for k in ("n_layer", "n_embd", "dropout"))
+        config = model_config(s, padded_vocab_size(tokenizer.n_vocab), cpu_size(len(data.train)) if s.preset == "cpu" else {})
+        s = dataclasses.replace(s, **{k: getattr(config, k) for k in SHAPE})
+    if s.eval_interval is None:  # cpu: about once an epoch
+        steps_per_epoch = len(data.train) // (s.batch_size * s.block_size * s.grad_accum)
+        s = dataclasses.replace(s, eval_interval=min(max(steps_per_epoch, CPU_EVAL_INTERVAL[0]), CPU_EVAL_INTERVAL[1]))
+    return Plan(settings=s, config=config, tokenizer=tokenizer, data=data, created=created, dist=dist, device=device,
+                dtype=dtype, weights=weights, state=state, sized_by_text=sized)
