@@ -6,7 +6,7 @@ from __future__ import annotations
 import time
 from typing import Any
 
-from .optim import lr_at, warmup_frac
+from .optim import warmup_frac
 
 WARMUP_BUDGET_SHARE = 0.05  # with a time budget, warmup ends after this share of the training time at the latest
 
@@ -72,7 +72,3 @@ class Budget:
     def restore(self, state: dict[str, Any]) -> None:
         self.elapsed_before, self.t_loop, self.t_warm = float(state["elapsed"]), state["t_loop"], state["t_warm"]
 
-
-def lr_schedule(warm: float, decay: float, lr: float, min_lr: float) -> float:
-    """The learning rate for the fractions Budget.fractions gives: linear warmup, then cosine to min_lr."""
-    return lr_at(warm, decay, lr, min_lr)

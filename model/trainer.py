@@ -22,13 +22,13 @@ from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 from . import atomic, checkpoint, distributed
-from .budget import Budget, lr_schedule
+from .budget import Budget
 from .checkpoint import CheckpointError
 from .data import get_batch, val_windows
 from .evaluate import evaluate
 from .generate import SamplingConfig, generate
 from .gpt import GPT
-from .optim import clip_grads, make_optimizer, set_lr
+from .optim import clip_grads, lr_at, make_optimizer, set_lr
 from .plan import STATE_VERSION, Plan, resolve
 from .plot import plot_losses
 from .settings import ArgError
@@ -187,7 +187,7 @@ class Trainer:
                     unwritten = False
                 if bar is None:
                     bar = self._progress_bar()
-                lr = lr_schedule(warm, decay, args.lr, args.min_lr)
+                lr = lr_at(warm, decay, args.lr, args.min_lr)
                 set_lr(self.optimizer, lr)
                 t0 = time.perf_counter()
                 loss, norm = self.train_step()
