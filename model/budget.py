@@ -19,7 +19,7 @@ class Budget:
         self.max_iters, self.warmup_iters = max_iters, warmup_iters
         self.t_start = time.perf_counter() if t_start is None else t_start
         self.elapsed_before = 0.0  # seconds of earlier sessions (--resume)
-        self.t_loop: float | None = None  # elapsed seconds when the first training step started
+        self.t_loop: float | None = None  # elapsed seconds when the first training step ended (torch.compile's excluded)
         self.t_warm: float | None = None  # elapsed seconds when warmup ended (the time-based decay starts there)
         self.reserve = 0.0  # seconds kept at the end for evaluations and writes; the trainer keeps it up to date
         self.step_seconds = 0.0  # a smoothed step time: the next step is expected to take this long
@@ -54,16 +54,19 @@ class Budget:
         return step >= self.max_iters or (budget is not None and self.elapsed() + self.step_seconds >= budget)
 
     def fractions(self, step: int) -> tuple[float, float]:
-        """The warmup and decay fractions of the step about to run (the first call starts the training clock)."""
-        if self.t_loop is None:
-            self.t_loop = self.elapsed()
+        """The warmup and decay fractions of the step about to run."""
         warm = self.warm_frac(step)
         if warm >= 1.0 and self.t_warm is None:
             self.t_warm = self.elapsed()
         return warm, self.decay_frac(step)
 
     def took(self, seconds: float) -> None:
-        """Record a step's time, smoothed: one step stalled by the machine must not make every next one look as slow."""
+        """Record a step's time, smoothed: one step stalled by the machine must not make every next one look as slow.
+
+        The first step starts the training clock when it ends, so a first step that compiles the model (about a minute
+        with --compile) does not use up the warmup's share of the budget."""
+        if self.t_loop is None:
+            self.t_loop = self.elapsed()
         self.step_seconds = seconds if self.step_seconds == 0 else 0.8 * self.step_seconds + 0.2 * seconds
 
     def state(self) -> dict[str, Any]:

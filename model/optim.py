@@ -44,11 +44,11 @@ class Optimizers(torch.optim.Optimizer):
 
 
 def make_optimizer(model: torch.nn.Module, lr: float, weight_decay: float, betas: tuple[float, float],
-                   device_type: str = "cpu", kind: str = "adamw") -> torch.optim.Optimizer:
+                   device_type: str = "cpu", kind: str = "adamw", muon_lr_scale: float = 1.0) -> torch.optim.Optimizer:
     """AdamW with weight decay on matrices and embeddings (>= 2-D) only, never on biases or LayerNorm gains.
 
     kind "muon": Muon (orthogonalised momentum) for the 2-D matrices inside the blocks, at the learning rate AdamW's
-    update size would have; AdamW for the embeddings, biases and gains, as modded-nanogpt does.
+    update size would have, times muon_lr_scale; AdamW for the embeddings, biases and gains, as modded-nanogpt does.
     """
     params = [p for p in model.parameters() if p.requires_grad]  # parameters() yields the tied weight once
     hidden = {id(p) for name, p in model.named_parameters() if kind == "muon" and ".h." in f".{name}" and p.dim() == 2}
@@ -58,8 +58,9 @@ def make_optimizer(model: torch.nn.Module, lr: float, weight_decay: float, betas
     adamw = torch.optim.AdamW(groups, lr=lr, betas=betas, fused=device_type in ("cuda", "cpu"))
     if not hidden:
         return adamw
-    muon = torch.optim.Muon([p for p in params if id(p) in hidden], lr=lr, weight_decay=weight_decay,
-                            momentum=MUON_MOMENTUM, adjust_lr_fn="match_rms_adamw")
+    muon = torch.optim.Muon([{"params": [p for p in params if id(p) in hidden], "lr_scale": muon_lr_scale}],
+                            lr=lr * muon_lr_scale, weight_decay=weight_decay / muon_lr_scale, momentum=MUON_MOMENTUM,
+                            adjust_lr_fn="match_rms_adamw")
     return Optimizers(muon, adamw)
 
 
@@ -81,8 +82,9 @@ def lr_at(warm_frac: float, decay_frac: float, lr: float, min_lr: float) -> floa
 
 
 def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
+    """Set the schedule's learning rate; a group with an "lr_scale" (Muon's) gets it scaled."""
     for group in optimizer.param_groups:
-        group["lr"] = lr
+        group["lr"] = lr * group.get("lr_scale", 1.0)
 
 
 def clip_grads(model: torch.nn.Module, max_norm: float) -> float:

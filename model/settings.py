@@ -65,6 +65,8 @@ class TrainSettings:
     optimizer: str = setting("adamw", "adamw, or muon for the blocks' matrices (AdamW for embeddings, biases and gains)",
                              SCHEDULE, choices=list(OPTIMIZERS))
     lr: float = setting(2e-3, "peak learning rate", SCHEDULE)
+    muon_lr_scale: float = setting(1.0, "--optimizer muon: Muon's learning rate is the schedule's times this (at 1, "
+                                   "AdamW's update size); its weight decay per step stays the same", SCHEDULE)
     min_lr: float = setting(2e-4, "learning rate at the end of the decay", SCHEDULE)
     warmup_iters: int = setting(50, "steps of linear warmup", SCHEDULE)
     weight_decay: float = setting(0.1, "weight decay of matrices and embeddings", SCHEDULE)
@@ -167,6 +169,8 @@ def check(s: TrainSettings) -> None:
             raise ArgError(f"{flag(name)} must not be negative, got {getattr(s, name)}.")
     if not s.lr > 0:
         raise ArgError(f"--lr must be positive, got {s.lr}.")
+    if not (s.muon_lr_scale > 0 and math.isfinite(s.muon_lr_scale)):
+        raise ArgError(f"--muon-lr-scale must be a positive number, got {s.muon_lr_scale}.")
     if s.min_lr > s.lr:
         raise ArgError(f"--min-lr ({s.min_lr}) must not exceed --lr ({s.lr}).")
     for name in ("beta1", "beta2"):

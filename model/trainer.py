@@ -68,7 +68,7 @@ class Trainer:
             with distributed.peer_errors():  # DDP starts by broadcasting rank 0's weights
                 self.model = DistributedDataParallel(self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
         self.optimizer = make_optimizer(self.raw_model, args.lr, args.weight_decay, (args.beta1, args.beta2), self.device.type,
-                                        args.optimizer)
+                                        args.optimizer, args.muon_lr_scale)
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.dtype == torch.float16)
         self.batch_gen = torch.Generator().manual_seed(args.seed)
         self.tokens_per_step = args.batch_size * args.block_size * args.grad_accum  # all ranks together

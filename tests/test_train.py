@@ -16,12 +16,13 @@ import pytest
 import torch
 from train_support import TEXT, byte_tokenizer, tiny_config
 
+import model.budget
 import model.plot
 import model.trainer
 import train
 from model import checkpoint
 from model.gpt import GPT
-from model.optim import clip_grads, lr_at, make_optimizer, warmup_frac
+from model.optim import clip_grads, lr_at, make_optimizer, set_lr, warmup_frac
 from model.plan import resolve
 from model.trace import traces
 from model.trainer import Trainer
@@ -74,6 +75,30 @@ def test_trainer_decay_fraction_by_steps(tmp_path, text, bytes_tok):
     for step, frac in ((10, 0.0), (60, 0.5), (110, 1.0)):
         assert t.budget.decay_frac(step) == pytest.approx(frac)
         assert t.budget.warm_frac(step) == 1.0
+
+
+def test_a_slow_first_step_does_not_use_up_the_warmup(monkeypatch):
+    """A first step that compiles the model (a minute of a 10-minute budget) must not end the time-based warmup."""
+    now = [0.0]
+    monkeypatch.setattr(model.budget.time, "perf_counter", lambda: now[0])
+    b = model.budget.Budget(max_minutes=10, max_iters=10_000, warmup_iters=50)
+    warm, _ = b.fractions(0)
+    now[0] = 60.0  # the compiling first step
+    b.took(60.0)
+    warm, _ = b.fractions(1)
+    assert warm == pytest.approx(2 / 51)  # by steps: the time-based share starts after the first step
+    now[0] = 60.0 + 0.05 * 540 / 2  # half of the warmup's time share of what is left
+    assert b.fractions(2)[0] == pytest.approx(0.5)
+
+
+def test_muon_lr_scale_scales_only_muons_rate_and_keeps_its_decay_per_step():
+    gpt = GPT(tiny_config())
+    opt = make_optimizer(gpt, 1e-3, 0.1, (0.9, 0.99), kind="muon", muon_lr_scale=4.0)
+    set_lr(opt, 5e-4)
+    muon, adamw = opt.optimizers
+    assert [g["lr"] for g in muon.param_groups] == [pytest.approx(2e-3)]
+    assert all(g["lr"] == pytest.approx(5e-4) for g in adamw.param_groups)
+    assert muon.param_groups[0]["lr"] * muon.param_groups[0]["weight_decay"] == pytest.approx(5e-4 * 0.1)
 
 
 def test_weight_decay_only_on_matrices():
