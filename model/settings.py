@@ -101,7 +101,7 @@ NAMES = tuple(f.name for f in dataclasses.fields(TrainSettings))
 # the best val nats/char in 10 minutes on 2 CPU cores (docs/training-results.md), its width, depth and dropout then
 # sized by the text (CPU_SIZES). The shape keys of "tiny" and "gpt2" are GPT-2's classic block.
 PRESETS: dict[str, dict[str, Any]] = {
-    "cpu": {"block_size": 64, "n_head": 4, "rotary": True, "mlp": "gelu", "qk_norm": False, "optimizer": "muon",
+    "cpu": {"block_size": 128, "n_head": 4, "rotary": True, "mlp": "gelu", "qk_norm": False, "optimizer": "muon",
             "patience": 6},
     "tiny": {"block_size": 64, "n_layer": 2, "n_head": 2, "n_embd": 64, "dropout": 0.0, "tokenizer": "gpt2",
              "eval_interval": 50, "warmup_iters": 20},

@@ -41,8 +41,8 @@ QUANTIZE_PY = PROJECT / "quantize.py"
 
 MAX_BYTES = 10 * 2**20  # uploads and pastes above 10 MB are refused
 # Shortest text accepted: its validation split (the last 10%) then holds a context window of the default "cpu" preset
-# (64 tokens) even at 6 characters a token (English takes 3 to 4). The trainer still checks exactly, in tokens; its
-# DataError sentence then becomes the job's error.
+# even at 6 characters a token (English takes 3 to 4). The trainer still checks exactly, in tokens; its DataError
+# sentence then becomes the job's error.
 MIN_CHARS = math.ceil((PRESETS["cpu"]["block_size"] + 1) * 6 / VAL_FRACTION)
 CONTROL = re.compile(r"[\x00-\x08\x0b\x0e-\x1f\x7f-\x9f]")  # control characters other than tab, newlines and form feed
 MAX_CONTROL_SHARE = 0.01  # text with more of them than this is taken for a binary file

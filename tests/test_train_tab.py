@@ -16,13 +16,13 @@ from gradio_client import Client, handle_file
 from gradio_client.exceptions import AppError
 from train_support import TEXT
 
-from model.training_job import ModelStore, TrainingSlot
+from model.training_job import MIN_CHARS, ModelStore, TrainingSlot
 from model.webapp import train_tab
 from model.webapp.pool import TRAIN_THREADS
 from model.webapp.server import build_demo
 from model.webapp.train_tab import Training
 
-LONG = TEXT * 8  # above the shortest text accepted
+LONG = TEXT * (MIN_CHARS // len(TEXT) + 1)  # just above the shortest text accepted
 ACTIVE = ("running", "quantizing")
 
 
@@ -112,7 +112,7 @@ def test_train_poll_generate_and_download_through_the_api(server, client, tmp_pa
     (dict(source="upload"), "Choose a .txt file to upload first."),
     (dict(source="paste", text=""), "The text is empty"),
     (dict(source="paste", text=" \n\t "), "The text is empty"),
-    (dict(source="paste", text="To be, or not to be"), "19 characters, too few to train on: use at least 3,900"),
+    (dict(source="paste", text="To be, or not to be"), f"19 characters, too few to train on: use at least {MIN_CHARS:,}"),
     (dict(source="paste", text="a" * (10 * 2**20 + 1)), "The text is 10.0 MB, over the limit of 10 MB"),
     (dict(source="paste", text="\x01\x02\x1babc" * 1000), "This looks like a binary file"),
     (dict(source="paste", text=LONG, minutes=0), "Choose between 1 and 10 minutes of training, not 0."),

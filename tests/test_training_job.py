@@ -23,7 +23,7 @@ ROOT = Path(__file__).resolve().parents[1]
 # A 1-layer, 32-wide model over bytes: train.py starts, trains and evaluates in a few seconds.
 TINY = ("--preset", "tiny", "--tokenizer", "bytes", "--n-layer", "1", "--n-embd", "32", "--n-head", "2", "--block-size", "16",
         "--batch-size", "4", "--eval-interval", "10", "--eval-windows", "4", "--log-interval", "5", "--dtype", "fp32", "--device", "cpu")
-LONG = TEXT * 8  # above MIN_CHARS
+LONG = TEXT * (tj.MIN_CHARS // len(TEXT) + 1)  # just above MIN_CHARS
 
 
 @pytest.fixture
