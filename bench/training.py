@@ -31,14 +31,14 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from model.checkpoint import METRICS, CheckpointError, read_json  # noqa: E402
-from model.config import GPTConfig, preset  # noqa: E402
+from model.config import GPTConfig  # noqa: E402
 from model.data import DataError, TokenData, get_batch, prepare, training_tokenizer  # noqa: E402
 from model.evaluate import evaluate  # noqa: E402
 from model.gpt import GPT  # noqa: E402
 from model.optim import clip_grads, lr_at, make_optimizer, set_lr, warmup_frac  # noqa: E402
 from model.plan import resolve  # noqa: E402
 from model.plot import save_figure  # noqa: E402
-from model.settings import ArgError, TrainSettings  # noqa: E402
+from model.settings import ArgError, TrainSettings, preset  # noqa: E402
 from model.tokenizer import Tokenizer, TokenizerError, padded_vocab_size  # noqa: E402
 from model.trainer import LOG, Trainer, read_log, train  # noqa: E402
 
@@ -136,7 +136,7 @@ def load_nanogpt(path: str | None) -> ModuleType:
     return module
 
 
-def ours_engine(trainer: Trainer) -> Engine:
+def ours_engine(trainer: Trainer, name: str = "ours") -> Engine:
     """Our side: the trainer's own optimizer step (autocast, micro-batches, clipping, the default optimizer) on a
     trainer built as `python train.py` builds it."""
     cfg, a = trainer.config, trainer.args
@@ -144,7 +144,7 @@ def ours_engine(trainer: Trainer) -> Engine:
     opt = type(trainer.optimizer).__name__
     desc = (f"model.gpt.GPT ({variants}, dropout {cfg.dropout:g}, bias {cfg.bias}){', torch.compile' if a.compile else ''}; "
             f"{str(trainer.dtype).removeprefix('torch.')}; Trainer.train_step with {a.optimizer} ({opt}); clip {a.grad_clip:g}")
-    return Engine("ours", trainer.train_step, desc, trainer.raw_model.num_params())
+    return Engine(name, trainer.train_step, desc, trainer.raw_model.num_params())
 
 
 def nanogpt_engine(module: ModuleType, cfg: GPTConfig, a: TrainSettings, data: TokenData, block: int) -> Engine:
@@ -182,10 +182,14 @@ def vs_nanogpt(args: argparse.Namespace) -> None:
     timed alternately (ours, nanoGPT, ours, ...), median of the repeats."""
     module = load_nanogpt(args.nanogpt_dir)
     # Every setting at what `python train.py` uses; no time budget, nothing written but the token cache.
-    trainer = Trainer(resolve({"data": args.data, "out_dir": str(Path(args.cache) / "vs-nanogpt"), "max_minutes": 0,
-                               "compile": args.compile or None, "threads": args.threads}))
+    given = {"data": args.data, "out_dir": str(Path(args.cache) / "vs-nanogpt"), "max_minutes": 0,
+             "compile": args.compile or None, "threads": args.threads}
+    trainer = Trainer(resolve(given))
     a, cfg, data, block = trainer.args, trainer.config, trainer.data, trainer.args.block_size
-    engines = [ours_engine(trainer), nanogpt_engine(module, cfg, a, data, block)]
+    # The same model with nanoGPT's optimizer too, so the engine's speed and the optimizer's cost are told apart.
+    adamw = Trainer(resolve({**given, "optimizer": "adamw"})) if a.optimizer != "adamw" else None
+    engines = [ours_engine(trainer), *([ours_engine(adamw, "ours-adamw")] if adamw else []),
+               nanogpt_engine(module, cfg, a, data, block)]
     tokens_per_step = a.batch_size * block * a.grad_accum
     print(f"shape: preset {a.preset}, {cfg.n_layer} layers x {cfg.n_head} heads x {cfg.n_embd} wide, context {block}, vocab "
           f"{cfg.vocab_size} ({a.tokenizer}); batch {a.batch_size} x {a.grad_accum} accum; {args.threads} threads")
