@@ -23,7 +23,7 @@ from .tokenizer import Tokenizer, load_tokenizer, padded_vocab_size
 
 TOKENS = "tokens"  # the token cache inside --out-dir
 STATE_VERSION = 1
-RESUME_FIXED = ("preset", "init_from", "tokenizer", "vocab_min_count", *SHAPE[:4], *SHAPE[5:], "optimizer")  # not dropout
+RESUME_FIXED = ("preset", "init_from", "tokenizer", "vocab_min_count", *SHAPE[:4], *SHAPE[5:], "optimizer", "muon_lr_scale")  # not dropout
 
 
 @dataclass(frozen=True)

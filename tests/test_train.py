@@ -458,3 +458,5 @@ def test_resume_continues_a_muon_run_exactly(tmp_path, text, bytes_tok):
     assert resumed["step"] == 8 and abs(resumed["last_loss"] - straight["last_loss"]) < 1e-5
     with pytest.raises(checkpoint.CheckpointError, match="trained with optimizer='muon', not 'adamw'"):
         model.trainer.train({"resume": True, "out_dir": str(tmp_path / "b"), "optimizer": "adamw"})
+    with pytest.raises(checkpoint.CheckpointError, match="trained with muon_lr_scale=1.0, not 3.0"):  # the saved state's
+        model.trainer.train({"resume": True, "out_dir": str(tmp_path / "b"), "muon_lr_scale": 3.0})  # scale would win
