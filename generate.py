@@ -12,8 +12,10 @@ import dataclasses
 import sys
 from pathlib import Path
 
+import torch
+
 from model.checkpoint import CheckpointError
-from model.generate import SETTINGS, SamplingConfig, stream, with_setting
+from model.generate import GENERATION_THREADS, SETTINGS, SamplingConfig, stream, with_setting
 from model.load import Loaded, load
 from model.tokenizer import TokenizerError
 
@@ -38,9 +40,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--frequency-penalty", type=float, default=0.0, help="subtracted per earlier occurrence; 0 is off")
     p.add_argument("--stop", action="append", default=[], help="stop at this text (repeatable); <|endoftext|> always stops")
     p.add_argument("--seed", type=int, default=None, help="same seed, same text (default: random)")
+    p.add_argument("--threads", type=int, default=GENERATION_THREADS,
+                   help=f"torch CPU threads (default {GENERATION_THREADS}: fastest for small models, quiet or busy CPU)")
     args = p.parse_args(argv)
-    if args.num_samples < 1:
-        p.error("--num-samples must be at least 1.")
+    if args.num_samples < 1 or args.threads < 1:
+        p.error("--num-samples and --threads must be at least 1.")
     return args
 
 
@@ -111,6 +115,7 @@ def main(argv: list[str] | None = None) -> int:
     sampling = SamplingConfig(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
                               top_p=args.top_p, repetition_penalty=args.repetition_penalty,
                               frequency_penalty=args.frequency_penalty, stop=tuple(args.stop), seed=args.seed)
+    torch.set_num_threads(args.threads)
     try:
         sampling.validate()
         loaded = load(args.ckpt or default_ckpt())

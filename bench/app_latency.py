@@ -1,9 +1,10 @@
 """Latency of the served app as users see it, via gradio_client: time to the first streamed token and to the full answer.
 
     python bench/app_latency.py --ckpt out/int8                        # 10 default requests (3 x 200 tokens, top-k 50)
-    python bench/app_latency.py --ckpt out/int8 --clients 4 --requests 3 --concurrency 1 2 --rounds 2
-Compares the given concurrency limits (model copies; torch threads = cores / copies), alternating them round by round,
-then writes JSON and a PNG plot.
+    python bench/app_latency.py --ckpt out/int8 --users 16 --requests 3  # 16 users at once, 3 requests each
+    python bench/app_latency.py --ckpt out/int8 --users 4 --requests 3 --concurrency 1 2 --rounds 2
+Compares the given numbers of model copies (each decodes its requests together; torch threads = cores / copies),
+alternating them round by round, then writes JSON and a PNG plot. The users run in this process, on the same CPUs.
 """
 
 from __future__ import annotations
@@ -53,7 +54,7 @@ def one_request(client: Client, args: argparse.Namespace, seed: int) -> tuple[fl
 
 
 def measure(ckpt: Path, copies: int, args: argparse.Namespace, bar: tqdm) -> dict:
-    """Serve ckpt with `copies` concurrent slots; args.clients clients each send args.requests requests at once."""
+    """Serve ckpt on `copies` model copies; args.users users at once, each sending args.requests requests in turn."""
     threads = torch.get_num_threads()
     pool = ModelPool(ckpt, copies=copies)
     demo = launch(pool, host="127.0.0.1", port=None, prevent_thread_lock=True)
@@ -70,17 +71,23 @@ def measure(ckpt: Path, copies: int, args: argparse.Namespace, bar: tqdm) -> dic
             return out
 
         start = time.perf_counter()
-        with ThreadPoolExecutor(args.clients) as ex:
-            timings = [t for part in ex.map(client_run, range(args.clients)) for t in part]
+        with ThreadPoolExecutor(args.users) as ex:
+            timings = [t for part in ex.map(client_run, range(args.users)) for t in part]
         wall = time.perf_counter() - start
     finally:
         demo.close()
         torch.set_num_threads(threads)
     firsts, totals = [t[0] for t in timings], [t[1] for t in timings]
     return {"concurrency": copies, "torch_threads": used_threads, "kind": pool.first.kind,
-            "p50_first_token_s": statistics.median(firsts), "p50_total_s": statistics.median(totals), "max_total_s": max(totals),
+            "p50_first_token_s": statistics.median(firsts), "p50_total_s": statistics.median(totals),
+            "p95_total_s": percentile(totals, 95), "max_total_s": max(totals),
             "tokens_per_s": len(timings) * args.num_sequences * args.max_new_tokens / wall,
             "first_token_s": firsts, "total_s": totals}
+
+
+def percentile(values: list[float], q: float) -> float:
+    """The q-th percentile, linearly interpolated (numpy's default)."""
+    return statistics.quantiles(values, n=100, method="inclusive")[int(q) - 1] if len(values) > 1 else values[0]
 
 
 def plot(runs: list[dict], path: Path, title: str) -> None:
@@ -103,8 +110,8 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--ckpt", type=Path, default=None, help="checkpoint to serve (default: $SMALLGPT_CKPT, else out/int8)")
     ap.add_argument("--requests", type=int, default=10, help="timed requests per client, after one warm-up")
-    ap.add_argument("--clients", type=int, default=1, help="clients sending requests at the same time")
-    ap.add_argument("--concurrency", type=int, nargs="+", default=[CONCURRENCY], help="concurrency limits to compare")
+    ap.add_argument("--users", "--clients", dest="users", type=int, default=1, help="users sending requests at the same time")
+    ap.add_argument("--concurrency", type=int, nargs="+", default=[CONCURRENCY], help="model copies to compare")
     ap.add_argument("--rounds", type=int, default=1, help="rounds over the concurrency limits (alternating)")
     ap.add_argument("--max-new-tokens", type=int, default=DEFAULT_MAX_NEW_TOKENS)
     ap.add_argument("--num-sequences", type=int, default=DEFAULT_SEQUENCES)
@@ -112,27 +119,30 @@ def main() -> int:
     ap.add_argument("--prompt", default="ROMEO:\n")
     ap.add_argument("--out", type=Path, default=Path("bench/results/app_latency.json"), help="JSON to write (and .png beside)")
     args = ap.parse_args()
-    if min(args.requests, args.clients, args.rounds, *args.concurrency) < 1:
-        ap.error("--requests, --clients, --rounds and --concurrency must be at least 1.")
+    if min(args.requests, args.users, args.rounds, *args.concurrency) < 1:
+        ap.error("--requests, --users, --rounds and --concurrency must be at least 1.")
     ckpt = args.ckpt or default_checkpoint()
     runs = []
     try:
-        with tqdm(total=args.rounds * len(args.concurrency) * args.clients * args.requests, desc="requests", unit="req") as bar:
+        with tqdm(total=args.rounds * len(args.concurrency) * args.users * args.requests, desc="requests", unit="req") as bar:
             for _ in range(args.rounds):
                 for copies in args.concurrency:
                     runs.append(measure(ckpt, copies, args, bar))
     except (CheckpointError, TokenizerError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    setup = {"ckpt": str(ckpt), "clients": args.clients, "requests_per_client": args.requests, "rounds": args.rounds,
+    setup = {"ckpt": str(ckpt), "users": args.users, "requests_per_client": args.requests, "rounds": args.rounds,
              "max_new_tokens": args.max_new_tokens, "num_sequences": args.num_sequences, "top_k": args.top_k, "cpus": available_cpus()}
     atomic.write_text(args.out, json.dumps({"setup": setup, "runs": runs}, indent=2) + "\n")
-    plot(runs, args.out.with_suffix(".png"), f"{runs[0]['kind']} {ckpt}: {args.clients} client(s), "
+    plot(runs, args.out.with_suffix(".png"), f"{runs[0]['kind']} {ckpt}: {args.users} user(s), "
          f"{args.num_sequences} x {args.max_new_tokens} tokens, top-k {args.top_k}, {available_cpus()} CPUs")
-    print(f"{'concurrency':>11} {'threads':>7} {'p50 first token':>15} {'p50 request':>11} {'max request':>11} {'tokens/s':>8}")
+    print(f"{args.users} user(s) x {args.requests} request(s) of {args.num_sequences} x {args.max_new_tokens} tokens, "
+          f"{available_cpus()} CPUs")
+    print(f"{'copies':>6} {'threads':>7} {'p50 first token':>15} {'p50 request':>11} {'p95 request':>11} {'max request':>11} "
+          f"{'tokens/s':>8}")
     for r in runs:
-        print(f"{r['concurrency']:>11} {r['torch_threads']:>7} {r['p50_first_token_s'] * 1000:>12.0f} ms {r['p50_total_s']:>9.2f} s "
-              f"{r['max_total_s']:>9.2f} s {r['tokens_per_s']:>8.0f}")
+        print(f"{r['concurrency']:>6} {r['torch_threads']:>7} {r['p50_first_token_s'] * 1000:>12.0f} ms {r['p50_total_s']:>9.2f} s "
+              f"{r['p95_total_s']:>9.2f} s {r['max_total_s']:>9.2f} s {r['tokens_per_s']:>8.0f}")
     print(f"wrote {args.out} and {args.out.with_suffix('.png')}")
     return 0
 

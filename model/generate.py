@@ -14,7 +14,7 @@ import codecs
 import dataclasses
 import math
 import weakref
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import torch
@@ -26,6 +26,10 @@ from .trace import CachedForward, cached_forward, eager_forward, has_trace, last
 # A fresh trace costs about 0.4 s before it runs at full speed (tracing, then TorchScript's first optimizing calls);
 # on the cpu preset that is won back after about 500 tokens, so the engine traces once a model has decoded that many.
 TRACE_MIN_TOKENS = 512
+# torch threads for generating on a CPU (generate.py; the app gives each copy cpus // copies): a small model's decode
+# step is many tiny operators, which a second OpenMP thread slows down. Default model, 2 vCPUs (docs/generate.md):
+# 1 thread 1,663 tok/s quiet and 790 beside two busy processes; 2 threads 770 and 532.
+GENERATION_THREADS = 1
 # Below this temperature logits / temperature can overflow to inf (NaN probabilities); the limit is greedy anyway.
 GREEDY_BELOW = 1e-5
 
@@ -163,6 +167,23 @@ class Sampler:
         return nxt
 
 
+def sampler_for(sampling: SamplingConfig, num_samples: int, n_vocab: int, prompt_ids: list[int],
+                device: torch.device | str = "cpu") -> Sampler:
+    """The Sampler of one request: a generator seeded by sampling.seed (else at random) and, when a penalty is on,
+    every row's counts of the prompt's tokens."""
+    generator = torch.Generator(device=device)
+    if sampling.seed is None:
+        generator.seed()
+    else:
+        generator.manual_seed(int(sampling.seed))
+    counts = None
+    if sampling.repetition_penalty != 1.0 or sampling.frequency_penalty != 0.0:
+        counts = torch.zeros(num_samples, n_vocab, device=device)
+        ids = torch.tensor(prompt_ids, dtype=torch.long, device=device).clamp(max=n_vocab - 1).expand(num_samples, -1)
+        counts.scatter_add_(1, ids, torch.ones_like(ids, dtype=counts.dtype))
+    return Sampler(sampling, n_vocab, generator, counts)
+
+
 # How many decode steps each model has asked the engine for: a model that has decoded TRACE_MIN_TOKENS tokens serves
 # a session or a server, where tracing pays.
 _DECODED: weakref.WeakKeyDictionary[torch.nn.Module, int] = weakref.WeakKeyDictionary()
@@ -246,21 +267,10 @@ def decode_tokens(model: torch.nn.Module, prompt_ids: list[int], num_samples: in
         raise ValueError(f"keep must be between 1 and the context ({block}), got {keep}.")
     steps = int(sampling.max_new_tokens)
     device = _device(model)
-    n_vocab = min(n_vocab, model.config.vocab_size)
-    generator = torch.Generator(device=device)
-    if sampling.seed is None:
-        generator.seed()
-    else:
-        generator.manual_seed(int(sampling.seed))
     L = len(prompt_ids)
     history = torch.empty(num_samples, L + steps, dtype=torch.long, device=device)  # every row's tokens
     history[:, :L] = torch.tensor(prompt_ids, dtype=torch.long, device=device)
-    counts = None
-    if sampling.repetition_penalty != 1.0 or sampling.frequency_penalty != 0.0:
-        counts = torch.zeros(num_samples, n_vocab, device=device)
-        ids = history[:, :L].clamp(max=n_vocab - 1)
-        counts.scatter_add_(1, ids, torch.ones_like(ids, dtype=counts.dtype))
-    sample = Sampler(sampling, n_vocab, generator, counts)
+    sample = sampler_for(sampling, num_samples, min(n_vocab, model.config.vocab_size), prompt_ids, device)
     was_training = model.training
     model.eval()
     try:
@@ -288,6 +298,10 @@ def naive_tokens(model: torch.nn.Module, prompt_ids: list[int], sampling: Sampli
         logits = model(idx[:, -block:], last_only=last_only)[0][:, -1, :n_vocab]
         idx = torch.cat([idx, sample_next(logits, sampling, generator).view(1, 1)], dim=1)
     return idx[0, len(prompt_ids):].tolist()
+
+
+# (prompt_ids, num_samples, sampling) -> each step's tokens, as decode_tokens yields them
+Decode = Callable[[list[int], int, SamplingConfig], Iterator[torch.Tensor]]
 
 
 class _TextRow:
@@ -338,14 +352,16 @@ def prompt_tokens(tokenizer: Tokenizer, prompt: str) -> list[int]:
 
 
 def stream(model: torch.nn.Module, tokenizer: Tokenizer, prompt: str, num_samples: int = 1,
-           sampling: SamplingConfig = DEFAULT_SAMPLING) -> Iterator[list[str]]:
+           sampling: SamplingConfig = DEFAULT_SAMPLING, decode: Decode | None = None) -> Iterator[list[str]]:
     """Yields, after each decode step, a list of num_samples strings: the NEW text of each sequence since the previous
-    yield ('' if none). Stops early once every sequence hit <|endoftext|> or a stop string."""
+    yield ('' if none). Stops early once every sequence hit <|endoftext|> or a stop string. decode(prompt_ids,
+    num_samples, sampling) gives the tokens (a server's batcher); by default decode_tokens on model."""
     sampling.validate()
     if int(num_samples) < 1:
         raise ValueError(f"num_samples must be at least 1, got {num_samples}.")
     rows = [_TextRow(tokenizer, tuple(sampling.stop)) for _ in range(num_samples)]
-    steps = decode_tokens(model, prompt_tokens(tokenizer, prompt), num_samples, sampling, tokenizer.n_vocab)
+    ids = prompt_tokens(tokenizer, prompt)
+    steps = decode(ids, num_samples, sampling) if decode else decode_tokens(model, ids, num_samples, sampling, tokenizer.n_vocab)
     try:
         for step, nxt in enumerate(steps):
             last = step == sampling.max_new_tokens - 1

@@ -23,14 +23,21 @@ class KVCache(nn.Module):
     def update(self, input_pos: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Store k, v (b, H, T, D) at input_pos and return the first b rows of the whole cache.
 
-        A batch of 1 is written into every row: a shared prompt is prefilled once and serves all sequences.
-        No shape depends on the positions' values, so a decode step can be traced once and replayed.
+        input_pos is (T,), the positions of every row, or (b, T), each row's own (rows of different requests decoded
+        together). A batch of 1 is written into every row: a shared prompt is prefilled once and serves all sequences.
+        No shape depends on the positions' values, so a decode step can be traced once and replayed. Shape and dtype
+        checks are Python, not tensor ops, so a traced step records only the two copies (it runs on every token).
         """
-        b = k.shape[0]
-        keys, values = (self.k, self.v) if b == 1 else (self.k[:b], self.v[:b])
-        keys[:, :, input_pos] = k.to(keys.dtype)
-        values[:, :, input_pos] = v.to(values.dtype)
-        return self.k[:b], self.v[:b]
+        rows, b = self.k.shape[0], k.shape[0]
+        keys, values = (self.k, self.v) if b in (1, rows) else (self.k[:b], self.v[:b])
+        for cache, new in ((keys, k), (values, v)):
+            if new.dtype != cache.dtype:
+                new = new.to(cache.dtype)
+            if input_pos.dim() == 2:
+                cache.scatter_(2, input_pos[:, None, :, None].expand_as(new), new)
+            else:
+                cache.index_copy_(2, input_pos, new.expand(cache.shape[0], -1, -1, -1))
+        return (self.k, self.v) if b == rows else (self.k[:b], self.v[:b])
 
 
 def rotary_tables(length: int, head_dim: int, base: float = 10000.0) -> tuple[torch.Tensor, torch.Tensor]:
@@ -42,17 +49,19 @@ def rotary_tables(length: int, head_dim: int, base: float = 10000.0) -> tuple[to
 
 
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate x (B, H, T, D) by the position angles (T, D): each pair (i, i + D/2) turns as one complex number."""
+    """Rotate x (..., T, D) by the position angles (T, D): each pair (i, i + D/2) turns as one complex number."""
     half = x.shape[-1] // 2
     rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
-    return x * cos.to(x.dtype) + rotated * sin.to(x.dtype)
+    if cos.dtype != x.dtype:
+        cos, sin = cos.to(x.dtype), sin.to(x.dtype)
+    return x * cos + rotated * sin
 
 
 class CausalSelfAttention(nn.Module):
     def __init__(self, config: GPTConfig):
         super().__init__()
         self.n_head = config.n_head
-        self.n_embd = config.n_embd
+        self.head_dim = config.n_embd // config.n_head
         self.qk_norm = config.qk_norm
         self.dropout = config.dropout
         self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd, bias=config.bias)  # fused q, k, v
@@ -62,25 +71,25 @@ class CausalSelfAttention(nn.Module):
 
     def forward(self, x: torch.Tensor, input_pos: torch.Tensor | None = None,
                 mask: torch.Tensor | None = None, rope: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
-        B, T, C = x.shape
-        q, k, v = self.c_attn(x).split(self.n_embd, dim=2)
-        hd = C // self.n_head
-        q = q.view(B, T, self.n_head, hd).transpose(1, 2)
-        k = k.view(B, T, self.n_head, hd).transpose(1, 2)
-        v = v.view(B, T, self.n_head, hd).transpose(1, 2)
+        # Shapes from constants, not x.shape, and q and k normed and rotated as one tensor: a traced decode step
+        # replays every operator here on every token, so fewer operators is faster generation.
+        qkv = self.c_attn(x).unflatten(-1, (3, self.n_head, self.head_dim)).permute(2, 0, 3, 1, 4)  # (3, B, H, T, D)
+        qk, v = qkv[:2], qkv[2]
         if self.qk_norm:
-            q, k = F.rms_norm(q, (hd,)), F.rms_norm(k, (hd,))
+            qk = F.rms_norm(qk, (self.head_dim,))
         if rope is not None:
-            q, k = apply_rotary(q, *rope), apply_rotary(k, *rope)
+            qk = apply_rotary(qk, *rope)
+        q, k = qk.unbind(0)
         if self.kv_cache is not None and input_pos is not None:
             k, v = self.kv_cache.update(input_pos, k, v)
-            y = F.scaled_dot_product_attention(q, k.to(q.dtype), v.to(q.dtype), attn_mask=mask)
+            if k.dtype != q.dtype:
+                k, v = k.to(q.dtype), v.to(q.dtype)
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
         else:
             y = F.scaled_dot_product_attention(
                 q, k, v, is_causal=True, dropout_p=self.dropout if self.training else 0.0
             )
-        y = y.transpose(1, 2).contiguous().view(B, T, C)
-        return self.resid_dropout(self.c_proj(y))
+        return self.resid_dropout(self.c_proj(y.transpose(1, 2).flatten(2)))
 
 
 class MLP(nn.Module):
@@ -206,11 +215,14 @@ class GPT(nn.Module):
             if self.causal_mask is None:
                 raise RuntimeError("Call setup_caches() before passing input_pos.")
             pos = input_pos
-            mask = self.causal_mask[input_pos][None, None]  # (1, 1, T, cache length): the whole cache, masked
+            # (1 or B, 1, T, cache length): the whole cache, masked; input_pos (B, T) gives each row its own positions
+            mask = self.causal_mask[input_pos].unsqueeze(-3) if input_pos.dim() == 2 else self.causal_mask[input_pos][None, None]
         x = self.transformer.wte(idx)
         rope = None
         if self.config.rotary:
-            rope = (self.rope_cos[pos], self.rope_sin[pos])
+            rope = (self.rope_cos[pos], self.rope_sin[pos])  # (T, D), or (B, 1, T, D) for per-row positions
+            if pos.dim() == 2:
+                rope = (rope[0].unsqueeze(1), rope[1].unsqueeze(1))
         else:
             x = x + self.transformer.wpe(pos)
         x = self.transformer.drop(x)

@@ -83,8 +83,8 @@ class TrainSettings:
     device: str = setting("auto", "auto (CUDA if present, else CPU), cpu, cuda or cuda:N", RUN)
     dtype: str = setting("auto", "autocast precision: auto = bf16 on CUDA and on CPUs with native bf16, else fp32; "
                          "fp16 is CUDA-only", RUN, choices=["auto", "bf16", "fp16", "fp32"])
-    threads: int | None = setting(None, "CPU threads for torch (default: all cores); on a busy shared CPU, 1 can be much "
-                                  "faster", RUN)
+    threads: int | None = setting(None, "CPU threads for torch (default: all cores, or 1 when other processes keep a core "
+                                  "busy at the start: a shared CPU slows 1 thread least)", RUN)
     compile: bool = setting(False, "torch.compile the model (slow start, faster steps)", RUN)
     dist_timeout: float = setting(distributed.DEFAULT_TIMEOUT_MINUTES, "torchrun: minutes a process waits for a silent "
                                   "peer before the run fails with an error", RUN)

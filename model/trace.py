@@ -23,7 +23,7 @@ from .gpt import GPT
 
 CachedForward = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (idx (B, T), input_pos (T,)) -> logits (B, V)
 
-# model -> {(batch, tokens, its tensors): trace}. A trace holds the model's tensors, not the model, so the weak key
+# model -> {(batch, tokens, per_row, its tensors): trace}. A trace holds the model's tensors, not the model, so the weak key
 # really lets a dropped model go.
 _TRACES: weakref.WeakKeyDictionary[nn.Module, dict[tuple, torch.jit.ScriptModule]] = weakref.WeakKeyDictionary()
 _TRACING = threading.Lock()  # torch.jit.trace and warnings.catch_warnings are not safe from two threads at once
@@ -56,30 +56,31 @@ def _tensors(model: nn.Module) -> tuple[int, ...]:
 
 
 def traces(model: nn.Module) -> dict[tuple, torch.jit.ScriptModule]:
-    """The model's valid traces by (batch, tokens, tensors); traces of tensors it no longer has are dropped here."""
+    """The model's valid traces by (batch, tokens, per_row, tensors); traces of tensors it no longer has are dropped here."""
     made = _TRACES.setdefault(model, {})
     now = _tensors(model)
-    for old in [k for k in made if k[2] != now]:
+    for old in [k for k in made if k[-1] != now]:
         del made[old]
     return made
 
 
-def has_trace(model: nn.Module, batch_size: int, n_tokens: int) -> bool:
+def has_trace(model: nn.Module, batch_size: int, n_tokens: int, per_row: bool = False) -> bool:
     """Whether a trace for this shape exists and is valid for the model as it is (so using it costs nothing extra)."""
     return (isinstance(model, GPT) and model.causal_mask is not None
-            and any(k[:2] == (batch_size, n_tokens) for k in traces(model)))
+            and any(k[:3] == (batch_size, n_tokens, per_row) for k in traces(model)))
 
 
-def cached_forward(model: GPT, batch_size: int, n_tokens: int) -> CachedForward:
+def cached_forward(model: GPT, batch_size: int, n_tokens: int, per_row: bool = False) -> CachedForward:
     """(idx of shape (batch_size, n_tokens), input_pos) -> last-position logits: a trace of the model's cached forward
-    in eval mode, made on first use and kept for the model. Call model.setup_caches() first."""
+    in eval mode, made on first use and kept for the model. input_pos is (n_tokens,), or with per_row
+    (batch_size, n_tokens): each row at its own positions. Call model.setup_caches() first."""
     if model.causal_mask is None:
         raise RuntimeError("Call setup_caches() before tracing the cached forward.")
     made = traces(model)
-    key = (batch_size, n_tokens, _tensors(model))
+    key = (batch_size, n_tokens, per_row, _tensors(model))
     if key not in made:
         with _TRACING:
-            made[key] = _trace(model, batch_size, n_tokens)
+            made[key] = _trace(model, batch_size, n_tokens, per_row)
     return made[key]
 
 
@@ -96,9 +97,11 @@ def traced_step(model: GPT) -> CachedForward:
     return step
 
 
-def _trace(model: GPT, batch_size: int, n_tokens: int) -> torch.jit.ScriptModule:
+def _trace(model: GPT, batch_size: int, n_tokens: int, per_row: bool) -> torch.jit.ScriptModule:
     device = model.causal_mask.device
-    example = (torch.zeros(batch_size, n_tokens, dtype=torch.long, device=device), torch.arange(n_tokens, device=device))
+    positions = torch.arange(n_tokens, device=device)
+    example = (torch.zeros(batch_size, n_tokens, dtype=torch.long, device=device),
+               positions.expand(batch_size, -1).contiguous() if per_row else positions)
     caches = [block.attn.kv_cache for block in model.transformer.h]
     saved = [(c.k.clone(), c.v.clone()) for c in caches]  # tracing runs the forward, which writes the caches
     was_training = model.training

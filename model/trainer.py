@@ -32,6 +32,7 @@ from .optim import clip_grads, lr_at, make_optimizer, set_lr
 from .plan import STATE_VERSION, Plan, resolve
 from .plot import plot_losses
 from .settings import ArgError
+from .webapp.cpus import available_cpus, busy_elsewhere, default_threads
 
 LOG = "log.jsonl"
 PLOT = "loss.png"
@@ -54,6 +55,12 @@ class Trainer:
         self.micro_steps = args.grad_accum // self.dist.world_size  # this rank's share of the micro-batches per step
         if args.threads:
             torch.set_num_threads(args.threads)
+        elif self.device.type == "cpu" and self.dist.world_size == 1:  # torchrun gives each process its threads
+            busy = busy_elsewhere()
+            torch.set_num_threads(default_threads(busy))
+            if torch.get_num_threads() == 1 < available_cpus() and self.master:
+                print(f"Other processes keep {busy:.1f} CPUs busy: training on 1 thread, which a shared CPU slows least "
+                      "(--threads N to choose).", flush=True)
         if plan.weights is None:
             torch.manual_seed(args.seed)
             model = GPT(self.config)

@@ -169,20 +169,23 @@ def test_long_prompt_is_cropped_with_a_note(server):
 
 
 @pytest.mark.slow
-def test_concurrent_clients_get_their_own_text(server):
-    url, pool, _ = server
+def test_concurrent_clients_get_their_own_text(tmp_path, gpt2_tokenizer):
+    """8 clients x 5 requests at once, decoded together: each gets exactly what it gets alone. Served fp32, whose rows
+    do not touch each other (int8 quantizes a step's activations over all its rows: tests/test_batching.py)."""
+    fp32 = tiny_checkpoint(tmp_path, gpt2_tokenizer).parent / "fp32"
     jobs = [[(f"Client {c} asks {r}:", 100 * c + r) for r in range(5)] for c in range(8)]
-    expected = {}
-    for prompt, seed in (job for client_jobs in jobs for job in client_jobs):
-        p, n, sampling, _ = check_request(prompt, 10, 2, 0.8, 50, 1.0, seed, pool)
-        *_, expected[seed] = stream_sequences(pool, p, n, sampling)
+    with served(fp32) as (url, pool):
+        expected = {}
+        for prompt, seed in (job for client_jobs in jobs for job in client_jobs):
+            p, n, sampling, _ = check_request(prompt, 10, 2, 0.8, 50, 1.0, seed, pool)
+            *_, expected[seed] = stream_sequences(pool, p, n, sampling)
 
-    def one_client(client_jobs):
-        client = Client(url, verbose=False)
-        return {seed: list(ask(client, prompt, max_new_tokens=10, num_sequences=2, seed=seed)) for prompt, seed in client_jobs}
+        def one_client(client_jobs):
+            client = Client(url, verbose=False)
+            return {seed: list(ask(client, prompt, max_new_tokens=10, num_sequences=2, seed=seed)) for prompt, seed in client_jobs}
 
-    with ThreadPoolExecutor(8) as ex:
-        results = {k: v for part in ex.map(one_client, jobs) for k, v in part.items()}
+        with ThreadPoolExecutor(8) as ex:
+            results = {k: v for part in ex.map(one_client, jobs) for k, v in part.items()}
     assert len(results) == 40
     assert results == expected
     assert len({tuple(v) for v in results.values()}) == 40  # distinct requests really got distinct text
@@ -198,26 +201,29 @@ def test_next_token_probabilities(server):
 
 
 def test_warm_up_traces_every_request_size_on_every_copy(tmp_path, gpt2_tokenizer):
-    """Before serving: each copy has the traced step for 1..MAX_SEQUENCES sequences and the default request's slide,
-    over caches for any request, and the first request uses them instead of tracing."""
+    """Before serving: each copy has the traced batched step for every bucket of rows and the step of a request alone,
+    and its scratch copy the window slide of every request size, over caches for any request; the first requests
+    use them instead of tracing."""
+    from model.batching import BUCKETS
     from model.generate import SamplingConfig
     from model.trace import traces
     from model.webapp.checks import DEFAULT_SEQUENCES
     from model.webapp.pool import ModelPool
 
     pool = ModelPool(tiny_checkpoint(tmp_path, gpt2_tokenizer), copies=2)
-    copies = list(pool.copies.queue)
-    assert all(traces(loaded.model) == {} for loaded in copies)
+    models = [m for b in pool.batchers for m in (b.model, b.scratch)]
+    assert all(traces(m) == {} for m in models)
     pool.warm_up()
-    for loaded in copies:
-        block = loaded.config.block_size
-        expected = {(n, 1) for n in range(1, MAX_SEQUENCES + 1)} | {(DEFAULT_SEQUENCES, block // 2)}
-        assert {k[:2] for k in traces(loaded.model)} == expected
-        assert loaded.model.transformer.h[0].attn.kv_cache.k.shape[0] == MAX_SEQUENCES
-    made = {id(t) for loaded in copies for t in traces(loaded.model).values()}
+    block = pool.first.config.block_size
+    for b in pool.batchers:
+        assert {k[:3] for k in traces(b.model)} == ({(rows, 1, True) for rows in BUCKETS}
+                                                   | {(n, 1, False) for n in range(1, MAX_SEQUENCES + 1)})
+        assert {k[:3] for k in traces(b.scratch)} == {(n, block // 2, False) for n in range(1, MAX_SEQUENCES + 1)}
+        assert b.model.transformer.h[0].attn.kv_cache.k.shape[0] == BUCKETS[-1]
+    made = {id(t) for m in models for t in traces(m).values()}
     sampling = SamplingConfig(max_new_tokens=block + 5, seed=0)  # past the context: the slide too
     list(stream_sequences(pool, "KING:", DEFAULT_SEQUENCES, sampling))
-    assert {id(t) for loaded in copies for t in traces(loaded.model).values()} == made
+    assert {id(t) for m in models for t in traces(m).values()} == made
 
 
 def test_threads_follow_the_containers_cpu_quota(tmp_path, monkeypatch):
@@ -300,3 +306,21 @@ def test_checkpoint_from_environment(tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(sys, "argv", ["app.py"])
     assert app.main() == 2
     assert "from-env" in capsys.readouterr().err
+
+
+def test_training_threads_drop_to_one_while_another_process_keeps_a_core_busy(monkeypatch):
+    """busy_elsewhere sees a spinning process; default_threads then picks 1 thread."""
+    import time
+
+    from model.webapp import cpus
+
+    monkeypatch.setattr(cpus, "available_cpus", lambda cgroup=None: 2)
+    assert cpus.default_threads(busy=0.2) == 2 and cpus.default_threads(busy=1.5) == 1
+    spinner = subprocess.Popen([sys.executable, "-c", "while True: pass"])
+    try:
+        time.sleep(0.3)
+        assert cpus.busy_elsewhere(0.5) > 0.5
+        assert cpus.default_threads() == 1
+    finally:
+        spinner.kill()
+        spinner.wait()

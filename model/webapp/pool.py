@@ -2,33 +2,35 @@
 
 from __future__ import annotations
 
-import queue
 from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from ..batching import BUCKETS, Batcher
 from ..checkpoint import CKPT_ENV, CheckpointError, read_json
 from ..config import GPTConfig
-from ..generate import slide_keep
+from ..generate import SamplingConfig
 from ..gpt import GPT
-from ..load import Loaded, load
-from ..trace import cached_forward
+from ..load import load
 from ..training_job import DEFAULT_THREADS
 from .checks import DEFAULT_SEQUENCES, MAX_SEQUENCES
 
-# The CPU split, in one place (a 2-vCPU Space): CONCURRENCY requests generate at once, each on its own model copy with
-# cpus // CONCURRENCY torch threads (cpus.set_threads); a visitor's own trained model gets OWN_MODEL_COPIES copies; the
-# Train tab's training (and then quantizing) subprocess, one at a time per server, gets TRAIN_THREADS threads.
+# The CPU split, in one place (a 2-vCPU Space): CONCURRENCY batchers, each on its own model copy with cpus // CONCURRENCY
+# torch threads (cpus.set_threads), decode every running request: a request joins the least busy one, whose steps then
+# carry its rows together with the others' (model.batching), up to ROWS_PER_COPY rows; Gradio runs up to
+# REQUESTS_AT_ONCE requests at once, the rest wait in its queue. A visitor's own trained model gets OWN_MODEL_COPIES
+# copies; the Train tab's training (and then quantizing) subprocess, one at a time per server, gets TRAIN_THREADS threads.
 CONCURRENCY = 2
+ROWS_PER_COPY = BUCKETS[-1]  # 48: 16 default requests of 3 sequences on each copy
+REQUESTS_AT_ONCE = CONCURRENCY * ROWS_PER_COPY // DEFAULT_SEQUENCES
 OWN_MODEL_COPIES = 1
 TRAIN_THREADS = DEFAULT_THREADS  # 1: measured with bench/app_training.py (docs/app.md)
 
 
 class ModelPool:
-    """CONCURRENCY copies of one checkpoint; each request borrows one, so no two share a KV cache."""
+    """Copies of one checkpoint, each decoding its share of the requests together (a Batcher per copy)."""
 
     def __init__(self, ckpt: str | Path, copies: int = CONCURRENCY):
         ckpt = Path(ckpt)
@@ -39,31 +41,23 @@ class ModelPool:
         self.size = max(1, copies)
         loaded = [load(ckpt, device="cpu") for _ in range(self.size)]
         self.first = loaded[0]  # its tokenizer and config serve request checks and the model card
-        self.copies: queue.Queue[Loaded] = queue.Queue()
-        for copy in loaded:
-            self.copies.put(copy)
+        self.batchers = [Batcher(copy.model, max_rows=ROWS_PER_COPY) for copy in loaded]
 
     def warm_up(self) -> None:
-        """Before the first visitor: on every copy, make and optimize the traced one-token step for every number of
-        sequences a request may ask for, and the window slide of the default request (about 1 s a copy here)."""
-        block = self.first.config.block_size
-        shapes = [(n, 1) for n in range(1, MAX_SEQUENCES + 1)] + [(DEFAULT_SEQUENCES, slide_keep(block))]
-        for _ in range(self.size):
-            with self.borrow() as loaded, torch.inference_mode():
-                loaded.model.setup_caches(MAX_SEQUENCES)  # caches for the largest request: no request reallocates them
-                for n, t in shapes:
-                    forward = cached_forward(loaded.model, n, t)
-                    for _ in range(2):  # TorchScript optimizes a trace over its first two calls
-                        forward(torch.zeros(n, t, dtype=torch.long), torch.arange(t))
+        """Before the first visitor: on every copy, make and optimize the traced steps a request may need (each
+        bucket of rows, and window slides of every request size), about 4 s a copy on 2 vCPUs."""
+        for batcher in self.batchers:
+            batcher.warm_up(MAX_SEQUENCES)
 
-    @contextmanager
-    def borrow(self) -> Iterator[Loaded]:
-        """One model copy for the duration of a request (waits if all are busy)."""
-        loaded = self.copies.get()
-        try:
-            yield loaded
-        finally:
-            self.copies.put(loaded)
+    @property
+    def requests_running(self) -> int:
+        """Requests decoding now, on all copies."""
+        return sum(b.requests_running for b in self.batchers)
+
+    def decode(self, prompt_ids: list[int], num_samples: int, sampling: SamplingConfig) -> Iterator[torch.Tensor]:
+        """A request's tokens, step by step (as generate.decode_tokens yields them), from the least busy copy."""
+        batcher = min(self.batchers, key=lambda b: b.rows_in_use)
+        return batcher.decode(prompt_ids, num_samples, sampling, self.first.tokenizer.n_vocab)
 
 
 def model_card(pool: ModelPool) -> str:

@@ -11,7 +11,7 @@ import gradio as gr
 from .checks import CheckedBlocks
 from .cpus import set_threads
 from .generate_tab import build_generate_tab
-from .pool import ModelPool
+from .pool import REQUESTS_AT_ONCE, ModelPool
 from .train_tab import Training, build_train_tab
 
 MAX_UPLOAD = "10mb"  # Gradio refuses larger uploads; the Train tab's own limit (training_job.MAX_BYTES) says the same
@@ -43,8 +43,8 @@ def build_demo(pool: ModelPool, training: Training | None = None) -> gr.Blocks:
 
 def launch(pool: ModelPool, host: str | None = None, port: int | None = None, share: bool = False,
            prevent_thread_lock: bool = False, train: bool = True, training: Training | None = None) -> gr.Blocks:
-    """Serve the app, as many generation requests at once as the pool has copies; on Spaces (SPACE_ID set) on
-    0.0.0.0:7860. With train (the default), the Train tab, backed by training (default: a new Training)."""
+    """Serve the app, up to REQUESTS_AT_ONCE generation requests decoded together on the pool's copies; on Spaces
+    (SPACE_ID set) on 0.0.0.0:7860. With train (the default), the Train tab, backed by training (default: a new Training)."""
     if os.environ.get("SPACE_ID"):
         host, port, share = host or "0.0.0.0", port or 7860, False
     if train and training is None:
@@ -60,7 +60,7 @@ def launch(pool: ModelPool, host: str | None = None, port: int | None = None, sh
     set_threads(pool.size)
     pool.warm_up()
     demo = build_demo(pool, training)
-    demo.queue(default_concurrency_limit=pool.size, max_size=64)
+    demo.queue(default_concurrency_limit=REQUESTS_AT_ONCE, max_size=64)
     demo.launch(server_name=host, server_port=port, share=share, prevent_thread_lock=prevent_thread_lock,
                 footer_links=["api", "gradio"], ssr_mode=False, max_file_size=MAX_UPLOAD)
     return demo

@@ -13,22 +13,24 @@ from ..generate import SamplingConfig, prompt_tokens, stream
 from .checks import MAX_SEQUENCES
 from .pool import ModelPool
 
-UPDATE_INTERVAL_S = 0.05  # streamed text reaches the page at most 20 times a second: smooth, and cheap for Gradio
+# Streamed text reaches the page at most 20 times a second, smooth and cheap for Gradio; with N requests running, each
+# request's updates come N times less often, so that Gradio's cost stays that of 20 updates a second in all.
+UPDATE_INTERVAL_S = 0.05
 
 
 def stream_sequences(pool: ModelPool, prompt: str, num_sequences: int, sampling: SamplingConfig,
                      interval: float | None = None) -> Iterator[list[str]]:
     """The full text of every sequence so far (always MAX_SEQUENCES strings): at once after the first decode step, then
-    at most once per interval seconds (default UPDATE_INTERVAL_S), and at the end. Every update costs Gradio a few
-    ms, more than a decode step."""
+    at most once per interval seconds (default UPDATE_INTERVAL_S times the requests running), and at the end. Every
+    update costs Gradio a few ms, more than a decode step."""
     interval = UPDATE_INTERVAL_S if interval is None else interval
     texts = [""] * num_sequences
     last, pending = -math.inf, False
-    with pool.borrow() as loaded, torch.inference_mode():
-        for new in stream(loaded.model, loaded.tokenizer, prompt, num_sequences, sampling):
+    with torch.inference_mode():
+        for new in stream(pool.first.model, pool.first.tokenizer, prompt, num_sequences, sampling, decode=pool.decode):
             texts = [t + piece for t, piece in zip(texts, new, strict=True)]
             pending = True
-            if time.monotonic() - last >= interval:
+            if time.monotonic() - last >= interval * max(1, pool.requests_running):
                 yield texts + [""] * (MAX_SEQUENCES - num_sequences)
                 last, pending = time.monotonic(), False
     if pending:
@@ -37,7 +39,8 @@ def stream_sequences(pool: ModelPool, prompt: str, num_sequences: int, sampling:
 
 def next_token_table(pool: ModelPool, prompt: str, k: int = 10) -> pd.DataFrame:
     """The k most likely next tokens after prompt (temperature 1), as rows of (token, probability)."""
-    with pool.borrow() as loaded, torch.inference_mode():
+    loaded = pool.first
+    with torch.inference_mode():  # a plain forward reads no KV cache, so it can run beside the copy's batcher
         tokenizer, block_size = loaded.tokenizer, loaded.config.block_size
         ids = prompt_tokens(tokenizer, prompt)[-block_size:]
         logits, _ = loaded.model(torch.tensor([ids]), last_only=True)
