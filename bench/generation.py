@@ -48,7 +48,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from model import atomic  # noqa: E402
 from model.checkpoint import CheckpointError  # noqa: E402
 from model.config import GPTConfig
-from model.generate import SamplingConfig, decode_tokens, naive_tokens, slide_keep, warm_up  # noqa: E402
+from model.generate import SamplingConfig, decode_tokens, naive_tokens, sampler_for, slide_keep, warm_up  # noqa: E402
 from model.gpt import GPT  # noqa: E402
 from model.hf import export_hf  # noqa: E402
 from model.hf_tokenizer import token_strings  # noqa: E402
@@ -56,7 +56,7 @@ from model.load import load  # noqa: E402
 from model.plot import plt, save_figure  # noqa: E402
 from model.settings import preset  # noqa: E402
 from model.tokenizer import TokenizerError, gpt2, padded_vocab_size  # noqa: E402
-from model.trace import eager_forward, traced_step  # noqa: E402
+from model.trace import cached_forward, eager_forward, traced_step  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 NAIVE = ("naive", "naive-last")
@@ -375,9 +375,48 @@ def run_side_by_side(args: argparse.Namespace, models: dict[str, torch.nn.Module
                     tps = SIDE_SEQUENCES * n / statistics.median(secs) if secs else None
                     rows.append({"workload": w, "new_tokens": n, "engine": e, "threads": t, "load": load, "tokens_per_s": tps,
                                  "all_seconds": secs, "note": None if secs else f"n/a: context {block}"})
+    parts = step_parts_ms(int8, len(prompt_ids) + SIDE_BY_SIDE["56 tokens"] // 2)  # a step halfway through the 56 tokens
     return {"source": source, "block_size": block, "prompt": PROMPT, "prompt_tokens": len(prompt_ids), "sequences": SIDE_SEQUENCES,
+            "step_parts_ms": parts,
             "top_k": SIDE_TOP_K, "temperature": SIDE_TEMPERATURE, "repeats": args.repeats, "threads": args.thread_counts,
             "ctranslate2": ctranslate2.__version__, "busy_processes": len(os.sched_getaffinity(0)) if args.busy else 0, "rows": rows}
+
+
+@torch.inference_mode()
+def step_parts_ms(int8: GPT, logits_of: int, repeats: int = 300) -> dict[str, float]:
+    """Milliseconds of one SIDE_SEQUENCES-row decode step of ours at 1 thread, by part (median of 5 rounds after a
+    warm-up round): the traced step's forward, its int8 Linear kernels alone, its attention alone (SDPA over the cache
+    at the shape the step runs it), and sampling top-k from its logits; the forward's remainder is every other operator."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    n, cfg = SIDE_SEQUENCES, int8.config
+    warm_up(int8, n)
+    forward = cached_forward(int8, n, 1)
+    idx, pos = torch.zeros(n, 1, dtype=torch.long), torch.tensor([logits_of])
+    hd = cfg.n_embd // cfg.n_head
+    q, kv = torch.randn(n, cfg.n_head, 1, hd), torch.randn(n, cfg.n_head, cfg.block_size, hd)
+    mask = int8.causal_mask[pos][None, None]
+    logits = forward(idx, pos).clone()
+    sample = sampler_for(SamplingConfig(temperature=SIDE_TEMPERATURE, top_k=SIDE_TOP_K, seed=0), n, logits.shape[-1], [0])
+
+    def attention() -> None:
+        for _ in range(cfg.n_layer):
+            torch.nn.functional.scaled_dot_product_attention(q, kv, kv, attn_mask=mask)
+
+    parts = {"forward": lambda: forward(idx, pos), "attention": attention, "sampling": lambda: sample(logits)}
+    rounds: dict[str, list[float]] = {k: [] for k in parts}
+    for r in range(6):
+        for name, run in parts.items():
+            start = time.perf_counter()
+            for _ in range(repeats):
+                run()
+            if r:
+                rounds[name].append((time.perf_counter() - start) / repeats * 1e3)
+    out = {k: statistics.median(v) for k, v in rounds.items()}
+    out["int8 kernels"] = int8_linear_ms(int8, n)[0]
+    out["other operators"] = out["forward"] - out["int8 kernels"] - out["attention"]
+    torch.set_num_threads(threads)
+    return out
 
 
 def _side_row(result: dict, workload: str, engine: str, threads: int, load: str) -> dict:
@@ -474,6 +513,10 @@ def main() -> int:
                 print(f"\n{load}" + (f": {side['busy_processes']} competing processes of matmuls, one per core" if load == "busy" else ""))
             print(side_table(side, load))
             print(ratio_line(side, load))
+        ct2 = max(r["tokens_per_s"] or 0 for r in side["rows"] if r["engine"] == "CTranslate2 int8" and r["load"] == "quiet")
+        print(f"\nours, one {side['sequences']}-row step at 1 thread, by part (ms): "
+              + ", ".join(f"{k} {v:.3f}" for k, v in side["step_parts_ms"].items())
+              + f"; CTranslate2 int8's whole step, sampling included: {side['sequences'] / ct2 * 1e3:.3f} ms")
         if args.busy:
             print("\ncontention: busy tok/s / quiet tok/s at the same thread count")
             print(contention_table(side))
