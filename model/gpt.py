@@ -36,25 +36,32 @@ class KVCache(nn.Module):
             if input_pos.dim() == 2:
                 cache.scatter_(2, input_pos[:, None, :, None].expand_as(new), new)
             else:
-                cache.index_copy_(2, input_pos, new.expand(cache.shape[0], -1, -1, -1))
+                cache.index_copy_(2, input_pos, new if new.shape[0] == cache.shape[0] else new.expand(cache.shape[0], -1, -1, -1))
         return (self.k, self.v) if b == rows else (self.k[:b], self.v[:b])
 
 
 def rotary_tables(length: int, head_dim: int, base: float = 10000.0) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos and sin (length, head_dim) of rotary embeddings, halves laid out as GPT-NeoX and Llama lay them out."""
+    """cos and signed sin (length, head_dim) of rotary embeddings, halves laid out as GPT-NeoX and Llama lay them out;
+    the first half of the sin table is negated, as apply_rotary uses it."""
     inv_freq = 1.0 / base ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim)
     angles = torch.outer(torch.arange(length, dtype=torch.float32), inv_freq)
     angles = torch.cat((angles, angles), dim=-1)
-    return angles.cos(), angles.sin()
+    sin = angles.sin()
+    sin[:, :head_dim // 2].neg_()
+    return angles.cos(), sin
 
 
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate x (..., T, D) by the position angles (T, D): each pair (i, i + D/2) turns as one complex number."""
-    half = x.shape[-1] // 2
-    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+    """Rotate x (..., T, D) by the position angles (T, D) of rotary_tables: each pair (i, i + D/2) turns as one
+    complex number, x * cos + (-x2, x1) * sin, written as a roll by D/2 times the signed sin (one operator, not four)."""
     if cos.dtype != x.dtype:
         cos, sin = cos.to(x.dtype), sin.to(x.dtype)
-    return x * cos + rotated * sin
+    return x * cos + x.roll(cos.shape[-1] // 2, -1) * sin
+
+
+def dropout(layer: nn.Dropout, x: torch.Tensor) -> torch.Tensor:
+    """layer(x) while training; x itself otherwise, so that a traced decode step records no dropout operator."""
+    return layer(x) if layer.training and layer.p > 0 else x
 
 
 class CausalSelfAttention(nn.Module):
@@ -89,7 +96,7 @@ class CausalSelfAttention(nn.Module):
             y = F.scaled_dot_product_attention(
                 q, k, v, is_causal=True, dropout_p=self.dropout if self.training else 0.0
             )
-        return self.resid_dropout(self.c_proj(y.transpose(1, 2).flatten(2)))
+        return dropout(self.resid_dropout, self.c_proj(y.transpose(1, 2).flatten(2)))
 
 
 class MLP(nn.Module):
@@ -104,7 +111,7 @@ class MLP(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = self.c_fc(x)
         h = F.relu(h).square() if self.relu2 else self.gelu(h)
-        return self.dropout(self.c_proj(h))
+        return dropout(self.dropout, self.c_proj(h))
 
 
 class Block(nn.Module):
@@ -225,7 +232,7 @@ class GPT(nn.Module):
                 rope = (rope[0].unsqueeze(1), rope[1].unsqueeze(1))
         else:
             x = x + self.transformer.wpe(pos)
-        x = self.transformer.drop(x)
+        x = dropout(self.transformer.drop, x)
         for block in self.transformer.h:
             x = block(x, input_pos, mask, rope)
         x = self.transformer.ln_f(x)
