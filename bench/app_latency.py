@@ -54,32 +54,36 @@ def one_request(client: Client, args: argparse.Namespace, seed: int) -> tuple[fl
 
 
 def measure(ckpt: Path, copies: int, args: argparse.Namespace, bar: tqdm) -> dict:
-    """Serve ckpt on `copies` model copies; args.users users at once, each sending args.requests requests in turn."""
+    """Serve ckpt in this process on `copies` model copies, then run the users against it."""
     threads = torch.get_num_threads()
     pool = ModelPool(ckpt, copies=copies)
     demo = launch(pool, host="127.0.0.1", port=None, prevent_thread_lock=True)
     try:
         used_threads = torch.get_num_threads()
-        one_request(Client(demo.local_url, verbose=False), args, seed=0)  # warm-up
-
-        def client_run(c: int) -> list[tuple[float, float]]:
-            client = Client(demo.local_url, verbose=False)
-            out = []
-            for r in range(args.requests):
-                out.append(one_request(client, args, seed=1 + c * args.requests + r))
-                bar.update()
-            return out
-
-        start = time.perf_counter()
-        with ThreadPoolExecutor(args.users) as ex:
-            timings = [t for part in ex.map(client_run, range(args.users)) for t in part]
-        wall = time.perf_counter() - start
+        return {"concurrency": copies, "torch_threads": used_threads, "kind": pool.first.kind, **run_users(demo.local_url, args, bar)}
     finally:
         demo.close()
         torch.set_num_threads(threads)
+
+
+def run_users(url: str, args: argparse.Namespace, bar: tqdm) -> dict:
+    """One warm-up request, then args.users users at once, each sending args.requests requests in turn."""
+    one_request(Client(url, verbose=False), args, seed=0)
+
+    def user(c: int) -> list[tuple[float, float]]:
+        client = Client(url, verbose=False)
+        out = []
+        for r in range(args.requests):
+            out.append(one_request(client, args, seed=1 + c * args.requests + r))
+            bar.update()
+        return out
+
+    start = time.perf_counter()
+    with ThreadPoolExecutor(args.users) as ex:
+        timings = [t for part in ex.map(user, range(args.users)) for t in part]
+    wall = time.perf_counter() - start
     firsts, totals = [t[0] for t in timings], [t[1] for t in timings]
-    return {"concurrency": copies, "torch_threads": used_threads, "kind": pool.first.kind,
-            "p50_first_token_s": statistics.median(firsts), "p50_total_s": statistics.median(totals),
+    return {"p50_first_token_s": statistics.median(firsts), "p50_total_s": statistics.median(totals),
             "p95_total_s": percentile(totals, 95), "max_total_s": max(totals),
             "tokens_per_s": len(timings) * args.num_sequences * args.max_new_tokens / wall,
             "first_token_s": firsts, "total_s": totals}
@@ -117,6 +121,8 @@ def main() -> int:
     ap.add_argument("--num-sequences", type=int, default=DEFAULT_SEQUENCES)
     ap.add_argument("--top-k", type=int, default=DEFAULT_TOP_K)
     ap.add_argument("--prompt", default="ROMEO:\n")
+    ap.add_argument("--url", help="measure an app already running there (python app.py in its own process, as deployed) "
+                    "instead of serving --ckpt in this process; --concurrency is then the app's own")
     ap.add_argument("--out", type=Path, default=Path("bench/results/app_latency.json"), help="JSON to write (and .png beside)")
     args = ap.parse_args()
     if min(args.requests, args.users, args.rounds, *args.concurrency) < 1:
@@ -124,14 +130,19 @@ def main() -> int:
     ckpt = args.ckpt or default_checkpoint()
     runs = []
     try:
-        with tqdm(total=args.rounds * len(args.concurrency) * args.users * args.requests, desc="requests", unit="req") as bar:
+        cells = 1 if args.url else len(args.concurrency)
+        with tqdm(total=args.rounds * cells * args.users * args.requests, desc="requests", unit="req") as bar:
             for _ in range(args.rounds):
+                if args.url:
+                    runs.append({"concurrency": CONCURRENCY, "torch_threads": None, "kind": "app at " + args.url,
+                                 **run_users(args.url, args, bar)})
+                    continue
                 for copies in args.concurrency:
                     runs.append(measure(ckpt, copies, args, bar))
     except (CheckpointError, TokenizerError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    setup = {"ckpt": str(ckpt), "users": args.users, "requests_per_client": args.requests, "rounds": args.rounds,
+    setup = {"ckpt": args.url or str(ckpt), "users": args.users, "requests_per_client": args.requests, "rounds": args.rounds,
              "max_new_tokens": args.max_new_tokens, "num_sequences": args.num_sequences, "top_k": args.top_k, "cpus": available_cpus()}
     atomic.write_text(args.out, json.dumps({"setup": setup, "runs": runs}, indent=2) + "\n")
     plot(runs, args.out.with_suffix(".png"), f"{runs[0]['kind']} {ckpt}: {args.users} user(s), "
@@ -141,7 +152,7 @@ def main() -> int:
     print(f"{'copies':>6} {'threads':>7} {'p50 first token':>15} {'p50 request':>11} {'p95 request':>11} {'max request':>11} "
           f"{'tokens/s':>8}")
     for r in runs:
-        print(f"{r['concurrency']:>6} {r['torch_threads']:>7} {r['p50_first_token_s'] * 1000:>12.0f} ms {r['p50_total_s']:>9.2f} s "
+        print(f"{r['concurrency']:>6} {r['torch_threads'] or '-':>7} {r['p50_first_token_s'] * 1000:>12.0f} ms {r['p50_total_s']:>9.2f} s "
               f"{r['p95_total_s']:>9.2f} s {r['max_total_s']:>9.2f} s {r['tokens_per_s']:>8.0f}")
     print(f"wrote {args.out} and {args.out.with_suffix('.png')}")
     return 0
