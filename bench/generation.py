@@ -26,7 +26,6 @@ Needs `pip install -r requirements-dev.txt` (ctranslate2, transformers).
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import multiprocessing
 import os
@@ -50,7 +49,7 @@ from model.checkpoint import CheckpointError  # noqa: E402
 from model.config import GPTConfig
 from model.generate import SamplingConfig, decode_tokens, naive_tokens, sampler_for, slide_keep, warm_up  # noqa: E402
 from model.gpt import GPT  # noqa: E402
-from model.hf import export_hf  # noqa: E402
+from model.hf import export_hf, neox_names_for_ctranslate2  # noqa: E402
 from model.hf_tokenizer import token_strings  # noqa: E402
 from model.load import load  # noqa: E402
 from model.plot import plt, save_figure  # noqa: E402
@@ -275,25 +274,6 @@ def competing_load(n_procs: int) -> Iterator:
         stop.set()
         for proc in procs:
             proc.join(timeout=10)
-
-
-@contextlib.contextmanager
-def neox_names_for_ctranslate2() -> Iterator[None]:
-    """Lend CTranslate2 4.8's GPT-NeoX converter the two names transformers 5 dropped (config.rotary_pct,
-    model.embed_out) while it converts a rotary export; our exports rotate the whole head, and the head is lm_head."""
-    import transformers
-
-    lent = []
-    for cls, name, value in ((transformers.GPTNeoXConfig, "rotary_pct", 1.0),
-                             (transformers.GPTNeoXForCausalLM, "embed_out", property(lambda self: self.lm_head))):
-        if not hasattr(cls, name):
-            setattr(cls, name, value)
-            lent.append((cls, name))
-    try:
-        yield
-    finally:
-        for cls, name in lent:
-            delattr(cls, name)
 
 
 def ctranslate2_generators(fp32: GPT, tokenizer, workdir: Path, threads: list[int]) -> tuple[dict, list[str]]:

@@ -3,13 +3,15 @@
 Our module names are GPT-2's, so GPT-2 conversion is only: the optional "transformer." key prefix, GPT-2's Conv1D
 weights stored as (in, out) where our Linear holds (out, in), and the tied lm_head kept once. A rotary GPT is
 GPTNeoXForCausalLM with sequential residuals and rotary over the whole head; only its names differ and its fused
-q/k/v rows, grouped per head. No network and no transformers import: config.json is read as JSON, weights with
-safetensors or torch.load(weights_only=True).
+q/k/v rows, grouped per head. No network and no transformers import (but for the CTranslate2 shim at the end):
+config.json is read as JSON, weights with safetensors or torch.load(weights_only=True).
 """
 
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -278,3 +280,23 @@ def export_checkpoint(ckpt: str | Path, out_dir: str | Path) -> Path:
         raise CheckpointError(f"{ckpt} is an {kind} checkpoint; export the fp32 checkpoint it was quantized from instead.")
     loaded = load(ckpt)
     return export_hf(loaded.model, loaded.tokenizer, out_dir)
+
+
+@contextmanager
+def neox_names_for_ctranslate2() -> Iterator[None]:
+    """Lend CTranslate2 4.8's GPT-NeoX converter the two names transformers 5 dropped (config.rotary_pct,
+    model.embed_out) while it converts a rotary export; our exports rotate the whole head, and the head is lm_head.
+    Imports transformers (only here): for converting an export with ctranslate2.converters.TransformersConverter."""
+    import transformers
+
+    lent = []
+    for cls, name, value in ((transformers.GPTNeoXConfig, "rotary_pct", 1.0),
+                             (transformers.GPTNeoXForCausalLM, "embed_out", property(lambda self: self.lm_head))):
+        if not hasattr(cls, name):
+            setattr(cls, name, value)
+            lent.append((cls, name))
+    try:
+        yield
+    finally:
+        for cls, name in lent:
+            delattr(cls, name)
