@@ -15,6 +15,7 @@ slightly from the same request decoded alone.
 from __future__ import annotations
 
 import copy
+import logging
 import queue
 import threading
 from collections.abc import Iterator
@@ -25,6 +26,8 @@ import torch
 from .generate import Sampler, SamplingConfig, prefill, sampler_for, slide_keep
 from .gpt import GPT
 from .trace import CachedForward, cached_forward
+
+log = logging.getLogger(__name__)
 
 BUCKETS = (3, 6, 12, 24, 48)  # rows a step runs over: the smallest bucket that holds every running request's rows
 _DONE = None  # the end of a request's token stream
@@ -128,13 +131,13 @@ class Batcher:
                     self._admit()
                     if self._running:
                         self._step()
-                except BaseException as e:  # a request must never wait forever: every running one ends with the error
+                    self._retire()
+                except Exception as e:  # no request may wait forever: the running ones end with the error, the worker
+                    log.exception("Decoding failed; %d request(s) end with the error.", len(self._running))  # goes on
                     for r in self._running:
                         r.error = e
                         r.out.put(_DONE)
                     self._running = []
-                    raise
-                self._retire()
 
     def _admit(self) -> None:
         """Start the waiting requests that fit: prefill each on the scratch copy, copy its caches into its rows."""

@@ -84,3 +84,17 @@ def test_bad_requests_are_refused_in_one_sentence() -> None:
         next(batcher.decode([], 1, SamplingConfig(), VOCAB))
     with pytest.raises(ValueError, match="between 1 and 3"):
         next(batcher.decode([1], 4, SamplingConfig(), VOCAB))
+
+
+def test_a_failing_step_ends_its_requests_with_the_error_and_the_next_ones_run(monkeypatch) -> None:
+    batcher = Batcher(tiny_gpt(VOCAB), max_rows=6)
+    real = batcher._step_for
+
+    def broken(rows: int, per_row: bool):
+        raise RuntimeError("the step broke")
+
+    monkeypatch.setattr(batcher, "_step_for", broken)
+    with pytest.raises(RuntimeError, match="the step broke"):
+        list(batcher.decode([1, 2], 3, SamplingConfig(max_new_tokens=5, temperature=0), VOCAB))
+    monkeypatch.setattr(batcher, "_step_for", real)
+    assert len(list(batcher.decode([1, 2], 3, SamplingConfig(max_new_tokens=5, temperature=0), VOCAB))) == 5
