@@ -28,7 +28,7 @@ from .trace import CachedForward, cached_forward, eager_forward, has_trace, last
 TRACE_MIN_TOKENS = 512
 # torch threads for generating on a CPU (generate.py; the app gives each copy cpus // copies): a small model's decode
 # step is many tiny operators, which a second OpenMP thread slows down. Default model, 2 vCPUs (docs/generate.md):
-# 1 thread 1,663 tok/s quiet and 790 beside two busy processes; 2 threads 770 and 532.
+# 1 thread 3,197 tok/s quiet and 1,220 beside two busy processes; 2 threads 1,022 and 576.
 GENERATION_THREADS = 1
 # Below this temperature logits / temperature can overflow to inf (NaN probabilities); the limit is greedy anyway.
 GREEDY_BELOW = 1e-5
