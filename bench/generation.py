@@ -34,7 +34,7 @@ import sys
 import tempfile
 import time
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -355,7 +355,13 @@ def run_side_by_side(args: argparse.Namespace, models: dict[str, torch.nn.Module
                     tps = SIDE_SEQUENCES * n / statistics.median(secs) if secs else None
                     rows.append({"workload": w, "new_tokens": n, "engine": e, "threads": t, "load": load, "tokens_per_s": tps,
                                  "all_seconds": secs, "note": None if secs else f"n/a: context {block}"})
-    parts = step_parts_ms(int8, len(prompt_ids) + SIDE_BY_SIDE["56 tokens"] // 2)  # a step halfway through the 56 tokens
+    steps = SIDE_BY_SIDE["56 tokens"]
+    ct2_step = lambda: time_side_cell("CTranslate2 int8", 1, steps, int8, prompt_ids, tokenizer.n_vocab, generators, strings) / steps
+    ours_step = lambda: time_side_cell("ours int8", 1, steps, int8, prompt_ids, tokenizer.n_vocab, generators, strings) / steps
+    whole = {"ours, a whole step of the 56-token request": ours_step}
+    if ("CTranslate2 int8", 1) in generators:
+        whole["CTranslate2 int8, a whole step"] = ct2_step
+    parts = step_parts_ms(int8, len(prompt_ids) + steps // 2, whole)
     return {"source": source, "block_size": block, "prompt": PROMPT, "prompt_tokens": len(prompt_ids), "sequences": SIDE_SEQUENCES,
             "step_parts_ms": parts,
             "top_k": SIDE_TOP_K, "temperature": SIDE_TEMPERATURE, "repeats": args.repeats, "threads": args.thread_counts,
@@ -363,10 +369,11 @@ def run_side_by_side(args: argparse.Namespace, models: dict[str, torch.nn.Module
 
 
 @torch.inference_mode()
-def step_parts_ms(int8: GPT, logits_of: int, repeats: int = 300) -> dict[str, float]:
+def step_parts_ms(int8: GPT, logits_of: int, whole: dict[str, Callable[[], float]], repeats: int = 300) -> dict[str, float]:
     """Milliseconds of one SIDE_SEQUENCES-row decode step of ours at 1 thread, by part (median of 5 rounds after a
-    warm-up round): the traced step's forward, its int8 Linear kernels alone, its attention alone (SDPA over the cache
-    at the shape the step runs it), and sampling top-k from its logits; the forward's remainder is every other operator."""
+    warm-up round, all alternating): the traced step's forward, its int8 Linear kernels alone, its attention alone
+    (SDPA over the cache at the shape the step runs it), and sampling top-k from its logits; the forward's remainder
+    is every other operator. whole: name -> seconds a step of a whole request, timed in the same rounds."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     n, cfg = SIDE_SEQUENCES, int8.config
@@ -384,7 +391,7 @@ def step_parts_ms(int8: GPT, logits_of: int, repeats: int = 300) -> dict[str, fl
             torch.nn.functional.scaled_dot_product_attention(q, kv, kv, attn_mask=mask)
 
     parts = {"forward": lambda: forward(idx, pos), "attention": attention, "sampling": lambda: sample(logits)}
-    rounds: dict[str, list[float]] = {k: [] for k in parts}
+    rounds: dict[str, list[float]] = {k: [] for k in (*parts, *whole)}
     for r in range(6):
         for name, run in parts.items():
             start = time.perf_counter()
@@ -392,6 +399,10 @@ def step_parts_ms(int8: GPT, logits_of: int, repeats: int = 300) -> dict[str, fl
                 run()
             if r:
                 rounds[name].append((time.perf_counter() - start) / repeats * 1e3)
+        for name, step_seconds in whole.items():
+            seconds = step_seconds()
+            if r:
+                rounds[name].append(seconds * 1e3)
     out = {k: statistics.median(v) for k, v in rounds.items()}
     out["int8 kernels"] = int8_linear_ms(int8, n)[0]
     out["other operators"] = out["forward"] - out["int8 kernels"] - out["attention"]
@@ -493,10 +504,8 @@ def main() -> int:
                 print(f"\n{load}" + (f": {side['busy_processes']} competing processes of matmuls, one per core" if load == "busy" else ""))
             print(side_table(side, load))
             print(ratio_line(side, load))
-        ct2 = max(r["tokens_per_s"] or 0 for r in side["rows"] if r["engine"] == "CTranslate2 int8" and r["load"] == "quiet")
-        print(f"\nours, one {side['sequences']}-row step at 1 thread, by part (ms): "
-              + ", ".join(f"{k} {v:.3f}" for k, v in side["step_parts_ms"].items())
-              + f"; CTranslate2 int8's whole step, sampling included: {side['sequences'] / ct2 * 1e3:.3f} ms")
+        print(f"\none {side['sequences']}-row step at 1 thread, by part, in alternating rounds (ms): "
+              + ", ".join(f"{k} {v:.3f}" for k, v in side["step_parts_ms"].items()))
         if args.busy:
             print("\ncontention: busy tok/s / quiet tok/s at the same thread count")
             print(contention_table(side))
