@@ -45,7 +45,7 @@ class ModelPool:
 
     def warm_up(self) -> None:
         """Before the first visitor: on every copy, make and optimize the traced steps a request may need (each
-        bucket of rows, and window slides of every request size), about 4 s a copy on 2 vCPUs."""
+        bucket of rows, a lone request of every size, and window slides), about 2.5 s a copy on 2 vCPUs."""
         for batcher in self.batchers:
             batcher.warm_up(MAX_SEQUENCES)
 
