@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .generate import Sampler, SamplingConfig, prefill, sampler_for, slide_keep
+from .generate import Sampler, SamplingConfig, prefill, sample_next, sampler_for, slide_keep
 from .gpt import GPT
 from .trace import CachedForward, cached_forward
 
@@ -194,9 +194,22 @@ class Batcher:
             idx[r.row:r.row + r.num_samples, 0] = r.history[-1]  # own next step overwrites before attending to it
             pos[r.row:r.row + r.num_samples, 0] = min(r.pos, self.block - 1)
         logits = self._step_for(rows, True)(idx, pos)
+        # Requests with the same settings and no penalties are sampled together, each row from its request's generator:
+        # one set of operators instead of one per request, the same tokens.
+        alike: dict[tuple, list[_Request]] = {}
         for r in stepping:
             r.pos += 1
-            self._emit(r, r.sample(logits[r.row:r.row + r.num_samples]))
+            if r.sample.counts is None:
+                alike.setdefault((r.sampling.temperature, r.sampling.top_k, r.sampling.top_p, r.sample.n_vocab), []).append(r)
+            else:
+                self._emit(r, r.sample(logits[r.row:r.row + r.num_samples]))
+        for group in alike.values():
+            rows_of = torch.cat([torch.arange(r.row, r.row + r.num_samples) for r in group])
+            first = group[0].sample
+            tokens = sample_next(logits.index_select(0, rows_of)[:, :first.n_vocab], first.sampling,
+                                 [(r.num_samples, r.sample.generator) for r in group])
+            for r, t in zip(group, tokens.split([r.num_samples for r in group]), strict=True):
+                self._emit(r, t)
 
     def _step_for(self, rows: int, per_row: bool) -> CachedForward:
         """The traced one-token step over the first `rows` cache rows, looked up once."""

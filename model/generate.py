@@ -14,7 +14,7 @@ import codecs
 import dataclasses
 import math
 import weakref
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -112,7 +112,7 @@ def nucleus(sorted_logits: torch.Tensor, top_p: float) -> torch.Tensor:
     return sorted_logits.masked_fill(before >= top_p, float("-inf"))
 
 
-def sample_next(logits: torch.Tensor, sampling: SamplingConfig, generator: torch.Generator,
+def sample_next(logits: torch.Tensor, sampling: SamplingConfig, generator: Generators,
                 counts: torch.Tensor | None = None) -> torch.Tensor:
     """One next token per row of logits (B, V), with batched ops: penalties, temperature, top-k, top-p."""
     logits = logits.float()
@@ -134,11 +134,20 @@ def sample_next(logits: torch.Tensor, sampling: SamplingConfig, generator: torch
     return ids.gather(1, draw(torch.softmax(cand, dim=-1), generator).unsqueeze(1)).squeeze(1)
 
 
-def draw(probs: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+# A generator for every row, or (rows, generator) pairs that cover the rows in order: requests decoded together, each
+# drawing from its own generator exactly what it would draw alone.
+Generators = torch.Generator | Sequence[tuple[int, torch.Generator]]
+
+
+def draw(probs: torch.Tensor, generator: Generators) -> torch.Tensor:
     """One index per row of probs (B, N), index i with probability probs[:, i]: the exponential race
     argmax(p_i / E_i), E_i ~ Exp(1). torch.multinomial draws one sample the same way (the same numbers from the same
     generator); this skips its input checks, which cost more than the draw on a decode step."""
-    return (probs / torch.empty_like(probs).exponential_(1, generator=generator)).argmax(dim=-1)
+    if isinstance(generator, torch.Generator):
+        noise = torch.empty_like(probs).exponential_(1, generator=generator)
+    else:
+        noise = torch.cat([probs.new_empty(n, probs.shape[1]).exponential_(1, generator=g) for n, g in generator])
+    return (probs / noise).argmax(dim=-1)
 
 
 def slide_keep(block_size: int) -> int:

@@ -41,11 +41,14 @@ def together(batcher: Batcher, requests: list[tuple[list[int], int, SamplingConf
 @pytest.mark.parametrize("rotary", [True, False])
 def test_concurrent_requests_get_what_each_gets_alone(rotary: bool) -> None:
     model = tiny_gpt(VOCAB, block=32, rotary=rotary)
-    batcher = Batcher(tiny_gpt(VOCAB, block=32, rotary=rotary), max_rows=12)
+    batcher = Batcher(tiny_gpt(VOCAB, block=32, rotary=rotary), max_rows=24)
     greedy = SamplingConfig(max_new_tokens=70, temperature=0)  # past the context: two window slides
     requests = [([1, 2, 3], 3, greedy), ([5] * 30, 1, greedy), ([7, 8], 2, SamplingConfig(max_new_tokens=5, temperature=0)),
                 (list(range(40, 90)), 2, SamplingConfig(max_new_tokens=40, temperature=0.9, top_k=20, seed=3)),
-                ([9, 9, 9, 9], 4, SamplingConfig(max_new_tokens=50, temperature=1.0, top_p=0.9, seed=7, repetition_penalty=1.3))]
+                ([9, 9, 9, 9], 4, SamplingConfig(max_new_tokens=50, temperature=1.0, top_p=0.9, seed=7, repetition_penalty=1.3)),
+                # the same settings, other seeds and lengths: sampled together, each from its own generator
+                ([11, 12], 3, SamplingConfig(max_new_tokens=45, temperature=0.8, top_k=10, seed=11)),
+                ([13], 2, SamplingConfig(max_new_tokens=60, temperature=0.8, top_k=10, seed=12))]
     got = together(batcher, requests)
     for (prompt, n, sampling), tokens in zip(requests, got, strict=True):
         assert tokens == alone(model, prompt, n, sampling)
