@@ -24,6 +24,7 @@ from tqdm import tqdm
 from . import atomic, checkpoint, distributed
 from .budget import Budget
 from .checkpoint import CheckpointError
+from .cpus import available_cpus, busy_elsewhere, default_threads
 from .data import get_batch, val_windows
 from .evaluate import evaluate
 from .generate import SamplingConfig, generate
@@ -32,7 +33,6 @@ from .optim import clip_grads, lr_at, make_optimizer, set_lr
 from .plan import STATE_VERSION, Plan, resolve
 from .plot import plot_losses
 from .settings import ArgError
-from .webapp.cpus import available_cpus, busy_elsewhere, default_threads
 
 LOG = "log.jsonl"
 PLOT = "loss.png"

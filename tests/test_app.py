@@ -232,7 +232,7 @@ def test_threads_follow_the_containers_cpu_quota(tmp_path, monkeypatch):
 
     import torch
 
-    from model.webapp.cpus import available_cpus, set_threads
+    from model.cpus import available_cpus, set_threads
 
     monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(16)))
     v2, v1 = tmp_path / "v2", tmp_path / "v1"
@@ -248,10 +248,10 @@ def test_threads_follow_the_containers_cpu_quota(tmp_path, monkeypatch):
     assert available_cpus(tmp_path / "absent") == 16
     before = torch.get_num_threads()
     try:
-        monkeypatch.setattr("model.webapp.cpus.CGROUP", tmp_path / "absent")
+        monkeypatch.setattr("model.cpus.CGROUP", tmp_path / "absent")
         assert set_threads(2) == 8 and torch.get_num_threads() == 8
         (v2 / "cpu.max").write_text("200000 100000\n")
-        monkeypatch.setattr("model.webapp.cpus.CGROUP", v2)
+        monkeypatch.setattr("model.cpus.CGROUP", v2)
         assert set_threads(2) == 1 and torch.get_num_threads() == 1
     finally:
         torch.set_num_threads(before)
@@ -281,8 +281,8 @@ def test_each_request_asks_which_model_serves_it(server):
 
 
 def test_cpu_share_loads_no_gradio():
-    """The trainer sizes its threads with model.webapp.cpus: importing it (so the package too) must not load gradio."""
-    code = "import sys, model.webapp.cpus; assert 'gradio' not in sys.modules, sorted(sys.modules)"
+    """The trainer sizes its threads with model.cpus: importing them must not load gradio."""
+    code = "import sys, model.cpus, model.trainer; assert 'gradio' not in sys.modules, sorted(sys.modules)"
     subprocess.run([sys.executable, "-c", code], cwd=ROOT, check=True)
 
 
@@ -312,7 +312,7 @@ def test_training_threads_drop_to_one_while_another_process_keeps_a_core_busy(mo
     """busy_elsewhere sees a spinning process; default_threads then picks 1 thread."""
     import time
 
-    from model.webapp import cpus
+    from model import cpus
 
     monkeypatch.setattr(cpus, "available_cpus", lambda cgroup=None: 2)
     assert cpus.default_threads(busy=0.2) == 2 and cpus.default_threads(busy=1.5) == 1

@@ -8,8 +8,8 @@ import os
 
 import gradio as gr
 
+from ..cpus import set_threads
 from .checks import CheckedBlocks
-from .cpus import set_threads
 from .generate_tab import build_generate_tab
 from .pool import REQUESTS_AT_ONCE, ModelPool
 from .train_tab import Training, build_train_tab

@@ -1,5 +1,5 @@
 """The CPUs this process may use (affinity mask, capped by a container's cgroup quota), how busy other processes keep
-them, and torch's share of them. No gradio here: the trainer and generate.py use it too."""
+them, and torch's share of them: for the trainer and the app."""
 
 from __future__ import annotations
 
