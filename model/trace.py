@@ -21,7 +21,7 @@ import torch.nn as nn
 
 from .gpt import GPT
 
-CachedForward = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (idx (B, T), input_pos (T,)) -> logits (B, V)
+CachedForward = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (idx (B, T), input_pos (T,) or (B, T)) -> logits (B, V)
 
 # model -> {(batch, tokens, per_row, its tensors): trace}. A trace holds the model's tensors, not the model, so the weak key
 # really lets a dropped model go.
