@@ -25,7 +25,7 @@ import torch
 
 from .generate import Sampler, SamplingConfig, prefill, sample_next, sampler_for, slide_keep
 from .gpt import GPT
-from .trace import CachedForward, cached_forward
+from .trace import CachedForward, cached_forward, warmed_forward
 
 log = logging.getLogger(__name__)
 
@@ -37,8 +37,7 @@ _DONE = None  # the end of a request's token stream
 class _Request:
     prompt_ids: list[int]
     num_samples: int
-    sampling: SamplingConfig
-    sample: Sampler
+    sample: Sampler  # its settings (sample.sampling), generator and penalty counts
     out: queue.SimpleQueue = field(default_factory=queue.SimpleQueue)
     history: list[torch.Tensor] = field(default_factory=list)  # its window's tokens, then each new one: (num_samples,) each
     pos: int = 0  # the next free cache position of its rows
@@ -83,16 +82,10 @@ class Batcher:
             self.model.setup_caches(self.max_rows)
             self.scratch.setup_caches(max_sequences)
             for b in self.buckets:
-                step = self._step_for(b, True)
-                for _ in range(2):  # TorchScript optimizes a trace over its first two calls
-                    step(torch.zeros(b, 1, dtype=torch.long), torch.zeros(b, 1, dtype=torch.long))
+                self._steps[b, True] = warmed_forward(self.model, b, 1, per_row=True)
             for n in range(1, max_sequences + 1):
-                step = self._step_for(n, False)
-                for _ in range(2):
-                    step(torch.zeros(n, 1, dtype=torch.long), torch.arange(1))
-                slide = cached_forward(self.scratch, n, self.keep)
-                for _ in range(2):
-                    slide(torch.zeros(n, self.keep, dtype=torch.long), torch.arange(self.keep))
+                self._steps[n, False] = warmed_forward(self.model, n, 1)
+                warmed_forward(self.scratch, n, self.keep)
 
     def decode(self, prompt_ids: list[int], num_samples: int, sampling: SamplingConfig, n_vocab: int) -> Iterator[torch.Tensor]:
         """Yield the next token of each of num_samples sequences per step, as generate.decode_tokens does; closing
@@ -102,7 +95,7 @@ class Batcher:
         if not 1 <= num_samples <= self.max_rows:
             raise ValueError(f"num_samples must be between 1 and {self.max_rows}, got {num_samples}.")
         sample = sampler_for(sampling, num_samples, min(n_vocab, self.model.config.vocab_size), prompt_ids)
-        request = _Request(list(prompt_ids), num_samples, sampling, sample)
+        request = _Request(list(prompt_ids), num_samples, sample)
         if int(sampling.max_new_tokens) == 0:
             return
         self._inbox.put(request)
@@ -168,7 +161,7 @@ class Batcher:
         traced step over the bucket of rows that holds the rest."""
         stepping = []
         for r in self._running:
-            if r.produced >= r.sampling.max_new_tokens or r.cancelled:
+            if r.produced >= r.sample.sampling.max_new_tokens or r.cancelled:
                 continue
             if r.pos < self.block:
                 stepping.append(r)
@@ -200,7 +193,8 @@ class Batcher:
         for r in stepping:
             r.pos += 1
             if r.sample.counts is None:
-                alike.setdefault((r.sampling.temperature, r.sampling.top_k, r.sampling.top_p, r.sample.n_vocab), []).append(r)
+                settings = r.sample.sampling
+                alike.setdefault((settings.temperature, settings.top_k, settings.top_p, r.sample.n_vocab), []).append(r)
             else:
                 self._emit(r, r.sample(logits[r.row:r.row + r.num_samples]))
         for group in alike.values():
@@ -226,7 +220,7 @@ class Batcher:
         """End the finished and cancelled requests and move the others' rows to the front of the cache."""
         running = []
         for r in self._running:
-            if r.produced >= r.sampling.max_new_tokens or r.cancelled:
+            if r.produced >= r.sample.sampling.max_new_tokens or r.cancelled:
                 r.out.put(_DONE)
             else:
                 running.append(r)

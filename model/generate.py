@@ -21,7 +21,7 @@ import torch
 
 from .gpt import GPT
 from .tokenizer import Tokenizer
-from .trace import CachedForward, cached_forward, eager_forward, has_trace, last_logits, traced_step
+from .trace import CachedForward, eager_forward, has_trace, last_logits, traced_step, warmed_forward
 
 # A fresh trace costs about 0.4 s before it runs at full speed (tracing, then TorchScript's first optimizing calls);
 # on the cpu preset that is won back after about 500 tokens, so the engine traces once a model has decoded that many.
@@ -218,11 +218,8 @@ def warm_up(model: torch.nn.Module, num_samples: int, n_tokens: int = 1) -> None
     if not isinstance(model, GPT):
         return
     model.setup_caches(num_samples)
-    device = _device(model)
     with torch.inference_mode():
-        forward = cached_forward(model, num_samples, n_tokens)
-        for _ in range(2):
-            forward(torch.zeros(num_samples, n_tokens, dtype=torch.long, device=device), torch.arange(n_tokens, device=device))
+        warmed_forward(model, num_samples, n_tokens)
 
 
 def prefill(model: torch.nn.Module, window: torch.Tensor) -> torch.Tensor:

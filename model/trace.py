@@ -97,11 +97,26 @@ def traced_step(model: GPT) -> CachedForward:
     return step
 
 
-def _trace(model: GPT, batch_size: int, n_tokens: int, per_row: bool) -> torch.jit.ScriptModule:
+def warmed_forward(model: GPT, batch_size: int, n_tokens: int, per_row: bool = False) -> CachedForward:
+    """cached_forward, already run twice (TorchScript optimizes a trace over its first two calls): for a server before
+    its first request, or a timing before its clock starts. The runs write the caches' first n_tokens positions."""
+    forward = cached_forward(model, batch_size, n_tokens, per_row)
+    example = _example(model, batch_size, n_tokens, per_row)
+    for _ in range(2):
+        forward(*example)
+    return forward
+
+
+def _example(model: GPT, batch_size: int, n_tokens: int, per_row: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """Tokens (all 0) and positions (0..n_tokens-1, for every row with per_row) of that shape."""
     device = model.causal_mask.device
     positions = torch.arange(n_tokens, device=device)
-    example = (torch.zeros(batch_size, n_tokens, dtype=torch.long, device=device),
-               positions.expand(batch_size, -1).contiguous() if per_row else positions)
+    return (torch.zeros(batch_size, n_tokens, dtype=torch.long, device=device),
+            positions.expand(batch_size, -1).contiguous() if per_row else positions)
+
+
+def _trace(model: GPT, batch_size: int, n_tokens: int, per_row: bool) -> torch.jit.ScriptModule:
+    example = _example(model, batch_size, n_tokens, per_row)
     caches = [block.attn.kv_cache for block in model.transformer.h]
     saved = [(c.k.clone(), c.v.clone()) for c in caches]  # tracing runs the forward, which writes the caches
     was_training = model.training
