@@ -12,7 +12,7 @@ os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # never call home
 
 
 def main() -> int:
-    from model.checkpoint import CKPT_ENV, CheckpointError, default_checkpoint
+    from model.formats.checkpoint import CKPT_ENV, CheckpointError, default_checkpoint
     from model.tokenizer import TokenizerError
 
     ap = argparse.ArgumentParser(description=__doc__)
@@ -29,7 +29,7 @@ def main() -> int:
     from model.webapp import ModelPool, launch  # gradio: seconds to import, so not before --help
     try:
         if args.export_space is not None:
-            from model.space import export_space
+            from model.webapp.space import export_space
 
             out = export_space(ckpt, args.export_space, app_file=Path(__file__).resolve())
             print(f"Space folder written to {out}; upload it as described in docs/app.md.")

@@ -7,8 +7,9 @@ import sys
 import time
 from pathlib import Path
 
-from model.checkpoint import CONFIG, CheckpointError, read_json
-from model.hf import SAFETENSORS, export_checkpoint
+from model.formats.checkpoint import CONFIG, CheckpointError, read_json
+from model.formats.export import export_checkpoint
+from model.formats.hf import SAFETENSORS
 from model.tokenizer import TokenizerError
 
 

@@ -14,9 +14,9 @@ from pathlib import Path
 
 import torch
 
-from model.checkpoint import CheckpointError
-from model.generate import GENERATION_THREADS, SETTINGS, SamplingConfig, stream, with_setting
-from model.load import Loaded, load
+from model.formats.checkpoint import CheckpointError
+from model.formats.load import Loaded, load
+from model.generation.generate import GENERATION_THREADS, SETTINGS, SamplingConfig, stream, with_setting
 from model.tokenizer import TokenizerError
 
 HELP = """Type a prompt and press Enter to continue it. Commands:

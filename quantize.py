@@ -18,13 +18,13 @@ import torch
 from tqdm import tqdm
 
 from model import atomic
-from model.checkpoint import CONFIG, METRICS, WEIGHTS, CheckpointError, read_json, write_json
-from model.data import DataError, prepare
-from model.evaluate import evaluate_pair
-from model.generate import prompt_tokens
-from model.load import load
-from model.quantize import SCHEMES, file_size, plot_report, quantize_model, save_int8, tokens_per_second
+from model.formats.checkpoint import CONFIG, METRICS, WEIGHTS, CheckpointError, read_json, write_json
+from model.formats.int8 import SCHEMES, file_size, plot_report, quantize_model, save_int8, tokens_per_second
+from model.formats.load import load
+from model.generation.generate import prompt_tokens
 from model.tokenizer import TokenizerError
+from model.training.data import DataError, prepare
+from model.training.evaluate import evaluate_pair
 
 ROWS = ["params", "size_fp32_bytes", "size_int8_bytes", "size_ratio", "val_nats_per_char_fp32", "val_nats_per_char_int8",
         "top1_agreement", "tokens_per_s_fp32", "tokens_per_s_int8"]

@@ -11,16 +11,16 @@ import signal  # noqa: E402
 import sys  # noqa: E402
 import threading  # noqa: E402
 
-from model.checkpoint import CheckpointError  # noqa: E402
-from model.data import DataError  # noqa: E402
-from model.distributed import PeerError  # noqa: E402
-from model.settings import FINETUNE, PRESETS, ArgError, add_arguments  # noqa: E402
+from model.formats.checkpoint import CheckpointError  # noqa: E402
 from model.tokenizer import TokenizerError  # noqa: E402
-from model.trainer import TrainingDiverged, train  # noqa: E402
+from model.training.data import DataError  # noqa: E402
+from model.training.distributed import PeerError  # noqa: E402
+from model.training.settings import FINETUNE, PRESETS, ArgError, add_arguments  # noqa: E402
+from model.training.trainer import TrainingDiverged, train  # noqa: E402
 
 
 def parse_args(argv: list[str] | None = None) -> dict[str, object]:
-    """The flags the user gave, and only those, so the run can tell them from the defaults (model/settings.py)."""
+    """The flags the user gave, and only those, so the run can tell them from the defaults (model/training/settings.py)."""
     p = argparse.ArgumentParser(
         description="Train a small GPT on one UTF-8 text file and write a checkpoint directory "
                     "(model.safetensors, config.json, metrics.json, train_state.pt, log.jsonl, loss.png).",

@@ -30,11 +30,11 @@ from gradio_client import Client  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
 from model import atomic  # noqa: E402
-from model.checkpoint import CheckpointError, default_checkpoint  # noqa: E402
 from model.cpus import available_cpus  # noqa: E402
+from model.formats.checkpoint import CheckpointError, default_checkpoint  # noqa: E402
 from model.plot import save_figure  # noqa: E402
 from model.tokenizer import TokenizerError  # noqa: E402
-from model.webapp.checks import DEFAULT_MAX_NEW_TOKENS, DEFAULT_SEQUENCES, DEFAULT_TOP_K  # noqa: E402
+from model.webapp.limits import DEFAULT_MAX_NEW_TOKENS, DEFAULT_SEQUENCES, DEFAULT_TOP_K  # noqa: E402
 from model.webapp.pool import CONCURRENCY, ModelPool  # noqa: E402
 from model.webapp.server import launch  # noqa: E402
 

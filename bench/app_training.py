@@ -29,13 +29,13 @@ os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 from gradio_client import Client  # noqa: E402
 
 from model import atomic  # noqa: E402
-from model.checkpoint import CheckpointError, default_checkpoint  # noqa: E402
 from model.cpus import available_cpus  # noqa: E402
+from model.formats.checkpoint import CheckpointError, default_checkpoint  # noqa: E402
 from model.tokenizer import TokenizerError  # noqa: E402
-from model.training_job import TrainingJob  # noqa: E402
-from model.webapp.checks import DEFAULT_MAX_NEW_TOKENS, DEFAULT_SEQUENCES, DEFAULT_TOP_K  # noqa: E402
+from model.webapp.limits import DEFAULT_MAX_NEW_TOKENS, DEFAULT_SEQUENCES, DEFAULT_TOP_K  # noqa: E402
 from model.webapp.pool import ModelPool  # noqa: E402
 from model.webapp.server import launch  # noqa: E402
+from model.webapp.training_job import TrainingJob  # noqa: E402
 
 PROMPT = "ROMEO:\n"
 

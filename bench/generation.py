@@ -45,17 +45,17 @@ from tqdm import tqdm  # noqa: E402
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from model import atomic  # noqa: E402
-from model.checkpoint import CheckpointError  # noqa: E402
 from model.config import GPTConfig
-from model.generate import SamplingConfig, decode_tokens, naive_tokens, sampler_for, slide_keep, warm_up  # noqa: E402
+from model.formats.checkpoint import CheckpointError  # noqa: E402
+from model.formats.hf import export_hf, neox_names_for_ctranslate2  # noqa: E402
+from model.formats.hf_tokenizer import token_strings  # noqa: E402
+from model.formats.load import load  # noqa: E402
+from model.generation.generate import SamplingConfig, decode_tokens, naive_tokens, sampler_for, slide_keep, warm_up  # noqa: E402
+from model.generation.trace import cached_forward, eager_forward, traced_step  # noqa: E402
 from model.gpt import GPT  # noqa: E402
-from model.hf import export_hf, neox_names_for_ctranslate2  # noqa: E402
-from model.hf_tokenizer import token_strings  # noqa: E402
-from model.load import load  # noqa: E402
 from model.plot import plt, save_figure  # noqa: E402
-from model.settings import preset  # noqa: E402
 from model.tokenizer import TokenizerError, gpt2, padded_vocab_size  # noqa: E402
-from model.trace import cached_forward, eager_forward, traced_step  # noqa: E402
+from model.training.settings import preset  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 NAIVE = ("naive", "naive-last")
@@ -102,7 +102,7 @@ def models_to_bench(args: argparse.Namespace) -> tuple[dict[str, torch.nn.Module
     else:
         if args.int8_ckpt:
             raise CheckpointError(f"No int8 checkpoint at {args.int8_ckpt}: make one with python quantize.py, or leave --int8-ckpt out.")
-        from model.quantize import quantize_model
+        from model.formats.int8 import quantize_model
 
         int8, how = quantize_model(fp32), "int8 quantized here (model.quantize)"
     return {"fp32": fp32, "int8": int8}, tokenizer, f"{source}; {how}"

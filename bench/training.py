@@ -30,17 +30,17 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from model.checkpoint import METRICS, CheckpointError, read_json  # noqa: E402
 from model.config import GPTConfig  # noqa: E402
-from model.data import DataError, TokenData, get_batch, prepare, training_tokenizer  # noqa: E402
-from model.evaluate import evaluate  # noqa: E402
+from model.formats.checkpoint import METRICS, CheckpointError, read_json  # noqa: E402
 from model.gpt import GPT  # noqa: E402
-from model.optim import clip_grads, lr_at, make_optimizer, set_lr, warmup_frac  # noqa: E402
-from model.plan import resolve  # noqa: E402
 from model.plot import save_figure  # noqa: E402
-from model.settings import ArgError, TrainSettings, preset  # noqa: E402
 from model.tokenizer import Tokenizer, TokenizerError, padded_vocab_size  # noqa: E402
-from model.trainer import LOG, Trainer, read_log, train  # noqa: E402
+from model.training.data import DataError, TokenData, get_batch, prepare, training_tokenizer  # noqa: E402
+from model.training.evaluate import evaluate  # noqa: E402
+from model.training.optim import clip_grads, lr_at, make_optimizer, set_lr, warmup_frac  # noqa: E402
+from model.training.plan import resolve  # noqa: E402
+from model.training.settings import ArgError, TrainSettings, preset  # noqa: E402
+from model.training.trainer import LOG, Trainer, read_log, train  # noqa: E402
 
 BASELINE = 1.539  # nanoGPT's CPU recipe run for 16,000 iters (10.9 min here), val nats/char
 

@@ -1,9 +1,9 @@
 """A small GPT kit: model, tokenizer, data, training, quantization and generation for one text file."""
 
-from .config import GPTConfig
-from .gpt import GPT
-from .load import Loaded, load
-from .settings import PRESETS, preset
-from .tokenizer import Tokenizer, load_tokenizer
+from model.config import GPTConfig
+from model.formats.load import Loaded, load
+from model.gpt import GPT
+from model.tokenizer import Tokenizer, load_tokenizer
+from model.training.settings import PRESETS, preset
 
 __all__ = ["GPT", "GPTConfig", "PRESETS", "preset", "Loaded", "load", "Tokenizer", "load_tokenizer"]

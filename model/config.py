@@ -1,4 +1,4 @@
-"""Model configuration: the shape of a GPT as one dataclass (the presets are model/settings.py's)."""
+"""Model configuration: the shape of a GPT as one dataclass (the presets are model/training/settings.py's)."""
 
 from __future__ import annotations
 

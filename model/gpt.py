@@ -8,7 +8,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .config import GPTConfig
+from model.config import GPTConfig
 
 
 class KVCache(nn.Module):

@@ -10,7 +10,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-from . import atomic  # noqa: E402
+from model import atomic  # noqa: E402
 
 
 def plot_losses(records: list[dict[str, Any]], path: str | Path, title: str = "") -> None:

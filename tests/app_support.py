@@ -13,11 +13,11 @@ os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
-from model.checkpoint import read_config, save_config, save_weights, write_json  # noqa: E402
+from model.formats.checkpoint import read_config, save_config, save_weights, write_json  # noqa: E402
+from model.formats.int8 import quantize_model, save_int8  # noqa: E402
 from model.gpt import GPT  # noqa: E402
-from model.quantize import quantize_model, save_int8  # noqa: E402
-from model.settings import preset  # noqa: E402
 from model.tokenizer import Tokenizer, padded_vocab_size  # noqa: E402
+from model.training.settings import preset  # noqa: E402
 
 CHROMIUM = Path("/usr/bin/chromium")  # Debian's, driven by Playwright in the browser tests
 CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",

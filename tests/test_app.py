@@ -15,7 +15,8 @@ from gradio_client import Client
 from gradio_client.exceptions import AppError
 
 import app
-from model.webapp.checks import MAX_SEQUENCES, check_request
+from model.webapp.checks import check_request
+from model.webapp.limits import MAX_SEQUENCES
 from model.webapp.pool import model_card
 from model.webapp.streaming import stream_sequences
 
@@ -204,10 +205,10 @@ def test_warm_up_traces_every_request_size_on_every_copy(tmp_path, gpt2_tokenize
     """Before serving: each copy has the traced batched step for every bucket of rows and the step of a request alone,
     and its scratch copy the window slide of every request size, over caches for any request; the first requests
     use them instead of tracing."""
-    from model.batching import BUCKETS
-    from model.generate import SamplingConfig
-    from model.trace import traces
-    from model.webapp.checks import DEFAULT_SEQUENCES
+    from model.generation.batching import BUCKETS
+    from model.generation.generate import SamplingConfig
+    from model.generation.trace import traces
+    from model.webapp.limits import DEFAULT_SEQUENCES
     from model.webapp.pool import ModelPool
 
     pool = ModelPool(tiny_checkpoint(tmp_path, gpt2_tokenizer), copies=2)
@@ -282,7 +283,7 @@ def test_each_request_asks_which_model_serves_it(server):
 
 def test_cpu_share_loads_no_gradio():
     """The trainer sizes its threads with model.cpus: importing them must not load gradio."""
-    code = "import sys, model.cpus, model.trainer; assert 'gradio' not in sys.modules, sorted(sys.modules)"
+    code = "import sys, model.cpus, model.training.trainer; assert 'gradio' not in sys.modules, sorted(sys.modules)"
     subprocess.run([sys.executable, "-c", code], cwd=ROOT, check=True)
 
 

@@ -8,9 +8,9 @@ import pytest
 import torch
 from model_support import tiny_gpt
 
-from model.batching import Batcher
-from model.generate import SamplingConfig, decode_tokens
-from model.quantize import quantize_model
+from model.formats.int8 import quantize_model
+from model.generation.batching import Batcher
+from model.generation.generate import SamplingConfig, decode_tokens
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 VOCAB = 101

@@ -11,10 +11,9 @@ from pathlib import Path
 import pytest
 from app_support import BROWSER_TEST, CHROMIUM, CHROMIUM_ARGS, served, tiny_checkpoint
 
-from model import training_job
-from model.training_job import TrainingSlot
-from model.webapp import train_tab
+from model.webapp import train_tab, training_job
 from model.webapp.train_tab import Training
+from model.webapp.training_job import TrainingSlot
 
 ROOT = Path(__file__).resolve().parents[1]
 SCREENSHOT = ROOT / "docs" / "train-tab.png"

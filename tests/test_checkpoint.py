@@ -15,8 +15,9 @@ from safetensors.torch import load_file, save_file
 from train_support import tiny_config
 
 import generate as generate_cli
-from model import atomic, checkpoint
-from model.checkpoint import CheckpointError
+from model import atomic
+from model.formats import checkpoint
+from model.formats.checkpoint import CheckpointError
 from model.gpt import GPT
 
 
@@ -134,7 +135,7 @@ def test_saves_remove_stale_temp_files_of_what_they_write(tmp_path):
 
 KILL_DURING_SAVE = """
 import os, signal, sys
-from model import checkpoint
+from model.formats import checkpoint
 from model.gpt import GPT
 from train_support import tiny_config
 os.fsync = lambda fd: os.kill(os.getpid(), signal.SIGKILL)  # dies after the temp file is written, before the rename

@@ -7,7 +7,7 @@ import pytest
 import torch
 from train_support import TEXT, byte_tokenizer
 
-from model.data import DataError, TokenData, decode_text, get_batch, prepare, read_text, split_text, val_windows
+from model.training.data import DataError, TokenData, decode_text, get_batch, prepare, read_text, split_text, val_windows
 
 
 def test_split_is_last_tenth():

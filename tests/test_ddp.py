@@ -16,10 +16,10 @@ import pytest
 import torch
 from train_support import TEXT
 
-import model.trainer
+import model.training.trainer
 import train
-from model import distributed
-from model.plan import settings_for
+from model.training import distributed
+from model.training.plan import settings_for
 
 ROOT = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}

@@ -10,9 +10,9 @@ import torch.nn as nn
 from model_support import tiny_gpt
 
 import generate as cli
-from model.checkpoint import save_config, save_weights
 from model.config import GPTConfig
-from model.generate import (
+from model.formats.checkpoint import save_config, save_weights
+from model.generation.generate import (
     SamplingConfig,
     apply_penalties,
     decode_tokens,
@@ -108,7 +108,7 @@ def test_sliding_default_window_recomputes_the_kept_tokens():
 
 
 def test_int8_model_generates():
-    from model.quantize import quantize_model
+    from model.formats.int8 import quantize_model
 
     model = tiny_gpt(vocab=128)
     qmodel = quantize_model(model)

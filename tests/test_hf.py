@@ -14,16 +14,17 @@ import export_hf
 import generate as generate_cli
 import quantize
 import train
-from model.checkpoint import CheckpointError, save_config, save_weights
 from model.config import GPTConfig
-from model.generate import SamplingConfig, decode_tokens, generate
+from model.formats.checkpoint import CheckpointError, save_config, save_weights
+from model.formats.export import export_checkpoint
+from model.formats.hf import export_hf as export_model
+from model.formats.hf import is_hf_dir, neox_names_for_ctranslate2
+from model.formats.hf_tokenizer import token_strings
+from model.formats.load import load
+from model.generation.generate import SamplingConfig, decode_tokens, generate
 from model.gpt import GPT
-from model.hf import export_checkpoint, is_hf_dir, neox_names_for_ctranslate2
-from model.hf import export_hf as export_model
-from model.hf_tokenizer import token_strings
-from model.load import load
-from model.settings import preset
 from model.tokenizer import build_tokenizer, padded_vocab_size
+from model.training.settings import preset
 
 PROMPTS = ["ROMEO:", "To be, or not to be, that is the question:", "The quick brown fox jumps over the lazy dog.",
            "First Citizen:\nBefore we proceed any further, hear me speak."]

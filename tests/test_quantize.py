@@ -19,12 +19,12 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import quantize as quantize_cli
-from model.checkpoint import WEIGHTS, CheckpointError, save_config, save_weights
-from model.generate import SamplingConfig, decode_tokens
+from model.formats.checkpoint import WEIGHTS, CheckpointError, save_config, save_weights
+from model.formats.int8 import ENGINE_PREFERENCE, Int8Embedding, int8_state, load_int8, quantize_model, save_int8, set_engine
+from model.formats.load import load
+from model.generation.generate import SamplingConfig, decode_tokens
 from model.gpt import GPT
-from model.load import load
-from model.quantize import ENGINE_PREFERENCE, Int8Embedding, int8_state, load_int8, quantize_model, save_int8, set_engine
-from model.settings import preset
+from model.training.settings import preset
 
 TEXT = "First Citizen:\nBefore we proceed any further, hear me speak.\n\nAll:\nSpeak, speak.\n\n" * 8  # ~600 characters
 

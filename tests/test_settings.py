@@ -10,8 +10,8 @@ import pytest
 from train_support import TEXT, byte_tokenizer
 
 import train
-from model.plan import resolve, settings_for
-from model.settings import CPU_SIZES, FINETUNE, PRESETS, SHAPE, ArgError, TrainSettings, cpu_size, layered, preset
+from model.training.plan import resolve, settings_for
+from model.training.settings import CPU_SIZES, FINETUNE, PRESETS, SHAPE, ArgError, TrainSettings, cpu_size, layered, preset
 
 
 def test_every_setting_is_a_flag_with_its_help_and_default(capsys):
@@ -65,7 +65,7 @@ def test_cpu_preset_is_sized_by_the_training_tokens():
 
 @pytest.fixture
 def bytes_tok(monkeypatch):
-    monkeypatch.setattr(importlib.import_module("model.data"), "load_tokenizer", lambda spec: byte_tokenizer())
+    monkeypatch.setattr(importlib.import_module("model.training.data"), "load_tokenizer", lambda spec: byte_tokenizer())
 
 
 def test_a_run_resolves_once_into_a_frozen_plan(tmp_path, bytes_tok):

@@ -13,8 +13,8 @@ import pytest
 from app_support import free_port, tiny_checkpoint
 from gradio_client import Client
 
-from model.checkpoint import CheckpointError
-from model.space import MARKER, PACKAGE, export_space, torch_version
+from model.formats.checkpoint import CheckpointError
+from model.webapp.space import MARKER, PACKAGE, export_space, torch_version
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -8,7 +8,7 @@ import shutil
 import pytest
 
 from model import tokenizer as tk
-from model.data import read_text, split_text
+from model.training.data import read_text, split_text
 
 SAMPLE = ("First Citizen:\nBefore we proceed any further, hear me speak.\n\nAll:\nSpeak, speak.\n"
           "MENENIUS: I'll tell you; we're 2,000 strong -- aren't we? 'Tis so.\n")

@@ -1,4 +1,4 @@
-"""The engine's fast path (model.trace): same logits and tokens as the eager forward, reuse across requests, caches kept,
+"""The engine's fast path (model.generation.trace): same logits and tokens as the eager forward, reuse across requests, caches kept,
 the traces held by the engine (not the model) and chosen by it alone."""
 
 from __future__ import annotations
@@ -11,9 +11,9 @@ import model_support
 import pytest
 import torch
 
-from model.generate import SamplingConfig, decode_tokens, draw, warm_up
+from model.generation.generate import SamplingConfig, decode_tokens, draw, warm_up
+from model.generation.trace import cached_forward, eager_forward, traced_step, traces
 from model.gpt import GPT
-from model.trace import cached_forward, eager_forward, traced_step, traces
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -23,7 +23,7 @@ def tiny_gpt() -> GPT:
 
 
 def int8_gpt() -> GPT:
-    from model.quantize import quantize_model
+    from model.formats.int8 import quantize_model
 
     return quantize_model(tiny_gpt())
 
@@ -34,7 +34,7 @@ def rotary_gpt() -> GPT:
 
 
 def int8_rotary_relu2_gpt() -> GPT:
-    from model.quantize import quantize_model
+    from model.formats.int8 import quantize_model
 
     return quantize_model(model_support.tiny_gpt(vocab=128, rotary=True, mlp="relu2"))
 
@@ -116,7 +116,7 @@ def test_draw_follows_the_probabilities():
 def test_the_engine_traces_once_it_pays_and_then_keeps_tracing(monkeypatch):
     """No step given: a lone short request runs eagerly; once the model's eager steps (this request's included) reach
     TRACE_MIN_TOKENS, or a trace of the shape exists, the request runs traced. Text is the same either way."""
-    import model.generate as engine
+    import model.generation.generate as engine
 
     calls = []
     real = engine.traced_step
@@ -162,7 +162,7 @@ def test_a_dropped_model_takes_its_traces_with_it():
 
 def test_copies_start_without_traces():
     """A deep copy (as quantize_dynamic makes) does not carry traces, which would hold a private copy of the weights."""
-    from model.quantize import quantize_model
+    from model.formats.int8 import quantize_model
 
     model = tiny_gpt()
     sampling = SamplingConfig(max_new_tokens=40, seed=0)

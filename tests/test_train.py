@@ -16,16 +16,16 @@ import pytest
 import torch
 from train_support import TEXT, byte_tokenizer, tiny_config
 
-import model.budget
 import model.plot
-import model.trainer
+import model.training.budget
+import model.training.trainer
 import train
-from model import checkpoint
+from model.formats import checkpoint
+from model.generation.trace import traces
 from model.gpt import GPT
-from model.optim import clip_grads, lr_at, make_optimizer, set_lr, warmup_frac
-from model.plan import resolve
-from model.trace import traces
-from model.trainer import Trainer
+from model.training.optim import clip_grads, lr_at, make_optimizer, set_lr, warmup_frac
+from model.training.plan import resolve
+from model.training.trainer import Trainer
 
 ROOT = Path(__file__).resolve().parents[1]
 # A 2-layer 32-wide model over bytes, fp32, no time budget: a few steps take well under a second.
@@ -39,9 +39,9 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 @pytest.fixture
 def bytes_tok(monkeypatch):
     """Make the trainer and the loader use the 256-token byte tokenizer, so test models stay tiny."""
-    monkeypatch.setattr(importlib.import_module("model.plan"), "load_tokenizer", lambda spec: byte_tokenizer())  # resumed runs
-    monkeypatch.setattr(importlib.import_module("model.data"), "load_tokenizer", lambda spec: byte_tokenizer())  # new runs
-    monkeypatch.setattr(importlib.import_module("model.load"), "load_tokenizer", lambda spec: byte_tokenizer())
+    monkeypatch.setattr(importlib.import_module("model.training.plan"), "load_tokenizer", lambda spec: byte_tokenizer())  # resumed runs
+    monkeypatch.setattr(importlib.import_module("model.training.data"), "load_tokenizer", lambda spec: byte_tokenizer())  # new runs
+    monkeypatch.setattr(importlib.import_module("model.formats.load"), "load_tokenizer", lambda spec: byte_tokenizer())
 
 
 @pytest.fixture
@@ -80,8 +80,8 @@ def test_trainer_decay_fraction_by_steps(tmp_path, text, bytes_tok):
 def test_a_slow_first_step_does_not_use_up_the_warmup(monkeypatch):
     """A first step that compiles the model (a minute of a 10-minute budget) must not end the time-based warmup."""
     now = [0.0]
-    monkeypatch.setattr(model.budget.time, "perf_counter", lambda: now[0])
-    b = model.budget.Budget(max_minutes=10, max_iters=10_000, warmup_iters=50)
+    monkeypatch.setattr(model.training.budget.time, "perf_counter", lambda: now[0])
+    b = model.training.budget.Budget(max_minutes=10, max_iters=10_000, warmup_iters=50)
     warm, _ = b.fractions(0)
     now[0] = 60.0  # the compiling first step
     b.took(60.0)
@@ -122,7 +122,7 @@ def test_clipping_bounds_the_norm():
 
 def test_tiny_model_overfits_tiny_corpus(tmp_path, text, bytes_tok):
     out = tmp_path / "out"
-    result = model.trainer.train({**SMALL, "data": str(text), "out_dir": str(out), "max_iters": 150, "eval_interval": 75,
+    result = model.training.trainer.train({**SMALL, "data": str(text), "out_dir": str(out), "max_iters": 150, "eval_interval": 75,
                                   "batch_size": 16, "lr": 1e-2, "min_lr": 1e-3, "warmup_iters": 5})
     losses = [r["train_loss"] for r in records(out) if "train_loss" in r]
     assert len(losses) == 150
@@ -163,10 +163,10 @@ def test_the_evaluation_sample_leaves_training_as_it_was(tmp_path, text, bytes_t
 @pytest.mark.slow
 def test_resume_continues_exactly(tmp_path, text, bytes_tok):
     common = {**SMALL, "data": str(text), "max_iters": 12, "eval_interval": 4, "grad_accum": 2, "warmup_iters": 3}
-    straight = model.trainer.train({**common, "out_dir": str(tmp_path / "a")})
-    first = model.trainer.train({**common, "out_dir": str(tmp_path / "b")}, stop_after=5)
+    straight = model.training.trainer.train({**common, "out_dir": str(tmp_path / "a")})
+    first = model.training.trainer.train({**common, "out_dir": str(tmp_path / "b")}, stop_after=5)
     assert first["interrupted"] and first["step"] == 5
-    resumed = model.trainer.train({"resume": True, "out_dir": str(tmp_path / "b")})
+    resumed = model.training.trainer.train({"resume": True, "out_dir": str(tmp_path / "b")})
     assert resumed["step"] == 12
     assert abs(resumed["last_loss"] - straight["last_loss"]) < 1e-5
     assert resumed["val_nats_per_token"] == pytest.approx(straight["val_nats_per_token"], abs=1e-5)
@@ -178,7 +178,7 @@ def test_resume_continues_exactly(tmp_path, text, bytes_tok):
 @pytest.mark.slow
 def test_time_budget_ends_the_cosine_at_the_budget(tmp_path, text, bytes_tok):
     out = tmp_path / "out"
-    metrics = model.trainer.train({**SMALL, "data": str(text), "out_dir": str(out), "max_iters": 100000, "max_minutes": 0.1,
+    metrics = model.training.trainer.train({**SMALL, "data": str(text), "out_dir": str(out), "max_iters": 100000, "max_minutes": 0.1,
                                    "warmup_iters": 10**6, "eval_interval": 1000, "lr": 1e-3, "min_lr": 1e-4})
     assert 2 < metrics["step"] < 100000
     lrs = [r["lr"] for r in records(out) if "lr" in r]
@@ -190,7 +190,7 @@ def test_time_budget_ends_the_cosine_at_the_budget(tmp_path, text, bytes_tok):
 @pytest.mark.slow
 def test_one_stalled_step_does_not_end_a_timed_run_early(tmp_path, text, bytes_tok, monkeypatch):
     """A step the machine stalls for 1.5 s, at about a third of a 6 s budget: training goes on past it."""
-    real, stalled = model.trainer.Trainer.train_step, []
+    real, stalled = model.training.trainer.Trainer.train_step, []
 
     def train_step(self):
         if not stalled and self.elapsed() > 2.0:
@@ -198,9 +198,9 @@ def test_one_stalled_step_does_not_end_a_timed_run_early(tmp_path, text, bytes_t
             time.sleep(1.5)
         return real(self)
 
-    monkeypatch.setattr(model.trainer.Trainer, "train_step", train_step)
+    monkeypatch.setattr(model.training.trainer.Trainer, "train_step", train_step)
     out = tmp_path / "out"
-    metrics = model.trainer.train({**SMALL, "data": str(text), "out_dir": str(out), "max_iters": 100000, "max_minutes": 0.1,
+    metrics = model.training.trainer.train({**SMALL, "data": str(text), "out_dir": str(out), "max_iters": 100000, "max_minutes": 0.1,
                                    "warmup_iters": 10, "eval_interval": 1000, "lr": 1e-3, "min_lr": 1e-4})
     assert stalled and metrics["step"] > stalled[0] + 20
     lrs = [r["lr"] for r in records(out) if "lr" in r]
@@ -261,7 +261,7 @@ def test_bad_input_ends_in_one_clear_sentence(tmp_path, capsys, bytes_tok, flags
 
 def test_resume_with_another_architecture_is_refused(tmp_path, text, capsys, bytes_tok):
     out = tmp_path / "out"
-    model.trainer.train({**SMALL, "data": str(text), "out_dir": str(out), "max_iters": 2}, stop_after=1)
+    model.training.trainer.train({**SMALL, "data": str(text), "out_dir": str(out), "max_iters": 2}, stop_after=1)
     before = {p.name: p.stat().st_mtime_ns for p in out.iterdir()}
     assert train.main(["--resume", "--out-dir", str(out), "--preset", "cpu"]) == 2
     assert "trained with preset='tiny', not 'cpu' (another architecture)" in capsys.readouterr().err
@@ -305,7 +305,7 @@ def test_out_dir_that_is_a_file_is_refused(tmp_path, text, capsys, bytes_tok):
 
 
 def test_a_diverged_run_stops_and_keeps_the_last_good_checkpoint(tmp_path, text, capsys, bytes_tok, monkeypatch):
-    real = model.trainer.Trainer.train_step
+    real = model.training.trainer.Trainer.train_step
 
     def train_step(self):
         if self.step == 6:  # the weights blow up before step 7
@@ -314,7 +314,7 @@ def test_a_diverged_run_stops_and_keeps_the_last_good_checkpoint(tmp_path, text,
                     p.fill_(math.nan)
         return real(self)
 
-    monkeypatch.setattr(model.trainer.Trainer, "train_step", train_step)
+    monkeypatch.setattr(model.training.trainer.Trainer, "train_step", train_step)
     out = tmp_path / "out"
     code = train.main(cli({**SMALL, "data": text, "out_dir": out, "max_iters": 20, "eval_interval": 4}))
     captured = capsys.readouterr()
@@ -333,7 +333,7 @@ def test_a_diverged_run_stops_and_keeps_the_last_good_checkpoint(tmp_path, text,
 def test_non_finite_initial_weights_write_nothing(tmp_path, text, capsys, bytes_tok, monkeypatch):
     """A model whose very first validation loss is NaN (e.g. broken weights) leaves no good checkpoint: nothing is written."""
     nan = {"val_nats_per_token": math.nan, "val_nats_per_char": math.nan, "val_tokens": 54}
-    monkeypatch.setattr(model.trainer, "evaluate", lambda *args, **kwargs: nan)
+    monkeypatch.setattr(model.training.trainer, "evaluate", lambda *args, **kwargs: nan)
     out = tmp_path / "out"
     code = train.main(cli({**SMALL, "data": text, "out_dir": out, "max_iters": 3}))
     err = capsys.readouterr().err
@@ -355,11 +355,11 @@ def test_interim_validation_is_the_whole_split_and_the_plot_ends_at_metrics(tmp_
 
     monkeypatch.setattr(model.plot, "save_figure", save_figure)
     scored = []  # one entry per evaluation of the validation split
-    evaluate = model.trainer.evaluate
-    monkeypatch.setattr(model.trainer, "evaluate", lambda *a, **kw: scored.append(1) or evaluate(*a, **kw))
+    evaluate = model.training.trainer.evaluate
+    monkeypatch.setattr(model.training.trainer, "evaluate", lambda *a, **kw: scored.append(1) or evaluate(*a, **kw))
     flags = {k: v for k, v in SMALL.items() if k != "eval_windows"}
     out = tmp_path / "out"
-    model.trainer.train({**flags, "data": str(data), "out_dir": str(out), "max_iters": 20, "eval_interval": 10})
+    model.training.trainer.train({**flags, "data": str(data), "out_dir": str(out), "max_iters": 20, "eval_interval": 10})
     assert len(scored) == 3  # steps 0, 10 and 20: the final score is the best one's, not a fourth pass over the split
     metrics = json.loads((out / "metrics.json").read_text())
     interim = {r["step"]: r for r in records(out) if "val_nats_per_char" in r and not r.get("final")}
@@ -378,49 +378,49 @@ def test_progress_bar_total_never_changes(tmp_path, text, bytes_tok, monkeypatch
     """A budgeted run counts seconds out of its budget; a run bounded only by --max-iters counts steps."""
     seen = []
 
-    class Bar(model.trainer.tqdm):
+    class Bar(model.training.trainer.tqdm):
         def update(self, n=1):
             seen.append((self.unit, self.total))
             return super().update(n)
 
-    monkeypatch.setattr(model.trainer, "tqdm", Bar)
+    monkeypatch.setattr(model.training.trainer, "tqdm", Bar)
     common = {**SMALL, "data": str(text), "max_iters": 20, "eval_interval": 100}
-    model.trainer.train({**common, "out_dir": str(tmp_path / "a"), "max_minutes": 0.1})
+    model.training.trainer.train({**common, "out_dir": str(tmp_path / "a"), "max_minutes": 0.1})
     assert len(seen) > 1 and all(unit == "s" and total == pytest.approx(6.0) for unit, total in seen), seen
     seen.clear()
-    model.trainer.train({**common, "out_dir": str(tmp_path / "b")})
+    model.training.trainer.train({**common, "out_dir": str(tmp_path / "b")})
     assert len(seen) == 20 and set(seen) == {("step", 20)}
 
 
 def test_a_validation_split_shorter_than_one_window_warns(tmp_path, text, capsys, bytes_tok):
-    model.trainer.train({**SMALL, "data": str(text), "out_dir": str(tmp_path / "a"), "max_iters": 2})  # windows of 16: no warning
+    model.training.trainer.train({**SMALL, "data": str(text), "out_dir": str(tmp_path / "a"), "max_iters": 2})  # windows of 16: no warning
     assert "warning" not in capsys.readouterr().err
-    model.trainer.train({**SMALL, "block_size": None, "data": str(text), "out_dir": str(tmp_path / "b"), "max_iters": 2})
+    model.training.trainer.train({**SMALL, "block_size": None, "data": str(text), "out_dir": str(tmp_path / "b"), "max_iters": 2})
     warnings = [line for line in capsys.readouterr().err.splitlines() if "warning" in line]
     assert len(warnings) == 1 and warnings[0].startswith("warning: the validation split is only 55 tokens (55 characters)"), warnings
     assert "shorter than one 64-token context window" in warnings[0]
 
 
 def test_the_log_follows_training_between_evaluations(tmp_path, text, bytes_tok, monkeypatch):
-    monkeypatch.setattr(model.trainer, "LOG_EVERY_S", 0.0)
+    monkeypatch.setattr(model.training.trainer, "LOG_EVERY_S", 0.0)
     seen = []  # (last step in log.jsonl, whether loss.png exists) at each write between evaluations
-    write_log = model.trainer.Trainer.write_log
+    write_log = model.training.trainer.Trainer.write_log
 
     def spy(self, plot=True):
         write_log(self, plot)
         if not plot:
             seen.append(records(self.out)[-1]["step"])
 
-    monkeypatch.setattr(model.trainer.Trainer, "write_log", spy)
+    monkeypatch.setattr(model.training.trainer.Trainer, "write_log", spy)
     out = tmp_path / "out"
-    model.trainer.train({**SMALL, "data": str(text), "out_dir": str(out), "max_iters": 8, "eval_interval": 8})
+    model.training.trainer.train({**SMALL, "data": str(text), "out_dir": str(out), "max_iters": 8, "eval_interval": 8})
     assert seen == list(range(1, 9))  # a live view (the app's Train tab) sees every step's record, not only the evaluations'
 
 
 def test_patience_stops_a_run_whose_validation_stopped_improving(tmp_path, text, capsys, bytes_tok, monkeypatch):
     """Validation that gets worse after step 4 ends the run after --patience evaluations without a new best, says so in
     one line, and keeps step 4's weights as the result."""
-    evaluate = model.trainer.evaluate
+    evaluate = model.training.trainer.evaluate
     worse = iter(range(1, 1000))
 
     def scores(*a, **kw):
@@ -431,15 +431,15 @@ def test_patience_stops_a_run_whose_validation_stopped_improving(tmp_path, text,
         return val
 
     trainers = []
-    real_init = model.trainer.Trainer.__init__
-    monkeypatch.setattr(model.trainer.Trainer, "__init__", lambda self, *a, **kw: trainers.append(self) or real_init(self, *a, **kw))
+    real_init = model.training.trainer.Trainer.__init__
+    monkeypatch.setattr(model.training.trainer.Trainer, "__init__", lambda self, *a, **kw: trainers.append(self) or real_init(self, *a, **kw))
 
     def model_step():
         return trainers[-1].step
 
-    monkeypatch.setattr(model.trainer, "evaluate", scores)
+    monkeypatch.setattr(model.training.trainer, "evaluate", scores)
     out = tmp_path / "out"
-    metrics = model.trainer.train({**SMALL, "data": str(text), "out_dir": str(out), "max_iters": 100, "eval_interval": 4,
+    metrics = model.training.trainer.train({**SMALL, "data": str(text), "out_dir": str(out), "max_iters": 100, "eval_interval": 4,
                                    "patience": 3})
     printed = capsys.readouterr().out
     assert metrics["step"] == 16 and metrics["best_step"] == 4 and metrics["stopped_early"]  # evaluations at 8, 12, 16
@@ -452,11 +452,11 @@ def test_patience_stops_a_run_whose_validation_stopped_improving(tmp_path, text,
 def test_resume_continues_a_muon_run_exactly(tmp_path, text, bytes_tok):
     common = {**SMALL, "data": str(text), "max_iters": 8, "eval_interval": 4, "warmup_iters": 2, "optimizer": "muon",
               "rotary": True, "mlp": "relu2"}
-    straight = model.trainer.train({**common, "out_dir": str(tmp_path / "a")})
-    model.trainer.train({**common, "out_dir": str(tmp_path / "b")}, stop_after=3)
-    resumed = model.trainer.train({"resume": True, "out_dir": str(tmp_path / "b")})
+    straight = model.training.trainer.train({**common, "out_dir": str(tmp_path / "a")})
+    model.training.trainer.train({**common, "out_dir": str(tmp_path / "b")}, stop_after=3)
+    resumed = model.training.trainer.train({"resume": True, "out_dir": str(tmp_path / "b")})
     assert resumed["step"] == 8 and abs(resumed["last_loss"] - straight["last_loss"]) < 1e-5
     with pytest.raises(checkpoint.CheckpointError, match="trained with optimizer='muon', not 'adamw'"):
-        model.trainer.train({"resume": True, "out_dir": str(tmp_path / "b"), "optimizer": "adamw"})
+        model.training.trainer.train({"resume": True, "out_dir": str(tmp_path / "b"), "optimizer": "adamw"})
     with pytest.raises(checkpoint.CheckpointError, match="trained with muon_lr_scale=1.0, not 3.0"):  # the saved state's
-        model.trainer.train({"resume": True, "out_dir": str(tmp_path / "b"), "muon_lr_scale": 3.0})  # scale would win
+        model.training.trainer.train({"resume": True, "out_dir": str(tmp_path / "b"), "muon_lr_scale": 3.0})  # scale would win

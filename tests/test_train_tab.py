@@ -16,11 +16,11 @@ from gradio_client import Client, handle_file
 from gradio_client.exceptions import AppError
 from train_support import TEXT
 
-from model.training_job import MIN_CHARS, ModelStore, TrainingSlot
 from model.webapp import train_tab
 from model.webapp.pool import TRAIN_THREADS
 from model.webapp.server import build_demo
 from model.webapp.train_tab import Training
+from model.webapp.training_job import MIN_CHARS, ModelStore, TrainingSlot
 
 LONG = TEXT * (MIN_CHARS // len(TEXT) + 1)  # just above the shortest text accepted
 ACTIVE = ("running", "quantizing")
@@ -245,7 +245,7 @@ def test_the_split_and_the_tab_switch(tmp_path, gpt2_tokenizer, monkeypatch):
 
 
 def test_status_sentences():
-    from model.training_job import Status
+    from model.webapp.training_job import Status
 
     def status(**kw):
         base = dict(state="running", elapsed_s=73.2, budget_s=180.0, seconds_left=137.0, records=[], train_curve=[],

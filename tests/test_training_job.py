@@ -15,9 +15,9 @@ from pathlib import Path
 import pytest
 from train_support import TEXT
 
-from model import training_job as tj
-from model.load import load
-from model.training_job import JobError, ModelStore, TrainingJob, TrainingSlot, check_text, make_zip
+from model.formats.load import load
+from model.webapp import training_job as tj
+from model.webapp.training_job import JobError, ModelStore, TrainingJob, TrainingSlot, check_text, make_zip
 
 ROOT = Path(__file__).resolve().parents[1]
 # A 1-layer, 32-wide model over bytes: train.py starts, trains and evaluates in a few seconds.

@@ -1,6 +1,6 @@
 """The Gradio app, one module per concern: pool (the model copies, their batchers and their card), checks (request
 limits and value checks), streaming (running the model), generate_tab (the Generate tab), train_tab (the Train tab,
-over model/training_job.py), server (the page and launch). The CPU share is model/cpus.py.
+over model/webapp/training_job.py), server (the page and launch). The CPU share is model/cpus.py.
 
 Importing the package loads none of them, so it stays free of gradio until app.py's names are used: they load their
 module on first use."""

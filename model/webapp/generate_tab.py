@@ -11,7 +11,8 @@ from typing import Any
 import gradio as gr
 import pandas as pd
 
-from .checks import (
+from model.webapp.checks import InputError, check_request, prompt_text
+from model.webapp.limits import (
     DEFAULT_MAX_NEW_TOKENS,
     DEFAULT_SEQUENCES,
     DEFAULT_TEMPERATURE,
@@ -20,12 +21,9 @@ from .checks import (
     MAX_NEW_TOKENS,
     MAX_PROMPT_CHARS,
     MAX_SEQUENCES,
-    InputError,
-    check_request,
-    prompt_text,
 )
-from .pool import ModelPool, model_card
-from .streaming import next_token_table, stream_sequences
+from model.webapp.pool import ModelPool, model_card
+from model.webapp.streaming import next_token_table, stream_sequences
 
 EXAMPLES = [
     "ROMEO:\n",

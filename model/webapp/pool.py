@@ -8,14 +8,14 @@ from typing import Any
 
 import torch
 
-from ..batching import BUCKETS, Batcher
-from ..checkpoint import CKPT_ENV, CheckpointError, read_json
-from ..config import GPTConfig
-from ..generate import SamplingConfig
-from ..gpt import GPT
-from ..load import load
-from ..training_job import DEFAULT_THREADS
-from .checks import DEFAULT_SEQUENCES, MAX_SEQUENCES
+from model.config import GPTConfig
+from model.formats.checkpoint import CKPT_ENV, CheckpointError, read_json
+from model.formats.load import load
+from model.generation.batching import BUCKETS, Batcher
+from model.generation.generate import SamplingConfig
+from model.gpt import GPT
+from model.webapp.limits import DEFAULT_SEQUENCES, MAX_SEQUENCES
+from model.webapp.training_job import DEFAULT_THREADS
 
 # The CPU split, in one place (a 2-vCPU Space): CONCURRENCY batchers, each on its own model copy with cpus // CONCURRENCY
 # torch threads (cpus.set_threads), decode every running request: a request joins the least busy one, whose steps then

@@ -8,11 +8,11 @@ import os
 
 import gradio as gr
 
-from ..cpus import set_threads
-from .checks import CheckedBlocks
-from .generate_tab import build_generate_tab
-from .pool import REQUESTS_AT_ONCE, ModelPool
-from .train_tab import Training, build_train_tab
+from model.cpus import set_threads
+from model.webapp.checks import CheckedBlocks
+from model.webapp.generate_tab import build_generate_tab
+from model.webapp.pool import REQUESTS_AT_ONCE, ModelPool
+from model.webapp.train_tab import Training, build_train_tab
 
 MAX_UPLOAD = "10mb"  # Gradio refuses larger uploads; the Train tab's own limit (training_job.MAX_BYTES) says the same
 CACHE_CLEANUP = (1800, 3600)  # every 30 minutes, Gradio deletes uploads and download copies older than an hour

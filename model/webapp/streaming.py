@@ -9,9 +9,9 @@ from collections.abc import Iterator
 import pandas as pd
 import torch
 
-from ..generate import SamplingConfig, prompt_tokens, stream
-from .checks import MAX_SEQUENCES
-from .pool import ModelPool
+from model.generation.generate import SamplingConfig, prompt_tokens, stream
+from model.webapp.limits import MAX_SEQUENCES
+from model.webapp.pool import ModelPool
 
 # Streamed text reaches the page at most 20 times a second, smooth and cheap for Gradio; with N requests running, each
 # request's updates come N times less often, so that Gradio's cost stays that of 20 updates a second in all.

@@ -1,4 +1,4 @@
-"""The Train tab: a visitor trains a small GPT on their own text (model/training_job.py does the work), watches the loss
+"""The Train tab: a visitor trains a small GPT on their own text (model/webapp/training_job.py does the work), watches the loss
 curve and samples, may stop early, reads the int8 report, downloads the checkpoints and tries the model in the Generate
 tab. Endpoints: /train_start, /train_status, /train_stop, /train_zip (and /use_model, in the Generate tab)."""
 
@@ -16,9 +16,12 @@ from typing import Any
 import gradio as gr
 import pandas as pd
 
-from ..checkpoint import CheckpointError
-from ..tokenizer import TokenizerError
-from ..training_job import (
+from model.formats.checkpoint import CheckpointError
+from model.tokenizer import TokenizerError
+from model.webapp.checks import InputError, shown
+from model.webapp.generate_tab import MODEL_CHOICES, ChooseModel, PoolFor
+from model.webapp.pool import OWN_MODEL_COPIES, TRAIN_THREADS, ModelPool, model_card
+from model.webapp.training_job import (
     DEFAULT_MINUTES,
     MAX_BYTES,
     MAX_MINUTES,
@@ -34,9 +37,6 @@ from ..training_job import (
     make_zip,
     remove_tree,
 )
-from .checks import InputError, shown
-from .generate_tab import MODEL_CHOICES, ChooseModel, PoolFor
-from .pool import OWN_MODEL_COPIES, TRAIN_THREADS, ModelPool, model_card
 
 SHAKESPEARE = PROJECT / "input.txt"  # the bundled Tiny Shakespeare; the choice shows only where the file is (a Space folder must carry it)
 SOURCES = {"upload": "Upload a .txt file", "paste": "Paste text", "shakespeare": "Tiny Shakespeare (bundled)"}

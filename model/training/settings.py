@@ -1,5 +1,5 @@
 """Training settings: one frozen dataclass whose fields are the CLI flags (help in each field's metadata), the one preset
-table, and the checks that need no data. model/plan.py resolves them, with the text, into a run's plan."""
+table, and the checks that need no data. model/training/plan.py resolves them, with the text, into a run's plan."""
 
 from __future__ import annotations
 
@@ -11,9 +11,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from . import distributed
-from .config import MLP_KINDS, GPTConfig
-from .optim import OPTIMIZERS
+from model.config import MLP_KINDS, GPTConfig
+from model.training import distributed
+from model.training.optim import OPTIMIZERS
 
 DATA, MODEL, SCHEDULE, EVAL, RUN = "data and output", "model (a new model; --init-from and --resume take the checkpoint's shape)", \
     "schedule and optimizer", "evaluation and logging", "run"
@@ -33,7 +33,7 @@ def setting(default: Any, help: str, group: str, **argparse_kw: Any) -> Any:
 @dataclass(frozen=True)
 class TrainSettings:
     """Every training knob, each a flag of train.py. None means "decided by the run": the preset, the text's size or
-    the checkpoint (see model/plan.py). The non-None defaults hold for every preset unless PRESETS says otherwise."""
+    the checkpoint (see model/training/plan.py). The non-None defaults hold for every preset unless PRESETS says otherwise."""
 
     data: str = setting("input.txt", "training text, UTF-8; the last 10%% is the validation split", DATA)
     out_dir: str = setting("out", "checkpoint directory; the token cache goes in OUT/tokens", DATA)

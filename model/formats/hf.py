@@ -19,11 +19,20 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file
 
-from .checkpoint import CONFIG, TIED_KEY, WEIGHTS, CheckpointError, build_model, read_config, read_json, save_tensors, write_json
-from .config import GPTConfig
-from .gpt import GPT
-from .hf_tokenizer import write_tokenizer_files
-from .tokenizer import Tokenizer
+from model.config import GPTConfig
+from model.formats.checkpoint import (
+    CONFIG,
+    TIED_KEY,
+    WEIGHTS,
+    CheckpointError,
+    build_model,
+    read_json,
+    save_tensors,
+    write_json,
+)
+from model.formats.hf_tokenizer import write_tokenizer_files
+from model.gpt import GPT
+from model.tokenizer import Tokenizer
 
 SAFETENSORS = WEIGHTS  # the same file name as our own checkpoints
 PYTORCH_BIN = "pytorch_model.bin"
@@ -267,19 +276,6 @@ def export_hf(model: GPT, tokenizer: Tokenizer | None, out_dir: str | Path) -> P
         write_tokenizer_files(tokenizer, out_dir, model.config.block_size, model.config.vocab_size)
     write_json(out_dir / CONFIG, hf_config(model.config, tokenizer))
     return out_dir
-
-
-def export_checkpoint(ckpt: str | Path, out_dir: str | Path) -> Path:
-    """Export a checkpoint directory (ours in fp32, or a Hugging Face GPT-2) as a Hugging Face directory (export_hf); int8 is refused."""
-    from .load import load  # load.py imports this module
-
-    if Path(ckpt).resolve() == Path(out_dir).resolve():
-        raise CheckpointError(f"--out {out_dir} is the checkpoint itself; export to another directory.")
-    kind = "fp32" if is_hf_dir(ckpt) else read_config(ckpt).get("kind", "fp32")
-    if kind != "fp32":
-        raise CheckpointError(f"{ckpt} is an {kind} checkpoint; export the fp32 checkpoint it was quantized from instead.")
-    loaded = load(ckpt)
-    return export_hf(loaded.model, loaded.tokenizer, out_dir)
 
 
 @contextmanager

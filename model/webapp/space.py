@@ -11,9 +11,9 @@ from pathlib import Path
 
 import torch
 
-from .checkpoint import SERVED_CKPT, TRAIN_STATE, CheckpointError, read_config
+from model.formats.checkpoint import SERVED_CKPT, TRAIN_STATE, CheckpointError, read_config
 
-PACKAGE = Path(__file__).resolve().parent
+PACKAGE = Path(__file__).resolve().parents[1]  # model/, copied whole into the Space
 CKPT_IN_SPACE = SERVED_CKPT  # the app's default checkpoint path, so the Space needs no flags
 TRAIN_TAB_FILES = ("train.py", "quantize.py", "input.txt")  # beside app.py: the Train tab runs them (input.txt: if present)
 MARKER = ".smallgpt-space"  # marks a folder this function wrote, so re-exporting may replace it

@@ -10,8 +10,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from . import atomic
-from .tokenizer import Tokenizer, build_tokenizer, load_tokenizer
+from model import atomic
+from model.tokenizer import Tokenizer, build_tokenizer, load_tokenizer
 
 TINY_SHAKESPEARE_URL = "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt"
 VAL_FRACTION = 0.1  # the last 10% of the text is the validation split, as in nanoGPT

@@ -8,10 +8,10 @@ from typing import Any
 
 import torch
 
-from .checkpoint import CheckpointError, load_fp32, read_config
-from .config import GPTConfig
-from .hf import is_hf_dir, load_hf
-from .tokenizer import Tokenizer, load_tokenizer
+from model.config import GPTConfig
+from model.formats.checkpoint import CheckpointError, load_fp32, read_config
+from model.formats.hf import is_hf_dir, load_hf
+from model.tokenizer import Tokenizer, load_tokenizer
 
 
 @dataclass
@@ -36,7 +36,7 @@ def load(path: str | Path, device: str = "cpu") -> Loaded:
         if kind == "fp32":
             model, meta = load_fp32(path)
         elif kind == "int8":
-            from .quantize import load_int8  # imported only when needed: it pulls in torch.ao.quantization
+            from model.formats.int8 import load_int8  # imported only when needed: it pulls in torch.ao.quantization
 
             if torch.device(device).type != "cpu":
                 raise CheckpointError(f"{path} is an int8 checkpoint, which runs on CPU only: load it with device='cpu'.")

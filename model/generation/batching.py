@@ -23,9 +23,9 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .generate import Sampler, SamplingConfig, prefill, sample_next, sampler_for, slide_keep
-from .gpt import GPT
-from .trace import CachedForward, cached_forward, warmed_forward
+from model.generation.generate import Sampler, SamplingConfig, prefill, sample_next, sampler_for, slide_keep
+from model.generation.trace import CachedForward, cached_forward, warmed_forward
+from model.gpt import GPT
 
 log = logging.getLogger(__name__)
 

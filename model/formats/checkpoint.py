@@ -22,9 +22,9 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file
 from safetensors.torch import save as serialize
 
-from . import atomic
-from .config import GPTConfig
-from .gpt import GPT
+from model import atomic
+from model.config import GPTConfig
+from model.gpt import GPT
 
 WEIGHTS = "model.safetensors"
 CONFIG = "config.json"

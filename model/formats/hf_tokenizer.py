@@ -11,8 +11,8 @@ import functools
 import json
 from pathlib import Path
 
-from . import atomic
-from .tokenizer import Tokenizer, TokenizerError, bpe_merge, load_tokenizer
+from model import atomic
+from model.tokenizer import Tokenizer, TokenizerError, bpe_merge, load_tokenizer
 
 EOT_TEXT = "<|endoftext|>"
 VOCAB = "vocab.json"

@@ -19,9 +19,9 @@ from dataclasses import dataclass
 
 import torch
 
-from .gpt import GPT
-from .tokenizer import Tokenizer
-from .trace import CachedForward, eager_forward, has_trace, last_logits, traced_step, warmed_forward
+from model.generation.trace import CachedForward, eager_forward, has_trace, last_logits, traced_step, warmed_forward
+from model.gpt import GPT
+from model.tokenizer import Tokenizer
 
 # A fresh trace costs about 0.4 s before it runs at full speed (tracing, then TorchScript's first optimizing calls);
 # on the cpu preset that is won back after about 500 tokens, so the engine traces once a model has decoded that many.

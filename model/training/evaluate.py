@@ -9,7 +9,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .data import val_windows
+from model.training.data import val_windows
 
 
 def val_batches(data: np.ndarray, block_size: int, batch_size: int = 16,

@@ -11,15 +11,26 @@ from typing import Any
 
 import torch
 
-from . import checkpoint, distributed
-from .checkpoint import CheckpointError
-from .config import GPTConfig
-from .data import DataError, TokenData, prepare, training_tokenizer
-from .distributed import Dist
-from .gpt import GPT
-from .load import load
-from .settings import CPU_EVAL_INTERVAL, FINETUNE_BLOCK_SIZE, PRESETS, SHAPE, ArgError, TrainSettings, check, cpu_size, layered
-from .tokenizer import Tokenizer, load_tokenizer, padded_vocab_size
+from model.config import GPTConfig
+from model.formats import checkpoint
+from model.formats.checkpoint import CheckpointError
+from model.formats.load import load
+from model.gpt import GPT
+from model.tokenizer import Tokenizer, load_tokenizer, padded_vocab_size
+from model.training import distributed
+from model.training.data import DataError, TokenData, prepare, training_tokenizer
+from model.training.distributed import Dist
+from model.training.settings import (
+    CPU_EVAL_INTERVAL,
+    FINETUNE_BLOCK_SIZE,
+    PRESETS,
+    SHAPE,
+    ArgError,
+    TrainSettings,
+    check,
+    cpu_size,
+    layered,
+)
 
 TOKENS = "tokens"  # the token cache inside --out-dir
 STATE_VERSION = 1

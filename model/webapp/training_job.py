@@ -29,13 +29,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-from . import atomic
-from .checkpoint import CONFIG, METRICS, WEIGHTS, read_json
-from .data import VAL_FRACTION, DataError, decode_text
-from .settings import PRESETS
-from .trainer import LOG, PLOT, read_log
+from model import atomic
+from model.formats.checkpoint import CONFIG, METRICS, WEIGHTS, read_json
+from model.training.data import VAL_FRACTION, DataError, decode_text
+from model.training.settings import PRESETS
+from model.training.trainer import LOG, PLOT, read_log
 
-PROJECT = Path(__file__).resolve().parents[1]  # a Space bundle carries train.py and quantize.py beside app.py too
+PROJECT = Path(__file__).resolve().parents[2]  # a Space bundle carries train.py and quantize.py beside app.py too
 TRAIN_PY = PROJECT / "train.py"
 QUANTIZE_PY = PROJECT / "quantize.py"
 

@@ -1,7 +1,7 @@
-"""The training loop of a resolved plan (model/plan.py): the model and optimizer, the step loop, evaluation, early
-stopping and checkpoints; the time budget and schedule are model/budget.py's.
+"""The training loop of a resolved plan (model/training/plan.py): the model and optimizer, the step loop, evaluation, early
+stopping and checkpoints; the time budget and schedule are model/training/budget.py's.
 
-Data-parallel under torchrun (see model/distributed.py): every rank draws the same global micro-batch and trains on its
+Data-parallel under torchrun (see model/training/distributed.py): every rank draws the same global micro-batch and trains on its
 own slice, the gradient accumulation micro-steps are split across ranks (all but the last under DDP's no_sync), rank 0
 takes every clock-based decision for all, and only rank 0 evaluates, prints and writes (the methods marked "I/O").
 """
@@ -21,18 +21,20 @@ import torch
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
-from . import atomic, checkpoint, distributed
-from .budget import Budget
-from .checkpoint import CheckpointError
-from .cpus import available_cpus, busy_elsewhere, default_threads
-from .data import get_batch, val_windows
-from .evaluate import evaluate
-from .generate import SamplingConfig, generate
-from .gpt import GPT
-from .optim import clip_grads, lr_at, make_optimizer, set_lr
-from .plan import STATE_VERSION, Plan, resolve
-from .plot import plot_losses
-from .settings import ArgError
+from model import atomic
+from model.cpus import available_cpus, busy_elsewhere, default_threads
+from model.formats import checkpoint
+from model.formats.checkpoint import CheckpointError
+from model.generation.generate import SamplingConfig, generate
+from model.gpt import GPT
+from model.plot import plot_losses
+from model.training import distributed
+from model.training.budget import Budget
+from model.training.data import get_batch, val_windows
+from model.training.evaluate import evaluate
+from model.training.optim import clip_grads, lr_at, make_optimizer, set_lr
+from model.training.plan import STATE_VERSION, Plan, resolve
+from model.training.settings import ArgError
 
 LOG = "log.jsonl"
 PLOT = "loss.png"

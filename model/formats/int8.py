@@ -24,9 +24,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.ao.quantization import default_dynamic_qconfig, per_channel_dynamic_qconfig, quantize_dynamic
 
-from .checkpoint import WEIGHTS, CheckpointError, check_floats, load_state_dict, read_model_config, save_config, save_tensors
-from .generate import SamplingConfig, decode_tokens, warm_up
-from .gpt import GPT
+from model.formats.checkpoint import WEIGHTS, CheckpointError, check_floats, load_state_dict, read_model_config, save_config, save_tensors
+from model.generation.generate import SamplingConfig, decode_tokens, warm_up
+from model.gpt import GPT
 
 SCHEMES = ("per_channel", "per_tensor")
 ENGINE_PREFERENCE = ("x86", "fbgemm", "qnnpack")  # x86-64 kernels first, qnnpack on ARM
@@ -214,7 +214,7 @@ def tokens_per_second(models: dict[str, nn.Module], prompt_ids: list[int], n_tok
 
 def plot_report(report: dict[str, Any], path: str | Path) -> None:
     """report.png: fp32 against int8 side by side for file size, validation nats/char and generation speed."""
-    from .plot import plt, save_figure  # here, not at import: loading an int8 checkpoint needs no matplotlib
+    from model.plot import plt, save_figure  # here, not at import: loading an int8 checkpoint needs no matplotlib
 
     panels = [("size (MB)", "size_fp32_bytes", "size_int8_bytes", 1e-6), ("val nats/char", "val_nats_per_char_fp32",
               "val_nats_per_char_int8", 1.0), ("generation (tokens/s)", "tokens_per_s_fp32", "tokens_per_s_int8", 1.0)]

@@ -6,7 +6,7 @@ from __future__ import annotations
 import time
 from typing import Any
 
-from .optim import warmup_frac
+from model.training.optim import warmup_frac
 
 WARMUP_BUDGET_SHARE = 0.05  # with a time budget, warmup ends after this share of the training time at the latest
 

@@ -19,7 +19,7 @@ from collections.abc import Callable
 import torch
 import torch.nn as nn
 
-from .gpt import GPT
+from model.gpt import GPT
 
 CachedForward = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (idx (B, T), input_pos (T,) or (B, T)) -> logits (B, V)
 

@@ -1,0 +1,1 @@
+"""Generation: sampling, prefill and decode steps, traced steps, and requests decoded together."""
