@@ -83,7 +83,7 @@ def one_proc(tmp_path_factory, text, gpt2_tokenizer) -> Path:
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        model.trainer.train({**FLAGS, "data": str(text), "out_dir": str(out), "batch_size": 4, "grad_accum": 1, "max_iters": 6})
+        model.training.trainer.train({**FLAGS, "data": str(text), "out_dir": str(out), "batch_size": 4, "grad_accum": 1, "max_iters": 6})
     finally:
         torch.set_num_threads(threads)
     return out
