@@ -39,14 +39,17 @@ class KVCache(nn.Module):
                 cache.index_copy_(2, input_pos, new)
         return keys, values
 
-    def fill(self, rows: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
-        """Store a fresh window's k, v (1 or len(rows), H, T, D) at positions 0..T-1 of the given rows: a prompt (one
-        row, shared by all of a request's sequences) or a slid window. rows is a tensor, so a traced slide serves any rows."""
-        n, length = rows.shape[0], k.shape[2]
+    def fill(self, rows: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Store a fresh window's k, v (b = 1 or len(rows), H, T, D) at positions 0..T-1 of the given rows: a prompt (one
+        row, shared by all of a request's sequences) or a slid window; return the first b of those rows, whole. rows is
+        a tensor, so a traced slide serves any rows."""
+        n, b, length = rows.shape[0], k.shape[0], k.shape[2]
         for cache, new in ((self.k, k), (self.v, v)):
             if new.dtype != cache.dtype:
                 new = new.to(cache.dtype)
             cache[:, :, :length].index_copy_(0, rows, new.expand(n, -1, -1, -1))
+        mine = rows[:b]
+        return self.k.index_select(0, mine), self.v.index_select(0, mine)
 
     def move_rows(self, src: int, dst: int, n: int) -> None:
         """Copy rows src..src+n-1 to dst..dst+n-1 (a request's rows moved to the front when others end)."""
@@ -110,8 +113,9 @@ class CausalSelfAttention(nn.Module):
         if rope is not None:
             qk = apply_rotary(qk, *rope)
         q, k = qk.unbind(0)
-        if self.kv_cache is not None and input_pos is not None:
-            k, v = self.kv_cache.update(input_pos, k, v)
+        if self.kv_cache is not None and (input_pos is not None or fill_rows is not None):
+            # over the cache: a decode step (input_pos), or a fresh window (fill_rows) attending over its rows, masked
+            k, v = self.kv_cache.update(input_pos, k, v) if fill_rows is None else self.kv_cache.fill(fill_rows, k, v)
             if k.dtype != q.dtype:
                 k, v = k.to(q.dtype), v.to(q.dtype)
             if mask.shape[0] > 1:  # rows at their own positions (requests decoded together, 6 to 48 rows): plain
@@ -119,9 +123,7 @@ class CausalSelfAttention(nn.Module):
                 y = torch.softmax(q @ k.transpose(-1, -2) * self.head_dim ** -0.5 + mask, dim=-1) @ v
             else:
                 y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
-        else:  # a fresh window from position 0 (training, a prompt, a slid window): plain causal attention
-            if fill_rows is not None:
-                self.kv_cache.fill(fill_rows, k, v)
+        else:
             y = F.scaled_dot_product_attention(
                 q, k, v, is_causal=True, dropout_p=self.dropout if self.training else 0.0
             )
@@ -243,7 +245,12 @@ class GPT(nn.Module):
         slid window); last_only returns logits of the final position only (what generation needs).
         """
         B, T = idx.shape
-        if input_pos is None:
+        if fill_rows is not None:  # a fresh window from position 0, attending over the cache rows it fills
+            if self.causal_mask is None:
+                raise RuntimeError("Call setup_caches() before passing fill_rows.")
+            pos = torch.arange(T, device=idx.device)
+            mask = self.causal_mask[pos][None, None]
+        elif input_pos is None:
             if T > self.config.block_size:
                 raise ValueError(f"Sequence of {T} tokens exceeds the context of {self.config.block_size}.")
             pos = torch.arange(T, device=idx.device)

@@ -29,6 +29,7 @@ class Batcher:
     def __init__(self, model: GPT, max_rows: int = BUCKETS[-1]):
         self.model = model.eval()
         self.engine = Engine(self.model, max_rows)
+        self.engine.traced = True  # a server decodes for long: tracing always pays, and every request runs the same forwards
         self._inbox: queue.SimpleQueue[Request] = queue.SimpleQueue()
         self._lock = threading.Lock()
         self._worker: threading.Thread | None = None

@@ -80,6 +80,7 @@ class Engine:
         self.buckets = tuple(b for b in BUCKETS if b < max_rows) + (max_rows,)
         self.bucket_of = [next(b for b in self.buckets if b >= n) for n in range(max_rows + 1)]
         self.running: list[Request] = []
+        self.traced: bool | None = None  # the default of its requests and its together-steps (see Request.traced)
         self._positions = _one_position(self.block, self.device)
         self._idx = torch.zeros(max_rows, dtype=torch.long, device=self.device)  # every row's latest token
         self._pos = torch.zeros(max_rows, 1, dtype=torch.long, device=self.device)  # every row's next position
@@ -107,7 +108,7 @@ class Engine:
         if not 1 <= keep <= self.block:
             raise ValueError(f"keep must be between 1 and the context ({self.block}), got {keep}.")
         sample = Sampler(sampling, num_samples, min(n_vocab, self.model.config.vocab_size), prompt_ids, self.device)
-        return Request(list(prompt_ids), num_samples, sample, keep, traced)
+        return Request(list(prompt_ids), num_samples, sample, keep, self.traced if traced is None else traced)
 
     def reserve(self) -> None:
         """Caches for max_rows rows (those the model has for more are kept, and with them its traces)."""
@@ -179,7 +180,7 @@ class Engine:
             for r in self.running:
                 self._pos[r.row:r.row + r.num_samples] = min(r.pos, self.block - 1)
             self._pos_stale = False
-        logits = self._forward(rows, 1, "per_row", None)(idx, pos)
+        logits = self._forward(rows, 1, "per_row", self.traced)(idx, pos)
         pos.add_(1).clamp_(max=self.block - 1)
         for r in stepping:
             r.pos += 1
