@@ -297,3 +297,18 @@ def test_cli_set_confirms_and_lists_every_setting(ckpt_dir, capsys, monkeypatch)
     assert "unknown setting 'foo'; choose one of: num_samples, max_new_tokens, temperature" in out
     assert "  temperature = 0.5\n" in out and "  num_samples = 2\n" in out  # each change confirmed
     assert "num_samples must be at least 1" in out
+
+
+def test_a_generate_tab_prompt_is_tokenized_once(ckpt_dir, monkeypatch):
+    """The app's edge (check_request) tokenizes and crops the prompt; the engine decodes those ids (no second pass)."""
+    from model.webapp.checks import check_request
+    from model.webapp.pool import ModelPool
+    from model.webapp.streaming import stream_sequences
+
+    pool = ModelPool(ckpt_dir, copies=1)
+    tok, calls = pool.first.tokenizer, []
+    real = tok.encode
+    monkeypatch.setattr(tok, "encode", lambda text: calls.append(text) or real(text))
+    prompt, n, sampling, _ = check_request("Hello there", 5, 2, 0.8, 50, 1.0, 1, pool)
+    *_, last = stream_sequences(pool, prompt, n, sampling)
+    assert calls == ["Hello there"] and sum(map(bool, last)) == 2

@@ -85,6 +85,7 @@ class Engine:
         self._idx = torch.zeros(max_rows, dtype=torch.long, device=self.device)  # every row's latest token
         self._pos = torch.zeros(max_rows, 1, dtype=torch.long, device=self.device)  # every row's next position
         self._views = {b: (self._idx[:b].view(b, 1), self._pos[:b]) for b in self.buckets}
+        self._idx_of = [self._idx[:n] for n in range(max_rows + 1)]  # the first n rows' tokens, made once
         self._pos_stale = True  # _pos no longer says every row's position (rows moved, a request came or ran alone)
         self._forwards: dict[tuple, CachedForward] = {}  # looked up since the last admission
         self._groups_for: tuple[Request, ...] = ()
@@ -175,7 +176,7 @@ class Engine:
         used = self.rows_in_use
         rows = self.bucket_of[used]
         idx, pos = self._views[rows]
-        torch.cat([r.last for r in self.running], out=self._idx[:used])
+        torch.cat([r.last for r in self.running], out=self._idx_of[used])
         if self._pos_stale:
             for r in self.running:
                 self._pos[r.row:r.row + r.num_samples] = min(r.pos, self.block - 1)
