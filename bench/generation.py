@@ -118,7 +118,8 @@ def time_cell(engine: str, model: torch.nn.Module, prompt_ids: list[int], num_sa
         for _ in range(num_samples):
             naive_tokens(model, prompt_ids, sampling, n_vocab, gen, last_only=engine == "naive-last")
     else:
-        for _ in decode_tokens(model, prompt_ids, num_samples, sampling, n_vocab, traced=engine == "ours"):
+        window = prompt_ids[-model.config.block_size:]  # cropped where it enters, as prompt_tokens crops
+        for _ in decode_tokens(model, window, num_samples, sampling, n_vocab, traced=engine == "ours"):
             pass
     return time.perf_counter() - start
 

@@ -113,15 +113,19 @@ def sample_next(logits: torch.Tensor, sampling: SamplingConfig, generator: Gener
         logits = apply_penalties(logits, counts, sampling)
     if sampling.temperature < GREEDY_BELOW:
         return logits.argmax(dim=-1)
-    if sampling.temperature != 1.0:
-        logits = logits / sampling.temperature
-    k = int(sampling.top_k or 0)
+    t, k = sampling.temperature, int(sampling.top_k or 0)
     if 0 < k < logits.shape[-1]:
-        cand, ids = torch.topk(logits, k, dim=-1)  # sorted, so top-p can work on the k candidates only
-    elif sampling.top_p < 1.0:
-        cand, ids = torch.sort(logits, dim=-1, descending=True)
+        # sorted, so top-p can work on the k candidates only; a positive temperature keeps the order, so only the k
+        # candidates are divided by it (the same values, not a whole vocabulary's division every step)
+        cand, ids = torch.topk(logits, k, dim=-1)
+        if t != 1.0:
+            cand = cand / t
     else:
-        return draw(torch.softmax(logits, dim=-1), generator)
+        if t != 1.0:
+            logits = logits / t
+        if sampling.top_p >= 1.0:
+            return draw(torch.softmax(logits, dim=-1), generator)
+        cand, ids = torch.sort(logits, dim=-1, descending=True)
     if sampling.top_p < 1.0:
         cand = nucleus(cand, sampling.top_p)
     return ids.gather(1, draw(torch.softmax(cand, dim=-1), generator).unsqueeze(1)).squeeze(1)
