@@ -116,7 +116,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 report[f"val_nats_per_char_{name}"] = ev["val_nats_per_char"]
             steps.update()
         steps.set_postfix_str("generation speed")
-        prompt_ids = prompt_tokens(fp32.tokenizer, args.prompt)
+        prompt_ids = prompt_tokens(fp32.tokenizer, args.prompt, block)
         speed = tokens_per_second({"fp32": model, "int8": qmodel}, prompt_ids, args.gen_tokens, fp32.tokenizer.n_vocab, args.repeats)
         report.update(tokens_per_s_fp32=speed["fp32"], tokens_per_s_int8=speed["int8"], gen_tokens=args.gen_tokens, repeats=args.repeats,
                       threads=torch.get_num_threads())
