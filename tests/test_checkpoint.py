@@ -154,6 +154,65 @@ def test_a_write_killed_by_sigkill_is_cleaned_by_the_next_save(tmp_path):
     assert [p.name for p in tmp_path.iterdir()] == [checkpoint.WEIGHTS]
 
 
+KILL_DURING_WRITE = """
+import os, signal, sys
+from model import atomic, plot
+os.fsync = lambda fd: os.kill(os.getpid(), signal.SIGKILL)  # dies after the temp file is written, before the rename
+if sys.argv[1].endswith(".png"):
+    import matplotlib.pyplot as plt
+    plot.save_figure(plt.figure(), sys.argv[1])
+else:
+    atomic.write_text(sys.argv[1], "new")
+"""
+
+
+def _killed_write(target: Path) -> None:
+    """Write target in a child process killed by SIGKILL just before its rename."""
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "PYTHONPATH": str(root)}
+    proc = subprocess.run([sys.executable, "-c", KILL_DURING_WRITE, str(target)], env=env, cwd=root, timeout=120)
+    assert proc.returncode == -signal.SIGKILL
+
+
+def _dead_pid() -> int:
+    """The pid of a process that has exited."""
+    proc = subprocess.Popen(["true"])
+    proc.wait()
+    return proc.pid
+
+
+def test_a_refused_resume_removes_what_a_killed_first_save_left(tmp_path):
+    """A run killed during its first save leaves a temp of the weights and no train_state.pt: --resume is refused, and
+    the temp goes."""
+    temp = tmp_path / f".{checkpoint.WEIGHTS}.{_dead_pid()}-abcd1234.tmp"
+    temp.write_bytes(b"x" * 100)
+    with pytest.raises(CheckpointError, match="train without --resume first"):
+        checkpoint.load_train_state(tmp_path / checkpoint.TRAIN_STATE)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_every_writer_removes_what_a_killed_write_of_its_file_left(tmp_path):
+    """log.jsonl (atomic.write_text) and loss.png (plot.save_figure), killed before their rename, leave a temp file each
+    that the next write of the same file removes; temps of a running writer, or of other names, stay."""
+    import matplotlib.pyplot as plt
+
+    from model import plot
+
+    log, png = tmp_path / "log.jsonl", tmp_path / "loss.png"
+    for target in (log, png):
+        _killed_write(target)
+    left = sorted(p.name for p in tmp_path.iterdir())
+    assert len(left) == 2 and left[0].startswith(".log.jsonl.") and left[1].startswith(".loss.png."), left
+    running = tmp_path / f".log.jsonl.{os.getppid()}-abcd1234.tmp"  # a write under way in another process
+    other = tmp_path / f".log.jsonl.x.{os.getppid()}-abcd1234.tmp"
+    running.write_text("x")
+    other.write_text("x")
+    atomic.write_text(log, "new")
+    plot.save_figure(plt.figure(), png)
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([log.name, png.name, running.name, other.name])
+    assert log.read_text() == "new"
+
+
 def _damage(state: dict[str, torch.Tensor], how: str) -> None:
     if how == "int32":
         state["transformer.wte.weight"] = state["transformer.wte.weight"].to(torch.int32)

@@ -168,8 +168,13 @@ def save_train_state(path: str | Path, state: dict[str, Any]) -> None:
 
 
 def load_train_state(path: str | Path) -> dict[str, Any]:
-    """The resume state, loaded with weights_only=True so no arbitrary object is ever unpickled."""
+    """The resume state, loaded with weights_only=True so no arbitrary object is ever unpickled.
+
+    First the folder's files lose the temps that killed writes left (a kill during a first save leaves no state to
+    resume, so no later save of this run would remove them)."""
     path = Path(path)
+    for name in (WEIGHTS, CONFIG, METRICS, path.name):
+        atomic.remove_stale_temps(path.with_name(name))
     if not path.is_file():
         raise CheckpointError(f"Cannot resume: {path} does not exist; train without --resume first (same --out-dir).")
     try:
