@@ -12,13 +12,16 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
-from train_support import tiny_config
+from train_support import TEXT, tiny_config
 
 import generate as generate_cli
+import quantize as quantize_cli
+import train as train_cli
 from model import atomic
 from model.formats import checkpoint
 from model.formats.checkpoint import CheckpointError
 from model.gpt import GPT
+from model.training.trainer import train
 
 
 def test_weights_round_trip_gives_identical_logits(tmp_path):
@@ -211,6 +214,48 @@ def test_every_writer_removes_what_a_killed_write_of_its_file_left(tmp_path):
     plot.save_figure(plt.figure(), png)
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted([log.name, png.name, running.name, other.name])
     assert log.read_text() == "new"
+
+
+SMALL_RUN = ["--preset", "tiny", "--tokenizer", "bytes", "--n-embd", "32", "--block-size", "16", "--batch-size", "4",
+             "--dtype", "fp32", "--device", "cpu", "--max-minutes", "0", "--eval-windows", "4", "--threads", "1"]
+KILL_AFTER = """
+import os, signal, sys
+from model.formats import checkpoint
+import train
+name = sys.argv.pop(1)  # the checkpoint function at whose call the run is killed
+setattr(checkpoint, name, lambda *a, **k: os.kill(os.getpid(), signal.SIGKILL))
+train.main(sys.argv[1:])
+"""
+
+
+@pytest.mark.parametrize("kill_at", [pytest.param("save_config", marks=pytest.mark.slow), "save_train_state"])
+def test_a_run_killed_during_its_first_save_leaves_no_file_of_other_weights(kill_at, tmp_path):
+    """A second run of another shape into the folder of a finished one, killed -9 in its first save (between the weights
+    and config.json, or right after both): every file left describes the new weights, or is gone."""
+    text, out = tmp_path / "input.txt", tmp_path / "out"
+    text.write_text(TEXT, encoding="utf-8")
+    train({"data": str(text), "out_dir": str(out), "max_iters": 2, **_flags(SMALL_RUN)})
+    assert (out / checkpoint.METRICS).is_file()
+    root = Path(__file__).resolve().parents[1]
+    proc = subprocess.run([sys.executable, "-c", KILL_AFTER, kill_at, *SMALL_RUN, "--data", str(text), "--out-dir", str(out),
+                           "--n-layer", "1", "--n-embd", "64", "--max-iters", "2"],
+                          env={**os.environ, "PYTHONPATH": str(root)}, cwd=root, timeout=300, capture_output=True)
+    assert proc.returncode == -signal.SIGKILL, proc.stderr.decode()[-2000:]
+    assert not (out / checkpoint.METRICS).exists()
+    new_state = load_file(out / checkpoint.WEIGHTS)
+    assert new_state["transformer.wte.weight"].shape[1] == 64 and "transformer.h.1.ln_1.weight" not in new_state
+    if kill_at == "save_config":  # the old config.json went before the new weights came
+        assert not (out / checkpoint.CONFIG).exists()
+        return
+    model, _ = checkpoint.load_fp32(out)
+    assert model.config.n_layer == 1 and model.config.n_embd == 64
+    assert quantize_cli.main(["--ckpt", str(out), "--eval-windows", "1", "--gen-tokens", "2", "--repeats", "1"]) == 0
+    assert not (out / "int8" / checkpoint.METRICS).exists()
+
+
+def _flags(argv: list[str]) -> dict[str, object]:
+    """The given settings of a train.py command line."""
+    return train_cli.parse_args(argv)
 
 
 def _damage(state: dict[str, torch.Tensor], how: str) -> None:

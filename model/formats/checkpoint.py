@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file
 from safetensors.torch import save as serialize
 
@@ -33,6 +33,7 @@ CKPT_ENV = "SMALLGPT_CKPT"  # names another checkpoint to serve
 METRICS = "metrics.json"
 TRAIN_STATE = "train_state.pt"
 TIED_KEY = "lm_head.weight"
+STEP_KEY = "step"  # in model.safetensors' metadata: the training step of the weights (matched with metrics.json's best_step)
 
 
 class CheckpointError(RuntimeError):
@@ -73,16 +74,43 @@ def save_tensors(path: str | Path, tensors: dict[str, torch.Tensor], metadata: d
         tmp.write_bytes(data)
 
 
-def save_weights(path: str | Path, model: GPT) -> None:
-    """Atomically save a GPT's weights (tied head once) as safetensors."""
+def save_weights(path: str | Path, model: GPT, step: int | None = None) -> None:
+    """Atomically save a GPT's weights (tied head once) as safetensors; step (of training) goes in its metadata.
+
+    The folder's metrics.json, which describes the weights this replaces, is removed first."""
+    (Path(path).parent / METRICS).unlink(missing_ok=True)
     state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items() if k != TIED_KEY}
-    save_tensors(path, state, {"format": "pt"})
+    save_tensors(path, state, {"format": "pt", **({} if step is None else {STEP_KEY: str(step)})})
+
+
+def config_json(config: GPTConfig, tokenizer_spec: dict[str, Any], train_args: dict[str, Any] | None = None,
+                kind: str = "fp32") -> dict[str, Any]:
+    """What config.json holds: the kind, the model's shape, its tokenizer and how it was trained."""
+    return {"kind": kind, "model": config.to_dict(), "tokenizer": tokenizer_spec, "train": train_args or {}}
 
 
 def save_config(out_dir: str | Path, config: GPTConfig, tokenizer_spec: dict[str, Any],
                 train_args: dict[str, Any] | None = None, kind: str = "fp32") -> None:
-    write_json(Path(out_dir) / CONFIG, {"kind": kind, "model": config.to_dict(),
-                                         "tokenizer": tokenizer_spec, "train": train_args or {}})
+    write_json(Path(out_dir) / CONFIG, config_json(config, tokenizer_spec, train_args, kind))
+
+
+def save_model(out_dir: str | Path, model: GPT, tokenizer_spec: dict[str, Any], train_args: dict[str, Any],
+               step: int) -> None:
+    """Save a trained GPT as the fp32 checkpoint of out_dir (weights and config.json), so that at every instant, a
+    kill included, the folder's files describe the same weights or are absent.
+
+    metrics.json, which describes the weights replaced, goes first (save_weights); a config.json that differs from the
+    new one (another run's) goes before the weights are replaced, and the new one is written after them."""
+    out_dir = Path(out_dir)
+    new = config_json(model.config, tokenizer_spec, train_args)
+    try:
+        current = json.loads((out_dir / CONFIG).read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        current = None
+    if current != json.loads(json.dumps(new)):  # compared as JSON: tuples come back as lists
+        (out_dir / CONFIG).unlink(missing_ok=True)
+    save_weights(out_dir / WEIGHTS, model, step)
+    save_config(out_dir, model.config, tokenizer_spec, train_args)
 
 
 def read_config(ckpt_dir: str | Path) -> dict[str, Any]:
@@ -159,6 +187,34 @@ def load_fp32(ckpt_dir: str | Path) -> tuple[GPT, dict[str, Any]]:
     cfg, config = read_model_config(ckpt_dir)
     model = build_model(config, load_state_dict(ckpt_dir / WEIGHTS), str(ckpt_dir / WEIGHTS))
     return model.eval(), cfg
+
+
+def weights_step(path: str | Path) -> int | None:
+    """The training step recorded in a safetensors file's metadata (None: not recorded, or not readable)."""
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return int((f.metadata() or {})[STEP_KEY])
+    except (SafetensorError, OSError, KeyError, ValueError):
+        return None
+
+
+def read_metrics(ckpt_dir: str | Path, model: GPT) -> dict[str, Any] | None:
+    """metrics.json of an fp32 checkpoint (None if it has none), or a CheckpointError when it describes other weights
+    than the model loaded from the folder: another parameter count, or another step than model.safetensors records."""
+    ckpt_dir = Path(ckpt_dir)
+    if not (ckpt_dir / METRICS).exists():
+        return None
+    metrics = read_json(ckpt_dir / METRICS)
+    found = []
+    if "params" in metrics and metrics["params"] != model.num_params():
+        found.append(f"{metrics['params']!r} parameters, the model {model.num_params():,}")
+    step = weights_step(ckpt_dir / WEIGHTS)
+    if "best_step" in metrics and step is not None and metrics["best_step"] != step:
+        found.append(f"the weights of step {metrics['best_step']!r}, {WEIGHTS} those of step {step}")
+    if found:
+        raise CheckpointError(f"{ckpt_dir / METRICS} describes other weights than {ckpt_dir / WEIGHTS} ({'; '.join(found)}): "
+                              f"the folder mixes two runs; delete {METRICS} to use the weights without it, or train again.")
+    return metrics
 
 
 def save_train_state(path: str | Path, state: dict[str, Any]) -> None:
