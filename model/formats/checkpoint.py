@@ -132,10 +132,16 @@ def read_config(ckpt_dir: str | Path) -> dict[str, Any]:
 def read_model_config(ckpt_dir: str | Path) -> tuple[dict[str, Any], GPTConfig]:
     """config.json of a checkpoint directory and the GPTConfig of its model section, with a clear error for either."""
     cfg = read_config(ckpt_dir)
+    return cfg, parse_model_config(cfg["model"], str(Path(ckpt_dir) / CONFIG))
+
+
+def parse_model_config(section: Any, where: str) -> GPTConfig:
+    """The GPTConfig of a saved model section (of config.json or train_state.pt), checked to fit this machine's
+    memory, or a CheckpointError naming where it came from."""
     try:
-        return cfg, GPTConfig.from_dict(cfg["model"])
-    except (TypeError, ValueError) as e:
-        raise CheckpointError(f"{Path(ckpt_dir) / CONFIG} has an invalid model config: {e}") from None
+        return GPTConfig.from_dict(section)
+    except (TypeError, ValueError, AttributeError) as e:
+        raise CheckpointError(f"{where} has an invalid model config: {e}") from None
 
 
 def load_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
