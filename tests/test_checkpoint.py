@@ -315,3 +315,54 @@ def test_missing_folder_with_an_aside_copy_says_how_to_recover(tmp_path):
     (tmp_path / ".int8.old").mkdir()
     with pytest.raises(CheckpointError, match="interrupted"):
         checkpoint.read_config(tmp_path / "int8")
+
+
+def _loop(path: Path) -> None:
+    """Make path a symbolic link that leads back to itself."""
+    path.symlink_to(path.name)
+
+
+@pytest.mark.parametrize("what", ["folder", "loop", "broken link"])
+@pytest.mark.parametrize("name", [checkpoint.WEIGHTS, checkpoint.CONFIG, checkpoint.TRAIN_STATE, "DIR"])
+def test_a_path_that_is_not_a_file_is_named_for_what_it_is(name, what, tmp_path):
+    """A folder, a symbolic link loop or a broken link where a checkpoint file (or the folder) should be is called that,
+    not "missing" or "does not exist"."""
+    ckpt = tmp_path / "ckpt"
+    model = GPT(tiny_config())
+    checkpoint.save_model(ckpt, model, {"name": "bytes"}, {}, step=0)
+    checkpoint.save_train_state(ckpt / checkpoint.TRAIN_STATE, {"step": 0})
+    target = ckpt if name == "DIR" else ckpt / name
+    if name == "DIR":
+        ckpt, target = tmp_path / "link", tmp_path / "link"
+    else:
+        target.unlink()
+    if what == "folder":
+        if name == "DIR":
+            target.write_text("x")
+        else:
+            target.mkdir()
+    elif what == "loop":
+        _loop(target)
+    else:
+        target.symlink_to("nowhere")
+    expected = {"folder": "is a file, not a folder" if name == "DIR" else "is a folder, not a file",
+                "loop": "is a symbolic link that loops", "broken link": "is a broken symbolic link (to nowhere"}[what]
+    with pytest.raises(CheckpointError) as info:
+        if name == checkpoint.TRAIN_STATE:
+            checkpoint.load_train_state(target)
+        else:
+            checkpoint.load_fp32(ckpt)
+    message = str(info.value)
+    assert f"{target} {expected}" in message and message.endswith(".") and "\n" not in message, message
+    assert f"{target} is missing" not in message and f"{target} does not exist" not in message
+
+
+def test_a_training_text_that_is_a_folder_is_called_one(tmp_path):
+    from model.training.data import DataError, read_text
+
+    (tmp_path / "text").mkdir()
+    with pytest.raises(DataError, match="text is a folder, not a file: pass --data PATH"):
+        read_text(tmp_path / "text")
+    _loop(tmp_path / "loop.txt")
+    with pytest.raises(DataError, match="loop.txt is a symbolic link that loops"):
+        read_text(tmp_path / "loop.txt")

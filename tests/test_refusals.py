@@ -82,3 +82,19 @@ def test_a_config_too_big_for_this_machine_is_one_sentence_at_every_entry_point(
     assert rc == 2
     assert "GB of memory to load and run, more than this machine's" in one_error(capsys)
     assert not out.exists()
+
+
+@pytest.mark.parametrize("what", ["loop", "broken link"])
+def test_train_names_an_out_dir_that_is_a_bad_link(what, text, tmp_path, capsys):
+    out = tmp_path / "out"
+    out.symlink_to("out" if what == "loop" else "nowhere")
+    assert train_cli.main([*SMALL_RUN, "--data", str(text), "--out-dir", str(out)]) == 2
+    assert f"--out-dir {out} is a {'symbolic link that loops' if what == 'loop' else 'broken symbolic link'}" in one_error(capsys)
+    assert not (tmp_path / "nowhere").exists()
+
+
+def test_train_resume_names_a_folder_where_the_state_should_be(text, tmp_path, capsys):
+    out = tmp_path / "out"
+    (out / checkpoint.TRAIN_STATE).mkdir(parents=True)
+    assert train_cli.main([*SMALL_RUN, "--data", str(text), "--out-dir", str(out), "--resume"]) == 2
+    assert f"Cannot resume: {out / checkpoint.TRAIN_STATE} is a folder, not a file" in one_error(capsys)

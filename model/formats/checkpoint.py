@@ -25,6 +25,7 @@ from safetensors.torch import save as serialize
 from model import atomic
 from model.config import GPTConfig
 from model.gpt import GPT
+from model.paths import what_is
 
 WEIGHTS = "model.safetensors"
 CONFIG = "config.json"
@@ -51,12 +52,21 @@ def write_json(path: str | Path, obj: Any) -> None:
         tmp.write_text(json.dumps(obj, indent=2, sort_keys=False) + "\n", encoding="utf-8")
 
 
+def check_file(path: Path) -> None:
+    """A CheckpointError unless path is a file: missing (an incomplete checkpoint), or something else (a damaged one)."""
+    problem = what_is(path)
+    if problem == "does not exist":
+        raise CheckpointError(f"{path} is missing: the directory is not a complete checkpoint; train one with python train.py.")
+    if problem:
+        raise CheckpointError(f"{path} {problem}; the checkpoint is damaged, train or copy it again.")
+
+
 def read_json(path: str | Path) -> dict[str, Any]:
+    """A JSON object of a checkpoint folder, or a CheckpointError saying what is wrong with the file."""
     path = Path(path)
+    check_file(path)
     try:
         obj = json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise CheckpointError(f"{path} is missing: the directory is not a complete checkpoint; train one with python train.py.") from None
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
         raise CheckpointError(f"{path} is not valid JSON ({e}); the checkpoint is damaged, train or copy it again.") from None
     if not isinstance(obj, dict):
@@ -119,10 +129,11 @@ def read_config(ckpt_dir: str | Path) -> dict[str, Any]:
     if not ckpt_dir.exists() and atomic.aside_path(ckpt_dir).is_dir():
         raise CheckpointError(f"No checkpoint at {ckpt_dir}: a rewrite of it was interrupted, leaving the previous one at "
                               f"{atomic.aside_path(ckpt_dir)}; run python quantize.py again, which restores or replaces it.")
-    if not ckpt_dir.exists():
+    problem = what_is(ckpt_dir, "folder")
+    if problem == "does not exist":
         raise CheckpointError(f"No checkpoint at {ckpt_dir}: train one with python train.py (or pass --ckpt DIR).")
-    if not ckpt_dir.is_dir():
-        raise CheckpointError(f"{ckpt_dir} is a file, not a checkpoint directory: pass the directory train.py wrote (e.g. out).")
+    if problem:
+        raise CheckpointError(f"{ckpt_dir} {problem}, not a checkpoint directory: pass the directory train.py wrote (e.g. out).")
     cfg = read_json(ckpt_dir / CONFIG)
     if "model" not in cfg or "tokenizer" not in cfg:
         raise CheckpointError(f"{ckpt_dir / CONFIG} lacks a model or tokenizer section: it is not a checkpoint of this kit.")
@@ -147,8 +158,7 @@ def parse_model_config(section: Any, where: str) -> GPTConfig:
 def load_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     """Tensors of a safetensors file, with a clear error when it is missing or corrupt."""
     path = Path(path)
-    if not path.is_file():
-        raise CheckpointError(f"{path} is missing: the checkpoint is incomplete; train one with python train.py.")
+    check_file(path)
     try:
         return load_file(str(path))
     except (SafetensorError, OSError, ValueError, RuntimeError) as e:
@@ -237,8 +247,12 @@ def load_train_state(path: str | Path) -> dict[str, Any]:
     path = Path(path)
     for name in (WEIGHTS, CONFIG, METRICS, path.name):
         atomic.remove_stale_temps(path.with_name(name))
-    if not path.is_file():
+    problem = what_is(path)
+    if problem == "does not exist":
         raise CheckpointError(f"Cannot resume: {path} does not exist; train without --resume first (same --out-dir).")
+    if problem:
+        raise CheckpointError(f"Cannot resume: {path} {problem}; move it away and train without --resume, or pass another "
+                              "--out-dir.")
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # truncated zip, foreign pickle, disallowed global: all mean "not ours"

@@ -18,6 +18,7 @@ import numpy as np
 import torch
 
 from model import atomic
+from model.paths import what_is
 from model.tokenizer import Tokenizer, build_tokenizer, load_tokenizer
 
 TINY_SHAKESPEARE_URL = "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt"
@@ -34,11 +35,14 @@ class DataError(ValueError):
 def read_text(path: str | Path) -> str:
     """The text of a UTF-8 file, or a DataError naming the problem (missing, empty, not UTF-8)."""
     path = Path(path)
-    if not path.is_file():
+    problem = what_is(path)
+    if problem == "does not exist":
         raise DataError(
             f"No training text at {path}: put your text there, e.g. Tiny Shakespeare "
             f"(curl -o input.txt {TINY_SHAKESPEARE_URL}), or pass --data PATH."
         )
+    if problem:
+        raise DataError(f"The training text {path} {problem}: pass --data PATH of a UTF-8 text file.")
     raw = path.read_bytes()
     return decode_text(raw, str(path))
 

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from model.config import MLP_KINDS, GPTConfig
+from model.paths import what_is
 from model.training import distributed
 from model.training.optim import OPTIMIZERS
 
@@ -184,6 +185,9 @@ def check(s: TrainSettings) -> None:
     if not s.dist_timeout > 0:
         raise ArgError(f"--dist-timeout must be positive, got {s.dist_timeout}.")
     out = Path(s.out_dir)
+    problem = what_is(out, "folder")
+    if problem and not problem.startswith(("does not exist", "is a file")):  # those two are said below
+        raise ArgError(f"--out-dir {out} {problem}; pass the path of a directory (it is created if missing).")
     existing = next(p for p in (out, *out.parents) if p.exists())  # the nearest part of the path that is already there
     if not existing.is_dir():
         what = f"--out-dir {out} is a file" if existing == out else f"--out-dir {out} cannot be created: {existing} is a file"
