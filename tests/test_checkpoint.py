@@ -366,3 +366,16 @@ def test_a_training_text_that_is_a_folder_is_called_one(tmp_path):
     _loop(tmp_path / "loop.txt")
     with pytest.raises(DataError, match="loop.txt is a symbolic link that loops"):
         read_text(tmp_path / "loop.txt")
+
+
+def test_a_resumed_run_stopped_after_a_new_best_leaves_no_metrics_of_the_old_one(tmp_path):
+    """The issue's second case: a finished run resumed for more steps and stopped after a new best was saved."""
+    text, out = tmp_path / "input.txt", tmp_path / "out"
+    text.write_text(TEXT, encoding="utf-8")
+    flags = {"data": str(text), "out_dir": str(out), "eval_interval": 2, "lr": 1e-2, **_flags(SMALL_RUN)}
+    train({**flags, "max_iters": 2})
+    assert checkpoint.read_json(out / checkpoint.METRICS)["best_step"] == 2
+    train({**flags, "max_iters": 40, "resume": True}, stop_after=4)  # step 4 improves on step 2 at this learning rate
+    assert checkpoint.weights_step(out / checkpoint.WEIGHTS) == 4
+    assert not (out / checkpoint.METRICS).exists()
+    assert checkpoint.read_metrics(out, checkpoint.load_fp32(out)[0]) is None
