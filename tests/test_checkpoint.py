@@ -345,7 +345,7 @@ def test_a_path_that_is_not_a_file_is_named_for_what_it_is(name, what, tmp_path)
         _loop(target)
     else:
         target.symlink_to("nowhere")
-    expected = {"folder": "is a file, not a folder" if name == "DIR" else "is a folder, not a file",
+    expected = {"folder": "is a file, not a checkpoint directory" if name == "DIR" else "is a folder, not a file",
                 "loop": "is a symbolic link that loops", "broken link": "is a broken symbolic link (to nowhere"}[what]
     with pytest.raises(CheckpointError) as info:
         if name == checkpoint.TRAIN_STATE:

@@ -132,8 +132,10 @@ def read_config(ckpt_dir: str | Path) -> dict[str, Any]:
     problem = what_is(ckpt_dir, "folder")
     if problem == "does not exist":
         raise CheckpointError(f"No checkpoint at {ckpt_dir}: train one with python train.py (or pass --ckpt DIR).")
+    if problem == "is a file, not a folder":
+        raise CheckpointError(f"{ckpt_dir} is a file, not a checkpoint directory: pass the directory train.py wrote (e.g. out).")
     if problem:
-        raise CheckpointError(f"{ckpt_dir} {problem}, not a checkpoint directory: pass the directory train.py wrote (e.g. out).")
+        raise CheckpointError(f"{ckpt_dir} {problem}: pass the checkpoint directory train.py wrote (e.g. out).")
     cfg = read_json(ckpt_dir / CONFIG)
     if "model" not in cfg or "tokenizer" not in cfg:
         raise CheckpointError(f"{ckpt_dir / CONFIG} lacks a model or tokenizer section: it is not a checkpoint of this kit.")
