@@ -18,7 +18,7 @@ import torch
 from tqdm import tqdm
 
 from model import atomic
-from model.formats.checkpoint import CONFIG, METRICS, WEIGHTS, CheckpointError, read_json, write_json
+from model.formats.checkpoint import CONFIG, METRICS, WEIGHTS, CheckpointError, read_json, read_metrics, write_json
 from model.formats.int8 import SCHEMES, file_size, plot_report, quantize_model, save_int8, tokens_per_second
 from model.formats.load import load
 from model.generation.generate import prompt_tokens
@@ -86,6 +86,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     fp32 = load(ckpt)
     if fp32.kind != "fp32":
         raise CheckpointError(f"{ckpt} is already a quantized ({fp32.kind}) checkpoint: pass the fp32 one train.py wrote (e.g. out).")
+    metrics = read_metrics(ckpt, fp32.model)  # refused if it describes other weights than those loaded
     data_path = text_path(args, fp32.meta)
     if data_path:  # read the validation text before writing anything, so a bad --data leaves no output behind
         with tempfile.TemporaryDirectory() as cache:
@@ -96,8 +97,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         steps = tqdm(total=4 if data_path else 3, desc="quantize", unit="step")
         steps.set_postfix_str("converting")
         save_int8(build, quantize_model(fp32.model, args.scheme), fp32.meta)
-        if (ckpt / METRICS).is_file():
-            write_json(build / METRICS, read_json(ckpt / METRICS))
+        if metrics is not None:
+            write_json(build / METRICS, metrics)
         int8 = load(build)  # measure what was written, as users will load it
         steps.update()
         model, qmodel, block = fp32.model, int8.model, fp32.config.block_size

@@ -23,6 +23,7 @@ import train
 from model.formats import checkpoint
 from model.generation.trace import traces
 from model.gpt import GPT
+from model.training.data import DataError
 from model.training.optim import clip_grads, lr_at, make_optimizer, set_lr, warmup_frac
 from model.training.plan import resolve
 from model.training.trainer import Trainer
@@ -231,8 +232,9 @@ BAD = [  # (flags, text bytes or None for no file, expected message)
     ([], None, "No training text at .*curl -o input.txt"),
     ([], b" \n", "is empty"),
     ([], b"abc\xe9def", "not valid UTF-8: byte 0xe9 at offset 3"),
-    ([], b"x" * 50, "fewer than one window of 65: use a longer text or a smaller --block-size"),
-    (["--block-size", "4"], b"y" * 10, "validation split .* too few to measure"),
+    ([], b"x" * 50, "50 characters, too few to train on: .* must hold a 64-token window plus one token, 65, and holds 5"),
+    (["--block-size", "4"], b"y" * 10, "10 characters, too few to train on: use at least 300"),
+    ([], b"x" * 700 + b"\0", "This looks like a binary file, not text: .* holds NUL bytes"),
     (["--n-embd", "33"], TEXT.encode(), r"n_embd \(33\) must be divisible by n_head \(2\)"),
     (["--block-size", "0"], TEXT.encode(), "--block-size must be at least 1, got 0"),
     (["--min-lr", "1"], TEXT.encode(), r"--min-lr \(1.0\) must not exceed --lr"),
@@ -392,13 +394,12 @@ def test_progress_bar_total_never_changes(tmp_path, text, bytes_tok, monkeypatch
     assert len(seen) == 20 and set(seen) == {("step", 20)}
 
 
-def test_a_validation_split_shorter_than_one_window_warns(tmp_path, text, capsys, bytes_tok):
-    model.training.trainer.train({**SMALL, "data": str(text), "out_dir": str(tmp_path / "a"), "max_iters": 2})  # windows of 16: no warning
+def test_a_validation_split_shorter_than_one_window_is_refused(tmp_path, text, capsys, bytes_tok):
+    model.training.trainer.train({**SMALL, "data": str(text), "out_dir": str(tmp_path / "a"), "max_iters": 2})  # windows of 16
     assert "warning" not in capsys.readouterr().err
-    model.training.trainer.train({**SMALL, "block_size": None, "data": str(text), "out_dir": str(tmp_path / "b"), "max_iters": 2})
-    warnings = [line for line in capsys.readouterr().err.splitlines() if "warning" in line]
-    assert len(warnings) == 1 and warnings[0].startswith("warning: the validation split is only 55 tokens (55 characters)"), warnings
-    assert "shorter than one 64-token context window" in warnings[0]
+    with pytest.raises(DataError, match="must hold a 64-token window plus one token, 65, and holds 55"):
+        model.training.trainer.train({**SMALL, "block_size": None, "data": str(text), "out_dir": str(tmp_path / "b"), "max_iters": 2})
+    assert not (tmp_path / "b").exists()
 
 
 def test_the_log_follows_training_between_evaluations(tmp_path, text, bytes_tok, monkeypatch):

@@ -11,7 +11,7 @@ from typing import Any
 
 import torch
 
-from model.config import GPTConfig
+from model.config import GPTConfig, check_memory
 from model.formats import checkpoint
 from model.formats.checkpoint import CheckpointError
 from model.formats.load import load
@@ -92,7 +92,9 @@ def model_config(s: TrainSettings, vocab_size: int, size: dict[str, Any]) -> GPT
     """The shape of a new model: the settings' shape over the size chosen for the text, or an ArgError saying what is wrong."""
     values = {**size, **{k: getattr(s, k) for k in SHAPE if getattr(s, k) is not None}}
     try:
-        return GPTConfig(vocab_size=vocab_size, **{k: v for k, v in values.items() if k in SHAPE})
+        config = GPTConfig(vocab_size=vocab_size, **{k: v for k, v in values.items() if k in SHAPE})
+        check_memory(config, training=True)
+        return config
     except (TypeError, ValueError) as e:
         raise ArgError(f"Inconsistent model shape: {e}") from None
 
@@ -155,7 +157,7 @@ def resolve(given: dict[str, Any]) -> Plan:
     weights = None
     sized = False
     if state is not None:
-        config = GPTConfig.from_dict(state["model_config"])
+        config = checkpoint.parse_model_config(state["model_config"], f"{s.out_dir}/{checkpoint.TRAIN_STATE}")
         if s.dropout is not None:
             config = dataclasses.replace(config, dropout=s.dropout)
         weights, tokenizer = state["model"], load_tokenizer(state["tokenizer"])

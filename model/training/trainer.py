@@ -402,8 +402,7 @@ class Trainer:
 
     def save_best(self) -> None:
         """I/O: the best weights and config.json (a complete, loadable checkpoint after every improvement)."""
-        checkpoint.save_weights(self.out / checkpoint.WEIGHTS, self.raw_model)
-        checkpoint.save_config(self.out, self.config, self.tokenizer.spec, self.args.to_dict())
+        checkpoint.save_model(self.out, self.raw_model, self.tokenizer.spec, self.args.to_dict(), self.best_step)
 
     def save_state(self) -> None:
         """I/O: what --resume needs, as plain tensors and containers (loaded with weights_only=True)."""
