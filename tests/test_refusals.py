@@ -43,6 +43,14 @@ def test_train_refuses_a_seed_out_of_range_before_writing_anything(seed, text, t
     assert not out.exists()
 
 
+@pytest.mark.parametrize("seed", ["1180591620717411303424", "-1"])
+def test_generate_refuses_a_seed_out_of_range(seed, tmp_path, capsys):
+    ckpt = tmp_path / "ckpt"
+    checkpoint.save_model(ckpt, GPT(tiny_config()), {"name": "bytes"}, {}, step=0)
+    assert generate_cli.main(["--ckpt", str(ckpt), "--prompt", "hi", "--seed", seed]) == 2
+    assert f"seed must be an integer from 0 to {2**64 - 1}" in one_error(capsys)
+
+
 def test_train_accepts_the_largest_seed(text, tmp_path):
     assert train_cli.main([*SMALL_RUN, "--data", str(text), "--out-dir", str(tmp_path / "out"), "--seed", str(2**64 - 1)]) == 0
 

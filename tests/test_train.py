@@ -433,7 +433,8 @@ def test_patience_stops_a_run_whose_validation_stopped_improving(tmp_path, text,
 
     trainers = []
     real_init = model.training.trainer.Trainer.__init__
-    monkeypatch.setattr(model.training.trainer.Trainer, "__init__", lambda self, *a, **kw: trainers.append(self) or real_init(self, *a, **kw))
+    monkeypatch.setattr(model.training.trainer.Trainer, "__init__",
+                        lambda self, *a, **kw: trainers.append(self) or real_init(self, *a, **kw))
 
     def model_step():
         return trainers[-1].step

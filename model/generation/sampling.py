@@ -14,6 +14,9 @@ import torch
 GREEDY_BELOW = 1e-5
 
 
+SEED_MAX = 2**64 - 1  # torch seeds its generators with 64 bits; the trainer's --seed too
+
+
 @dataclass(frozen=True)
 class SamplingConfig:
     """How to pick each next token, and when to stop. The defaults are those of a request everywhere (the CLI, the app,
@@ -47,6 +50,8 @@ class SamplingConfig:
             raise ValueError(f"frequency_penalty must be a finite number (0 is off), got {self.frequency_penalty}.")
         if any(not s for s in self.stop):
             raise ValueError("stop strings must not be empty; leave an empty one out.")
+        if self.seed is not None and not 0 <= int(self.seed) <= SEED_MAX:
+            raise ValueError(f"seed must be an integer from 0 to {SEED_MAX} (2**64 - 1), got {self.seed}.")
 
     @property
     def penalized(self) -> bool:

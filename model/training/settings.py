@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from model.config import MLP_KINDS, GPTConfig
+from model.generation.sampling import SEED_MAX
 from model.paths import what_is
 from model.training import distributed
 from model.training.optim import OPTIMIZERS
@@ -19,7 +20,6 @@ from model.training.optim import OPTIMIZERS
 DATA, MODEL, SCHEDULE, EVAL, RUN = "data and output", "model (a new model; --init-from and --resume take the checkpoint's shape)", \
     "schedule and optimizer", "evaluation and logging", "run"
 SHAPE = ("n_layer", "n_head", "n_embd", "block_size", "dropout", "rotary", "mlp", "qk_norm")  # fields that are GPTConfig's
-SEED_MAX = 2**64 - 1  # torch seeds its generators with 64 bits
 FINETUNE_BLOCK_SIZE = 256  # --init-from trains on windows of at most this many tokens unless --block-size says otherwise
 
 
