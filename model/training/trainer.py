@@ -75,7 +75,10 @@ class Trainer:
         self.model = torch.compile(self.raw_model) if args.compile else self.raw_model
         if self.dist.enabled:
             with distributed.peer_errors():  # DDP starts by broadcasting rank 0's weights
-                self.model = DistributedDataParallel(self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
+                # broadcast_buffers=False: the model's buffers are its rotary tables (the same on every rank) and the KV
+                # caches rank 0's samples add; DDP would re-list and broadcast them at each forward, a mismatch.
+                self.model = DistributedDataParallel(self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None,
+                                                     broadcast_buffers=False)
         self.optimizer = make_optimizer(self.raw_model, args.lr, args.weight_decay, (args.beta1, args.beta2), self.device.type,
                                         args.optimizer, args.muon_lr_scale)
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.dtype == torch.float16)
