@@ -17,6 +17,7 @@ import torch
 from train_support import TEXT, byte_tokenizer, tiny_config
 
 import model.plot
+import model.progress
 import model.training.budget
 import model.training.trainer
 import train
@@ -132,7 +133,7 @@ def test_tiny_model_overfits_tiny_corpus(tmp_path, text, bytes_tok):
     val_chars = json.loads((out / "tokens" / "meta.json").read_text())["val_chars"]
     total_nats = metrics["val_nats_per_token"] * metrics["val_tokens"]
     assert metrics["val_nats_per_char"] * val_chars == pytest.approx(total_nats)  # nats/char: the same total over characters
-    assert result["val_nats_per_token"] == metrics["val_nats_per_token"]
+    assert result.metrics["val_nats_per_token"] == metrics["val_nats_per_token"]
     assert [r["step"] for r in records(out) if "val_nats_per_token" in r and not r.get("final")] == [0, 75, 150]
     samples = [r["sample"] for r in records(out) if "sample" in r]
     assert len(samples) == 3 and all(isinstance(t, str) and t for t in samples)  # what the model writes, at each evaluation
@@ -165,21 +166,21 @@ def test_resume_continues_exactly(tmp_path, text, bytes_tok):
     common = {**SMALL, "data": str(text), "max_iters": 12, "eval_interval": 4, "grad_accum": 2, "warmup_iters": 3}
     straight = model.training.trainer.train({**common, "out_dir": str(tmp_path / "a")})
     first = model.training.trainer.train({**common, "out_dir": str(tmp_path / "b")}, stop_after=5)
-    assert first["interrupted"] and first["step"] == 5
+    assert first.interrupted and first.step == 5 and first.metrics is None
     resumed = model.training.trainer.train({"resume": True, "out_dir": str(tmp_path / "b")})
-    assert resumed["step"] == 12
-    assert abs(resumed["last_loss"] - straight["last_loss"]) < 1e-5
-    assert resumed["val_nats_per_token"] == pytest.approx(straight["val_nats_per_token"], abs=1e-5)
+    assert resumed.step == 12
+    assert abs(resumed.last_loss - straight.last_loss) < 1e-5
+    assert resumed.metrics["val_nats_per_token"] == pytest.approx(straight.metrics["val_nats_per_token"], abs=1e-5)
     assert [r["step"] for r in records(tmp_path / "b")] == [r["step"] for r in records(tmp_path / "a")]
     state = checkpoint.load_train_state(tmp_path / "b" / checkpoint.TRAIN_STATE)
-    assert state["step"] == 12 and state["best_step"] == straight["best_step"]
+    assert state["step"] == 12 and state["best_step"] == straight.metrics["best_step"]
 
 
 @pytest.mark.slow
 def test_time_budget_ends_the_cosine_at_the_budget(tmp_path, text, bytes_tok):
     out = tmp_path / "out"
     metrics = model.training.trainer.train({**SMALL, "data": str(text), "out_dir": str(out), "max_iters": 100000, "max_minutes": 0.1,
-                                   "warmup_iters": 10**6, "eval_interval": 1000, "lr": 1e-3, "min_lr": 1e-4})
+                                   "warmup_iters": 10**6, "eval_interval": 1000, "lr": 1e-3, "min_lr": 1e-4}).metrics
     assert 2 < metrics["step"] < 100000
     lrs = [r["lr"] for r in records(out) if "lr" in r]
     assert max(lrs) > 0.9e-3  # warmup (far too long for the budget) was ended by time
@@ -193,15 +194,15 @@ def test_one_stalled_step_does_not_end_a_timed_run_early(tmp_path, text, bytes_t
     real, stalled = model.training.trainer.Trainer.train_step, []
 
     def train_step(self):
-        if not stalled and self.elapsed() > 2.0:
-            stalled.append(self.step)
+        if not stalled and self.budget.elapsed() > 2.0:
+            stalled.append(self.state.step)
             time.sleep(1.5)
         return real(self)
 
     monkeypatch.setattr(model.training.trainer.Trainer, "train_step", train_step)
     out = tmp_path / "out"
     metrics = model.training.trainer.train({**SMALL, "data": str(text), "out_dir": str(out), "max_iters": 100000, "max_minutes": 0.1,
-                                   "warmup_iters": 10, "eval_interval": 1000, "lr": 1e-3, "min_lr": 1e-4})
+                                   "warmup_iters": 10, "eval_interval": 1000, "lr": 1e-3, "min_lr": 1e-4}).metrics
     assert stalled and metrics["step"] > stalled[0] + 20
     lrs = [r["lr"] for r in records(out) if "lr" in r]
     assert lrs[-1] < 1e-4 + 0.25 * 9e-4  # the cosine still ran to (nearly) its end
@@ -308,7 +309,7 @@ def test_a_diverged_run_stops_and_keeps_the_last_good_checkpoint(tmp_path, text,
     real = model.training.trainer.Trainer.train_step
 
     def train_step(self):
-        if self.step == 6:  # the weights blow up before step 7
+        if self.state.step == 6:  # the weights blow up before step 7
             with torch.no_grad():
                 for p in self.raw_model.parameters():
                     p.fill_(math.nan)
@@ -378,12 +379,13 @@ def test_progress_bar_total_never_changes(tmp_path, text, bytes_tok, monkeypatch
     """A budgeted run counts seconds out of its budget; a run bounded only by --max-iters counts steps."""
     seen = []
 
-    class Bar(model.training.trainer.tqdm):
-        def update(self, n=1):
-            seen.append((self.unit, self.total))
-            return super().update(n)
+    update = model.progress.Progress.update
 
-    monkeypatch.setattr(model.training.trainer, "tqdm", Bar)
+    def spy(self, n, status=""):
+        seen.append((self.unit, self.total))
+        return update(self, n, status)
+
+    monkeypatch.setattr(model.progress.Progress, "update", spy)
     common = {**SMALL, "data": str(text), "max_iters": 20, "eval_interval": 100}
     model.training.trainer.train({**common, "out_dir": str(tmp_path / "a"), "max_minutes": 0.1})
     assert len(seen) > 1 and all(unit == "s" and total == pytest.approx(6.0) for unit, total in seen), seen
@@ -404,14 +406,14 @@ def test_a_validation_split_shorter_than_one_window_warns(tmp_path, text, capsys
 def test_the_log_follows_training_between_evaluations(tmp_path, text, bytes_tok, monkeypatch):
     monkeypatch.setattr(model.training.trainer, "LOG_EVERY_S", 0.0)
     seen = []  # (last step in log.jsonl, whether loss.png exists) at each write between evaluations
-    write_log = model.training.trainer.Trainer.write_log
+    write_log = model.training.trainer.RunFiles.write_log
 
     def spy(self, plot=True):
         write_log(self, plot)
         if not plot:
             seen.append(records(self.out)[-1]["step"])
 
-    monkeypatch.setattr(model.training.trainer.Trainer, "write_log", spy)
+    monkeypatch.setattr(model.training.trainer.RunFiles, "write_log", spy)
     out = tmp_path / "out"
     model.training.trainer.train({**SMALL, "data": str(text), "out_dir": str(out), "max_iters": 8, "eval_interval": 8})
     assert seen == list(range(1, 9))  # a live view (the app's Train tab) sees every step's record, not only the evaluations'
@@ -432,15 +434,16 @@ def test_patience_stops_a_run_whose_validation_stopped_improving(tmp_path, text,
 
     trainers = []
     real_init = model.training.trainer.Trainer.__init__
-    monkeypatch.setattr(model.training.trainer.Trainer, "__init__", lambda self, *a, **kw: trainers.append(self) or real_init(self, *a, **kw))
+    monkeypatch.setattr(model.training.trainer.Trainer, "__init__",
+                        lambda self, *a, **kw: trainers.append(self) or real_init(self, *a, **kw))
 
     def model_step():
-        return trainers[-1].step
+        return trainers[-1].state.step
 
     monkeypatch.setattr(model.training.trainer, "evaluate", scores)
     out = tmp_path / "out"
     metrics = model.training.trainer.train({**SMALL, "data": str(text), "out_dir": str(out), "max_iters": 100, "eval_interval": 4,
-                                   "patience": 3})
+                                   "patience": 3}).metrics
     printed = capsys.readouterr().out
     assert metrics["step"] == 16 and metrics["best_step"] == 4 and metrics["stopped_early"]  # evaluations at 8, 12, 16
     assert printed.count("stopping early") == 1
@@ -455,7 +458,7 @@ def test_resume_continues_a_muon_run_exactly(tmp_path, text, bytes_tok):
     straight = model.training.trainer.train({**common, "out_dir": str(tmp_path / "a")})
     model.training.trainer.train({**common, "out_dir": str(tmp_path / "b")}, stop_after=3)
     resumed = model.training.trainer.train({"resume": True, "out_dir": str(tmp_path / "b")})
-    assert resumed["step"] == 8 and abs(resumed["last_loss"] - straight["last_loss"]) < 1e-5
+    assert resumed.step == 8 and abs(resumed.last_loss - straight.last_loss) < 1e-5
     with pytest.raises(checkpoint.CheckpointError, match="trained with optimizer='muon', not 'adamw'"):
         model.training.trainer.train({"resume": True, "out_dir": str(tmp_path / "b"), "optimizer": "adamw"})
     with pytest.raises(checkpoint.CheckpointError, match="trained with muon_lr_scale=1.0, not 3.0"):  # the saved state's
