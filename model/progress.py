@@ -31,7 +31,7 @@ class Progress:
         self.n_line: float | None = None  # the position it showed
         self.bar: tqdm | None = None
         if not disable and self.stream.isatty():
-            fmt = "{desc}: {percentage:3.0f}%|{bar}| {n:.0f}/{total:.0f} s of the budget [{postfix}]" if budget else None
+            fmt = "{desc}: {percentage:3.0f}%|{bar}| {n:.0f}/{total:g} s of the budget{postfix}" if budget else None
             self.bar = tqdm(total=total, initial=initial, unit=unit, desc=desc, dynamic_ncols=True, smoothing=0.1,
                             bar_format=fmt, file=self.stream)
 
@@ -48,7 +48,7 @@ class Progress:
         """The plain line of the current position: position of total, percent, rate (counted units) and status."""
         pct = 100.0 * self.n / self.total if self.total else 100.0
         if self.budget:
-            text = f"{self.desc}: {self.n:.0f}/{self.total:.0f} s of the budget ({pct:.0f}%)"
+            text = f"{self.desc}: {self.n:.0f}/{self.total:g} s of the budget ({pct:.0f}%)"
         else:
             seconds = time.perf_counter() - self.t0
             rate = (self.n - self.n0) / seconds if seconds > 0 else 0.0

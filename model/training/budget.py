@@ -12,7 +12,7 @@ from model.training.optim import warmup_frac
 from model.training.settings import ArgError
 
 WARMUP_BUDGET_SHARE = 0.05  # with a time budget, warmup ends after this share of the training time at the latest
-CURVE_POINTS = 12  # a budgeted run scores validation at least this often over its budget, so even 1 minute draws a curve
+CURVE_POINTS = 16  # a budgeted run scores validation at least this often over its budget, so even 1 minute draws a curve
 
 
 class Budget:
@@ -27,7 +27,8 @@ class Budget:
         self.t_loop: float | None = None  # elapsed seconds when the first training step ended (torch.compile's excluded)
         self.t_warm: float | None = None  # elapsed seconds when warmup ended (the time-based decay starts there)
         self.step_seconds = 0.0  # a smoothed step time: the next step is expected to take this long
-        self.eval_sec_per_token = 0.0  # measured by the evaluations (their sample counted in)
+        self.eval_sec_per_token = 0.0  # measured by the evaluations
+        self.sample_seconds = 0.0  # an evaluation's sample
         self.save_seconds = 0.0  # the last save's time
         self.final_tokens = 0  # tokens the final evaluation will score (0: the best evaluation's score is already final)
         self.eval_tokens = 0  # tokens one evaluation during training scores
@@ -42,9 +43,11 @@ class Budget:
         """Wall-clock seconds of this run so far."""
         return self.elapsed_before + time.perf_counter() - self.t_start
 
-    def evaluated(self, seconds: float, tokens: int) -> None:
-        """Record an evaluation's time (the rate prices the reserve) and that validation was just scored."""
+    def evaluated(self, seconds: float, tokens: int, sample_seconds: float | None = None) -> None:
+        """Record an evaluation's time (its rate, and its sample's time, price the reserve) and that validation was just scored."""
         self.eval_sec_per_token = seconds / max(tokens, 1)
+        if sample_seconds is not None:
+            self.sample_seconds = sample_seconds
         self.t_scored = self.elapsed()
 
     def saved(self, seconds: float) -> None:
@@ -56,11 +59,12 @@ class Budget:
 
     @property
     def reserve(self) -> float:
-        """Seconds kept at the end of the budget: the final evaluation, one more evaluation, two saves and a second's slack
-        (none before an evaluation has been timed)."""
+        """Seconds kept at the end of the budget: the final evaluation, one more evaluation with its sample, two saves and
+        a second's slack (none before an evaluation has been timed)."""
         if self.eval_sec_per_token == 0:
             return 0.0
-        return self.eval_sec_per_token * (1.2 * self.final_tokens + self.eval_tokens) + 2 * self.save_seconds + 1.0
+        evaluations = self.eval_sec_per_token * (1.2 * self.final_tokens + self.eval_tokens) + self.sample_seconds
+        return evaluations + 2 * self.save_seconds + 1.0
 
     def curve_point_due(self) -> bool:
         """Whether a budgeted run should score validation now (a cheap estimate) to draw its curve: once every

@@ -327,12 +327,13 @@ class Trainer:
             return val
         record = {"step": st.step, "val_nats_per_token": val["val_nats_per_token"], "val_nats_per_char": val["val_nats_per_char"],
                   "val_tokens": val["val_tokens"], **({"estimate": True} if estimate else {}), "tokens_seen": st.tokens_seen}
-        if not keep:
+        if not keep:  # a curve point
             self.budget.evaluated(time.perf_counter() - t0, val["val_tokens"])
             self.files.records.append({**record, "elapsed": round(self.budget.elapsed(), 2)})
             return val
+        t_sample = time.perf_counter()
         sample = self.sample()  # before the best is updated: a Ctrl-C here leaves the saved state consistent
-        self.budget.evaluated(time.perf_counter() - t0, val["val_tokens"])  # the sample counted in
+        self.budget.evaluated(t_sample - t0, val["val_tokens"], time.perf_counter() - t_sample)
         improved = val["val_nats_per_token"] < st.best_val
         if improved:
             st.best_val, st.best_step = val["val_nats_per_token"], st.step
