@@ -545,7 +545,7 @@ def test_a_short_budgeted_run_draws_its_curves(tmp_path, bytes_tok, monkeypatch)
     last = val[-1]
     assert last["final"] and "estimate" not in last and last["val_tokens"] == metrics["val_tokens"] == 656 - 1
     train_points = [r["step"] for r in records(out) if "train_loss" in r]
-    assert train_points[0] == 1 and len(train_points) >= 5  # the first step, then one every LOG_EVERY_S (50 steps)
+    assert len(train_points) >= 5 and train_points[0] <= 55  # one every LOG_EVERY_S (50 steps)
 
 
 def test_threads_are_chosen_by_train_not_by_the_trainer(tmp_path, text, bytes_tok):

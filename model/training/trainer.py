@@ -164,7 +164,8 @@ class Trainer:
         self.state = RunState()
         # Whether each evaluation scores the whole split: then the best one is already the final score.
         self.evals_whole = len(val_windows(self.data.val, self.config.block_size)) <= s.eval_windows
-        self.best_scores: dict[str, float] | None = None  # the best evaluation's scores when they cover the whole split
+        self.best_scores: dict[str, float] | None = None  # the best evaluation's scores when they cover the whole split (this
+        # session): then they are the final score, not measured twice
         self.failure: str | None = None  # why a loss went non-finite; training stops at the next step
         self.stopped_early: str | None = None  # why validation ended the run before its budget
         self.last_eval_step = -1  # the step of the last evaluation (not counting curve estimates)
@@ -288,11 +289,11 @@ class Trainer:
         return total, norm
 
     def log_train(self, loss: float, lr: float, norm: float, tok_s: float) -> None:
-        """A train record every --log-interval steps, and at least every LOG_EVERY_S seconds (so a short run of slow steps
-        still draws a train curve); log.jsonl rewritten as often, so live views follow."""
+        """A train record every --log-interval steps, and after LOG_EVERY_S seconds without one (so a short run of slow
+        steps still draws a train curve); log.jsonl rewritten as often, so live views follow."""
         st, files = self.state, self.files
-        last = next((r for r in reversed(files.records) if "train_loss" in r), None)
-        late = last is None or self.budget.elapsed() - last["elapsed"] >= LOG_EVERY_S
+        last = next((r["elapsed"] for r in reversed(files.records) if "train_loss" in r), self.budget.t_loop)
+        late = self.budget.elapsed() - last >= LOG_EVERY_S
         if st.step % self.settings.log_interval and not late:
             return
         files.records.append({"step": st.step, "train_loss": loss,
@@ -361,14 +362,10 @@ class Trainer:
         sampling = SamplingConfig(max_new_tokens=SAMPLE_TOKENS, temperature=0.8, top_k=50, seed=self.settings.seed)
         return generate(self.raw_model, self.tokenizer, "\n", 1, sampling)[0]
 
-    def final_is_known(self) -> bool:
-        """Whether the final score is the best evaluation's (it scored the whole split, in this session)."""
-        return self.best_scores is not None
-
     def expect_after_training(self) -> None:
         """Tell the budget what follows training: the final evaluation (unless already known) after one more evaluation."""
         val, windows = len(self.data.val), self.settings.eval_windows * self.config.block_size
-        self.budget.expect(final_tokens=0 if self.final_is_known() else val, eval_tokens=min(val, windows))
+        self.budget.expect(final_tokens=0 if self.best_scores is not None else val, eval_tokens=min(val, windows))
 
     # ---- the end of a run, and what it writes (rank 0) ----------------------------------------------------
 
