@@ -151,10 +151,10 @@ class Trainer:
         self.model = torch.compile(self.raw_model) if s.compile else self.raw_model
         if self.dist.enabled:
             with distributed.peer_errors():  # DDP starts by broadcasting rank 0's weights
-                # broadcast_buffers=False: the model's buffers are its rotary tables (the same on every rank) and the KV
-                # caches rank 0's samples add; DDP would re-list and broadcast them at each forward, a mismatch.
+                # No buffer sync at each forward: the model's buffers are its rotary tables (the same on every rank) and
+                # the KV caches rank 0's samples add; DDP would re-list and broadcast them, a collective of another size.
                 self.model = DistributedDataParallel(self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None,
-                                                     broadcast_buffers=False)
+                                                     forward_sync_buffers=False)
         self.optimizer = make_optimizer(self.raw_model, s.lr, s.weight_decay, (s.beta1, s.beta2), self.device.type, s.optimizer,
                                         s.muon_lr_scale)
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.dtype == torch.float16)
