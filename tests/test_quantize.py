@@ -309,6 +309,16 @@ def test_cli_refuses_to_replace_a_folder_that_is_not_its_output(fp32_ckpt, tmp_p
     assert link.is_symlink() and [p.name for p in mine.iterdir()] == ["todo.txt"]
 
 
+def test_cli_progress_without_a_terminal_is_plain_lines(fp32_ckpt, capsys):
+    """`python quantize.py > log 2>&1`: plain progress lines (model/progress.py), no tqdm \r redraws."""
+    assert quantize_cli.main(["--ckpt", str(fp32_ckpt), *QUICK]) == 0
+    err = capsys.readouterr().err
+    assert "\r" not in err
+    lines = [line for line in err.splitlines() if line.startswith("quantize: ")]
+    assert lines[0].startswith("quantize: 0/4 step (0%)") and lines[0].endswith(", converting")
+    assert lines[-1].startswith("quantize: 4/4 step (100%)")
+
+
 def test_cli_output_gets_the_modes_open_and_mkdir_give(fp32_ckpt, tmp_path):
     (fp32_ckpt / "metrics.json").write_text("{}")
     out = tmp_path / "q" / "int8"
