@@ -54,7 +54,7 @@ def test_settings_are_checked_in_one_sentence(tmp_path):
 
 
 def test_cpu_preset_is_sized_by_the_training_tokens():
-    limits = [limit for limit, _ in CPU_SIZES]
+    limits = [limit for limit, _, _ in CPU_SIZES]
     assert limits == sorted(limits)
     small, large = cpu_size(10_000), cpu_size(10**9)
     assert small["n_embd"] * small["n_layer"] < large["n_embd"] * large["n_layer"]  # more text, more capacity
@@ -84,3 +84,22 @@ def test_a_run_resolves_once_into_a_frozen_plan(tmp_path, bytes_tok):
                      "n_layer": 2, "dropout": 0.0, "eval_interval": 7})
     assert (given.settings.n_embd, given.settings.n_layer, given.settings.eval_interval) == (64, 2, 7)
     assert not given.sized_by_text
+
+
+def test_the_cpu_preset_caps_its_steps_at_the_passes_its_size_learns_from(tmp_path, bytes_tok):
+    """A faster machine or a longer budget must not stretch the schedule over passes that only overfit (the last column
+    of CPU_SIZES); --max-iters, a shape given by flags, or a text whose row has no cap leave max_iters alone."""
+    data = tmp_path / "input.txt"
+    data.write_text((TEXT * (200_000 // len(TEXT) + 1))[:200_000], encoding="utf-8")  # 180k training tokens: the capped row
+    plan = resolve({"data": str(data), "out_dir": str(tmp_path / "a"), "tokenizer": "bytes", "device": "cpu"})
+    train_tokens, per_step = len(plan.data.train), plan.settings.batch_size * plan.settings.block_size * plan.settings.grad_accum
+    epochs = next(e for limit, _, e in CPU_SIZES if train_tokens <= limit)
+    assert epochs and plan.max_epochs == epochs
+    assert plan.settings.max_iters == -(-int(epochs * train_tokens) // per_step) < TrainSettings.max_iters
+    for flags in ({"max_iters": 5000}, {"n_layer": 2, "n_embd": 64, "dropout": 0.0}):
+        other = resolve({"data": str(data), "out_dir": str(tmp_path / "b"), "tokenizer": "bytes", "device": "cpu", **flags})
+        assert other.max_epochs is None and other.settings.max_iters == flags.get("max_iters", TrainSettings.max_iters)
+    small = tmp_path / "small.txt"
+    small.write_text(TEXT * 3, encoding="utf-8")  # the smallest row: no cap measured, none applied
+    assert resolve({"data": str(small), "out_dir": str(tmp_path / "c"), "tokenizer": "bytes", "device": "cpu"}).settings.max_iters \
+        == TrainSettings.max_iters

@@ -4,6 +4,7 @@ tokenised text, the device and dtype, and the weights and state to start from. T
 from __future__ import annotations
 
 import dataclasses
+import math
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,6 +28,7 @@ from model.training.settings import (
     ArgError,
     TrainSettings,
     check,
+    cpu_max_epochs,
     cpu_size,
     layered,
 )
@@ -54,6 +56,7 @@ class Plan:
     weights: dict[str, torch.Tensor] | None  # the weights to start from (--init-from, --resume); None: new ones from the seed
     state: dict[str, Any] | None  # the saved training state of a resumed run
     sized_by_text: bool  # whether the cpu preset chose depth, width and dropout from the text's size
+    max_epochs: float | None = None  # the passes over the text that capped max_iters (the cpu preset's size), if any
 
 
 def pick_device(name: str) -> torch.device:
@@ -167,10 +170,14 @@ def resolve(given: dict[str, Any]) -> Plan:
     sized = config is None and s.preset == "cpu" and any(getattr(s, k) is None for k in ("n_layer", "n_embd", "dropout"))
     if config is None:
         config = model_config(s, padded_vocab_size(tokenizer.n_vocab), cpu_size(len(data.train)) if s.preset == "cpu" else {})
+    epochs = cpu_max_epochs(len(data.train)) if sized and given.get("max_iters") is None else None
+    max_iters = min(s.max_iters, epoch_steps(s, len(data.train), window, epochs)) if epochs else s.max_iters
     settings = dataclasses.replace(s, **{k: getattr(config, k) for k in SHAPE if k != "block_size"}, block_size=window,
-                                   eval_interval=s.eval_interval or cpu_eval_interval(s, len(data.train), window))
+                                   eval_interval=s.eval_interval or cpu_eval_interval(s, len(data.train), window),
+                                   max_iters=max_iters)
     return Plan(settings=settings, config=config, tokenizer=tokenizer, data=data, created=created, dist=dist, device=device,
-                dtype=dtype, weights=weights, state=state, sized_by_text=sized)
+                dtype=dtype, weights=weights, state=state, sized_by_text=sized,
+                max_epochs=epochs if max_iters < s.max_iters else None)
 
 
 def starting_point(s: TrainSettings, state: dict[str, Any] | None) -> tuple[GPTConfig | None, dict[str, torch.Tensor] | None, Tokenizer]:
@@ -189,6 +196,11 @@ def starting_point(s: TrainSettings, state: dict[str, Any] | None) -> tuple[GPTC
         return dataclasses.replace(loaded.config, dropout=s.dropout or 0.0), loaded.model.state_dict(), loaded.tokenizer
     model_config(s, 64, cpu_size(0) if s.preset == "cpu" else {})  # an impossible shape fails before the text is read
     return None, None, training_tokenizer(s.tokenizer, s.data, s.vocab_min_count)
+
+
+def epoch_steps(s: TrainSettings, train_tokens: int, window: int, epochs: float) -> int:
+    """The optimizer steps that see the training split this many times."""
+    return max(1, math.ceil(epochs * train_tokens / (s.batch_size * window * s.grad_accum)))
 
 
 def cpu_eval_interval(s: TrainSettings, train_tokens: int, window: int) -> int:

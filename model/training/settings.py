@@ -114,18 +114,25 @@ PRESETS: dict[str, dict[str, Any]] = {
 # Finetuning with --init-from: these over the TrainSettings defaults (the shape is the checkpoint's).
 FINETUNE: dict[str, Any] = {"lr": 3e-5, "min_lr": 3e-6, "warmup_iters": 5, "dropout": 0.0, "batch_size": 8, "eval_interval": 50,
                             "max_iters": 500}
-# The cpu preset's size by the training split's tokens: the first row whose limit is at least the count.
-CPU_SIZES: tuple[tuple[float, dict[str, Any]], ...] = (
-    (100_000, {"n_layer": 4, "n_embd": 128, "dropout": 0.3}),
-    (1_000_000, {"n_layer": 4, "n_embd": 256, "dropout": 0.2}),
-    (math.inf, {"n_layer": 4, "n_embd": 256, "dropout": 0.0}),
+# The cpu preset's size by the training split's tokens: the first row whose limit is at least the count. Its last
+# column caps the passes over the text (None: no cap): past them that size only overfits, so a faster machine or a
+# larger --max-minutes ends the schedule there instead of stretching it (docs/train.md has the runs behind it).
+CPU_SIZES: tuple[tuple[float, dict[str, Any], float | None], ...] = (
+    (100_000, {"n_layer": 4, "n_embd": 128, "dropout": 0.3}, None),
+    (1_000_000, {"n_layer": 4, "n_embd": 256, "dropout": 0.2}, 7.0),
+    (math.inf, {"n_layer": 4, "n_embd": 256, "dropout": 0.0}, None),
 )
 CPU_EVAL_INTERVAL = (25, 200)  # cpu: evaluate about once an epoch, within these steps
 
 
 def cpu_size(train_tokens: int) -> dict[str, Any]:
     """The cpu preset's depth, width and dropout for a training split of this many tokens."""
-    return next(size for limit, size in CPU_SIZES if train_tokens <= limit)
+    return next(size for limit, size, _ in CPU_SIZES if train_tokens <= limit)
+
+
+def cpu_max_epochs(train_tokens: int) -> float | None:
+    """How many passes over a training split of this many tokens the cpu preset's size still learns from (None: no cap)."""
+    return next(epochs for limit, _, epochs in CPU_SIZES if train_tokens <= limit)
 
 
 def preset(name: str) -> GPTConfig:

@@ -137,6 +137,7 @@ class Trainer:
     def __init__(self, plan: Plan, t_start: float | None = None):
         s = self.settings = plan.settings
         self.sized_by_text = plan.sized_by_text  # whether the cpu preset chose the shape by the text (announced)
+        self.max_epochs = plan.max_epochs  # the passes over the text that capped the steps (announced)
         self.dist, self.device, self.dtype = plan.dist, plan.device, plan.dtype
         self.config, self.tokenizer, self.data = plan.config, plan.tokenizer, plan.data
         self.master = self.dist.master  # rank 0: the only process that evaluates, prints and writes files
@@ -484,6 +485,9 @@ class Trainer:
               f"context {self.config.block_size}, tokenizer {self.tokenizer.name}); training window {s.block_size}")
         print(f"data: {len(self.data.train):,} train / {len(self.data.val):,} val tokens; "
               f"{self.tokens_per_step:,} tokens per step; device {self.device}, {str(self.dtype).removeprefix('torch.')}")
+        if self.max_epochs:
+            print(f"steps: at most {s.max_iters:,}, {self.max_epochs:g} passes over the text, after which a model of this size "
+                  "only overfits; the schedule ends there even if the time budget would allow more (--max-iters to choose)")
         warning = self.data.short_val_warning(self.config.block_size)
         if warning:
             print(f"warning: {warning}", file=sys.stderr)
