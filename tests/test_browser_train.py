@@ -12,8 +12,8 @@ import pytest
 from app_support import BROWSER_TEST, CHROMIUM, CHROMIUM_ARGS, served, tiny_checkpoint
 
 from model.webapp import train_tab, training_job
-from model.webapp.train_tab import Training
 from model.webapp.training_job import TrainingSlot
+from model.webapp.visitors import Visitors
 
 ROOT = Path(__file__).resolve().parents[1]
 SCREENSHOT = ROOT / "docs" / "train-tab.png"
@@ -38,7 +38,7 @@ def app(tmp_path_factory, gpt2_tokenizer):
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(training_job, "MIN_MINUTES", BUDGET_MINUTES)  # the slot's check
         mp.setattr(train_tab, "MIN_MINUTES", BUDGET_MINUTES)  # the slider
-        training = Training(TrainingSlot(tmp / "runs", train_args=TRAIN_ARGS))
+        training = Visitors(TrainingSlot(tmp / "runs", train_args=TRAIN_ARGS))
         with served(tiny_checkpoint(tmp, gpt2_tokenizer), training) as (url, _), sync_playwright() as p:
             browser = p.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
             try:

@@ -17,7 +17,8 @@ from train_support import TEXT
 
 from model.formats.load import load
 from model.webapp import training_job as tj
-from model.webapp.training_job import JobError, ModelStore, TrainingJob, TrainingSlot, check_text, make_zip
+from model.webapp.training_job import JobError, TrainingJob, TrainingSlot, check_text, make_zip
+from model.webapp.visitors import Visitors
 
 ROOT = Path(__file__).resolve().parents[1]
 # A 1-layer, 32-wide model over bytes: train.py starts, trains and evaluates in a few seconds.
@@ -230,8 +231,8 @@ class FakeJob:
         self.discarded = True
 
 
-def test_store_keeps_one_model_per_owner_and_at_most_four():
-    store = ModelStore(clock=lambda: 0.0)
+def test_store_keeps_one_model_per_owner_and_at_most_four(tmp_path):
+    store = Visitors(TrainingSlot(tmp_path), clock=lambda: 0.0)
     fakes = {name: FakeJob() for name in "abcde"}
     for name in "abcd":
         store.add(name, fakes[name])
@@ -248,9 +249,9 @@ def test_store_keeps_one_model_per_owner_and_at_most_four():
     assert all(fakes[n].discarded for n in "de") and replacement.discarded and store.get("d") is None
 
 
-def test_store_sweeps_models_older_than_an_hour():
+def test_store_sweeps_models_older_than_an_hour(tmp_path):
     now = [1000.0]
-    store = ModelStore(clock=lambda: now[0])
+    store = Visitors(TrainingSlot(tmp_path), clock=lambda: now[0])
     old, new = FakeJob(), FakeJob()
     store.add("old", old)
     now[0] += 1800

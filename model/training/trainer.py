@@ -24,7 +24,7 @@ from tqdm import tqdm
 from model import atomic
 from model.cpus import available_cpus, busy_elsewhere, default_threads
 from model.formats import checkpoint
-from model.formats.checkpoint import CheckpointError
+from model.formats.checkpoint import LOG, PLOT, CheckpointError, read_log
 from model.generation.generate import SamplingConfig, generate
 from model.gpt import GPT
 from model.plot import plot_losses
@@ -36,8 +36,6 @@ from model.training.optim import clip_grads, lr_at, make_optimizer, set_lr
 from model.training.plan import STATE_VERSION, Plan, resolve
 from model.training.settings import ArgError
 
-LOG = "log.jsonl"
-PLOT = "loss.png"
 LOG_EVERY_S = 5.0  # log.jsonl is also rewritten this often between evaluations, so live views (the app) follow
 SAMPLE_TOKENS = 48  # a short sample written with every evaluation: what the model writes by now (the app shows it)
 
@@ -446,16 +444,6 @@ class Trainer:
                                   f"setup ({type(e).__name__}: {e}); train again without --resume.") from None
         self.records = [r for r in read_log(self.out / LOG) if r.get("step", 0) <= self.step and not r.get("final")]
         self.saved_step = self.step
-
-
-def read_log(path: Path) -> list[dict[str, Any]]:
-    """The records of a run's log.jsonl (none if it is missing; a torn line is skipped)."""
-    records = []
-    if path.is_file():
-        for line in path.read_text(encoding="utf-8").splitlines():
-            with contextlib.suppress(json.JSONDecodeError):
-                records.append(json.loads(line))
-    return records
 
 
 def train(given: dict[str, Any], stop_after: int | None = None, t_start: float | None = None) -> dict[str, Any]:
