@@ -4,6 +4,7 @@ bytes, 30 steps) keeps each training to seconds."""
 
 from __future__ import annotations
 
+import json
 import time
 import zipfile
 from pathlib import Path
@@ -74,7 +75,7 @@ def folders(runs: Path) -> list[Path]:
 
 @pytest.mark.slow
 def test_train_poll_generate_and_download_through_the_api(server, client, tmp_path):
-    url, training, _ = server
+    url, training, runs = server
     st = client.predict(source="paste", text=LONG, minutes=1, api_name="/train_start")
     assert st["state"] == "running" and st["budget_s"] == 60 and "Training: " in st["message"], st
     st = poll(client)
@@ -82,6 +83,8 @@ def test_train_poll_generate_and_download_through_the_api(server, client, tmp_pa
     assert [s for s, _ in st["val_curve"]] == [0, 10, 20, 30] and len(st["train_curve"]) == 6
     report = st["report"]
     assert report["size_int8_bytes"] < report["size_fp32_bytes"] and report["val_nats_per_char_int8"] > 0
+    # Names relative to the model's folder, not the server's folders.
+    assert (report["fp32_checkpoint"], report["int8_checkpoint"], report["val_data"]) == ("model", "model/int8", "input.txt")
     assert isinstance(st["sample"], str) and st["sample"]  # the trainer logs a sample at each evaluation
 
     card = client.predict(model="yours", api_name="/use_model")
@@ -96,11 +99,22 @@ def test_train_poll_generate_and_download_through_the_api(server, client, tmp_pa
     with zipfile.ZipFile(path) as zf:
         names = zf.namelist()
         assert zf.testzip() is None
+        texts = {name: zf.read(name).decode() for name in names if name.endswith((".json", ".jsonl"))}
     top = names[0].split("/")[0]
     assert {f"{top}/model.safetensors", f"{top}/config.json", f"{top}/int8/model.safetensors",
             f"{top}/int8/report.json"} <= set(names), names
+    assert all(str(runs) not in text and "smallgpt-train-" not in text for text in texts.values()), texts
+    assert json.loads(texts[f"{top}/int8/report.json"])["val_data"] == "input.txt"
+
+    # The zip's link serves Gradio's copy to anyone who has it (no cookie needed), until the model is deleted.
+    r = httpx.post(f"{url}gradio_api/call/train_zip", json={"data": [], "session_hash": client.session_hash})
+    stream = httpx.get(f"{url}gradio_api/call/train_zip/{r.json()['event_id']}", timeout=30).text
+    link = json.loads(stream.strip().split("\n\n")[-1].splitlines()[1].removeprefix("data: "))[0]["url"]
+    assert link.endswith(f"{top}.zip") and httpx.get(link).status_code == 200
 
     training.drop(client.session_hash)  # as after an hour: Generate falls back to the bundled model
+    assert httpx.get(link).status_code != 200  # the served copy went with the model (Gradio: 403)
+    assert not Path(link.split("file=", 1)[1]).exists()
     assert all(client.predict(prompt="First Citizen:", max_new_tokens=8, num_sequences=2, seed=1, api_name="/generate")[:2])
     with pytest.raises(AppError, match="You have no trained model yet"):
         client.predict(model="yours", api_name="/use_model")
