@@ -8,6 +8,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 import zipfile
 from pathlib import Path
@@ -199,6 +200,19 @@ def test_a_trainer_error_becomes_its_sentence(tmp_path, jobs):
     assert st.error == ("Inconsistent model shape: n_embd (33) must be divisible by n_head (2); "
                         "pick a width that is a multiple of the number of heads.")
     assert wait_gone(job.run_dir)
+
+
+def test_the_time_left_counts_down_while_the_int8_copy_is_made():
+    """Once the trainer has exited, "ready in about N s" counts down from the int8 step's estimate, never frozen."""
+    job = object.__new__(TrainingJob)  # the clock alone, no child process
+    job._lock, job.budget_s, job._state = threading.Lock(), 60.0, "quantizing"
+    now = time.monotonic()
+    job._t0, job._t_end = now - 70, now - 10
+    assert tj.QUANTIZE_ESTIMATE_S - 11 <= job.seconds_left() <= tj.QUANTIZE_ESTIMATE_S - 10
+    job._t_end = now - tj.QUANTIZE_ESTIMATE_S - 5  # slower than the estimate: 0, not below
+    assert job.seconds_left() == 0.0
+    job._state = "done"
+    assert job.seconds_left() == 0.0
 
 
 def test_failure_sentences_never_show_a_traceback():
