@@ -128,7 +128,7 @@ def curve_figure(st: Status | None) -> Figure | None:
         if curve:
             steps, losses = zip(*curve, strict=True)
             ax.plot(steps, losses, "-" if split == "train" else "o-", ms=4, color=CURVE_COLORS[split], label=split)
-    ax.set(xlabel="step", ylabel="nats/char")
+    ax.set(title="Loss per character", xlabel="step", ylabel="nats/char")
     ax.grid(alpha=0.3)
     ax.legend(loc="upper right", frameon=True)
     return fig
@@ -256,7 +256,7 @@ def build_train_tab(visitors: Visitors) -> None:
             report = gr.Markdown(elem_id="train-report")
             download = gr.DownloadButton("Download the model (.zip)", visible=False, elem_id="train-download")
         with gr.Column(scale=1):
-            curve = gr.Plot(label="Loss per character", format="png", elem_id="train-curve")
+            curve = gr.Plot(label="Loss per character", show_label=False, format="png", elem_id="train-curve")
             sample = gr.Textbox(label="Latest sample (the model writing, at the last evaluation)", lines=6, max_lines=8,
                                 interactive=False, placeholder=SAMPLE_PLACEHOLDER, elem_id="train-sample")
     timer = gr.Timer(TICK_S, active=False)
