@@ -233,6 +233,28 @@ def test_models_past_their_hour_are_swept_and_let_go(tmp_path, gpt2_tokenizer):
     training.close()
 
 
+def test_sessions_without_a_model_leave_nothing_in_the_store(tmp_path, gpt2_tokenizer):
+    """Choosing "bundled" (any session id an API client makes up) or being swept keeps no state for an owner."""
+    from model.webapp.pool import ModelPool
+
+    bundled = ModelPool(tiny_checkpoint(tmp_path, gpt2_tokenizer), copies=1)
+    visitors = Visitors(TrainingSlot(tmp_path / "runs"), clock=lambda: 0.0, max_age_s=-1)
+    use_model = visitors.chooser(bundled)
+    for i in range(20):
+        assert "**Parameters**" in use_model("bundled", type("R", (), {"session_hash": f"made-up-{i}"})())
+    assert len(visitors) == 0
+
+    class Finished:
+        active = False
+
+        def discard(self):
+            pass
+
+    visitors.add("visitor", Finished())
+    assert len(visitors) == 1 and visitors.sweep() == 1 and len(visitors) == 0
+    visitors.close()
+
+
 def test_the_split_and_the_tab_switch(tmp_path, gpt2_tokenizer, monkeypatch):
     """Trainings use TRAIN_THREADS (1); the Tiny Shakespeare choice shows only where the file is; without training
     the page has no Train tab and no train endpoints."""

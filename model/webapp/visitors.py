@@ -105,6 +105,7 @@ class Visitors:
             self._visitors[owner] = visitor  # now the newest
             with_models = [v for v in self._visitors.values() if v.job is not None]
             gone += [self._take_model(v) for v in with_models[:max(0, len(with_models) - self.max_models)]]
+            self._tidy()
         _let_go(gone)
 
     def get(self, owner: str) -> TrainingJob | None:
@@ -133,6 +134,7 @@ class Visitors:
         with self._lock:
             gone = [self._take_model(v) for v in self._visitors.values()
                     if v.job is not None and now - v.started > self.max_age_s]
+            self._tidy()
         _let_go(gone)
         return len(gone)
 
@@ -158,6 +160,12 @@ class Visitors:
         self._closed.set()
         self.clear()  # kills what still runs; a killed job's folder would go a moment later, in a thread
         remove_tree(self.slot.root)  # at exit that thread may not get the chance: the whole jobs' folder goes now
+
+    def _tidy(self) -> None:
+        """Forget owners with nothing left to keep (no model, the bundled model chosen), under the lock: the store
+        never grows with sessions that have no model."""
+        for owner in [o for o, v in self._visitors.items() if v.job is None and not v.uses_own]:
+            del self._visitors[owner]
 
     @staticmethod
     def _take_model(visitor: _Visitor) -> _Gone:
@@ -212,6 +220,11 @@ class Visitors:
             visitor.pool = visitor.pool or pool
             return visitor.pool
 
+    def __len__(self) -> int:
+        """How many owners the store keeps state for (a model, or the choice of one)."""
+        with self._lock:
+            return len(self._visitors)
+
     def loaded_models(self) -> int:
         """How many visitors' models are loaded for generation."""
         with self._lock:
@@ -246,8 +259,10 @@ class Visitors:
             if model == "yours" and pool is None:
                 raise InputError(self._why_no_model(owner))
             with self._lock:
-                visitor = self._visitors.setdefault(owner, _Visitor())
-                visitor.uses_own = model == "yours"
+                visitor = self._visitors.get(owner)  # "yours" needs a model, so its owner is in the store
+                if visitor is not None:
+                    visitor.uses_own = model == "yours"
+                    self._tidy()
             return model_card(bundled) if pool is None else "**Your model** · " + model_card(pool)
         return use_model
 
