@@ -10,15 +10,17 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import sys
+import time
 from pathlib import Path
 
 import torch
 
 from model.formats.checkpoint import CheckpointError
 from model.formats.load import Loaded, load
-from model.generation.generate import GENERATION_THREADS, SETTINGS, SamplingConfig, stream, with_setting
+from model.generation.generate import DEFAULT_SAMPLING, GENERATION_THREADS, SETTINGS, SamplingConfig, stream, with_setting
 from model.tokenizer import TokenizerError
 
+SETTABLE = ("num_samples", *SETTINGS)  # what /set can change
 HELP = """Type a prompt and press Enter to continue it. Commands:
   /help                 this text
   /settings             show the current settings
@@ -32,10 +34,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--ckpt", default=None, help="checkpoint directory (default: out/int8 if it exists, else out)")
     p.add_argument("--prompt", default=None, help="text to continue; leave out for an interactive session")
     p.add_argument("--num-samples", type=int, default=1, help="return sequences, decoded together (default 1)")
-    p.add_argument("--max-new-tokens", type=int, default=200)
-    p.add_argument("--temperature", type=float, default=1.0, help="0 means greedy (default 1.0)")
-    p.add_argument("--top-k", type=int, default=50, help="sample among the k likeliest tokens; 0 is off (default 50)")
-    p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling; 1.0 is off (default)")
+    d = DEFAULT_SAMPLING  # the defaults of a request, as the app's
+    p.add_argument("--max-new-tokens", type=int, default=d.max_new_tokens,
+                   help=f"new tokens per sample; past the context the window slides (default {d.max_new_tokens})")
+    p.add_argument("--temperature", type=float, default=d.temperature, help=f"0 means greedy (default {d.temperature})")
+    p.add_argument("--top-k", type=int, default=d.top_k, help=f"sample among the k likeliest tokens; 0 is off (default {d.top_k})")
+    p.add_argument("--top-p", type=float, default=d.top_p, help=f"nucleus sampling; 1.0 is off (default {d.top_p})")
     p.add_argument("--repetition-penalty", type=float, default=1.0, help="CTRL-style, >1 discourages repeats; 1.0 is off")
     p.add_argument("--frequency-penalty", type=float, default=0.0, help="subtracted per earlier occurrence; 0 is off")
     p.add_argument("--stop", action="append", default=[], help="stop at this text (repeatable); <|endoftext|> always stops")
@@ -53,18 +57,28 @@ def default_ckpt() -> str:
 
 
 def show(loaded: Loaded, prompt: str, num_samples: int, sampling: SamplingConfig) -> None:
-    """Stream sample 1 live while all samples decode together; then print the others, each under a header."""
+    """Stream sample 1 live while all samples decode together; then print the others, each under a header, and on
+    stderr one line: tokens, seconds, tokens/s."""
     texts = [""] * num_samples
     header = (lambda i: f"\n--- sample {i + 1}/{num_samples} ---\n") if num_samples > 1 else (lambda i: "")
     print(header(0) + prompt, end="", flush=True)
+    steps, start = 0, time.perf_counter()
     try:
         for new in stream(loaded.model, loaded.tokenizer, prompt, num_samples, sampling):
+            steps += 1
             print(new[0], end="", flush=True)
             texts = [t + n for t, n in zip(texts, new, strict=True)]
     finally:
+        seconds = time.perf_counter() - start
         for i in range(1, num_samples):
             print(header(i) + prompt + texts[i], end="")
         print(flush=True)
+        print(speed_line(steps * num_samples, seconds), file=sys.stderr, flush=True)
+
+
+def speed_line(tokens: int, seconds: float) -> str:
+    """One line on the speed of a generation: tokens, seconds, tokens/s."""
+    return f"{tokens} tokens in {seconds:.2f} s: {tokens / max(seconds, 1e-9):.1f} tokens/s"
 
 
 def interactive(loaded: Loaded, num_samples: int, sampling: SamplingConfig) -> None:
@@ -92,13 +106,22 @@ def interactive(loaded: Loaded, num_samples: int, sampling: SamplingConfig) -> N
         elif cmd == "/set":
             try:
                 if len(rest) != 2:
-                    raise ValueError(f"usage: /set NAME VALUE, NAME one of: num_samples, {', '.join(SETTINGS)}.")
-                if rest[0] == "num_samples":
-                    if int(rest[1]) < 1:
+                    raise ValueError(f"usage: /set NAME VALUE, NAME one of: {', '.join(SETTABLE)}.")
+                name, value = rest
+                if name not in SETTABLE:
+                    raise ValueError(f"unknown setting {name!r}; choose one of: {', '.join(SETTABLE)}.")
+                if name == "num_samples":
+                    try:
+                        n = int(value)
+                    except ValueError:
+                        raise ValueError(f"{value!r} is not a valid value for num_samples.") from None
+                    if n < 1:
                         raise ValueError("num_samples must be at least 1.")
-                    num_samples = int(rest[1])
+                    num_samples = n
+                    print(f"  num_samples = {num_samples}")
                 else:
-                    sampling = with_setting(sampling, rest[0], rest[1])
+                    sampling = with_setting(sampling, name, value)
+                    print(f"  {name} = {getattr(sampling, name)!r}")
             except ValueError as e:
                 print(f"error: {e}")
         elif cmd.startswith("/"):
@@ -112,12 +135,11 @@ def interactive(loaded: Loaded, num_samples: int, sampling: SamplingConfig) -> N
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    sampling = SamplingConfig(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
-                              top_p=args.top_p, repetition_penalty=args.repetition_penalty,
-                              frequency_penalty=args.frequency_penalty, stop=tuple(args.stop), seed=args.seed)
     torch.set_num_threads(args.threads)
     try:
-        sampling.validate()
+        sampling = SamplingConfig(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
+                                  top_p=args.top_p, repetition_penalty=args.repetition_penalty,
+                                  frequency_penalty=args.frequency_penalty, stop=tuple(args.stop), seed=args.seed)
         loaded = load(args.ckpt or default_ckpt())
         if args.prompt is None:
             interactive(loaded, args.num_samples, sampling)

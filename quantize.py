@@ -15,13 +15,13 @@ from typing import Any
 
 import numpy as np
 import torch
-from tqdm import tqdm
 
 from model import atomic
-from model.formats.checkpoint import CONFIG, METRICS, WEIGHTS, CheckpointError, read_json, write_json
+from model.formats.checkpoint import CONFIG, METRICS, WEIGHTS, CheckpointError, read_json, read_metrics, write_json
 from model.formats.int8 import SCHEMES, file_size, plot_report, quantize_model, save_int8, tokens_per_second
 from model.formats.load import load
 from model.generation.generate import prompt_tokens
+from model.progress import Progress
 from model.tokenizer import TokenizerError
 from model.training.data import DataError, prepare
 from model.training.evaluate import evaluate_pair
@@ -86,6 +86,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     fp32 = load(ckpt)
     if fp32.kind != "fp32":
         raise CheckpointError(f"{ckpt} is already a quantized ({fp32.kind}) checkpoint: pass the fp32 one train.py wrote (e.g. out).")
+    metrics = read_metrics(ckpt, fp32.model)  # refused if it describes other weights than those loaded
     data_path = text_path(args, fp32.meta)
     if data_path:  # read the validation text before writing anything, so a bad --data leaves no output behind
         with tempfile.TemporaryDirectory() as cache:
@@ -93,13 +94,13 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             td.check(1)
             val, val_chars = np.array(td.val), td.val_chars
     with atomic.atomic_dir(out) as build:  # every file goes into build, which replaces out only once all are written
-        steps = tqdm(total=4 if data_path else 3, desc="quantize", unit="step")
-        steps.set_postfix_str("converting")
+        steps = Progress(4 if data_path else 3, "step", "quantize")
+        steps.update(0, "converting")
         save_int8(build, quantize_model(fp32.model, args.scheme), fp32.meta)
-        if (ckpt / METRICS).is_file():
-            write_json(build / METRICS, read_json(ckpt / METRICS))
+        if metrics is not None:
+            write_json(build / METRICS, metrics)
         int8 = load(build)  # measure what was written, as users will load it
-        steps.update()
+        done = 1
         model, qmodel, block = fp32.model, int8.model, fp32.config.block_size
         sizes = file_size(ckpt / WEIGHTS) if (ckpt / WEIGHTS).is_file() else sum(p.numel() * 4 for p in model.parameters())
         report: dict[str, Any] = {"fp32_checkpoint": str(ckpt), "int8_checkpoint": str(out), "scheme": args.scheme,
@@ -108,23 +109,22 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         report["size_ratio"] = report["size_fp32_bytes"] / report["size_int8_bytes"]
         if data_path:
             report["val_data"] = str(data_path)
-            steps.set_postfix_str("evaluating fp32 and int8")  # one pass: both losses and the top-1 agreement
+            steps.update(done, "evaluating fp32 and int8")  # one pass: both losses and the top-1 agreement
             ev32, ev8, report["top1_agreement"] = evaluate_pair(model.eval(), qmodel.eval(), val, val_chars, block,
                                                                 max_windows=args.eval_windows)
             for name, ev in (("fp32", ev32), ("int8", ev8)):
                 report[f"val_nats_per_token_{name}"] = ev["val_nats_per_token"]
                 report[f"val_nats_per_char_{name}"] = ev["val_nats_per_char"]
-            steps.update()
-        steps.set_postfix_str("generation speed")
-        prompt_ids = prompt_tokens(fp32.tokenizer, args.prompt)
+            done += 1
+        steps.update(done, "generation speed")
+        prompt_ids = prompt_tokens(fp32.tokenizer, args.prompt, block)
         speed = tokens_per_second({"fp32": model, "int8": qmodel}, prompt_ids, args.gen_tokens, fp32.tokenizer.n_vocab, args.repeats)
         report.update(tokens_per_s_fp32=speed["fp32"], tokens_per_s_int8=speed["int8"], gen_tokens=args.gen_tokens, repeats=args.repeats,
                       threads=torch.get_num_threads())
-        steps.update()
-        steps.set_postfix_str("writing report")
+        steps.update(done + 1, "writing report")
         write_json(build / "report.json", report)
         plot_report(report, build / "report.png")
-        steps.update()
+        steps.update(done + 2, "done")
         steps.close()
     return report
 

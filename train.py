@@ -47,9 +47,9 @@ def main(argv: list[str] | None = None, t_start: float | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
-    if result.get("failed"):  # under torchrun, a rank other than 0 whose run rank 0 found diverged
+    if result.failed:  # under torchrun, a rank other than 0 whose run rank 0 found diverged
         return 1
-    return 130 if result.get("interrupted") else 0  # stopped early (state saved for --resume): not a finished run
+    return 130 if result.interrupted else 0  # stopped early (state saved for --resume): not a finished run
 
 
 if __name__ == "__main__":

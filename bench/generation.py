@@ -50,8 +50,9 @@ from model.formats.checkpoint import CheckpointError  # noqa: E402
 from model.formats.hf import export_hf, neox_names_for_ctranslate2  # noqa: E402
 from model.formats.hf_tokenizer import token_strings  # noqa: E402
 from model.formats.load import load  # noqa: E402
-from model.generation.generate import SamplingConfig, decode_tokens, naive_tokens, sampler_for, slide_keep, warm_up  # noqa: E402
-from model.generation.trace import cached_forward, eager_forward, traced_step  # noqa: E402
+from model.generation.generate import SamplingConfig, decode_tokens, naive_tokens, warm_up  # noqa: E402
+from model.generation.sampling import Sampler  # noqa: E402
+from model.generation.trace import forward_for  # noqa: E402
 from model.gpt import GPT  # noqa: E402
 from model.plot import plt, save_figure  # noqa: E402
 from model.tokenizer import TokenizerError, gpt2, padded_vocab_size  # noqa: E402
@@ -117,8 +118,8 @@ def time_cell(engine: str, model: torch.nn.Module, prompt_ids: list[int], num_sa
         for _ in range(num_samples):
             naive_tokens(model, prompt_ids, sampling, n_vocab, gen, last_only=engine == "naive-last")
     else:
-        step = traced_step(model) if engine == "ours" else eager_forward(model)
-        for _ in decode_tokens(model, prompt_ids, num_samples, sampling, n_vocab, step=step):
+        window = prompt_ids[-model.config.block_size:]  # cropped where it enters, as prompt_tokens crops
+        for _ in decode_tokens(model, window, num_samples, sampling, n_vocab, traced=engine == "ours"):
             pass
     return time.perf_counter() - start
 
@@ -299,7 +300,7 @@ def time_side_cell(engine: str, threads: int, new_tokens: int, int8: torch.nn.Mo
         torch.set_num_threads(threads)
         sampling = SamplingConfig(max_new_tokens=new_tokens, temperature=SIDE_TEMPERATURE, top_k=SIDE_TOP_K, seed=0)
         start = time.perf_counter()
-        for _ in decode_tokens(int8, prompt_ids, SIDE_SEQUENCES, sampling, n_vocab, step=traced_step(int8)):
+        for _ in decode_tokens(int8, prompt_ids, SIDE_SEQUENCES, sampling, n_vocab, traced=True):
             pass
         return time.perf_counter() - start
     batch = [[strings[i] for i in prompt_ids]] * SIDE_SEQUENCES  # three prompts, not num_hypotheses=3 (CTranslate2 issue 1579)
@@ -329,8 +330,7 @@ def run_side_by_side(args: argparse.Namespace, models: dict[str, torch.nn.Module
     threads_before = torch.get_num_threads()
     with tempfile.TemporaryDirectory() as tmp:
         generators, strings = ctranslate2_generators(models["fp32"], tokenizer, Path(tmp), args.thread_counts)
-    warm_up(int8, SIDE_SEQUENCES)
-    warm_up(int8, SIDE_SEQUENCES, slide_keep(block))
+    warm_up(int8, SIDE_SEQUENCES)  # its step and its window slide
     time_cell = lambda w, e, t: time_side_cell(e, t, SIDE_BY_SIDE[w], int8, prompt_ids, tokenizer.n_vocab, generators, strings)
     for cell in cells:  # warm-up: first calls allocate and pick kernels
         time_cell(*cell)
@@ -378,13 +378,13 @@ def step_parts_ms(int8: GPT, logits_of: int, whole: dict[str, Callable[[], float
     torch.set_num_threads(1)
     n, cfg = SIDE_SEQUENCES, int8.config
     warm_up(int8, n)
-    forward = cached_forward(int8, n, 1)
+    forward = forward_for(int8, n, 1, "shared", traced=True)
     idx, pos = torch.zeros(n, 1, dtype=torch.long), torch.tensor([logits_of])
     hd = cfg.n_embd // cfg.n_head
     q, kv = torch.randn(n, cfg.n_head, 1, hd), torch.randn(n, cfg.n_head, cfg.block_size, hd)
     mask = int8.causal_mask[pos][None, None]
     logits = forward(idx, pos).clone()
-    sample = sampler_for(SamplingConfig(temperature=SIDE_TEMPERATURE, top_k=SIDE_TOP_K, seed=0), n, logits.shape[-1], [0])
+    sample = Sampler(SamplingConfig(temperature=SIDE_TEMPERATURE, top_k=SIDE_TOP_K, seed=0), n, logits.shape[-1], [0])
 
     def attention() -> None:
         for _ in range(cfg.n_layer):

@@ -40,7 +40,7 @@ from model.training.evaluate import evaluate  # noqa: E402
 from model.training.optim import clip_grads, lr_at, make_optimizer, set_lr, warmup_frac  # noqa: E402
 from model.training.plan import resolve  # noqa: E402
 from model.training.settings import ArgError, TrainSettings, preset  # noqa: E402
-from model.training.trainer import LOG, Trainer, read_log, train  # noqa: E402
+from model.training.trainer import LOG, Trainer, read_log, set_threads, train  # noqa: E402
 
 BASELINE = 1.539  # nanoGPT's CPU recipe run for 16,000 iters (10.9 min here), val nats/char
 
@@ -139,7 +139,7 @@ def load_nanogpt(path: str | None) -> ModuleType:
 def ours_engine(trainer: Trainer, name: str = "ours") -> Engine:
     """Our side: the trainer's own optimizer step (autocast, micro-batches, clipping, the default optimizer) on a
     trainer built as `python train.py` builds it."""
-    cfg, a = trainer.config, trainer.args
+    cfg, a = trainer.config, trainer.settings
     variants = ", ".join(f"{k}={getattr(cfg, k)}" for k in ("rotary", "mlp", "qk_norm"))
     opt = type(trainer.optimizer).__name__
     desc = (f"model.gpt.GPT ({variants}, dropout {cfg.dropout:g}, bias {cfg.bias}){', torch.compile' if a.compile else ''}; "
@@ -184,8 +184,10 @@ def vs_nanogpt(args: argparse.Namespace) -> None:
     # Every setting at what `python train.py` uses; no time budget, nothing written but the token cache.
     given = {"data": args.data, "out_dir": str(Path(args.cache) / "vs-nanogpt"), "max_minutes": 0,
              "compile": args.compile or None, "threads": args.threads}
-    trainer = Trainer(resolve(given))
-    a, cfg, data, block = trainer.args, trainer.config, trainer.data, trainer.args.block_size
+    plan = resolve(given)
+    set_threads(plan.settings, plan.device, plan.dist.world_size, plan.dist.master)
+    trainer = Trainer(plan)
+    a, cfg, data, block = trainer.settings, trainer.config, trainer.data, trainer.settings.block_size
     # The same model with nanoGPT's optimizer too, so the engine's speed and the optimizer's cost are told apart.
     adamw = Trainer(resolve({**given, "optimizer": "adamw"})) if a.optimizer != "adamw" else None
     engines = [ours_engine(trainer), *([ours_engine(adamw, "ours-adamw")] if adamw else []),
@@ -250,14 +252,15 @@ def default_run(args: argparse.Namespace) -> dict:
     """`python train.py --data DATA --max-minutes M` with every other setting at its default; curve from its log."""
     out = Path(args.out_dir)
     t0 = time.perf_counter()
-    metrics = train({"data": args.data, "out_dir": str(out), "max_minutes": args.minutes, "threads": args.threads})
+    metrics = train({"data": args.data, "out_dir": str(out), "max_minutes": args.minutes, "threads": args.threads}).metrics
     return run_curve(out, metrics, time.perf_counter() - t0)
 
 
 def run_curve(out: Path, metrics: dict, wall: float) -> dict:
     """Val nats/char against wall minutes of a finished run: its periodic evaluations, then the final whole-split figure."""
     records = read_log(out / LOG)
-    curve = [(r["elapsed"] / 60, r["val_nats_per_char"]) for r in records if "val_nats_per_char" in r and not r.get("final")]
+    curve = [(r["elapsed"] / 60, r["val_nats_per_char"]) for r in records
+             if "val_nats_per_char" in r and not r.get("final") and not r.get("estimate")]
     curve.append((wall / 60, metrics["val_nats_per_char"]))
     return {"val_nats_per_char": metrics["val_nats_per_char"], "steps": metrics["step"], "wall_s": wall, "curve": curve}
 

@@ -1,7 +1,8 @@
 """Atomic writes: a file or a whole folder is written beside its target under a temporary name, then renamed over it.
 
-Temporary names are `.<name>.<random>.tmp` (file or folder) beside `<name>`. A kill -9 can leave one behind; it is
-removed by the next write of `<name>` that says it is the sole writer of `<name>` (see remove_stale_temps).
+Temporary names are `.<name>.<pid>-<random>.tmp` (file or folder) beside `<name>`, pid being the writing process's.
+A kill -9 can leave one behind; every later write of `<name>` removes those whose process is gone, and a write by the
+sole writer of `<name>` removes them all, also those of older versions without a pid (see remove_stale_temps).
 """
 
 from __future__ import annotations
@@ -21,37 +22,68 @@ def _umask() -> int:
     return mask
 
 
-def remove_stale_temps(path: str | os.PathLike) -> None:
-    """Delete `.<name>.<random>.tmp` files and folders beside `path`: what writes of `path` killed before their rename left.
+def _running(pid: int) -> bool:
+    """Whether a process of this pid exists (a temp of a running process may still be written)."""
+    if os.name != "posix":  # elsewhere os.kill(pid, 0) is no probe (on Windows it ends the process): assume it runs
+        return True
+    try:
+        os.kill(pid, 0)
+    except (ProcessLookupError, OverflowError):
+        return False
+    except PermissionError:  # another user's process
+        pass
+    return True
 
-    Call it only as the sole writer of `path` (a checkpoint folder has one: the trainer's rank 0, or quantize.py for its
-    --out), about to write it: then no other write of `path` is under way, so every such temp is dead. Temps of other
-    names are left alone; they go when their own name is next written.
+
+def _dead(pid: str | None, sole_writer: bool) -> bool:
+    """Whether a temp of this writer pid (None: an older version's, without one) is a dead write's leftover."""
+    if sole_writer:
+        return True
+    if pid is None:
+        return False  # only the sole writer can tell it is dead
+    if int(pid) == os.getpid():
+        return False  # this process's own: another of its threads may be writing it
+    return not _running(int(pid))
+
+
+def temp_prefix(path: str | os.PathLike) -> str:
+    """The start of the temporary names of `path`'s writes by this process: `.<name>.<pid>-`."""
+    return f".{Path(path).name}.{os.getpid()}-"
+
+
+def remove_stale_temps(path: str | os.PathLike, sole_writer: bool = False) -> None:
+    """Delete `.<name>.<pid>-<random>.tmp` files and folders beside `path` whose process is gone: what writes of `path`
+    killed before their rename left. Safe for any process at any time: a running writer's temps are left alone.
+
+    sole_writer: this process is the only writer of `path` (a checkpoint folder has one: the trainer's rank 0, or
+    quantize.py for its --out), so every temp of `path` is dead, also those of older versions (`.<name>.<random>.tmp`).
+    Temps of other names are left alone; they go when their own name is next written.
     """
     path = Path(path)
-    stale = re.compile(rf"\.{re.escape(path.name)}\.[^.]+\.tmp")  # the random part has no dot: never another name's temp
+    stale = re.compile(rf"\.{re.escape(path.name)}\.(?:(\d+)-)?[^.]+\.tmp")  # no dot in the random part: not another name's
     if not path.parent.is_dir():
         return
     for entry in path.parent.iterdir():
-        if stale.fullmatch(entry.name):
-            if entry.is_dir() and not entry.is_symlink():
-                shutil.rmtree(entry, ignore_errors=True)
-            else:
-                entry.unlink(missing_ok=True)
+        match = stale.fullmatch(entry.name)
+        if not (match and _dead(match.group(1), sole_writer)):
+            continue
+        if entry.is_dir() and not entry.is_symlink():
+            shutil.rmtree(entry, ignore_errors=True)
+        else:
+            entry.unlink(missing_ok=True)
 
 
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike, sole_writer: bool = False) -> Iterator[Path]:
     """Yield a temporary path to write; on success it replaces `path` in one rename, else it is removed.
 
-    A kill at any instant leaves either the old file or the new one, never a half-written file. sole_writer: this
-    process is the only one that writes `path`, so leftovers of killed earlier writes are removed first.
+    A kill at any instant leaves either the old file or the new one, never a half-written file; leftovers of killed
+    earlier writes of `path` are removed first (all of them when this process is its sole writer).
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    if sole_writer:
-        remove_stale_temps(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    remove_stale_temps(path, sole_writer)
+    fd, tmp = tempfile.mkstemp(prefix=temp_prefix(path), suffix=".tmp", dir=path.parent)
     os.close(fd)
     tmp_path = Path(tmp)
     try:
@@ -82,7 +114,7 @@ def recover_dir(path: str | os.PathLike) -> None:
             shutil.rmtree(aside)
         else:  # killed between the two renames: the old folder is still the current one
             os.replace(aside, path)
-    remove_stale_temps(path)
+    remove_stale_temps(path, sole_writer=True)
 
 
 @contextlib.contextmanager
@@ -95,7 +127,7 @@ def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     recover_dir(path)
-    build = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
+    build = Path(tempfile.mkdtemp(prefix=temp_prefix(path), suffix=".tmp", dir=path.parent))
     try:
         build.chmod(0o777 & ~_umask())  # the mode mkdir would have given (mkdtemp makes folders owner-only)
         yield build
@@ -110,12 +142,12 @@ def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
 
 
 def write_text(path: str | os.PathLike, text: str) -> None:
-    """Atomically write a UTF-8 text file."""
+    """Atomically write a UTF-8 text file (leftovers of killed earlier writes of it go)."""
     with atomic_path(path) as tmp:
         tmp.write_text(text, encoding="utf-8")
 
 
 def write_bytes(path: str | os.PathLike, data: bytes) -> None:
-    """Atomically write a binary file."""
+    """Atomically write a binary file (leftovers of killed earlier writes of it go)."""
     with atomic_path(path) as tmp:
         tmp.write_bytes(data)

@@ -3,11 +3,17 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 import operator
+import os
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 MLP_KINDS = ("gelu", "relu2")
+FLOAT_BYTES = 4  # weights and buffers are fp32 on the CPU, where every model is built
+TRAINING_COPIES = 4  # training holds the weights, their gradients and AdamW's two moments
+CGROUP_LIMITS = ("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory/memory.limit_in_bytes")  # a container's, v2 and v1
 
 
 @dataclass
@@ -50,6 +56,7 @@ class GPTConfig:
             raise ValueError(f"rotary embeddings need an even head size, got {self.n_embd // self.n_head}; change n_embd or n_head.")
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"dropout must be in [0, 1), got {self.dropout}.")
+        check_memory(self)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -59,3 +66,53 @@ class GPTConfig:
         """Build from a dict, ignoring keys this version does not know."""
         names = {f.name for f in dataclasses.fields(cls)}
         return cls(**{k: v for k, v in d.items() if k in names})
+
+
+def param_count(config: GPTConfig) -> int:
+    """Parameters of a GPT of this shape, the tied head once, without building it (as GPT.num_params(False))."""
+    d, bias = config.n_embd, int(config.bias)
+    per_layer = 12 * d * d + bias * 9 * d + 2 * d * (1 + bias)  # attention 4d², MLP 8d², their biases, two LayerNorms
+    positions = 0 if config.rotary else config.block_size * d
+    return config.n_layer * per_layer + config.vocab_size * d + positions + d * (1 + bias)
+
+
+def memory_needed(config: GPTConfig, training: bool = False) -> int:
+    """Bytes a GPT of this shape needs on the CPU: its fp32 weights (for training, also their gradients and optimizer
+    state), the rotary tables, and the KV cache and attention mask of one sequence over the whole context."""
+    t, d = config.block_size, config.n_embd
+    weights = param_count(config) * (TRAINING_COPIES if training else 1)
+    rotary = 2 * t * (d // config.n_head) if config.rotary else 0
+    one_sequence = 2 * config.n_layer * t * d + t * t
+    return (weights + rotary + one_sequence) * FLOAT_BYTES
+
+
+@functools.cache
+def machine_memory() -> int | None:
+    """Bytes of memory on this machine, or its container's limit if lower; None if unknown."""
+    try:
+        total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (AttributeError, ValueError, OSError):
+        total = None
+    for path in CGROUP_LIMITS:
+        try:
+            limit = Path(path).read_text().strip()
+        except OSError:
+            continue
+        if limit.isdigit():
+            total = min(total, int(limit)) if total else int(limit)
+    return total
+
+
+def check_memory(config: GPTConfig, training: bool = False) -> None:
+    """Raise ValueError, in one sentence, when a GPT of this shape cannot fit in this machine's memory: said before
+    anything is allocated, instead of an allocator failure. Every GPTConfig is checked (validate), so every model is."""
+    need, have = memory_needed(config, training), machine_memory()
+    if have is None or need <= have:
+        return
+    layers = f"{config.n_layer:,} layer{'s' if config.n_layer > 1 else ''}"
+    shape = f"{layers} of width {config.n_embd:,} and a context of {config.block_size:,} tokens"
+    if config.vocab_size * config.n_embd * 10 >= param_count(config):  # named only where it weighs
+        shape += f" over a vocabulary of {config.vocab_size:,}"
+    purpose = "to train" if training else "to load and run"
+    raise ValueError(f"a model of {shape} needs about {need / 1e9:,.1f} GB of memory {purpose}, more than this machine's "
+                     f"{have / 1e9:,.1f} GB: use a smaller shape or a machine with more memory.")

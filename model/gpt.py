@@ -12,7 +12,8 @@ from model.config import GPTConfig
 
 
 class KVCache(nn.Module):
-    """Keys and values of past positions, preallocated and written in place at given positions."""
+    """Keys and values of past positions, preallocated (rows, heads, positions, head_dim): the one place that knows the
+    cache's layout. Only its methods write it: a decode step's update, a fresh window's fill, a row move, a snapshot."""
 
     def __init__(self, batch_size: int, n_head: int, max_len: int, head_dim: int, dtype: torch.dtype):
         super().__init__()
@@ -21,23 +22,48 @@ class KVCache(nn.Module):
         self.register_buffer("v", torch.zeros(shape, dtype=dtype), persistent=False)
 
     def update(self, input_pos: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Store k, v (b, H, T, D) at input_pos and return the first b rows of the whole cache.
+        """Store a decode step's k, v (b, H, T, D) at input_pos in the first b rows and return those rows of the cache.
 
         input_pos is (T,), the positions of every row, or (b, T), each row's own (rows of different requests decoded
-        together). A batch of 1 is written into every row: a shared prompt is prefilled once and serves all sequences.
-        No shape depends on the positions' values, so a decode step can be traced once and replayed. Shape and dtype
-        checks are Python, not tensor ops, so a traced step records only the two copies (it runs on every token).
+        together). No shape depends on the positions' values, so a decode step can be traced once and replayed. Shape and
+        dtype checks are Python, not tensor ops, so a traced step records only the two copies (it runs on every token).
         """
-        rows, b = self.k.shape[0], k.shape[0]
-        keys, values = (self.k, self.v) if b in (1, rows) else (self.k[:b], self.v[:b])
+        b = k.shape[0]
+        keys, values = (self.k, self.v) if b == self.k.shape[0] else (self.k[:b], self.v[:b])
         for cache, new in ((keys, k), (values, v)):
             if new.dtype != cache.dtype:
                 new = new.to(cache.dtype)
             if input_pos.dim() == 2:
                 cache.scatter_(2, input_pos[:, None, :, None].expand_as(new), new)
             else:
-                cache.index_copy_(2, input_pos, new if new.shape[0] == cache.shape[0] else new.expand(cache.shape[0], -1, -1, -1))
-        return (self.k, self.v) if b == rows else (self.k[:b], self.v[:b])
+                cache.index_copy_(2, input_pos, new)
+        return keys, values
+
+    def fill(self, rows: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Store a fresh window's k, v (b = 1 or len(rows), H, T, D) at positions 0..T-1 of the given rows: a prompt (one
+        row, shared by all of a request's sequences) or a slid window; return the first b of those rows, whole. rows is
+        a tensor, so a traced slide serves any rows."""
+        n, b, length = rows.shape[0], k.shape[0], k.shape[2]
+        for cache, new in ((self.k, k), (self.v, v)):
+            if new.dtype != cache.dtype:
+                new = new.to(cache.dtype)
+            cache[:, :, :length].index_copy_(0, rows, new.expand(n, -1, -1, -1))
+        mine = rows[:b]
+        return self.k.index_select(0, mine), self.v.index_select(0, mine)
+
+    def move_rows(self, src: int, dst: int, n: int) -> None:
+        """Copy rows src..src+n-1 to dst..dst+n-1 (a request's rows moved to the front when others end)."""
+        for cache in (self.k, self.v):
+            cache[dst:dst + n] = cache[src:src + n].clone()
+
+    def snapshot(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """A copy of the keys and values, for restore()."""
+        return self.k.clone(), self.v.clone()
+
+    def restore(self, state: tuple[torch.Tensor, torch.Tensor]) -> None:
+        """Put back what snapshot() returned (a trace is made by running the forward, which writes the cache)."""
+        self.k.copy_(state[0])
+        self.v.copy_(state[1])
 
 
 def rotary_tables(length: int, head_dim: int, base: float = 10000.0) -> tuple[torch.Tensor, torch.Tensor]:
@@ -76,8 +102,8 @@ class CausalSelfAttention(nn.Module):
         self.resid_dropout = nn.Dropout(config.dropout)
         self.kv_cache: KVCache | None = None
 
-    def forward(self, x: torch.Tensor, input_pos: torch.Tensor | None = None,
-                mask: torch.Tensor | None = None, rope: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, input_pos: torch.Tensor | None = None, mask: torch.Tensor | None = None,
+                rope: tuple[torch.Tensor, torch.Tensor] | None = None, fill_rows: torch.Tensor | None = None) -> torch.Tensor:
         # Shapes from constants, not x.shape, and q and k normed and rotated as one tensor: a traced decode step
         # replays every operator here on every token, so fewer operators is faster generation.
         qkv = self.c_attn(x).unflatten(-1, (3, self.n_head, self.head_dim)).permute(2, 0, 3, 1, 4)  # (3, B, H, T, D)
@@ -87,8 +113,9 @@ class CausalSelfAttention(nn.Module):
         if rope is not None:
             qk = apply_rotary(qk, *rope)
         q, k = qk.unbind(0)
-        if self.kv_cache is not None and input_pos is not None:
-            k, v = self.kv_cache.update(input_pos, k, v)
+        if self.kv_cache is not None and (input_pos is not None or fill_rows is not None):
+            # over the cache: a decode step (input_pos), or a fresh window (fill_rows) attending over its rows, masked
+            k, v = self.kv_cache.update(input_pos, k, v) if fill_rows is None else self.kv_cache.fill(fill_rows, k, v)
             if k.dtype != q.dtype:
                 k, v = k.to(q.dtype), v.to(q.dtype)
             if mask.shape[0] > 1:  # rows at their own positions (requests decoded together, 6 to 48 rows): plain
@@ -128,9 +155,9 @@ class Block(nn.Module):
         self.ln_2 = nn.LayerNorm(config.n_embd, bias=config.bias)
         self.mlp = MLP(config)
 
-    def forward(self, x: torch.Tensor, input_pos: torch.Tensor | None = None,
-                mask: torch.Tensor | None = None, rope: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
-        x = x + self.attn(self.ln_1(x), input_pos, mask, rope)
+    def forward(self, x: torch.Tensor, input_pos: torch.Tensor | None = None, mask: torch.Tensor | None = None,
+                rope: tuple[torch.Tensor, torch.Tensor] | None = None, fill_rows: torch.Tensor | None = None) -> torch.Tensor:
+        x = x + self.attn(self.ln_1(x), input_pos, mask, rope, fill_rows)
         return x + self.mlp(self.ln_2(x))
 
 
@@ -210,14 +237,20 @@ class GPT(nn.Module):
         self.causal_mask = None
 
     def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None,
-                input_pos: torch.Tensor | None = None, last_only: bool = False):
+                input_pos: torch.Tensor | None = None, last_only: bool = False, fill_rows: torch.Tensor | None = None):
         """Logits (B, T, vocab) and, given targets, the mean cross-entropy loss.
 
-        With input_pos (positions of idx's tokens) and caches set up, attends over the KV cache;
-        last_only returns logits of the final position only (what generation needs).
+        With input_pos (positions of idx's tokens) and caches set up, attends over the KV cache (a decode step); with
+        fill_rows instead, runs idx from position 0 and stores its keys and values in those cache rows (a prompt or a
+        slid window); last_only returns logits of the final position only (what generation needs).
         """
         B, T = idx.shape
-        if input_pos is None:
+        if fill_rows is not None:  # a fresh window from position 0, attending over the cache rows it fills
+            if self.causal_mask is None:
+                raise RuntimeError("Call setup_caches() before passing fill_rows.")
+            pos = torch.arange(T, device=idx.device)
+            mask = self.causal_mask[pos][None, None]
+        elif input_pos is None:
             if T > self.config.block_size:
                 raise ValueError(f"Sequence of {T} tokens exceeds the context of {self.config.block_size}.")
             pos = torch.arange(T, device=idx.device)
@@ -238,7 +271,7 @@ class GPT(nn.Module):
             x = x + self.transformer.wpe(pos)
         x = dropout(self.transformer.drop, x)
         for block in self.transformer.h:
-            x = block(x, input_pos, mask, rope)
+            x = block(x, input_pos, mask, rope, fill_rows)
         x = self.transformer.ln_f(x)
         if last_only:
             x = x[:, -1:, :]

@@ -240,7 +240,7 @@ def test_any_unicode_and_long_prompts_are_served(server, prompt):
 def test_long_prompt_is_cropped_with_a_note(server):
     _, pool, _ = server
     prompt, n, sampling, notes = check_request("word " * 300, 10, 2, 0.8, 50, 1.0, 3, pool)
-    assert len(pool.first.tokenizer.encode(prompt)) <= pool.first.config.block_size
+    assert len(prompt) == pool.first.config.block_size  # token ids, cropped where the prompt enters
     assert n == 2 and sampling.max_new_tokens == 10 and sampling.seed == 3
     assert len(notes) == 1 and "only its last 64 tokens are used" in notes[0]
     assert check_request("short", 10, 2, 0.8, 50, 1.0, 3, pool)[3] == []
@@ -279,28 +279,28 @@ def test_next_token_probabilities(server):
 
 
 def test_warm_up_traces_every_request_size_on_every_copy(tmp_path, gpt2_tokenizer):
-    """Before serving: each copy has the traced batched step for every bucket of rows and the step of a request alone,
-    and its scratch copy the window slide of every request size, over caches for any request; the first requests
-    use them instead of tracing."""
-    from model.generation.batching import BUCKETS
+    """Before serving: each copy has the traced batched step for every bucket of rows, and the step and the window
+    slide of a request alone of every size, over caches for any request; the first requests use them instead of
+    tracing."""
+    from model.generation.engine import BUCKETS
     from model.generation.generate import SamplingConfig
     from model.generation.trace import traces
     from model.webapp.limits import DEFAULT_SEQUENCES
     from model.webapp.pool import ModelPool
 
     pool = ModelPool(tiny_checkpoint(tmp_path, gpt2_tokenizer), copies=2)
-    models = [m for b in pool.batchers for m in (b.model, b.scratch)]
+    models = [b.model for b in pool.batchers]
     assert all(traces(m) == {} for m in models)
     pool.warm_up()
     block = pool.first.config.block_size
     for b in pool.batchers:
-        assert {k[:3] for k in traces(b.model)} == ({(rows, 1, True) for rows in BUCKETS}
-                                                   | {(n, 1, False) for n in range(1, MAX_SEQUENCES + 1)})
-        assert {k[:3] for k in traces(b.scratch)} == {(n, block // 2, False) for n in range(1, MAX_SEQUENCES + 1)}
+        assert set(traces(b.model)) == ({(rows, 1, "per_row") for rows in BUCKETS}
+                                        | {(n, 1, "shared") for n in range(1, MAX_SEQUENCES + 1)}
+                                        | {(n, block // 2, "fill") for n in range(1, MAX_SEQUENCES + 1)})
         assert b.model.transformer.h[0].attn.kv_cache.k.shape[0] == BUCKETS[-1]
     made = {id(t) for m in models for t in traces(m).values()}
     sampling = SamplingConfig(max_new_tokens=block + 5, seed=0)  # past the context: the slide too
-    list(stream_sequences(pool, "KING:", DEFAULT_SEQUENCES, sampling))
+    list(stream_sequences(pool, pool.first.tokenizer.encode("KING:"), DEFAULT_SEQUENCES, sampling))
     assert {id(t) for m in models for t in traces(m).values()} == made
 
 

@@ -1,4 +1,4 @@
-"""Requests decoded together (model.batching): each gets what it would get alone, also across window slides."""
+"""Requests decoded together (model.generation.batching, on engine.Engine): each gets what it would get alone, also across window slides."""
 
 from __future__ import annotations
 
@@ -17,6 +17,7 @@ VOCAB = 101
 
 
 def alone(model, prompt: list[int], n: int, sampling: SamplingConfig) -> list[list[int]]:
+    prompt = prompt[-model.config.block_size:]  # cropped where a prompt enters, as prompt_tokens and the app do
     return torch.stack(list(decode_tokens(model, prompt, n, sampling, VOCAB)), dim=1).tolist()
 
 
@@ -27,6 +28,7 @@ def together(batcher: Batcher, requests: list[tuple[list[int], int, SamplingConf
 
     def run(i: int) -> None:
         prompt, n, sampling = requests[i]
+        prompt = prompt[-batcher.model.config.block_size:]
         start.wait()
         out[i] = torch.stack(list(batcher.decode(prompt, n, sampling, VOCAB)), dim=1).tolist()
 
@@ -91,13 +93,13 @@ def test_bad_requests_are_refused_in_one_sentence() -> None:
 
 def test_a_failing_step_ends_its_requests_with_the_error_and_the_next_ones_run(monkeypatch) -> None:
     batcher = Batcher(tiny_gpt(VOCAB), max_rows=6)
-    real = batcher._step_for
+    real = batcher.engine._forward
 
-    def broken(rows: int, per_row: bool):
+    def broken(*args):
         raise RuntimeError("the step broke")
 
-    monkeypatch.setattr(batcher, "_step_for", broken)
+    monkeypatch.setattr(batcher.engine, "_forward", broken)
     with pytest.raises(RuntimeError, match="the step broke"):
         list(batcher.decode([1, 2], 3, SamplingConfig(max_new_tokens=5, temperature=0), VOCAB))
-    monkeypatch.setattr(batcher, "_step_for", real)
+    monkeypatch.setattr(batcher.engine, "_forward", real)
     assert len(list(batcher.decode([1, 2], 3, SamplingConfig(max_new_tokens=5, temperature=0), VOCAB))) == 5

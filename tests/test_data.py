@@ -7,7 +7,20 @@ import pytest
 import torch
 from train_support import TEXT, byte_tokenizer
 
-from model.training.data import DataError, TokenData, decode_text, get_batch, prepare, read_text, split_text, val_windows
+from model.training.data import (
+    DataError,
+    TokenData,
+    check_length,
+    decode_text,
+    get_batch,
+    prepare,
+    read_text,
+    split_text,
+    sure_length,
+    val_windows,
+)
+from model.training.plan import resolve
+from model.webapp.training_job import JobError, check_text
 
 
 def test_split_is_last_tenth():
@@ -43,12 +56,27 @@ def test_prepare_caches_tokens_and_reuses_them(tmp_path):
 def test_splits_too_short(tmp_path):
     (tmp_path / "t.txt").write_text("x" * 50)
     data = prepare(tmp_path / "t.txt", tmp_path / "c1", byte_tokenizer())
-    with pytest.raises(DataError, match="fewer than one window of 65: use a longer text or a smaller --block-size"):
+    with pytest.raises(DataError, match="50 characters, too few to train on: use at least 3,900 .* must hold a 64-token window plus "
+                                        "one token, 65, and holds 5"):
         data.check(64)
-    (tmp_path / "u.txt").write_text("y" * 10)
-    data = prepare(tmp_path / "u.txt", tmp_path / "c2", byte_tokenizer())
-    with pytest.raises(DataError, match="validation split .* too few to measure"):
-        data.check(4)
+    data.check(4)  # the validation split holds one window of 4 plus one token
+
+
+def test_one_rule_for_what_text_is_trainable():
+    """Binary (NUL bytes, over 1% control characters) is refused; text is refused below the length whose validation split
+    holds a window plus one token, in tokens of the run's tokenizer: the app's early check says what the trainer would."""
+    with pytest.raises(DataError, match="This looks like a binary file, not text: x.txt holds NUL bytes"):
+        decode_text(b"abc\x00" * 1000, "x.txt")
+    with pytest.raises(DataError, match="binary file, not text: x.txt holds 2,000 control characters in 5,000"):
+        decode_text(b"\x01\x1babc" * 1000, "x.txt")
+    assert decode_text(b"\t\f\x1b" + b"a" * 300, "x.txt")  # tabs, form feeds and a rare escape are text
+    assert sure_length(128) == 7_740 and sure_length(16) == 1_020
+    with pytest.raises(DataError, match="The text has 300 characters, too few to train on: use at least 7,740"):
+        check_length(TEXT[:300], 128, "bytes", 1)
+    check_length(TEXT[:300], 16, "bytes", 1)  # 30 validation bytes hold a window of 16 plus one
+    with pytest.raises(DataError, match="window plus one token, 17, and holds 10"):
+        check_length(TEXT[:100], 16, "bytes", 1)
+    check_length("\x01" * 7_740, 128, "bytes", 1)  # long enough: not tokenised (decode_text refuses it as binary)
 
 
 def test_batches_are_next_token_windows():
@@ -64,8 +92,32 @@ def test_val_windows_predict_every_token_once():
     assert sum(n for _, n in windows) == 20
 
 
-def test_a_validation_split_shorter_than_one_window_is_flagged():
+def test_a_validation_split_shorter_than_the_model_s_context_is_flagged():
+    """Finetuning a long-context model on windows of fewer tokens: validation is still scored in its context."""
     one_window = TokenData(np.zeros(100), np.zeros(17), 100, 17)  # 16 predicted tokens: one window of 16
     assert one_window.short_val_warning(16) is None
     short = TokenData(np.zeros(100), np.zeros(16), 100, 40).short_val_warning(16)
     assert short.startswith("the validation split is only 16 tokens (40 characters), shorter than one 16-token context window")
+
+
+@pytest.mark.parametrize("size", [300, 1500, 2000, 7740])
+@pytest.mark.parametrize("damage", ["", "nul", "control"])
+def test_train_py_and_the_app_agree_on_what_text_is_trainable(size, damage, shakespeare_path, tmp_path):
+    """The same text gets the same answer from train.py's data preparation (default run) and the app's Train tab."""
+    text = shakespeare_path.read_text(encoding="utf-8")[:size]
+    text = {"": text, "nul": text[:-1] + "\0", "control": "\x1b" * (size // 50) + text[size // 50:]}[damage]
+    path = tmp_path / "input.txt"
+    path.write_text(text, encoding="utf-8")
+    answers = []
+    try:
+        check_text(text.encode("utf-8"))
+        answers.append(None)
+    except JobError as e:
+        answers.append(str(e).replace("The text holds", "PATH holds"))
+    try:
+        resolve({"data": str(path), "out_dir": str(tmp_path / "out"), "device": "cpu"})
+        answers.append(None)
+    except DataError as e:
+        answers.append(str(e).replace(f"{path} holds", "PATH holds"))
+    assert answers[0] == answers[1], answers
+    assert (answers[0] is None) == (size >= 2000 and not damage), answers

@@ -28,6 +28,11 @@ ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
 FLAGS = {"preset": "tiny", "n_layer": 1, "n_embd": 16, "n_head": 2, "block_size": 16, "batch_size": 2,
          "max_iters": 4, "eval_interval": 2, "eval_windows": 2, "log_interval": 1, "max_minutes": 0, "dtype": "fp32", "device": "cpu",
          "lr": 0.01, "warmup_iters": 100}  # still warming up at the end: the LR of a step does not depend on --max-iters
+# The default block (the cpu preset: rotary positions, Muon), as small: the sample an evaluation
+# writes puts KV caches on rank 0's model only, which DDP must not try to sync.
+DEFAULT = {"preset": "cpu", "n_layer": 1, "n_embd": 16, "n_head": 2, "block_size": 16, "dropout": 0.0, "batch_size": 2,
+           "max_iters": 4, "eval_interval": 2, "eval_windows": 2, "log_interval": 1, "max_minutes": 0, "dtype": "fp32",
+           "device": "cpu"}
 # Measured: after 6 steps the 2-process losses differ from one process with batch 4 by at most 5e-7 (float summation order).
 TOL = 1e-5
 
@@ -127,6 +132,21 @@ def test_resume_under_torchrun_continues_the_steps(tmp_path, two_procs, one_proc
     assert sorted(losses) == [1, 2, 3, 4, 5, 6]
     assert all(abs(losses[s] - ref[s]) < TOL for s in losses), (losses, ref)  # as if never interrupted
     assert json.loads((out / "metrics.json").read_text())["tokens_seen"] == 6 * 4 * 16
+
+
+@pytest.mark.slow
+def test_the_default_block_trains_and_resumes_under_torchrun(tmp_path, text):
+    """torchrun with the cpu preset's block (rotary, Muon): evaluations with their samples on rank 0 only, then a resume."""
+    out = tmp_path / "out"
+    finish(torchrun(tmp_path, *cli({**DEFAULT, "data": text, "out_dir": out})))
+    rank0 = rank_log(tmp_path, 0, "stdout")
+    assert "step 2: val" in rank0 and "step 4: val" in rank0 and "done in" in rank0
+    saved = json.loads((out / "config.json").read_text())
+    assert saved["model"]["rotary"] and saved["train"]["optimizer"] == "muon"
+    finish(torchrun(tmp_path, "--resume", f"--out-dir={out}", "--max-iters=6"))
+    assert "step 6: val" in rank_log(tmp_path, 0, "stdout")
+    assert sorted(records(out, "train_loss")) == [1, 2, 3, 4, 5, 6]
+    assert json.loads((out / "metrics.json").read_text())["step"] == 6
 
 
 def _children(pid: int) -> list[int]:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import re
 
 import pytest
 import torch
@@ -52,7 +53,7 @@ class ScriptedModel(nn.Module):
     def clear_caches(self) -> None:
         pass
 
-    def forward(self, idx, input_pos=None, last_only=False):
+    def forward(self, idx, input_pos=None, last_only=False, fill_rows=None):
         if idx.shape[1] > 1 or self.step == 0:
             self.prefills.append(idx.tolist())
         logits = torch.zeros(len(self.script), 1, self.config.vocab_size)
@@ -71,7 +72,7 @@ def test_cached_logits_equal_uncached():
     with torch.inference_mode():
         full, _ = model(x)
         model.setup_caches(3)
-        first, _ = model(x[:1, :12], input_pos=torch.arange(12))  # the prompt prefilled once, for all rows
+        first, _ = model(x[:1, :12], fill_rows=torch.arange(3))  # the prompt prefilled once, for all rows
         steps = [model(x[:, t:t + 1], input_pos=torch.tensor([t]))[0] for t in range(12, 20)]
         model.clear_caches()
     torch.testing.assert_close(first[0], full[0, :12], atol=1e-5, rtol=1e-4)
@@ -88,7 +89,7 @@ def test_greedy_equals_naive_greedy_within_context():
 def test_sliding_with_full_window_equals_naive_past_the_context():
     """keep = the whole context re-prefills every step past it: exactly the naive loop, which crops each step."""
     model, prompt = tiny_gpt(), list(range(40, 80))  # 40 tokens > context 32
-    ours = engine_tokens(model, prompt, 1, greedy(30), keep=32)
+    ours = engine_tokens(model, prompt[-32:], 1, greedy(30), keep=32)  # cropped as prompt_tokens crops
     assert ours == [naive_tokens(model, prompt, greedy(30), 101, torch.Generator())]
 
 
@@ -248,5 +249,66 @@ def test_cli_interactive_session(ckpt_dir, capsys, monkeypatch):
     monkeypatch.setattr("sys.stdin", io.StringIO(lines))
     assert cli.main(["--ckpt", str(ckpt_dir), "--max-new-tokens", "4"]) == 0
     out = capsys.readouterr().out
-    assert "temperature = 0.0" in out and "temperature = 1.0" in out  # set, then reset
+    assert "temperature = 0.0" in out and "temperature = 0.8" in out  # set, then reset
     assert "not a valid value for top_k" in out and "unknown command /bogus" in out and "Hello" in out
+
+
+def test_generate_drops_bytes_that_make_no_character(gpt2_tokenizer):
+    """An undertrained model can write a UTF-8 lead byte followed by plain text (the trainer's sample once read
+    "unkorge\ufffdind"): generate(), as stream(), shows no U+FFFD for it; a valid character still comes through."""
+    tok = gpt2_tokenizer
+    lead = tok.enc.encode_single_token(bytes([0xE2]))  # starts a 3-byte character that never completes
+    script = [tok.encode(" unkorge") + [lead] + tok.encode("ind é")]
+    out = generate(ScriptedModel(script), tok, "Hi", 1, SamplingConfig(max_new_tokens=len(script[0]), temperature=0))
+    assert out == [" unkorgeind é"]
+
+
+def test_a_request_has_one_set_of_defaults():
+    """The CLI, the app and the API take their defaults from SamplingConfig: one temperature, defined once."""
+    from model.webapp import limits
+
+    defaults = SamplingConfig()
+    assert (limits.DEFAULT_TEMPERATURE, limits.DEFAULT_TOP_K, limits.DEFAULT_TOP_P, limits.DEFAULT_MAX_NEW_TOKENS) == (
+        defaults.temperature, defaults.top_k, defaults.top_p, defaults.max_new_tokens)
+    args = cli.parse_args([])
+    assert (args.temperature, args.top_k, args.top_p, args.max_new_tokens) == (
+        defaults.temperature, defaults.top_k, defaults.top_p, defaults.max_new_tokens)
+    assert defaults.temperature == 0.8  # the app's
+
+
+def test_cli_help_shows_max_new_tokens_and_its_default(capsys):
+    with pytest.raises(SystemExit):
+        cli.parse_args(["--help"])
+    help_text = " ".join(capsys.readouterr().out.split())
+    assert "--max-new-tokens MAX_NEW_TOKENS new tokens per sample" in help_text and "(default 200)" in help_text
+
+
+def test_cli_ends_with_a_speed_line_on_stderr(ckpt_dir, capsys):
+    assert cli.main(["--ckpt", str(ckpt_dir), "--prompt", "Hello", "--num-samples", "2", "--max-new-tokens", "5",
+                     "--seed", "3"]) == 0
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and re.fullmatch(r"10 tokens in \d+\.\d\d s: \d+\.\d tokens/s", err[0]), err
+
+
+def test_cli_set_confirms_and_lists_every_setting(ckpt_dir, capsys, monkeypatch):
+    monkeypatch.setattr("sys.stdin", io.StringIO("/set foo 1\n/set temperature 0.5\n/set num_samples 2\n/set num_samples 0\n"))
+    assert cli.main(["--ckpt", str(ckpt_dir), "--max-new-tokens", "4"]) == 0
+    out = capsys.readouterr().out
+    assert "unknown setting 'foo'; choose one of: num_samples, max_new_tokens, temperature" in out
+    assert "  temperature = 0.5\n" in out and "  num_samples = 2\n" in out  # each change confirmed
+    assert "num_samples must be at least 1" in out
+
+
+def test_a_generate_tab_prompt_is_tokenized_once(ckpt_dir, monkeypatch):
+    """The app's edge (check_request) tokenizes and crops the prompt; the engine decodes those ids (no second pass)."""
+    from model.webapp.checks import check_request
+    from model.webapp.pool import ModelPool
+    from model.webapp.streaming import stream_sequences
+
+    pool = ModelPool(ckpt_dir, copies=1)
+    tok, calls = pool.first.tokenizer, []
+    real = tok.encode
+    monkeypatch.setattr(tok, "encode", lambda text: calls.append(text) or real(text))
+    prompt, n, sampling, _ = check_request("Hello there", 5, 2, 0.8, 50, 1.0, 1, pool)
+    *_, last = stream_sequences(pool, prompt, n, sampling)
+    assert calls == ["Hello there"] and sum(map(bool, last)) == 2

@@ -7,6 +7,8 @@ import pytest
 import torch
 from train_support import tiny_config
 
+from model import config as config_module
+from model.config import check_memory, memory_needed, param_count
 from model.gpt import GPT
 
 VARIANTS = {"classic": {}, "rotary-relu2": {"rotary": True, "mlp": "relu2"}, "rotary-qknorm": {"rotary": True, "qk_norm": True}}
@@ -77,3 +79,33 @@ def test_rotary_model_has_no_learned_positions_and_saves_no_tables():
 def test_impossible_variant_is_refused(bad, message):
     with pytest.raises(ValueError, match=message):
         tiny_config(**bad)
+
+
+@pytest.mark.parametrize("variant", list(VARIANTS) + ["no-bias"])
+def test_param_count_without_building_equals_the_model_s(variant):
+    config = tiny_config(**({"bias": False} if variant == "no-bias" else VARIANTS[variant]))
+    assert param_count(config) == GPT(config).num_params(non_embedding=False)
+
+
+@pytest.mark.parametrize("shape,named", [({"vocab_size": 10**12}, "a vocabulary of 1,000,000,000,000"),
+                                         ({"block_size": 10**10, "rotary": True}, "a context of 10,000,000,000 tokens"),
+                                         ({"block_size": 10**10}, "a context of 10,000,000,000 tokens"),
+                                         ({"n_embd": 100_000, "n_head": 4, "n_layer": 1}, "1 layer of width 100,000")])
+def test_a_shape_too_big_for_this_machine_is_refused_before_anything_is_allocated(shape, named):
+    """Every GPTConfig is checked against the machine's memory: one sentence saying how much, not an allocator failure."""
+    with pytest.raises(ValueError, match="GB of memory to load and run, more than this machine's") as info:
+        tiny_config(**shape)
+    assert named in str(info.value) and "\n" not in str(info.value)
+
+
+def test_the_memory_check_counts_weights_caches_and_training_state(monkeypatch):
+    config = tiny_config()
+    need, train_need = memory_needed(config), memory_needed(config, training=True)
+    assert need > 4 * param_count(config) and train_need - need == 3 * 4 * param_count(config)
+    monkeypatch.setattr(config_module, "machine_memory", lambda: need)
+    check_memory(config)  # fits exactly
+    with pytest.raises(ValueError, match=rf"needs about {train_need / 1e9:.1f} GB of memory to train"):
+        check_memory(config, training=True)
+    monkeypatch.setattr(config_module, "machine_memory", lambda: need - 1)
+    with pytest.raises(ValueError, match="to load and run"):
+        GPT(config)

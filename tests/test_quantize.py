@@ -309,6 +309,16 @@ def test_cli_refuses_to_replace_a_folder_that_is_not_its_output(fp32_ckpt, tmp_p
     assert link.is_symlink() and [p.name for p in mine.iterdir()] == ["todo.txt"]
 
 
+def test_cli_progress_without_a_terminal_is_plain_lines(fp32_ckpt, capsys):
+    """`python quantize.py > log 2>&1`: plain progress lines (model/progress.py), no tqdm \r redraws."""
+    assert quantize_cli.main(["--ckpt", str(fp32_ckpt), *QUICK]) == 0
+    err = capsys.readouterr().err
+    assert "\r" not in err
+    lines = [line for line in err.splitlines() if line.startswith("quantize: ")]
+    assert lines[0].startswith("quantize: 0/4 step (0%)") and lines[0].endswith(", converting")
+    assert lines[-1].startswith("quantize: 4/4 step (100%)")
+
+
 def test_cli_output_gets_the_modes_open_and_mkdir_give(fp32_ckpt, tmp_path):
     (fp32_ckpt / "metrics.json").write_text("{}")
     out = tmp_path / "q" / "int8"
@@ -320,3 +330,26 @@ def test_cli_output_gets_the_modes_open_and_mkdir_give(fp32_ckpt, tmp_path):
     assert oct(out.stat().st_mode & 0o777) == oct(dir_mode)
     modes = {p.name: oct(p.stat().st_mode & 0o777) for p in out.iterdir()}
     assert modes == dict.fromkeys(["model.safetensors", "config.json", "metrics.json", "report.json", "report.png"], oct(file_mode))
+
+
+@pytest.mark.parametrize("metrics", [{"params": 12_345, "best_step": 0}, {"params": "PARAMS", "best_step": 30}],
+                         ids=["other_params", "other_step"])
+def test_cli_refuses_metrics_of_other_weights(metrics, tmp_path, capsys):
+    """metrics.json must describe the weights beside it: another parameter count, or another step than the weights
+    record, is one clear error and no output."""
+    ckpt = tmp_path / "ckpt"
+    model = tiny_gpt()
+    save_weights(ckpt / WEIGHTS, model, step=40)
+    save_config(ckpt, model.config, {"name": "gpt2"})
+    if metrics["params"] == "PARAMS":
+        metrics["params"] = model.num_params()
+    (ckpt / "metrics.json").write_text(json.dumps(metrics))
+    out = tmp_path / "int8"
+    assert quantize_cli.main(["--ckpt", str(ckpt), "--out", str(out), *QUICK]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "describes other weights than" in err[0] and err[0].endswith("."), err
+    assert not out.exists()
+    metrics.update(params=model.num_params(), best_step=40)  # the same weights: quantized, metrics copied
+    (ckpt / "metrics.json").write_text(json.dumps(metrics))
+    assert quantize_cli.main(["--ckpt", str(ckpt), "--out", str(out), *QUICK]) == 0
+    assert json.loads((out / "metrics.json").read_text()) == metrics

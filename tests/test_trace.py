@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from model.generation.generate import SamplingConfig, decode_tokens, draw, warm_up
-from model.generation.trace import cached_forward, eager_forward, traced_step, traces
+from model.generation.trace import forward_for, traces
 from model.gpt import GPT
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -41,8 +41,7 @@ def int8_rotary_relu2_gpt() -> GPT:
 
 def tokens(model: GPT, num_samples: int, sampling: SamplingConfig, traced: bool | None, prompt=(3, 4, 5, 6)) -> list[list[int]]:
     """The engine's tokens per sequence with the traced step, the eager one, or (None) the one the engine picks."""
-    step = None if traced is None else traced_step(model) if traced else eager_forward(model)
-    steps = [t.tolist() for t in decode_tokens(model, list(prompt), num_samples, sampling, 128, step=step)]
+    steps = [t.tolist() for t in decode_tokens(model, list(prompt), num_samples, sampling, 128, traced=traced)]
     return [list(col) for col in zip(*steps, strict=True)]
 
 
@@ -58,11 +57,12 @@ def test_traced_logits_equal_eager_logits_step_by_step(make):
         outs = {}
         for name, model in (("eager", eager_model), ("traced", traced_model)):
             model.setup_caches(3)
-            prefill = eager_forward(model)(x[:1, :6], torch.arange(6))
-            step = cached_forward(model, 3, 1) if name == "traced" else eager_forward(model)
+            rows = torch.arange(3)
+            prefill = forward_for(model, 1, 6, "fill", traced=False)(x[:1, :6], rows)
+            step = forward_for(model, 3, 1, "shared", traced=name == "traced")
             logits = [step(x[:, t:t + 1], torch.tensor([t])) for t in range(6, 32)]
-            slide = cached_forward(model, 3, 16) if name == "traced" else eager_forward(model)
-            logits.append(slide(x[:, 24:40], torch.arange(16)))  # the window slid: 16 kept tokens at positions 0..15
+            slide = forward_for(model, 3, 16, "fill", traced=name == "traced")
+            logits.append(slide(x[:, 24:40], rows))  # the window slid: 16 kept tokens at positions 0..15
             logits += [step(x[:, t:t + 1], torch.tensor([t - 24])) for t in range(40, 48)]  # positions 16..23
             outs[name] = torch.stack([prefill.expand(3, -1)] + logits)
     assert torch.equal(outs["traced"], outs["eager"])  # the same operators: bit for bit, so a seed gives one text
@@ -96,9 +96,10 @@ def test_tracing_leaves_the_caches_as_they_were():
     model = tiny_gpt()
     with torch.inference_mode():
         model.setup_caches(2)
-        eager_forward(model)(torch.tensor([[5, 6, 7, 8]]), torch.arange(4))
+        forward_for(model, 1, 4, "fill", traced=False)(torch.tensor([[5, 6, 7, 8]]), torch.arange(2))
         before = [(b.attn.kv_cache.k.clone(), b.attn.kv_cache.v.clone()) for b in model.transformer.h]
-        cached_forward(model, 2, 3)
+        forward_for(model, 2, 3, "shared", traced=True)
+        forward_for(model, 2, 16, "fill", traced=True)
         after = [(b.attn.kv_cache.k, b.attn.kv_cache.v) for b in model.transformer.h]
     assert all(torch.equal(a, b) for pair_a, pair_b in zip(before, after, strict=True) for a, b in zip(pair_a, pair_b, strict=True))
     assert before[0][0].abs().sum() > 0
@@ -116,12 +117,12 @@ def test_draw_follows_the_probabilities():
 def test_the_engine_traces_once_it_pays_and_then_keeps_tracing(monkeypatch):
     """No step given: a lone short request runs eagerly; once the model's eager steps (this request's included) reach
     TRACE_MIN_TOKENS, or a trace of the shape exists, the request runs traced. Text is the same either way."""
-    import model.generation.generate as engine
+    import model.generation.trace as trace
 
     calls = []
-    real = engine.traced_step
-    monkeypatch.setattr(engine, "traced_step", lambda m: calls.append(1) or real(m))
-    monkeypatch.setattr(engine, "TRACE_MIN_TOKENS", 30)
+    real = trace._trace
+    monkeypatch.setattr(trace, "_trace", lambda *a: calls.append(1) or real(*a))
+    monkeypatch.setattr(trace, "TRACE_MIN_TOKENS", 30)
     model, other = tiny_gpt(), tiny_gpt()
     expected = tokens(other, 2, SamplingConfig(max_new_tokens=12, seed=0), traced=False)
     assert tokens(model, 2, SamplingConfig(max_new_tokens=12, seed=0), traced=None) == expected
@@ -137,13 +138,13 @@ def test_the_engine_traces_once_it_pays_and_then_keeps_tracing(monkeypatch):
 
 
 def test_warm_up_makes_the_shapes_a_server_serves():
-    """warm_up traces a shape (over caches kept for more rows); the engine then uses it even for a short request."""
+    """warm_up traces a request size's step and slide (over caches kept for more rows); the engine then uses them even
+    for a short request."""
     model = tiny_gpt()
     model.setup_caches(4)
     for n in (1, 2, 3):
         warm_up(model, n)
-    warm_up(model, 3, 16)
-    assert {k[:2] for k in traces(model)} == {(1, 1), (2, 1), (3, 1), (3, 16)}
+    assert {k[:2] for k in traces(model)} == {(1, 1), (2, 1), (3, 1), (1, 16), (2, 16), (3, 16)}
     made = dict(traces(model))
     sampling = SamplingConfig(max_new_tokens=40, seed=0)  # past the context: the slide too
     assert tokens(model, 3, sampling, traced=None) == tokens(tiny_gpt(), 3, sampling, traced=False)
@@ -196,11 +197,11 @@ def test_a_moved_or_reloaded_model_gets_new_traces():
     """.to() and load_state_dict(assign=True) give the model new tensors: the traces of the old ones are not used."""
     model, sampling = tiny_gpt(), SamplingConfig(max_new_tokens=40, top_k=20, seed=2)
     tokens(model, 2, sampling, traced=True)
-    old = set(traces(model))
+    old = list(traces(model).values())  # held, so their ids stay theirs
     model.double()  # weights, caches and mask move together
     assert model.causal_mask.dtype == torch.float64
     assert tokens(model, 2, sampling, traced=True) == tokens(model, 2, sampling, traced=False)
-    assert not old & set(traces(model))  # made anew; the old ones are gone
+    assert traces(model) and not {id(t) for t in old} & {id(t) for t in traces(model).values()}  # made anew; the old ones are gone
     other = model_support.tiny_gpt(vocab=128, seed=1).double()
     model.load_state_dict(other.state_dict(), assign=True)
     expected = tokens(other, 2, sampling, traced=False)

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import dataclasses
 import importlib
+import io
 import json
 import math
 import os
@@ -17,12 +19,14 @@ import torch
 from train_support import TEXT, byte_tokenizer, tiny_config
 
 import model.plot
+import model.progress
 import model.training.budget
 import model.training.trainer
 import train
 from model.formats import checkpoint
 from model.generation.trace import traces
 from model.gpt import GPT
+from model.training.data import DataError
 from model.training.optim import clip_grads, lr_at, make_optimizer, set_lr, warmup_frac
 from model.training.plan import resolve
 from model.training.trainer import Trainer
@@ -132,7 +136,7 @@ def test_tiny_model_overfits_tiny_corpus(tmp_path, text, bytes_tok):
     val_chars = json.loads((out / "tokens" / "meta.json").read_text())["val_chars"]
     total_nats = metrics["val_nats_per_token"] * metrics["val_tokens"]
     assert metrics["val_nats_per_char"] * val_chars == pytest.approx(total_nats)  # nats/char: the same total over characters
-    assert result["val_nats_per_token"] == metrics["val_nats_per_token"]
+    assert result.metrics["val_nats_per_token"] == metrics["val_nats_per_token"]
     assert [r["step"] for r in records(out) if "val_nats_per_token" in r and not r.get("final")] == [0, 75, 150]
     samples = [r["sample"] for r in records(out) if "sample" in r]
     assert len(samples) == 3 and all(isinstance(t, str) and t for t in samples)  # what the model writes, at each evaluation
@@ -165,21 +169,21 @@ def test_resume_continues_exactly(tmp_path, text, bytes_tok):
     common = {**SMALL, "data": str(text), "max_iters": 12, "eval_interval": 4, "grad_accum": 2, "warmup_iters": 3}
     straight = model.training.trainer.train({**common, "out_dir": str(tmp_path / "a")})
     first = model.training.trainer.train({**common, "out_dir": str(tmp_path / "b")}, stop_after=5)
-    assert first["interrupted"] and first["step"] == 5
+    assert first.interrupted and first.step == 5 and first.metrics is None
     resumed = model.training.trainer.train({"resume": True, "out_dir": str(tmp_path / "b")})
-    assert resumed["step"] == 12
-    assert abs(resumed["last_loss"] - straight["last_loss"]) < 1e-5
-    assert resumed["val_nats_per_token"] == pytest.approx(straight["val_nats_per_token"], abs=1e-5)
+    assert resumed.step == 12
+    assert abs(resumed.last_loss - straight.last_loss) < 1e-5
+    assert resumed.metrics["val_nats_per_token"] == pytest.approx(straight.metrics["val_nats_per_token"], abs=1e-5)
     assert [r["step"] for r in records(tmp_path / "b")] == [r["step"] for r in records(tmp_path / "a")]
     state = checkpoint.load_train_state(tmp_path / "b" / checkpoint.TRAIN_STATE)
-    assert state["step"] == 12 and state["best_step"] == straight["best_step"]
+    assert state["step"] == 12 and state["best_step"] == straight.metrics["best_step"]
 
 
 @pytest.mark.slow
 def test_time_budget_ends_the_cosine_at_the_budget(tmp_path, text, bytes_tok):
     out = tmp_path / "out"
     metrics = model.training.trainer.train({**SMALL, "data": str(text), "out_dir": str(out), "max_iters": 100000, "max_minutes": 0.1,
-                                   "warmup_iters": 10**6, "eval_interval": 1000, "lr": 1e-3, "min_lr": 1e-4})
+                                   "warmup_iters": 10**6, "eval_interval": 1000, "lr": 1e-3, "min_lr": 1e-4}).metrics
     assert 2 < metrics["step"] < 100000
     lrs = [r["lr"] for r in records(out) if "lr" in r]
     assert max(lrs) > 0.9e-3  # warmup (far too long for the budget) was ended by time
@@ -193,15 +197,15 @@ def test_one_stalled_step_does_not_end_a_timed_run_early(tmp_path, text, bytes_t
     real, stalled = model.training.trainer.Trainer.train_step, []
 
     def train_step(self):
-        if not stalled and self.elapsed() > 2.0:
-            stalled.append(self.step)
+        if not stalled and self.budget.elapsed() > 2.0:
+            stalled.append(self.state.step)
             time.sleep(1.5)
         return real(self)
 
     monkeypatch.setattr(model.training.trainer.Trainer, "train_step", train_step)
     out = tmp_path / "out"
     metrics = model.training.trainer.train({**SMALL, "data": str(text), "out_dir": str(out), "max_iters": 100000, "max_minutes": 0.1,
-                                   "warmup_iters": 10, "eval_interval": 1000, "lr": 1e-3, "min_lr": 1e-4})
+                                   "warmup_iters": 10, "eval_interval": 1000, "lr": 1e-3, "min_lr": 1e-4}).metrics
     assert stalled and metrics["step"] > stalled[0] + 20
     lrs = [r["lr"] for r in records(out) if "lr" in r]
     assert lrs[-1] < 1e-4 + 0.25 * 9e-4  # the cosine still ran to (nearly) its end
@@ -231,8 +235,9 @@ BAD = [  # (flags, text bytes or None for no file, expected message)
     ([], None, "No training text at .*curl -o input.txt"),
     ([], b" \n", "is empty"),
     ([], b"abc\xe9def", "not valid UTF-8: byte 0xe9 at offset 3"),
-    ([], b"x" * 50, "fewer than one window of 65: use a longer text or a smaller --block-size"),
-    (["--block-size", "4"], b"y" * 10, "validation split .* too few to measure"),
+    ([], b"x" * 50, "50 characters, too few to train on: .* must hold a 64-token window plus one token, 65, and holds 5"),
+    (["--block-size", "4"], b"y" * 10, "10 characters, too few to train on: use at least 300"),
+    ([], b"x" * 700 + b"\0", "This looks like a binary file, not text: .* holds NUL bytes"),
     (["--n-embd", "33"], TEXT.encode(), r"n_embd \(33\) must be divisible by n_head \(2\)"),
     (["--block-size", "0"], TEXT.encode(), "--block-size must be at least 1, got 0"),
     (["--min-lr", "1"], TEXT.encode(), r"--min-lr \(1.0\) must not exceed --lr"),
@@ -308,7 +313,7 @@ def test_a_diverged_run_stops_and_keeps_the_last_good_checkpoint(tmp_path, text,
     real = model.training.trainer.Trainer.train_step
 
     def train_step(self):
-        if self.step == 6:  # the weights blow up before step 7
+        if self.state.step == 6:  # the weights blow up before step 7
             with torch.no_grad():
                 for p in self.raw_model.parameters():
                     p.fill_(math.nan)
@@ -378,12 +383,13 @@ def test_progress_bar_total_never_changes(tmp_path, text, bytes_tok, monkeypatch
     """A budgeted run counts seconds out of its budget; a run bounded only by --max-iters counts steps."""
     seen = []
 
-    class Bar(model.training.trainer.tqdm):
-        def update(self, n=1):
-            seen.append((self.unit, self.total))
-            return super().update(n)
+    update = model.progress.Progress.update
 
-    monkeypatch.setattr(model.training.trainer, "tqdm", Bar)
+    def spy(self, n, status=""):
+        seen.append((self.unit, self.total))
+        return update(self, n, status)
+
+    monkeypatch.setattr(model.progress.Progress, "update", spy)
     common = {**SMALL, "data": str(text), "max_iters": 20, "eval_interval": 100}
     model.training.trainer.train({**common, "out_dir": str(tmp_path / "a"), "max_minutes": 0.1})
     assert len(seen) > 1 and all(unit == "s" and total == pytest.approx(6.0) for unit, total in seen), seen
@@ -392,26 +398,25 @@ def test_progress_bar_total_never_changes(tmp_path, text, bytes_tok, monkeypatch
     assert len(seen) == 20 and set(seen) == {("step", 20)}
 
 
-def test_a_validation_split_shorter_than_one_window_warns(tmp_path, text, capsys, bytes_tok):
-    model.training.trainer.train({**SMALL, "data": str(text), "out_dir": str(tmp_path / "a"), "max_iters": 2})  # windows of 16: no warning
+def test_a_validation_split_shorter_than_one_window_is_refused(tmp_path, text, capsys, bytes_tok):
+    model.training.trainer.train({**SMALL, "data": str(text), "out_dir": str(tmp_path / "a"), "max_iters": 2})  # windows of 16
     assert "warning" not in capsys.readouterr().err
-    model.training.trainer.train({**SMALL, "block_size": None, "data": str(text), "out_dir": str(tmp_path / "b"), "max_iters": 2})
-    warnings = [line for line in capsys.readouterr().err.splitlines() if "warning" in line]
-    assert len(warnings) == 1 and warnings[0].startswith("warning: the validation split is only 55 tokens (55 characters)"), warnings
-    assert "shorter than one 64-token context window" in warnings[0]
+    with pytest.raises(DataError, match="must hold a 64-token window plus one token, 65, and holds 55"):
+        model.training.trainer.train({**SMALL, "block_size": None, "data": str(text), "out_dir": str(tmp_path / "b"), "max_iters": 2})
+    assert not (tmp_path / "b").exists()
 
 
 def test_the_log_follows_training_between_evaluations(tmp_path, text, bytes_tok, monkeypatch):
     monkeypatch.setattr(model.training.trainer, "LOG_EVERY_S", 0.0)
     seen = []  # (last step in log.jsonl, whether loss.png exists) at each write between evaluations
-    write_log = model.training.trainer.Trainer.write_log
+    write_log = model.training.trainer.RunFiles.write_log
 
     def spy(self, plot=True):
         write_log(self, plot)
         if not plot:
             seen.append(records(self.out)[-1]["step"])
 
-    monkeypatch.setattr(model.training.trainer.Trainer, "write_log", spy)
+    monkeypatch.setattr(model.training.trainer.RunFiles, "write_log", spy)
     out = tmp_path / "out"
     model.training.trainer.train({**SMALL, "data": str(text), "out_dir": str(out), "max_iters": 8, "eval_interval": 8})
     assert seen == list(range(1, 9))  # a live view (the app's Train tab) sees every step's record, not only the evaluations'
@@ -432,15 +437,16 @@ def test_patience_stops_a_run_whose_validation_stopped_improving(tmp_path, text,
 
     trainers = []
     real_init = model.training.trainer.Trainer.__init__
-    monkeypatch.setattr(model.training.trainer.Trainer, "__init__", lambda self, *a, **kw: trainers.append(self) or real_init(self, *a, **kw))
+    monkeypatch.setattr(model.training.trainer.Trainer, "__init__",
+                        lambda self, *a, **kw: trainers.append(self) or real_init(self, *a, **kw))
 
     def model_step():
-        return trainers[-1].step
+        return trainers[-1].state.step
 
     monkeypatch.setattr(model.training.trainer, "evaluate", scores)
     out = tmp_path / "out"
     metrics = model.training.trainer.train({**SMALL, "data": str(text), "out_dir": str(out), "max_iters": 100, "eval_interval": 4,
-                                   "patience": 3})
+                                   "patience": 3}).metrics
     printed = capsys.readouterr().out
     assert metrics["step"] == 16 and metrics["best_step"] == 4 and metrics["stopped_early"]  # evaluations at 8, 12, 16
     assert printed.count("stopping early") == 1
@@ -455,8 +461,121 @@ def test_resume_continues_a_muon_run_exactly(tmp_path, text, bytes_tok):
     straight = model.training.trainer.train({**common, "out_dir": str(tmp_path / "a")})
     model.training.trainer.train({**common, "out_dir": str(tmp_path / "b")}, stop_after=3)
     resumed = model.training.trainer.train({"resume": True, "out_dir": str(tmp_path / "b")})
-    assert resumed["step"] == 8 and abs(resumed["last_loss"] - straight["last_loss"]) < 1e-5
+    assert resumed.step == 8 and abs(resumed.last_loss - straight.last_loss) < 1e-5
     with pytest.raises(checkpoint.CheckpointError, match="trained with optimizer='muon', not 'adamw'"):
         model.training.trainer.train({"resume": True, "out_dir": str(tmp_path / "b"), "optimizer": "adamw"})
     with pytest.raises(checkpoint.CheckpointError, match="trained with muon_lr_scale=1.0, not 3.0"):  # the saved state's
         model.training.trainer.train({"resume": True, "out_dir": str(tmp_path / "b"), "muon_lr_scale": 3.0})  # scale would win
+
+
+def test_without_a_terminal_progress_is_a_plain_line_now_and_then(tmp_path, text, capsys, bytes_tok):
+    """`python train.py > log 2>&1`: no \\r redraws piling up, a plain line at the start, every few seconds and at the end,
+    and with a budget one clock, the budget's."""
+    out = tmp_path / "out"
+    assert train.main(cli({**SMALL, "data": text, "out_dir": out, "max_iters": 30, "eval_interval": 100})) == 0
+    err = capsys.readouterr().err
+    assert "\r" not in err
+    lines = [line for line in err.splitlines() if line.startswith("train: ")]
+    assert len(lines) == 2 and lines[-1].startswith("train: 30/30 step (100%), ") and " step/s, step=30" not in lines[-1]
+    assert re.search(r"\d step/s, loss=\d", lines[-1])
+    assert train.main(cli({**SMALL, "data": text, "out_dir": tmp_path / "timed", "max_iters": 30, "eval_interval": 100,
+                           "max_minutes": 0.5})) == 0
+    err = capsys.readouterr().err
+    assert "\r" not in err
+    line = next(line for line in err.splitlines() if line.startswith("train: "))
+    assert re.match(r"train: \d+/30 s of the budget \(\d+%\), step=\d+, loss=", line), line
+    assert not re.search(r"\d\d:\d\d", err)  # no second clock (tqdm's elapsed<remaining)
+
+
+def test_on_a_terminal_the_budget_bar_shows_the_budgets_clock_only():
+    class Terminal(io.StringIO):
+        def isatty(self):
+            return True
+
+    stream = Terminal()
+    bar = model.progress.Progress(30, "s", "train", initial=9, budget=True, stream=stream)
+    bar.update(12, "step=3")
+    bar.close()
+    shown = stream.getvalue()
+    assert "12/30 s of the budget, step=3" in shown and not re.search(r"\d\d:\d\d", shown)
+
+
+def test_plain_progress_lines_come_every_few_seconds(monkeypatch):
+    now = [0.0]
+    monkeypatch.setattr(model.progress.time, "perf_counter", lambda: now[0])
+    stream = io.StringIO()
+    bar = model.progress.Progress(100, "step", "train", stream=stream)
+    for n in range(1, 101):
+        now[0] = n * 0.5  # a step every half second: 50 s in all
+        bar.update(n, f"loss={n}")
+    bar.close()
+    lines = stream.getvalue().splitlines()
+    assert model.progress.PLAIN_EVERY_S == 10.0  # the first at 0.5 s, then one every 10 s, and the last at the end
+    assert [int(line.split()[1].split("/")[0]) for line in lines] == [1, 21, 41, 61, 81, 100]
+    assert lines[0] == "train: 1/100 step (1%), 2.00 step/s, loss=1" and lines[-1].startswith("train: 100/100 step (100%)")
+
+
+def test_a_short_budgeted_run_draws_its_curves(tmp_path, bytes_tok, monkeypatch):
+    """A run of a few seconds (the app's 1-minute runs, scaled down): the initial weights are scored on a few windows, not
+    the whole split; validation is estimated often enough for a curve (log.jsonl marks those estimates), the final point
+    is the whole split; and a train line exists even when --log-interval is never reached."""
+    clock = [1000.0]  # a clock that only steps move, 10 ms a step: the run is the same however busy the machine is
+    monkeypatch.setattr(time, "perf_counter", lambda: clock[0])
+    real_step = model.training.trainer.Trainer.train_step
+
+    def train_step(self):
+        clock[0] += 0.01
+        return real_step(self)
+
+    monkeypatch.setattr(model.training.trainer.Trainer, "train_step", train_step)
+    monkeypatch.setattr(model.training.trainer, "LOG_EVERY_S", 0.5)
+    data = tmp_path / "input.txt"
+    data.write_text(TEXT * 12, encoding="utf-8")  # a validation split of 41 windows of 16 tokens
+    scored = []
+    evaluate = model.training.trainer.evaluate
+    monkeypatch.setattr(model.training.trainer, "evaluate", lambda *a, **kw: scored.append(kw.get("max_windows")) or evaluate(*a, **kw))
+    flags = {k: v for k, v in SMALL.items() if k not in ("eval_windows", "log_interval")}
+    out = tmp_path / "out"
+    metrics = model.training.trainer.train({**flags, "data": str(data), "out_dir": str(out), "max_iters": 10**6, "max_minutes": 0.05,
+                                            "eval_interval": 10**6, "log_interval": 10**6}).metrics
+    val = [r for r in records(out) if "val_nats_per_char" in r]
+    assert scored[0] == model.training.trainer.ESTIMATE_WINDOWS and val[0]["step"] == 0 and val[0]["estimate"]
+    assert val[0]["val_tokens"] <= model.training.trainer.ESTIMATE_WINDOWS * 16 < 656 - 1
+    assert len(val) >= 8 and all(r.get("estimate") for r in val[:-2]), [(r["step"], r.get("estimate")) for r in val]
+    assert [r["step"] for r in val] == sorted(r["step"] for r in val)
+    last = val[-1]
+    assert last["final"] and "estimate" not in last and last["val_tokens"] == metrics["val_tokens"] == 656 - 1
+    train_points = [r["step"] for r in records(out) if "train_loss" in r]
+    assert len(train_points) >= 5 and train_points[0] <= 55  # one every LOG_EVERY_S (50 steps)
+
+
+def test_threads_are_chosen_by_train_not_by_the_trainer(tmp_path, text, bytes_tok):
+    before = torch.get_num_threads()
+    plan = resolve({**SMALL, "data": str(text), "out_dir": str(tmp_path / "out"), "max_iters": 1, "threads": before + 1})
+    Trainer(plan)
+    assert torch.get_num_threads() == before  # building a trainer sets nothing global
+    model.training.trainer.train({**SMALL, "data": str(text), "out_dir": str(tmp_path / "o2"), "max_iters": 1, "threads": before + 1})
+    assert torch.get_num_threads() == before + 1
+
+
+def test_the_run_state_is_saved_and_restored_from_one_field_list(tmp_path, text, bytes_tok, capsys):
+    out = tmp_path / "out"
+    model.training.trainer.train({**SMALL, "data": str(text), "out_dir": str(out), "max_iters": 6, "eval_interval": 2,
+                                  "patience": 9}, stop_after=5)
+    state = checkpoint.load_train_state(out / checkpoint.TRAIN_STATE)
+    # The layout train_state.pt has always had (flat, plain data), so states saved before still resume.
+    assert set(state) == {"version", "args", "model_config", "tokenizer", "model", "optimizer", "scaler", "rng", "step",
+                          "tokens_seen", "best_val", "best_step", "evals_since_best", "elapsed", "t_loop", "t_warm",
+                          "eval_sec_per_token"}
+    run = model.training.trainer.RunState.from_saved(state)
+    assert dataclasses.asdict(run) == {k: state[k] for k in dataclasses.asdict(run)} and run.step == 5
+    del state["evals_since_best"]  # as the oldest states were written
+    checkpoint.save_train_state(out / checkpoint.TRAIN_STATE, state)
+    assert model.training.trainer.train({"resume": True, "out_dir": str(out)}).step == 6
+    del state["best_step"]
+    checkpoint.save_train_state(out / checkpoint.TRAIN_STATE, state)
+    capsys.readouterr()
+    assert train.main(["--resume", "--out-dir", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: Cannot resume: ") and "is incomplete or from another setup (KeyError: 'best_step')" in err
+    assert err.count("\n") == 1

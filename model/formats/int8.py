@@ -203,7 +203,7 @@ def tokens_per_second(models: dict[str, nn.Module], prompt_ids: list[int], n_tok
     times: dict[str, list[float]] = {name: [] for name in models}
     for r in range(repeats + 1):
         for name, model in models.items():
-            warm_up(model, 1)  # the traced step, as a server runs it (made on the first repeat, untimed)
+            warm_up(model, 1)  # the traced forwards, as a server runs them (made on the first repeat, untimed)
             start = time.perf_counter()
             for _ in decode_tokens(model, prompt_ids, 1, sampling, n_vocab):  # the untimed first run warms up
                 pass

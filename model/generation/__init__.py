@@ -1,1 +1,2 @@
-"""Generation: sampling, prefill and decode steps, traced steps, and requests decoded together."""
+"""Generation: one decoding engine (engine), its traced forwards (trace), sampling, a lone request and its text
+(generate), and a server's requests decoded together (batching)."""

@@ -1,9 +1,16 @@
-"""Training data: read and check the user's text, tokenise it once into cached token files, draw batches."""
+"""Training data: read and check the user's text, tokenise it once into cached token files, draw batches.
+
+What text can be trained on is decided here, for train.py and the app alike: UTF-8 text (not empty, no NUL bytes, at
+most 1% control characters) long enough that its validation split, the last 10%, holds one training window plus one
+token (so the training split holds about nine windows).
+"""
 
 from __future__ import annotations
 
 import hashlib
 import json
+import math
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -11,10 +18,14 @@ import numpy as np
 import torch
 
 from model import atomic
+from model.paths import what_is
 from model.tokenizer import Tokenizer, build_tokenizer, load_tokenizer
 
 TINY_SHAKESPEARE_URL = "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt"
 VAL_FRACTION = 0.1  # the last 10% of the text is the validation split, as in nanoGPT
+CONTROL = re.compile(r"[\x00-\x08\x0b\x0e-\x1f\x7f-\x9f]")  # control characters other than tab, newlines and form feed
+MAX_CONTROL_SHARE = 0.01  # text with more of them than this is taken for a binary file
+SURE_CHARS_PER_TOKEN = 6  # the kit's tokenizers average fewer characters a token on real text (English: 3 to 4)
 
 
 class DataError(ValueError):
@@ -24,17 +35,24 @@ class DataError(ValueError):
 def read_text(path: str | Path) -> str:
     """The text of a UTF-8 file, or a DataError naming the problem (missing, empty, not UTF-8)."""
     path = Path(path)
-    if not path.is_file():
+    problem = what_is(path)
+    if problem == "does not exist":
         raise DataError(
             f"No training text at {path}: put your text there, e.g. Tiny Shakespeare "
             f"(curl -o input.txt {TINY_SHAKESPEARE_URL}), or pass --data PATH."
         )
+    if problem:
+        raise DataError(f"The training text {path} {problem}: pass --data PATH of a UTF-8 text file.")
     raw = path.read_bytes()
     return decode_text(raw, str(path))
 
 
 def decode_text(raw: bytes, where: str = "the text") -> str:
-    """Decode UTF-8 bytes, or raise a DataError giving the offset of the first bad byte."""
+    """Decode UTF-8 bytes, or raise a DataError: not UTF-8 (giving the offset of the first bad byte), empty, or
+    binary (NUL bytes, or more than 1% control characters)."""
+    binary = "This looks like a binary file, not text: {} {}; use a plain-text (.txt) file saved as UTF-8."
+    if b"\x00" in raw:
+        raise DataError(binary.format(where, "holds NUL bytes"))
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as e:
@@ -44,7 +62,33 @@ def decode_text(raw: bytes, where: str = "the text") -> str:
         ) from None
     if not text.strip():
         raise DataError(f"{where} is empty: put some text in it (Tiny Shakespeare works well: {TINY_SHAKESPEARE_URL}).")
+    controls = len(CONTROL.findall(text))
+    if controls > MAX_CONTROL_SHARE * len(text):
+        raise DataError(binary.format(where, f"holds {controls:,} control characters in {len(text):,}"))
     return text
+
+
+def sure_length(window: int) -> int:
+    """The characters from which a text surely holds enough tokens to train with windows of `window` tokens."""
+    return math.ceil((window + 1) * SURE_CHARS_PER_TOKEN / VAL_FRACTION)
+
+
+def too_short(chars: int, val_tokens: int, window: int) -> DataError:
+    """The error of a text whose validation split holds fewer than window + 1 tokens, saying the rule."""
+    return DataError(f"The text has {chars:,} characters, too few to train on: use at least {sure_length(window):,} (its last "
+                     f"{VAL_FRACTION:.0%}, the validation split, must hold a {window}-token window plus one token, "
+                     f"{window + 1}, and holds {val_tokens}).")
+
+
+def check_length(text: str, window: int, tokenizer: str, min_count: int) -> None:
+    """Raise the DataError TokenData.check would for a text too short to train with windows of `window` tokens and a
+    tokenizer of this name (built as training_tokenizer builds it); a text of sure_length(window) characters or more
+    passes without being tokenised. For the app, which answers before it starts train.py."""
+    if len(text) >= sure_length(window):
+        return
+    val_tokens = len(text_tokenizer(tokenizer, text, min_count).encode(split_text(text)[1]))
+    if val_tokens < window + 1:
+        raise too_short(len(text), val_tokens, window)
 
 
 def split_text(text: str, val_fraction: float = VAL_FRACTION) -> tuple[str, str]:
@@ -64,15 +108,12 @@ class TokenData:
 
     def check(self, block_size: int) -> None:
         """Raise a DataError when a split is too short to train or validate on with this context."""
+        if len(self.val) < block_size + 1:
+            raise too_short(self.train_chars + self.val_chars, len(self.val), block_size)
         if len(self.train) < block_size + 1:
             raise DataError(
                 f"The training split has {len(self.train)} tokens, fewer than one window of "
                 f"{block_size + 1}: use a longer text or a smaller --block-size."
-            )
-        if len(self.val) < 2:
-            raise DataError(
-                f"The validation split (last {VAL_FRACTION:.0%} of the text, {self.val_chars} characters) has "
-                f"{len(self.val)} token(s), too few to measure: use a longer text."
             )
 
     def short_val_warning(self, block_size: int) -> str | None:
@@ -150,6 +191,11 @@ def val_windows(data: np.ndarray, block_size: int, max_windows: int | None = Non
 def training_tokenizer(name: str, text_path: str | Path, min_count: int = 1) -> Tokenizer:
     """The tokenizer a new run trains with: gpt2-compact is built from the training split of text_path (read only
     then); the others are loaded by name."""
+    return text_tokenizer(name, read_text(text_path) if name == "gpt2-compact" else "", min_count)
+
+
+def text_tokenizer(name: str, text: str, min_count: int = 1) -> Tokenizer:
+    """The tokenizer a new run on this text trains with (gpt2-compact: built from its training split)."""
     if name == "gpt2-compact":  # its spec lists the GPT-2 ranks the training split uses
-        return build_tokenizer(name, split_text(read_text(text_path))[0], min_count)
+        return build_tokenizer(name, split_text(text)[0], min_count)
     return load_tokenizer(name)

@@ -11,7 +11,7 @@ from typing import Any
 
 import torch
 
-from model.config import GPTConfig
+from model.config import GPTConfig, check_memory
 from model.formats import checkpoint
 from model.formats.checkpoint import CheckpointError
 from model.formats.load import load
@@ -23,7 +23,6 @@ from model.training.distributed import Dist
 from model.training.settings import (
     CPU_EVAL_INTERVAL,
     FINETUNE_BLOCK_SIZE,
-    PRESETS,
     SHAPE,
     ArgError,
     TrainSettings,
@@ -34,7 +33,10 @@ from model.training.settings import (
 
 TOKENS = "tokens"  # the token cache inside --out-dir
 STATE_VERSION = 1
-RESUME_FIXED = ("preset", "init_from", "tokenizer", "vocab_min_count", *SHAPE[:4], *SHAPE[5:], "optimizer", "muon_lr_scale")  # not dropout
+# Settings a resumed run keeps: the architecture (the shape but dropout, which may change) and what the optimizer state
+# was made for.
+RESUME_FIXED = ("preset", "init_from", "tokenizer", "vocab_min_count", *(k for k in SHAPE if k != "dropout"), "optimizer",
+                "muon_lr_scale")
 
 
 @dataclass(frozen=True)
@@ -92,7 +94,9 @@ def model_config(s: TrainSettings, vocab_size: int, size: dict[str, Any]) -> GPT
     """The shape of a new model: the settings' shape over the size chosen for the text, or an ArgError saying what is wrong."""
     values = {**size, **{k: getattr(s, k) for k in SHAPE if getattr(s, k) is not None}}
     try:
-        return GPTConfig(vocab_size=vocab_size, **{k: v for k, v in values.items() if k in SHAPE})
+        config = GPTConfig(vocab_size=vocab_size, **{k: v for k, v in values.items() if k in SHAPE})
+        check_memory(config, training=True)
+        return config
     except (TypeError, ValueError) as e:
         raise ArgError(f"Inconsistent model shape: {e}") from None
 
@@ -152,39 +156,42 @@ def resolve(given: dict[str, Any]) -> Plan:
     s = settings_for(given, state)
     device = pick_device(s.device)
     dtype = pick_dtype(s.dtype, device)
-    weights = None
-    sized = False
+    config, weights, tokenizer = starting_point(s, state)
+    window = s.block_size or min(config.block_size, FINETUNE_BLOCK_SIZE)  # only --init-from leaves it open
+    if config is not None and window > config.block_size:
+        raise ArgError(f"--block-size {window} exceeds the model's context of {config.block_size} tokens; "
+                       f"use at most {config.block_size}.")
+    dist = distributed.setup(device, s.dist_timeout)
+    device = dist.device(device)
+    data, created = prepare_data(s, tokenizer, dist, window)
+    sized = config is None and s.preset == "cpu" and any(getattr(s, k) is None for k in ("n_layer", "n_embd", "dropout"))
+    if config is None:
+        config = model_config(s, padded_vocab_size(tokenizer.n_vocab), cpu_size(len(data.train)) if s.preset == "cpu" else {})
+    settings = dataclasses.replace(s, **{k: getattr(config, k) for k in SHAPE if k != "block_size"}, block_size=window,
+                                   eval_interval=s.eval_interval or cpu_eval_interval(s, len(data.train), window))
+    return Plan(settings=settings, config=config, tokenizer=tokenizer, data=data, created=created, dist=dist, device=device,
+                dtype=dtype, weights=weights, state=state, sized_by_text=sized)
+
+
+def starting_point(s: TrainSettings, state: dict[str, Any] | None) -> tuple[GPTConfig | None, dict[str, torch.Tensor] | None, Tokenizer]:
+    """The model's shape, weights and tokenizer to start from: a resumed run's, a checkpoint's (--init-from; only its
+    dropout may change), or for a new model no shape yet (it may depend on the text) and no weights."""
     if state is not None:
-        config = GPTConfig.from_dict(state["model_config"])
+        config = checkpoint.parse_model_config(state["model_config"], f"{s.out_dir}/{checkpoint.TRAIN_STATE}")
         if s.dropout is not None:
             config = dataclasses.replace(config, dropout=s.dropout)
-        weights, tokenizer = state["model"], load_tokenizer(state["tokenizer"])
-    elif s.init_from is not None:
+        return config, state["model"], load_tokenizer(state["tokenizer"])
+    if s.init_from is not None:
         loaded = load(s.init_from)
         if not isinstance(loaded.model, GPT):
             raise CheckpointError(f"--init-from {s.init_from} holds a {loaded.kind} model, which cannot be trained; "
                                   "pass an fp32 or Hugging Face GPT-2 checkpoint directory.")
-        config = dataclasses.replace(loaded.config, dropout=s.dropout or 0.0)  # the checkpoint's shape; only dropout may change
-        weights, tokenizer = loaded.model.state_dict(), loaded.tokenizer
-        s = dataclasses.replace(s, **{k: getattr(config, k) for k in SHAPE if k != "block_size"},
-                                block_size=s.block_size or min(config.block_size, FINETUNE_BLOCK_SIZE))
-    else:
-        model_config(s, 64, cpu_size(0) if s.preset == "cpu" else {})  # an impossible shape fails before the text is read
-        tokenizer = training_tokenizer(s.tokenizer, s.data, s.vocab_min_count)
-        config = None
-    if config is not None and s.block_size is not None and s.block_size > config.block_size:
-        raise ArgError(f"--block-size {s.block_size} exceeds the model's context of {config.block_size} tokens; "
-                       f"use at most {config.block_size}.")
-    window = s.block_size or (config.block_size if config is not None else PRESETS[s.preset]["block_size"])
-    dist = distributed.setup(device, s.dist_timeout)
-    device = dist.device(device)
-    data, created = prepare_data(s, tokenizer, dist, window)
-    if config is None:
-        sized = s.preset == "cpu" and any(getattr(s, k) is None for k in ("n_layer", "n_embd", "dropout"))
-        config = model_config(s, padded_vocab_size(tokenizer.n_vocab), cpu_size(len(data.train)) if s.preset == "cpu" else {})
-        s = dataclasses.replace(s, **{k: getattr(config, k) for k in SHAPE})
-    if s.eval_interval is None:  # cpu: about once an epoch
-        steps_per_epoch = len(data.train) // (s.batch_size * s.block_size * s.grad_accum)
-        s = dataclasses.replace(s, eval_interval=min(max(steps_per_epoch, CPU_EVAL_INTERVAL[0]), CPU_EVAL_INTERVAL[1]))
-    return Plan(settings=s, config=config, tokenizer=tokenizer, data=data, created=created, dist=dist, device=device,
-                dtype=dtype, weights=weights, state=state, sized_by_text=sized)
+        return dataclasses.replace(loaded.config, dropout=s.dropout or 0.0), loaded.model.state_dict(), loaded.tokenizer
+    model_config(s, 64, cpu_size(0) if s.preset == "cpu" else {})  # an impossible shape fails before the text is read
+    return None, None, training_tokenizer(s.tokenizer, s.data, s.vocab_min_count)
+
+
+def cpu_eval_interval(s: TrainSettings, train_tokens: int, window: int) -> int:
+    """The cpu preset's evaluation interval: about once an epoch, within CPU_EVAL_INTERVAL steps."""
+    steps_per_epoch = train_tokens // (s.batch_size * window * s.grad_accum)
+    return min(max(steps_per_epoch, CPU_EVAL_INTERVAL[0]), CPU_EVAL_INTERVAL[1])

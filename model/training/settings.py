@@ -12,6 +12,8 @@ from pathlib import Path
 from typing import Any
 
 from model.config import MLP_KINDS, GPTConfig
+from model.generation.sampling import SEED_MAX
+from model.paths import what_is
 from model.training import distributed
 from model.training.optim import OPTIMIZERS
 
@@ -79,7 +81,7 @@ class TrainSettings:
                                 "windows of the model's context, else this many evenly spaced ones", EVAL)
     patience: int = setting(0, "stop early after this many evaluations in a row without a new best (0 = never)", EVAL)
     log_interval: int = setting(10, "write a train-loss record to log.jsonl every N steps", EVAL)
-    seed: int = setting(1337, "random seed of the initial weights and of the batches", RUN)
+    seed: int = setting(1337, "random seed of the initial weights and of the batches, 0 to 2**64 - 1", RUN)
     device: str = setting("auto", "auto (CUDA if present, else CPU), cpu, cuda or cuda:N", RUN)
     dtype: str = setting("auto", "autocast precision: auto = bf16 on CUDA and on CPUs with native bf16, else fp32; "
                          "fp16 is CUDA-only", RUN, choices=["auto", "bf16", "fp16", "fp32"])
@@ -178,9 +180,14 @@ def check(s: TrainSettings) -> None:
             raise ArgError(f"--{name} must be in [0, 1), got {getattr(s, name)}.")
     if s.dropout is not None and not 0.0 <= s.dropout < 1.0:
         raise ArgError(f"--dropout must be in [0, 1), got {s.dropout}.")
+    if not 0 <= s.seed <= SEED_MAX:
+        raise ArgError(f"--seed must be an integer from 0 to {SEED_MAX} (2**64 - 1), got {s.seed}.")
     if not s.dist_timeout > 0:
         raise ArgError(f"--dist-timeout must be positive, got {s.dist_timeout}.")
     out = Path(s.out_dir)
+    problem = what_is(out, "folder")
+    if problem and not problem.startswith(("does not exist", "is a file")):  # those two are said below
+        raise ArgError(f"--out-dir {out} {problem}; pass the path of a directory (it is created if missing).")
     existing = next(p for p in (out, *out.parents) if p.exists())  # the nearest part of the path that is already there
     if not existing.is_dir():
         what = f"--out-dir {out} is a file" if existing == out else f"--out-dir {out} cannot be created: {existing} is a file"

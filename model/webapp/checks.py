@@ -69,8 +69,9 @@ def prompt_text(prompt: Any, purpose: str) -> str:
 
 
 def check_request(prompt: Any, max_new_tokens: Any, num_sequences: Any, temperature: Any, top_k: Any, top_p: Any,
-                  seed: Any, pool: ModelPool) -> tuple[str, int, SamplingConfig, list[str]]:
-    """Validate one request: (prompt as the model will see it, sequences, sampling, notes for the user).
+                  seed: Any, pool: ModelPool) -> tuple[list[int], int, SamplingConfig, list[str]]:
+    """Validate one request: (the prompt's token ids as the model will see them, sequences, sampling, notes for the
+    user). Where a prompt from the page or the API enters: tokenized and cropped here, once.
 
     Values out of range raise a gr.Error naming the parameter; a too-long prompt is cropped, with a note.
     """
@@ -92,10 +93,10 @@ def check_request(prompt: Any, max_new_tokens: Any, num_sequences: Any, temperat
     if len(ids) > block_size:
         notes.append(f"The prompt is {len(ids)} tokens but the model sees at most {block_size}: "
                      f"only its last {block_size} tokens are used.")
-        prompt = tokenizer.decode_bytes(ids[-block_size:]).decode("utf-8", "ignore")  # a cut character is dropped
+        ids = ids[-block_size:]
     sampling = SamplingConfig(max_new_tokens=int(tokens), temperature=temp,
                               top_k=int(min(k, tokenizer.n_vocab)) or None, top_p=p, seed=seed_value)
-    return prompt, int(n), sampling, notes
+    return ids, int(n), sampling, notes
 
 
 def complete_values(fn: Callable[..., Any], values: list[Any]) -> list[Any]:

@@ -11,7 +11,8 @@ import torch
 from model.config import GPTConfig
 from model.formats.checkpoint import CKPT_ENV, CheckpointError, read_json
 from model.formats.load import load
-from model.generation.batching import BUCKETS, Batcher
+from model.generation.batching import Batcher
+from model.generation.engine import BUCKETS
 from model.generation.generate import SamplingConfig
 from model.gpt import GPT
 from model.webapp.limits import DEFAULT_SEQUENCES, MAX_SEQUENCES
@@ -45,7 +46,7 @@ class ModelPool:
 
     def warm_up(self) -> None:
         """Before the first visitor: on every copy, make and optimize the traced steps a request may need (each
-        bucket of rows, a lone request of every size, and window slides), about 2.5 s a copy on 2 vCPUs."""
+        bucket of rows, a lone request of every size, and its window slide), about 2.5 s a copy on 2 vCPUs."""
         for batcher in self.batchers:
             batcher.warm_up(MAX_SEQUENCES)
 
@@ -55,7 +56,8 @@ class ModelPool:
         return sum(b.requests_running for b in self.batchers)
 
     def decode(self, prompt_ids: list[int], num_samples: int, sampling: SamplingConfig) -> Iterator[torch.Tensor]:
-        """A request's tokens, step by step (as generate.decode_tokens yields them), from the least busy copy."""
+        """A request's tokens, step by step (as generate.decode_tokens yields them), from the least busy copy.
+        prompt_ids: tokenized and cropped to the context (checks.check_request)."""
         batcher = min(self.batchers, key=lambda b: b.rows_in_use)
         return batcher.decode(prompt_ids, num_samples, sampling, self.first.tokenizer.n_vocab)
 

@@ -9,7 +9,7 @@ from collections.abc import Iterator
 import pandas as pd
 import torch
 
-from model.generation.generate import SamplingConfig, prompt_tokens, stream
+from model.generation.generate import SamplingConfig, prompt_tokens, texts
 from model.webapp.limits import MAX_SEQUENCES
 from model.webapp.pool import ModelPool
 
@@ -18,23 +18,23 @@ from model.webapp.pool import ModelPool
 UPDATE_INTERVAL_S = 0.05
 
 
-def stream_sequences(pool: ModelPool, prompt: str, num_sequences: int, sampling: SamplingConfig,
+def stream_sequences(pool: ModelPool, prompt_ids: list[int], num_sequences: int, sampling: SamplingConfig,
                      interval: float | None = None) -> Iterator[list[str]]:
     """The full text of every sequence so far (always MAX_SEQUENCES strings): at once after the first decode step, then
     at most once per interval seconds (default UPDATE_INTERVAL_S times the requests running), and at the end. Every
-    update costs Gradio a few ms, more than a decode step."""
+    update costs Gradio a few ms, more than a decode step. prompt_ids: tokenized and cropped (checks.check_request)."""
     interval = UPDATE_INTERVAL_S if interval is None else interval
-    texts = [""] * num_sequences
+    sofar = [""] * num_sequences
     last, pending = -math.inf, False
-    with torch.inference_mode():
-        for new in stream(pool.first.model, pool.first.tokenizer, prompt, num_sequences, sampling, decode=pool.decode):
-            texts = [t + piece for t, piece in zip(texts, new, strict=True)]
-            pending = True
-            if time.monotonic() - last >= interval * max(1, pool.requests_running):
-                yield texts + [""] * (MAX_SEQUENCES - num_sequences)
-                last, pending = time.monotonic(), False
+    steps = pool.decode(prompt_ids, num_sequences, sampling)
+    for new in texts(pool.first.tokenizer, steps, num_sequences, sampling):
+        sofar = [t + piece for t, piece in zip(sofar, new, strict=True)]
+        pending = True
+        if time.monotonic() - last >= interval * max(1, pool.requests_running):
+            yield sofar + [""] * (MAX_SEQUENCES - num_sequences)
+            last, pending = time.monotonic(), False
     if pending:
-        yield texts + [""] * (MAX_SEQUENCES - num_sequences)
+        yield sofar + [""] * (MAX_SEQUENCES - num_sequences)
 
 
 def next_token_table(pool: ModelPool, prompt: str, k: int = 10) -> pd.DataFrame:

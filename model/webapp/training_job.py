@@ -16,7 +16,6 @@ import contextlib
 import logging
 import math
 import os
-import re
 import shutil
 import signal
 import subprocess
@@ -32,20 +31,17 @@ from typing import Any, Literal
 
 from model import atomic
 from model.formats.checkpoint import CONFIG, LOG, METRICS, PLOT, WEIGHTS, read_json, read_log
-from model.training.data import VAL_FRACTION, DataError, decode_text
-from model.training.settings import PRESETS
+from model.training.data import DataError, check_length, decode_text, sure_length
+from model.training.settings import PRESETS, TrainSettings
 
 PROJECT = Path(__file__).resolve().parents[2]  # a Space bundle carries train.py and quantize.py beside app.py too
 TRAIN_PY = PROJECT / "train.py"
 QUANTIZE_PY = PROJECT / "quantize.py"
 
 MAX_BYTES = 10 * 2**20  # uploads and pastes above 10 MB are refused
-# Shortest text accepted: its validation split (the last 10%) then holds a context window of the default "cpu" preset
-# even at 6 characters a token (English takes 3 to 4). The trainer still checks exactly, in tokens; its DataError
-# sentence then becomes the job's error.
-MIN_CHARS = math.ceil((PRESETS["cpu"]["block_size"] + 1) * 6 / VAL_FRACTION)
-CONTROL = re.compile(r"[\x00-\x08\x0b\x0e-\x1f\x7f-\x9f]")  # control characters other than tab, newlines and form feed
-MAX_CONTROL_SHARE = 0.01  # text with more of them than this is taken for a binary file
+# What text is trainable is model/training/data.py's rule, the CLI's too. From this length on a text surely passes it;
+# a shorter one is tokenised here, as train.py's default run will.
+MIN_CHARS = sure_length(PRESETS["cpu"]["block_size"])
 MIN_MINUTES, MAX_MINUTES, DEFAULT_MINUTES = 1, 10, 3
 DEFAULT_THREADS = 1  # trainer threads: on a 2-vCPU Space the other CPU keeps serving generation requests
 STOP_GRACE_S = 30.0  # after a stop, the trainer gets this long to save and exit before it is killed
@@ -76,17 +72,11 @@ def check_text(data: bytes) -> str:
     """The visitor's text (an upload or a paste, as bytes) decoded, or a JobError saying what is wrong with it."""
     if len(data) > MAX_BYTES:
         raise JobError(f"The text is {len(data) / 2**20:.1f} MB, over the limit of {MAX_BYTES // 2**20} MB: use a shorter one.")
-    binary = "This looks like a binary file, not text: upload a plain-text (.txt) file saved as UTF-8."
-    if b"\x00" in data:
-        raise JobError(binary)
     try:
         text = decode_text(data, "The text")
+        check_length(text, PRESETS["cpu"]["block_size"], TrainSettings.tokenizer, TrainSettings.vocab_min_count)
     except DataError as e:
         raise JobError(str(e)) from None
-    if CONTROL.subn("", text)[1] > MAX_CONTROL_SHARE * len(text):
-        raise JobError(binary)
-    if len(text) < MIN_CHARS:
-        raise JobError(f"The text has {len(text):,} characters, too few to train on: use at least {MIN_CHARS:,} (a few pages).")
     return text
 
 
