@@ -19,21 +19,20 @@ from model.webapp.visitors import KEPT, Visitors
 ROOT = Path(__file__).resolve().parents[1]
 SCREENSHOT = ROOT / "docs" / "train-tab.png"
 BUDGET_MINUTES = 1  # the tab's minimum
-# The trainer writes its log (the curve's points) at each evaluation: every 20 steps, so that the curve moves and has
-# several validation points in a 1-minute run.
-TRAIN_ARGS = ("--eval-interval", "20")
+# The second run, stopped early, evaluates (and saves its best weights) every 20 steps, so that Stop finds weights to
+# keep; the first runs with the app's defaults, as a visitor's does.
+SAVE_OFTEN = ("--eval-interval", "20")
 
 pytestmark = BROWSER_TEST
 
 
 @pytest.fixture(scope="module")
 def app(tmp_path_factory, gpt2_tokenizer):
-    """One server (the default trainer, evaluating more often) and one chromium for the module: yields (url, browser,
-    visitors)."""
+    """One server (the app's default trainer) and one chromium for the module: yields (url, browser, visitors)."""
     from playwright.sync_api import sync_playwright
 
     tmp = tmp_path_factory.mktemp("browser-train")
-    visitors = Visitors(TrainingSlot(tmp / "runs", train_args=TRAIN_ARGS))
+    visitors = Visitors(TrainingSlot(tmp / "runs"))
     with served(tiny_checkpoint(tmp, gpt2_tokenizer), visitors) as (url, _), sync_playwright() as p:
         browser = p.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
         try:
@@ -139,6 +138,7 @@ def test_train_watch_try_download_and_stop(app, tmp_path, shakespeare_path):
         expect(page.locator(f"#seq-{i} textarea")).not_to_have_value("", timeout=30_000)
 
     # A second run, stopped early: the best weights so far are kept and quantized.
+    visitors.slot.train_args = SAVE_OFTEN
     page.get_by_role("tab", name="Train").click()
     start.click()
     expect(status).to_contain_text("Training: ", timeout=15_000)

@@ -277,6 +277,7 @@ def test_the_split_and_the_tab_switch(tmp_path, gpt2_tokenizer, monkeypatch):
     assert {"generate", "train_start", "train_status", "train_stop", "train_zip", "use_model"} <= {
         fn.api_name for fn in demo.fns.values()}
     assert any(target[1] == "unload" for fn in demo.fns.values() for target in fn.targets)  # a closed page drops its model
+    assert any("Or train your own model" in str(getattr(b, "value", "")) for b in demo.blocks.values())  # the header says so
 
 
 def test_status_sentences():

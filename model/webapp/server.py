@@ -27,7 +27,7 @@ def build_demo(pool: ModelPool, visitors: Visitors | None = None) -> gr.Blocks:
     with CheckedBlocks(title="smallgpt", delete_cache=CACHE_CLEANUP) as demo:
         gr.Markdown("# smallgpt\nA small GPT trained on one text file, quantized to int8, running on CPU. "
                     "Type the start of a text; the model continues it." +
-                    (" Or train your own model on a text of yours in the Train tab." if visitors else ""))
+                    (" Or train your own model on a text of yours in the Train tab." if visitors is not None else ""))
         with gr.Tabs():
             with gr.Tab("Generate", id="generate"):
                 if visitors is None:
