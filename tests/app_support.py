@@ -57,22 +57,22 @@ def free_port() -> int:
 
 
 @contextmanager
-def served(ckpt: Path, training=None) -> Iterator[tuple[str, object]]:
-    """The app on a free localhost port, in this process, with a Train tab backed by training (default: a Training with
+def served(ckpt: Path, visitors=None) -> Iterator[tuple[str, object]]:
+    """The app on a free localhost port, in this process, with a Train tab backed by visitors (default: Visitors with
     the app's defaults, none started): yields (url, pool); after, deletes the trained models and restores torch's
     thread count."""
     from model.webapp.pool import ModelPool
     from model.webapp.server import launch
-    from model.webapp.train_tab import Training
+    from model.webapp.visitors import Visitors
 
     threads = torch.get_num_threads()
     pool = ModelPool(ckpt)
-    training = training if training is not None else Training()
+    visitors = visitors if visitors is not None else Visitors()
     port = free_port()
-    demo = launch(pool, host="127.0.0.1", port=port, prevent_thread_lock=True, training=training)
+    demo = launch(pool, host="127.0.0.1", port=port, prevent_thread_lock=True, visitors=visitors)
     try:
         yield f"http://127.0.0.1:{port}/", pool
     finally:
         demo.close()
-        training.close()
+        visitors.close()
         torch.set_num_threads(threads)

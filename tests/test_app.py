@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+import random
 import subprocess
 import sys
 from concurrent.futures import ThreadPoolExecutor
@@ -151,6 +153,81 @@ def test_raw_api_calls_leaving_out_values_get_the_defaults(server, capfd):
         assert event == "error" and message in error, (event, error)
     out, err = capfd.readouterr()
     assert "Traceback" not in out + err, err
+
+
+FILE = {"path": "/etc/passwd", "meta": {"_type": "gradio.FileData"}}  # a file object naming a server path
+
+
+@pytest.mark.parametrize("api, data, message", [
+    ("train_start", ["upload", None, 3, 3], "file must be a file uploaded to this server (upload it first"),
+    ("train_start", ["upload", None, {"path": "/etc/passwd"}, 3], "file must be a file uploaded to this server"),
+    ("train_start", ["upload", None, FILE, 3], "file must be a file uploaded to this server"),
+    ("train_start", ["upload", None, "text", 3], "file must be a file uploaded to this server"),
+    ("train_start", [FILE], "source cannot be a file, got"),
+    ("generate", [FILE, 4], "prompt cannot be a file, got"),
+    ("generate", ["x", [FILE]], "max_new_tokens cannot be a file, got"),
+    ("next_tokens", [{"a": [FILE]}], "prompt cannot be a file, got"),
+    ("use_model", [FILE], "model cannot be a file, got"),
+])
+def test_values_that_are_not_valid_file_data_get_one_message(server, capfd, api, data, message):
+    """Gradio's own file checks (FileData's model, a path outside its upload folder) raise errors that it answers with
+    {"error": null} and a logged traceback: the app answers one sentence naming the parameter."""
+    url, _, _ = server
+    event, error = call_raw(url, data, api=api)
+    assert event == "error" and isinstance(error, str) and message in error, (event, error)
+    out, err = capfd.readouterr()
+    assert "Traceback" not in out + err, err
+
+
+def random_value(rng, depth: int = 0):
+    """A value of a random JSON type, sometimes one of the app's words or a file object, nested up to 2 deep."""
+    scalars = [None, True, False, 0, 1, -1, 3, 2.5, -0.0, 1e308, -(10**30), "", " ", "x", "ROMEO:", "upload", "paste",
+               "yours", "bundled", "\ud800", "🙂" * 3, "../../etc/passwd", "/etc/passwd"]
+    files = [FILE, {"path": "/etc/passwd"}, {"path": 3, "meta": {"_type": "gradio.FileData"}},
+             {"path": "x.txt", "meta": {"_type": "gradio.FileData"}, "size": "big"}, {"url": "http://127.0.0.1:1/x"},
+             {"meta": {"_type": "gradio.FileData"}}]
+    kind = rng.random()
+    if kind < 0.55 or depth >= 2:
+        return rng.choice(scalars)
+    if kind < 0.8:
+        return rng.choice(files)
+    if kind < 0.9:
+        return [random_value(rng, depth + 1) for _ in range(rng.randrange(3))]
+    return {rng.choice(["path", "a", "meta", "data"]): random_value(rng, depth + 1) for _ in range(rng.randrange(3))}
+
+
+ENDPOINTS = {"generate": 7, "next_tokens": 1, "use_model": 1, "train_start": 4, "train_status": 0, "train_stop": 0,
+             "train_zip": 0}
+
+
+def test_a_fuzz_of_every_endpoint_gets_a_message_for_every_error_and_no_traceback(server, capfd):
+    """Random types, random counts of values, with or without a session: every call completes or fails with a message
+    (never {"error": null}), and nothing logs a traceback. None of these values can start a training (no text is long
+    enough, no file is an upload, Tiny Shakespeare is never chosen)."""
+    url, _, _ = server
+    rng = random.Random(24)
+    events = []
+    for i in range(int(os.environ.get("SMALLGPT_FUZZ_CALLS", "160"))):  # the issue's fuzz: SMALLGPT_FUZZ_CALLS=800
+        api = rng.choice(list(ENDPOINTS))
+        data = [random_value(rng) for _ in range(rng.randrange(ENDPOINTS[api] + 2))]
+        body = {"data": data, **({"session_hash": f"fuzz-{i % 7}"} if rng.random() < 0.7 else {})}
+        r = httpx.post(f"{url}gradio_api/call/{api}", content=json.dumps(body),  # ASCII: a lone surrogate goes escaped
+                       headers={"content-type": "application/json"})
+        if r.status_code != 200:  # refused before the queue (e.g. a malformed body): an HTTP error with its detail
+            assert r.status_code == 422 and r.json().get("detail"), (api, data, r.text)
+            events.append("refused")
+            continue
+        stream = httpx.get(f"{url}gradio_api/call/{api}/{r.json()['event_id']}", timeout=60).text
+        event, data_line = stream.strip().split("\n\n")[-1].splitlines()
+        payload = json.loads(data_line.removeprefix("data: "))
+        if event == "event: error":
+            assert isinstance(payload, dict) and isinstance(payload.get("error"), str) and payload["error"], (api, data, payload)
+        else:
+            assert event == "event: complete", (api, data, stream)
+        events.append(event)
+    out, err = capfd.readouterr()
+    assert "Traceback" not in out + err, err
+    assert events.count("event: error") > len(events) // 2 and "event: complete" in events  # both kinds were tried
 
 
 @pytest.mark.parametrize("prompt", ["Héllo wörld 🤖👋🏽 你好", "<|endoftext|>", "a<|endoftext|>b", "🙂" * 3, "word " * 300])

@@ -4,7 +4,7 @@ bytes, 30 steps) keeps each training to seconds."""
 
 from __future__ import annotations
 
-import math
+import json
 import time
 import zipfile
 from pathlib import Path
@@ -19,8 +19,8 @@ from train_support import TEXT
 from model.webapp import train_tab
 from model.webapp.pool import TRAIN_THREADS
 from model.webapp.server import build_demo
-from model.webapp.train_tab import Training
-from model.webapp.training_job import MIN_CHARS, ModelStore, TrainingSlot
+from model.webapp.training_job import MIN_CHARS, TrainingSlot
+from model.webapp.visitors import Visitors
 
 LONG = TEXT * (MIN_CHARS // len(TEXT) + 1)  # just above the shortest text accepted
 ACTIVE = ("running", "quantizing")
@@ -31,7 +31,7 @@ def server(tmp_path_factory, gpt2_tokenizer):
     """The app with a Train tab whose trainings are tiny: yields (url, training, runs folder)."""
     tmp = tmp_path_factory.mktemp("train-tab")
     runs = tmp / "runs"
-    training = Training(TrainingSlot(runs, train_args=(*TINY_TRAIN, "--max-iters", "30")))
+    training = Visitors(TrainingSlot(runs, train_args=(*TINY_TRAIN, "--max-iters", "30")))
     with served(tiny_checkpoint(tmp, gpt2_tokenizer), training) as (url, _):
         yield url, training, runs
 
@@ -75,7 +75,7 @@ def folders(runs: Path) -> list[Path]:
 
 @pytest.mark.slow
 def test_train_poll_generate_and_download_through_the_api(server, client, tmp_path):
-    url, training, _ = server
+    url, training, runs = server
     st = client.predict(source="paste", text=LONG, minutes=1, api_name="/train_start")
     assert st["state"] == "running" and st["budget_s"] == 60 and "Training: " in st["message"], st
     st = poll(client)
@@ -83,6 +83,8 @@ def test_train_poll_generate_and_download_through_the_api(server, client, tmp_pa
     assert [s for s, _ in st["val_curve"]] == [0, 10, 20, 30] and len(st["train_curve"]) == 6
     report = st["report"]
     assert report["size_int8_bytes"] < report["size_fp32_bytes"] and report["val_nats_per_char_int8"] > 0
+    # Names relative to the model's folder, not the server's folders.
+    assert (report["fp32_checkpoint"], report["int8_checkpoint"], report["val_data"]) == ("model", "model/int8", "input.txt")
     assert isinstance(st["sample"], str) and st["sample"]  # the trainer logs a sample at each evaluation
 
     card = client.predict(model="yours", api_name="/use_model")
@@ -97,11 +99,22 @@ def test_train_poll_generate_and_download_through_the_api(server, client, tmp_pa
     with zipfile.ZipFile(path) as zf:
         names = zf.namelist()
         assert zf.testzip() is None
+        texts = {name: zf.read(name).decode() for name in names if name.endswith((".json", ".jsonl"))}
     top = names[0].split("/")[0]
     assert {f"{top}/model.safetensors", f"{top}/config.json", f"{top}/int8/model.safetensors",
             f"{top}/int8/report.json"} <= set(names), names
+    assert all(str(runs) not in text and "smallgpt-train-" not in text for text in texts.values()), texts
+    assert json.loads(texts[f"{top}/int8/report.json"])["val_data"] == "input.txt"
 
-    training.store.drop(client.session_hash)  # as after an hour: Generate falls back to the bundled model
+    # The zip's link serves Gradio's copy to anyone who has it (no cookie needed), until the model is deleted.
+    r = httpx.post(f"{url}gradio_api/call/train_zip", json={"data": [], "session_hash": client.session_hash})
+    stream = httpx.get(f"{url}gradio_api/call/train_zip/{r.json()['event_id']}", timeout=30).text
+    link = json.loads(stream.strip().split("\n\n")[-1].splitlines()[1].removeprefix("data: "))[0]["url"]
+    assert link.endswith(f"{top}.zip") and httpx.get(link).status_code == 200
+
+    training.drop(client.session_hash)  # as after an hour: Generate falls back to the bundled model
+    assert httpx.get(link).status_code != 200  # the served copy went with the model (Gradio: 403)
+    assert not Path(link.split("file=", 1)[1]).exists()
     assert all(client.predict(prompt="First Citizen:", max_new_tokens=8, num_sequences=2, seed=1, api_name="/generate")[:2])
     with pytest.raises(AppError, match="You have no trained model yet"):
         client.predict(model="yours", api_name="/use_model")
@@ -126,7 +139,7 @@ def test_bad_input_gets_one_clear_message_and_starts_nothing(server, client, kw,
     with pytest.raises(AppError, match=message.replace("(", r"\(").replace(".", r"\.")) as e:
         client.predict(api_name="/train_start", **kw)
     assert "Traceback" not in str(e.value) and "\n" not in str(e.value)
-    assert training.slot.current() is None and training.store.get(client.session_hash) is None and not folders(runs)
+    assert training.slot.current() is None and training.get(client.session_hash) is None and not folders(runs)
 
 
 @pytest.mark.parametrize("name, data, message", [
@@ -181,9 +194,9 @@ def test_closing_the_session_deletes_its_model(server, monkeypatch):
     c = Client(url, verbose=False)
     c.predict(source="paste", text=LONG, minutes=1, api_name="/train_start")
     owner = c.session_hash
-    assert training.store.get(owner) is not None
+    assert training.get(owner) is not None
     c.close()  # ends its heartbeat: Gradio runs the page's unload event, which drops the model and kills its training
-    wait_until(lambda: training.store.get(owner) is None and training.slot.current() is None, 30)
+    wait_until(lambda: training.get(owner) is None and training.slot.current() is None, 30)
     wait_until(lambda: not folders(runs), 30)
 
 
@@ -201,9 +214,9 @@ def test_models_past_their_hour_are_swept_and_let_go(tmp_path, gpt2_tokenizer):
         def discard(self):
             self.discarded = True
 
-    training = Training(TrainingSlot(tmp_path / "runs"), ModelStore(clock=lambda: now[0]))
+    training = Visitors(TrainingSlot(tmp_path / "runs"), clock=lambda: now[0])
     job = Finished()
-    training.store.add("visitor", job)
+    training.add("visitor", job)
     bundled = object()
     request = type("R", (), {"session_hash": "visitor"})()
     assert "**Your model**" in training.chooser(bundled)("yours", request)
@@ -214,10 +227,32 @@ def test_models_past_their_hour_are_swept_and_let_go(tmp_path, gpt2_tokenizer):
     assert training.pool_for(bundled)(request) is pool
     now[0] += 1801
     training.sweep()
-    assert job.discarded and training._pools == {}
+    assert job.discarded and training.loaded_models() == 0
     with pytest.warns(UserWarning, match="Your model is not ready, or was deleted .*: the bundled model answered"):
         assert training.pool_for(bundled)(request) is bundled  # a warning toast on the page
     training.close()
+
+
+def test_sessions_without_a_model_leave_nothing_in_the_store(tmp_path, gpt2_tokenizer):
+    """Choosing "bundled" (any session id an API client makes up) or being swept keeps no state for an owner."""
+    from model.webapp.pool import ModelPool
+
+    bundled = ModelPool(tiny_checkpoint(tmp_path, gpt2_tokenizer), copies=1)
+    visitors = Visitors(TrainingSlot(tmp_path / "runs"), clock=lambda: 0.0, max_age_s=-1)
+    use_model = visitors.chooser(bundled)
+    for i in range(20):
+        assert "**Parameters**" in use_model("bundled", type("R", (), {"session_hash": f"made-up-{i}"})())
+    assert len(visitors) == 0
+
+    class Finished:
+        active = False
+
+        def discard(self):
+            pass
+
+    visitors.add("visitor", Finished())
+    assert len(visitors) == 1 and visitors.sweep() == 1 and len(visitors) == 0
+    visitors.close()
 
 
 def test_the_split_and_the_tab_switch(tmp_path, gpt2_tokenizer, monkeypatch):
@@ -225,7 +260,7 @@ def test_the_split_and_the_tab_switch(tmp_path, gpt2_tokenizer, monkeypatch):
     the page has no Train tab and no train endpoints."""
     from model.webapp.pool import ModelPool
 
-    default = Training()
+    default = Visitors()
     assert default.slot.threads == TRAIN_THREADS == 1
     default.close()
     assert not default.slot.root.exists()
@@ -237,11 +272,12 @@ def test_the_split_and_the_tab_switch(tmp_path, gpt2_tokenizer, monkeypatch):
     pool = ModelPool(tiny_checkpoint(tmp_path, gpt2_tokenizer), copies=1)
     apis = {fn.api_name for fn in build_demo(pool).fns.values()}
     assert "generate" in apis and not {"train_start", "use_model"} & apis
-    training = Training(TrainingSlot(tmp_path / "runs"))
+    training = Visitors(TrainingSlot(tmp_path / "runs"))
     demo = build_demo(pool, training)
     assert {"generate", "train_start", "train_status", "train_stop", "train_zip", "use_model"} <= {
         fn.api_name for fn in demo.fns.values()}
     assert any(target[1] == "unload" for fn in demo.fns.values() for target in fn.targets)  # a closed page drops its model
+    assert any("Or train your own model" in str(getattr(b, "value", "")) for b in demo.blocks.values())  # the header says so
 
 
 def test_status_sentences():
@@ -259,22 +295,50 @@ def test_status_sentences():
     assert train_tab.status_text(status(state="failed", error="Training stopped unexpectedly.")) == \
         "Failed: Training stopped unexpectedly."
     assert "&lt;b&gt;" in train_tab.status_html(status(state="failed", error="<b>"))  # escaped
-    assert train_tab.curve_frame(status()) is None
-    frame = train_tab.curve_frame(status(train_curve=[(5, 4.0)], val_curve=[(0, 5.0), (10, 3.5)]))
-    assert frame.values.tolist() == [[5, 4.0, "train"], [0, 5.0, "validation"], [10, 3.5, "validation"]]
-    frame = train_tab.curve_frame(status(val_curve=[(0, 5.0)]))  # both series from the first table on
-    assert frame["split"].tolist() == ["train", "validation"] and math.isnan(frame["nats_per_char"][0])
     report = {"params": 4.6e6, "size_fp32_bytes": 18.4e6, "size_int8_bytes": 4.7e6, "val_nats_per_char_fp32": 1.51,
               "val_nats_per_char_int8": 1.523}
     md = train_tab.report_markdown(status(state="done", report=report, records=[{"step": 900}]))
     assert "4.60 M parameters, 900 steps" in md and "| int8 | 4.7 MB | 1.523 nats/char |" in md
     assert "| fp32 | 18.4 MB | 1.510 nats/char |" in md
+    md = train_tab.report_markdown(status(state="done", report=report, zip_folder="smallgpt-model-abc"))
+    assert "the zip unpacks to `smallgpt-model-abc` (DIR below)" in md and "`python generate.py --ckpt DIR/int8`" in md
+    # The clock stops at the budget while the trainer saves; the int8 step counts down.
+    over = train_tab.status_text(status(elapsed_s=63.4, seconds_left=30.0, budget_s=60.0))
+    assert over.startswith("Training: 60 s of 60 s, time is up") and "63" not in over and "ready in" not in over
+    assert 'value="60"' in train_tab.status_html(status(elapsed_s=63.4, budget_s=60.0))
+    assert train_tab.status_text(status(state="quantizing", elapsed_s=60.0, seconds_left=21.0)) == (
+        "Trained for 60 s; now making the int8 copy and scoring it on the validation text (about 21 s left).")
+    assert "(a few more seconds)" in train_tab.status_text(status(state="quantizing", seconds_left=0.0))
+    assert train_tab.curve_figure(status()) is None
+
+
+def test_the_curve_draws_every_point_of_both_splits_with_a_legend_inside_the_figure():
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    from model.webapp.training_job import Status
+
+    def figure(train, val):
+        return train_tab.curve_figure(Status(state="running", elapsed_s=1.0, budget_s=60.0, seconds_left=59.0, records=[],
+                                             train_curve=train, val_curve=val, sample=None, error=None, report=None,
+                                             model_dir=None))
+
+    val = [(step, 5.0 - step / 100) for step in range(0, 200, 20)]  # validation ~10 times in a short run
+    fig = figure([(5, 4.0), (10, 3.8), (15, 3.7)], val)
+    ax = fig.axes[0]
+    assert [t.get_text() for t in ax.get_legend().get_texts()] == ["train", "validation"]
+    assert [line.get_xydata().tolist() for line in ax.get_lines()] == [[[5, 4.0], [10, 3.8], [15, 3.7]],
+                                                                       [list(p) for p in val]]
+    canvas = FigureCanvasAgg(fig)
+    canvas.draw()
+    legend, whole = ax.get_legend().get_window_extent(), fig.bbox
+    assert whole.x0 <= legend.x0 and legend.x1 <= whole.x1 and whole.y0 <= legend.y0 and legend.y1 <= whole.y1
+    assert [t.get_text() for t in figure([], [(0, 5.0)]).axes[0].get_legend().get_texts()] == ["validation"]
 
 
 def test_closing_the_server_during_a_training_leaves_no_folder(tmp_path):
     """At shutdown (atexit) a running training is killed and every job folder goes at once, not in a thread that
     the exiting interpreter may never run."""
-    training = Training(TrainingSlot(tmp_path / "runs", train_args=(*TINY_TRAIN, "--max-iters", "1000000")))
+    training = Visitors(TrainingSlot(tmp_path / "runs", train_args=(*TINY_TRAIN, "--max-iters", "1000000")))
     job = training.start("someone", LONG.encode(), 1)
     assert job.state == "running" and job.run_dir.exists()
     training.close()

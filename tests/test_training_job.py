@@ -8,6 +8,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 import zipfile
 from pathlib import Path
@@ -17,7 +18,8 @@ from train_support import TEXT
 
 from model.formats.load import load
 from model.webapp import training_job as tj
-from model.webapp.training_job import JobError, ModelStore, TrainingJob, TrainingSlot, check_text, make_zip
+from model.webapp.training_job import JobError, TrainingJob, TrainingSlot, check_text, make_zip
+from model.webapp.visitors import Visitors
 
 ROOT = Path(__file__).resolve().parents[1]
 # A 1-layer, 32-wide model over bytes: train.py starts, trains and evaluates in a few seconds.
@@ -200,6 +202,19 @@ def test_a_trainer_error_becomes_its_sentence(tmp_path, jobs):
     assert wait_gone(job.run_dir)
 
 
+def test_the_time_left_counts_down_while_the_int8_copy_is_made():
+    """Once the trainer has exited, "ready in about N s" counts down from the int8 step's estimate, never frozen."""
+    job = object.__new__(TrainingJob)  # the clock alone, no child process
+    job._lock, job.budget_s, job._state = threading.Lock(), 60.0, "quantizing"
+    now = time.monotonic()
+    job._t0, job._t_end = now - 70, now - 10
+    assert tj.QUANTIZE_ESTIMATE_S - 11 <= job.seconds_left() <= tj.QUANTIZE_ESTIMATE_S - 10
+    job._t_end = now - tj.QUANTIZE_ESTIMATE_S - 5  # slower than the estimate: 0, not below
+    assert job.seconds_left() == 0.0
+    job._state = "done"
+    assert job.seconds_left() == 0.0
+
+
 def test_failure_sentences_never_show_a_traceback():
     bar = "  6%|▌         | 4/60 s of the budget\r 12%|█▏        | 7/60 s of the budget\r"
     tail = f"model: 0.02M parameters\n{bar}\nerror: The training split has 3 tokens, too few: use a longer text.\n"
@@ -230,8 +245,8 @@ class FakeJob:
         self.discarded = True
 
 
-def test_store_keeps_one_model_per_owner_and_at_most_four():
-    store = ModelStore(clock=lambda: 0.0)
+def test_store_keeps_one_model_per_owner_and_at_most_four(tmp_path):
+    store = Visitors(TrainingSlot(tmp_path), clock=lambda: 0.0)
     fakes = {name: FakeJob() for name in "abcde"}
     for name in "abcd":
         store.add(name, fakes[name])
@@ -248,9 +263,9 @@ def test_store_keeps_one_model_per_owner_and_at_most_four():
     assert all(fakes[n].discarded for n in "de") and replacement.discarded and store.get("d") is None
 
 
-def test_store_sweeps_models_older_than_an_hour():
+def test_store_sweeps_models_older_than_an_hour(tmp_path):
     now = [1000.0]
-    store = ModelStore(clock=lambda: now[0])
+    store = Visitors(TrainingSlot(tmp_path), clock=lambda: now[0])
     old, new = FakeJob(), FakeJob()
     store.add("old", old)
     now[0] += 1800

@@ -11,6 +11,7 @@ is ever unpickled beyond plain tensors and containers, and weights that are not 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 from collections.abc import Mapping
@@ -33,6 +34,8 @@ SERVED_CKPT = Path("out") / "int8"  # what the app serves by default: quantize.p
 CKPT_ENV = "SMALLGPT_CKPT"  # names another checkpoint to serve
 METRICS = "metrics.json"
 TRAIN_STATE = "train_state.pt"
+LOG = "log.jsonl"  # the trainer's records, one JSON object a line (read_log)
+PLOT = "loss.png"  # the trainer's loss curves
 TIED_KEY = "lm_head.weight"
 STEP_KEY = "step"  # in model.safetensors' metadata: the training step of the weights (matched with metrics.json's best_step)
 
@@ -259,3 +262,13 @@ def load_train_state(path: str | Path) -> dict[str, Any]:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # truncated zip, foreign pickle, disallowed global: all mean "not ours"
         raise CheckpointError(f"Cannot resume: {path} is damaged or not a training state of this kit ({type(e).__name__}).") from None
+
+
+def read_log(path: Path) -> list[dict[str, Any]]:
+    """The records of a run's log.jsonl (none if it is missing; a torn line is skipped)."""
+    records = []
+    if path.is_file():
+        for line in path.read_text(encoding="utf-8").splitlines():
+            with contextlib.suppress(json.JSONDecodeError):
+                records.append(json.loads(line))
+    return records

@@ -26,7 +26,7 @@ from model import atomic
 from model.config import GPTConfig
 from model.cpus import available_cpus, busy_elsewhere, default_threads
 from model.formats import checkpoint
-from model.formats.checkpoint import CheckpointError
+from model.formats.checkpoint import LOG, PLOT, CheckpointError, read_log
 from model.generation.generate import SamplingConfig, generate
 from model.gpt import GPT
 from model.plot import plot_losses
@@ -40,8 +40,6 @@ from model.training.optim import clip_grads, lr_at, make_optimizer, set_lr
 from model.training.plan import STATE_VERSION, Plan, resolve
 from model.training.settings import TrainSettings
 
-LOG = "log.jsonl"
-PLOT = "loss.png"
 LOG_EVERY_S = 5.0  # log.jsonl is rewritten, and a train record written, at least this often, so live views (the app) follow
 SAMPLE_TOKENS = 48  # a short sample written with every evaluation: what the model writes by now (the app shows it)
 ESTIMATE_WINDOWS = 16  # a cheap validation estimate (a budgeted run's step 0 and curve points) scores this many windows
@@ -496,16 +494,6 @@ class Trainer:
                   f"{s.block_size} tokens = global batch of {self.tokens_per_step:,} tokens per step")
         if self.budget.limited:
             print(f"time budget: {self.budget.minutes:g} min in total (training stops early enough for the final evaluation)")
-
-
-def read_log(path: Path) -> list[dict[str, Any]]:
-    """The records of a run's log.jsonl (none if it is missing; a torn line is skipped)."""
-    records = []
-    if path.is_file():
-        for line in path.read_text(encoding="utf-8").splitlines():
-            with contextlib.suppress(json.JSONDecodeError):
-                records.append(json.loads(line))
-    return records
 
 
 def train(given: dict[str, Any], stop_after: int | None = None, t_start: float | None = None) -> TrainResult:

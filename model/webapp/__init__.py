@@ -1,6 +1,7 @@
 """The Gradio app, one module per concern: pool (the model copies, their batchers and their card), checks (request
-limits and value checks), streaming (running the model), generate_tab (the Generate tab), train_tab (the Train tab,
-over model/webapp/training_job.py), server (the page and launch). The CPU share is model/cpus.py.
+limits and value checks), streaming (running the model), generate_tab and train_tab (the two tabs, only the page),
+visitors (every visitor's job, model and choice of model, by session), training_job (one training run in a child
+process), server (the page and launch). The CPU share is model/cpus.py.
 
 Importing the package loads none of them, so it stays free of gradio until app.py's names are used: they load their
 module on first use."""

@@ -10,7 +10,10 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 import gradio as gr
+from gradio.exceptions import InvalidPathError
 from gradio.utils import get_function_params
+from gradio_client.utils import is_file_obj_with_meta, traverse
+from pydantic import ValidationError
 
 from model.generation.generate import SamplingConfig
 from model.webapp.limits import (
@@ -112,11 +115,36 @@ def complete_values(fn: Callable[..., Any], values: list[Any]) -> list[Any]:
     return [*values, *(default for _, _, default, _ in missing)]
 
 
+def file_error(fn: Callable[..., Any], blocks: list[Any], values: list[Any]) -> InputError:
+    """The one sentence for a call whose values Gradio's file handling refused: a file input given something that is
+    not an upload of this server, or a file sent where no file belongs. It names the first such parameter."""
+    names = [name for name, *_ in get_function_params(fn)]
+    for name, block, value in zip(names, blocks, values, strict=False):
+        takes_file = getattr(block, "data_model", None) is not None
+        if takes_file and value is not None:
+            return InputError(f"{name} must be a file uploaded to this server (upload it first: gradio_client's "
+                              f"handle_file does), or null; got {shown(value)}.")
+        if not takes_file and _holds_file(value):
+            return InputError(f"{name} cannot be a file, got {shown(value)}.")
+    return InputError("A value is not a valid file: send files as uploads to this server (gradio_client's handle_file).")
+
+
+def _holds_file(value: Any) -> bool:
+    """Whether value is or holds a file object (FileData with its meta), which Gradio checks as a file wherever it is."""
+    found: list[Any] = []
+    traverse(value, found.append, is_file_obj_with_meta)
+    return bool(found)
+
+
 class CheckedBlocks(gr.Blocks):
     """gr.Blocks that completes an API call sending fewer values than its event has inputs with the handler's defaults
-    (Gradio itself logs a traceback and answers {"error": null}), and refuses one sending more (Gradio drops them)."""
+    (Gradio itself logs a traceback and answers {"error": null}), refuses one sending more (Gradio drops them), and
+    answers one sending a value that is not valid file data with one sentence (Gradio: a traceback, {"error": null})."""
 
     async def preprocess_data(self, block_fn: Any, inputs: list[Any], state: Any, explicit_call: bool = False) -> Any:
         if len(inputs) != len(block_fn.inputs):  # never from the page: only from a raw API call
             inputs = complete_values(block_fn.fn, inputs)
-        return await super().preprocess_data(block_fn, inputs, state, explicit_call)
+        try:
+            return await super().preprocess_data(block_fn, inputs, state, explicit_call)
+        except (ValidationError, InvalidPathError):  # Gradio's file checks: FileData's model, or a path not uploaded
+            raise file_error(block_fn.fn, block_fn.inputs, inputs) from None

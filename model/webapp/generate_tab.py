@@ -1,11 +1,12 @@
 """The Generate tab: prompt, sampling settings, sequence boxes and next-token chart, with the /generate and
 /next_tokens endpoints. Which model serves a request is asked per request, so a visitor's own model can serve it; with
-choose_model the tab also shows a "Model: bundled / yours" choice (and the /use_model endpoint)."""
+choose_model the tab also shows a "Model: bundled / yours" choice (and the /use_model endpoint); the choice itself is
+kept by model/webapp/visitors.py."""
 
 from __future__ import annotations
 
 import functools
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from typing import Any
 
 import gradio as gr
@@ -24,6 +25,7 @@ from model.webapp.limits import (
 )
 from model.webapp.pool import ModelPool, model_card
 from model.webapp.streaming import next_token_table, stream_sequences
+from model.webapp.visitors import MODEL_CHOICES, ChooseModel, PoolFor
 
 EXAMPLES = [
     "ROMEO:\n",
@@ -32,10 +34,7 @@ EXAMPLES = [
     "To be, or not to be",
 ]
 
-PoolFor = Callable[[gr.Request | None], ModelPool]  # the model that serves one request (Gradio passes the request)
-# (choice, request) -> the model card of the chosen model, or an InputError (e.g. "yours" before any was trained)
-ChooseModel = Callable[[Any, gr.Request | None], str]
-MODEL_CHOICES = ("bundled", "yours")
+FIRST_PROMPT = EXAMPLES[0]  # the prompt box starts with it, and the next-token chart is drawn for it
 
 
 def build_generate_tab(pool: ModelPool, pool_for: PoolFor | None = None, choose_model: ChooseModel | None = None) -> None:
@@ -69,23 +68,23 @@ def build_generate_tab(pool: ModelPool, pool_for: PoolFor | None = None, choose_
             gr.Warning(e.message)
             yield tuple(gr.skip() for _ in range(MAX_SEQUENCES))
 
-    @functools.wraps(next_tokens)
-    def next_tokens_on_page(*values: Any) -> Any:
+    def chart_on_page(prompt: Any, request: gr.Request) -> Any:
+        """The chart always shows the current prompt's next tokens: empty (no warning) while the prompt is."""
         try:
-            return next_tokens(*values)
-        except InputError as e:
-            gr.Warning(e.message)
-            return gr.skip()
+            return next_tokens(prompt, request)
+        except InputError:
+            return None
 
     def show_boxes(n: float) -> list[dict[str, Any]]:
         return [gr.update(visible=i < int(n)) for i in range(MAX_SEQUENCES)]
 
-    def choose_on_page(choice: str, request: gr.Request) -> tuple[Any, Any]:
+    def choose_on_page(choice: str, prompt: Any, request: gr.Request) -> tuple[Any, Any, Any]:
         try:
-            return gr.skip(), choose_model(choice, request)
+            card_text = choose_model(choice, request)
         except InputError as e:  # only "yours" can fail, so the choice stays "bundled"
             gr.Warning(e.message)
-            return "bundled", gr.skip()
+            return "bundled", gr.skip(), gr.skip()
+        return gr.skip(), card_text, chart_on_page(prompt, request)  # the chart follows the model
 
     if choose_model is not None:
         choice = gr.Radio(list(MODEL_CHOICES), value="bundled", label="Model",
@@ -94,8 +93,8 @@ def build_generate_tab(pool: ModelPool, pool_for: PoolFor | None = None, choose_
     card = gr.Markdown(model_card(pool), elem_id="model-card")
     with gr.Row():
         with gr.Column(scale=2):
-            prompt = gr.Textbox(label="Prompt", lines=4, placeholder="Type the start of a text, or click an example below",
-                                elem_id="prompt")
+            prompt = gr.Textbox(FIRST_PROMPT, label="Prompt", lines=4, elem_id="prompt",
+                                placeholder="Type the start of a text, or click an example below")
             button = gr.Button("Generate", variant="primary", elem_id="generate")
             gr.Examples(examples=[[e] for e in EXAMPLES], inputs=[prompt], label="Examples (click one)")
         with gr.Column(scale=1):
@@ -107,10 +106,11 @@ def build_generate_tab(pool: ModelPool, pool_for: PoolFor | None = None, choose_
             seed = gr.Number(value=-1, precision=0, label="seed", info="-1 = random; same seed, same text")
     boxes = [gr.Textbox(label=f"Sequence {i + 1}", lines=6, visible=i < DEFAULT_SEQUENCES, elem_id=f"seq-{i + 1}")
              for i in range(MAX_SEQUENCES)]
-    with gr.Accordion("Under the hood: what the model expects next", open=False):
-        gr.Markdown("Probabilities of the 10 most likely next tokens after the prompt (temperature 1, before top-k/top-p).")
-        probe = gr.Button("Show next-token probabilities")
-        chart = gr.BarPlot(x="token", y="probability", sort="-y", label="next token", height=320, elem_id="next-token-chart")
+    with gr.Accordion("Under the hood: what the model expects next", open=False, elem_id="under-the-hood"):
+        gr.Markdown("Probabilities of the 10 most likely next tokens after the prompt as it is now (temperature 1, "
+                    "before top-k/top-p); redrawn as you type.")
+        chart = gr.BarPlot(next_token_table(pool, FIRST_PROMPT), x="token", y="probability", sort="-y", y_lim=[0, None],
+                           label="next token", height=320, elem_id="next-token-chart")
 
     # preprocess=False: raw values reach check_request, whose errors name the parameter and its range.
     # The API endpoints have no trigger on the page (triggers=[]); the page's triggers call the *_on_page handlers.
@@ -119,8 +119,10 @@ def build_generate_tab(pool: ModelPool, pool_for: PoolFor | None = None, choose_
     gr.on([button.click, prompt.submit], generate_on_page, inputs, boxes, api_visibility="private",
           concurrency_id="model", preprocess=False)
     gr.on([], next_tokens, [prompt], chart, api_name="next_tokens", concurrency_id="model", preprocess=False)
-    probe.click(next_tokens_on_page, [prompt], chart, api_visibility="private", concurrency_id="model", preprocess=False)
+    # A changed prompt redraws the chart (the latest prompt only: "always_last"), so it never shows an old prompt's bars.
+    prompt.change(chart_on_page, [prompt], chart, api_visibility="private", concurrency_id="model", preprocess=False,
+                  trigger_mode="always_last", show_progress="hidden")
     num.change(show_boxes, [num], boxes, api_visibility="private", queue=False)
     if choose_model is not None:  # loading a visitor's model takes a moment: it waits in the "model" queue too
         gr.on([], choose_model, [choice], card, api_name="use_model", concurrency_id="model", preprocess=False)
-        choice.input(choose_on_page, [choice], [choice, card], api_visibility="private", concurrency_id="model")
+        choice.input(choose_on_page, [choice, prompt], [choice, card, chart], api_visibility="private", concurrency_id="model")

@@ -12,7 +12,8 @@ from model.cpus import set_threads
 from model.webapp.checks import CheckedBlocks
 from model.webapp.generate_tab import build_generate_tab
 from model.webapp.pool import REQUESTS_AT_ONCE, ModelPool
-from model.webapp.train_tab import Training, build_train_tab
+from model.webapp.train_tab import build_train_tab
+from model.webapp.visitors import Visitors
 
 MAX_UPLOAD = "10mb"  # Gradio refuses larger uploads; the Train tab's own limit (training_job.MAX_BYTES) says the same
 CACHE_CLEANUP = (1800, 3600)  # every 30 minutes, Gradio deletes uploads and download copies older than an hour
@@ -20,46 +21,46 @@ CACHE_CLEANUP = (1800, 3600)  # every 30 minutes, Gradio deletes uploads and dow
 log = logging.getLogger(__name__)
 
 
-def build_demo(pool: ModelPool, training: Training | None = None) -> gr.Blocks:
-    """The page; its "generate" endpoint takes prompt (named) and returns one string per sequence box. With training,
-    a Train tab too, and the Generate tab can switch to the visitor's own model."""
+def build_demo(pool: ModelPool, visitors: Visitors | None = None) -> gr.Blocks:
+    """The page; its "generate" endpoint takes prompt (named) and returns one string per sequence box. With visitors
+    (their models), a Train tab too, and the Generate tab can switch to the visitor's own model."""
     with CheckedBlocks(title="smallgpt", delete_cache=CACHE_CLEANUP) as demo:
         gr.Markdown("# smallgpt\nA small GPT trained on one text file, quantized to int8, running on CPU. "
                     "Type the start of a text; the model continues it." +
-                    (" Or train your own model on a text of yours in the Train tab." if training else ""))
+                    (" Or train your own model on a text of yours in the Train tab." if visitors is not None else ""))
         with gr.Tabs():
             with gr.Tab("Generate", id="generate"):
-                if training is None:
+                if visitors is None:
                     build_generate_tab(pool)
                 else:
-                    build_generate_tab(pool, training.pool_for(pool), training.chooser(pool))
-            if training is not None:
+                    build_generate_tab(pool, visitors.pool_for(pool), visitors.chooser(pool))
+            if visitors is not None:
                 with gr.Tab("Train", id="train"):
-                    build_train_tab(training)
-        if training is not None:
-            demo.unload(training.forget)  # the visitor closed or reloaded the page: their model goes
+                    build_train_tab(visitors)
+        if visitors is not None:
+            demo.unload(visitors.forget)  # the visitor closed or reloaded the page: their model goes
     return demo
 
 
 def launch(pool: ModelPool, host: str | None = None, port: int | None = None, share: bool = False,
-           prevent_thread_lock: bool = False, train: bool = True, training: Training | None = None) -> gr.Blocks:
+           prevent_thread_lock: bool = False, train: bool = True, visitors: Visitors | None = None) -> gr.Blocks:
     """Serve the app, up to REQUESTS_AT_ONCE generation requests decoded together on the pool's copies; on Spaces
-    (SPACE_ID set) on 0.0.0.0:7860. With train (the default), the Train tab, backed by training (default: a new Training)."""
+    (SPACE_ID set) on 0.0.0.0:7860. With train (the default), the Train tab, backed by visitors (default: new Visitors)."""
     if os.environ.get("SPACE_ID"):
         host, port, share = host or "0.0.0.0", port or 7860, False
-    if train and training is None:
-        if Training.available():
-            training = Training()
+    if train and visitors is None:
+        if Visitors.available():
+            visitors = Visitors()
         else:
             log.warning("No Train tab: train.py and quantize.py are not beside the model package.")
     if not train:
-        training = None
-    if training is not None:
-        training.start_sweeping()
-        atexit.register(training.close)  # at shutdown, delete the visitors' models and kill a training still running
+        visitors = None
+    if visitors is not None:
+        visitors.start_sweeping()
+        atexit.register(visitors.close)  # at shutdown, delete the visitors' models and kill a training still running
     set_threads(pool.size)
     pool.warm_up()
-    demo = build_demo(pool, training)
+    demo = build_demo(pool, visitors)
     demo.queue(default_concurrency_limit=REQUESTS_AT_ONCE, max_size=64)
     demo.launch(server_name=host, server_port=port, share=share, prevent_thread_lock=prevent_thread_lock,
                 footer_links=["api", "gradio"], ssr_mode=False, max_file_size=MAX_UPLOAD)

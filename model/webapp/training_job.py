@@ -1,12 +1,13 @@
-"""The engine of the app's Train tab, without any UI: check a visitor's text, train on it with train.py in a child process,
-quantize the result with quantize.py, keep a few finished models per server and zip one for download.
+"""One training job of the app's Train tab, without any UI: check a visitor's text, train on it with train.py in a child
+process, quantize the result with quantize.py, and zip it for download. Whose job it is, and how long it is kept, is
+model/webapp/visitors.py's.
 
-    slot, store = TrainingSlot(), ModelStore()
+    slot = TrainingSlot()
     job = slot.start(data, minutes=3)   # JobError: bad text, bad minutes, or another training is running
-    store.add(session_id, job)          # the store deletes it with the session, after an hour, or when a 5th arrives
     job.status()                        # poll every few seconds: state, progress, loss curves, sample, error, report
     job.stop()                          # keeps the best weights so far; they are quantized too
     make_zip(job.run_dir)               # once the status has a model_dir
+    job.discard()                       # kill what still runs and delete the folder
 """
 
 from __future__ import annotations
@@ -23,16 +24,15 @@ import tempfile
 import threading
 import time
 import zipfile
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
 from model import atomic
-from model.formats.checkpoint import CONFIG, METRICS, WEIGHTS, read_json
+from model.formats.checkpoint import CONFIG, LOG, METRICS, PLOT, WEIGHTS, read_json, read_log
 from model.training.data import DataError, check_length, decode_text, sure_length
 from model.training.settings import PRESETS, TrainSettings
-from model.training.trainer import LOG, PLOT, read_log
 
 PROJECT = Path(__file__).resolve().parents[2]  # a Space bundle carries train.py and quantize.py beside app.py too
 TRAIN_PY = PROJECT / "train.py"
@@ -44,8 +44,6 @@ MAX_BYTES = 10 * 2**20  # uploads and pastes above 10 MB are refused
 MIN_CHARS = sure_length(PRESETS["cpu"]["block_size"])
 MIN_MINUTES, MAX_MINUTES, DEFAULT_MINUTES = 1, 10, 3
 DEFAULT_THREADS = 1  # trainer threads: on a 2-vCPU Space the other CPU keeps serving generation requests
-MAX_MODELS = 4  # models kept per server, the oldest deleted first
-MAX_AGE_S = 3600.0  # a model is deleted this long after its training started
 STOP_GRACE_S = 30.0  # after a stop, the trainer gets this long to save and exit before it is killed
 OVERTIME_S = 120.0  # a trainer still running this long past its budget is stopped as if the visitor had pressed Stop
 QUANTIZE_TIMEOUT_S = 600.0
@@ -134,6 +132,7 @@ class Status:
     error: str | None  # one sentence when failed (or stopped before any weights were saved)
     report: dict[str, Any] | None  # quantize.py's report.json once the int8 model is ready
     model_dir: Path | None  # the int8 checkpoint once ready (model.load reads it), else None
+    zip_folder: str | None = None  # once ready: the folder the download zip unpacks to
 
     @property
     def active(self) -> bool:
@@ -171,7 +170,9 @@ class TrainingJob:
             self.fp32_dir = self.run_dir / FP32_DIR
             self.int8_dir = self.fp32_dir / INT8_DIR
             atomic.write_text(self.run_dir / TEXT_FILE, text)
-            self._proc = self._launch(TRAIN_PY, ["--data", str(self.run_dir / TEXT_FILE), "--out-dir", str(self.fp32_dir),
+            # Paths relative to the job folder (the children's working directory): what they record (config.json's
+            # training data, report.json's checkpoints) names the model's files, never the server's folders.
+            self._proc = self._launch(TRAIN_PY, ["--data", TEXT_FILE, "--out-dir", FP32_DIR,
                                                  "--max-minutes", f"{minutes:g}", "--threads", str(threads), *train_args], TRAIN_LOG)
         except OSError as e:  # disk full, no permission: nothing a visitor did, and nothing left behind
             if run_dir is not None:
@@ -193,12 +194,15 @@ class TrainingJob:
             return self._state in ACTIVE and not self._discarded
 
     def seconds_left(self) -> float:
-        """Roughly how long until the model is ready: the rest of the training budget plus the int8 step."""
+        """Roughly how long until the model is ready: the rest of the training budget plus the int8 step, counting
+        down to 0 (never below) while the int8 copy is made."""
         with self._lock:
             if self._state not in ACTIVE:
                 return 0.0
-            end = self._t_end if self._t_end is not None else self._t0 + self.budget_s
-        return max(0.0, end - time.monotonic()) + QUANTIZE_ESTIMATE_S
+            now = time.monotonic()
+            if self._t_end is None:
+                return max(0.0, self._t0 + self.budget_s - now) + QUANTIZE_ESTIMATE_S
+            return max(0.0, self._t_end + QUANTIZE_ESTIMATE_S - now)
 
     def status(self) -> Status:
         """Where the job stands, read from its files: cheap enough to call every few seconds."""
@@ -211,7 +215,8 @@ class TrainingJob:
         elapsed = (t_end if t_end is not None else time.monotonic()) - self._t0
         return Status(state=state, elapsed_s=elapsed, budget_s=self.budget_s,
                       seconds_left=self.seconds_left(), records=records, train_curve=train, val_curve=val, sample=sample,
-                      error=error, report=report, model_dir=self.int8_dir if report is not None else None)
+                      error=error, report=report, model_dir=self.int8_dir if report is not None else None,
+                      zip_folder=zip_folder(self.run_dir) if report is not None else None)
 
     def stop(self) -> None:
         """Ask the trainer to stop (SIGINT): it keeps the best weights so far, which are then quantized. A no-op once training is over."""
@@ -269,8 +274,8 @@ class TrainingJob:
             if self._discarded:
                 return "failed", "This model was deleted.", None
             self._state = "quantizing"
-            self._proc = self._launch(QUANTIZE_PY, ["--ckpt", str(self.fp32_dir), "--out", str(self.int8_dir), "--data",
-                                                    str(self.run_dir / TEXT_FILE), "--eval-windows", str(QUANTIZE_EVAL_WINDOWS),
+            self._proc = self._launch(QUANTIZE_PY, ["--ckpt", FP32_DIR, "--out", f"{FP32_DIR}/{INT8_DIR}", "--data",
+                                                    TEXT_FILE, "--eval-windows", str(QUANTIZE_EVAL_WINDOWS),
                                                     "--threads", str(self.threads)], QUANTIZE_LOG)
         try:
             rc = self._proc.wait(timeout=QUANTIZE_TIMEOUT_S)
@@ -341,57 +346,9 @@ class TrainingSlot:
             return self._job if self._job is not None and self._job.active else None
 
 
-class ModelStore:
-    """Visitors' jobs by owner (a session id), one each: at most max_models kept, each deleted after max_age_s or with
-    its owner's session."""
-
-    def __init__(self, max_models: int = MAX_MODELS, max_age_s: float = MAX_AGE_S, clock: Callable[[], float] = time.monotonic):
-        self.max_models = max_models
-        self.max_age_s = max_age_s
-        self.clock = clock
-        self._lock = threading.Lock()
-        self._jobs: dict[str, tuple[TrainingJob, float]] = {}  # oldest first
-
-    def add(self, owner: str, job: TrainingJob) -> None:
-        """Keep job as owner's model, deleting owner's previous one and, beyond max_models, the oldest others."""
-        with self._lock:
-            gone = [self._jobs.pop(owner)[0]] if owner in self._jobs else []
-            self._jobs[owner] = (job, self.clock())
-            while len(self._jobs) > self.max_models:
-                gone.append(self._jobs.pop(next(iter(self._jobs)))[0])
-        for old in gone:
-            old.discard()
-
-    def get(self, owner: str) -> TrainingJob | None:
-        """owner's job, or None (never trained, or deleted since)."""
-        with self._lock:
-            entry = self._jobs.get(owner)
-        return entry[0] if entry else None
-
-    def drop(self, owner: str) -> None:
-        """Delete owner's job (their browser session ended), killing it if it still runs."""
-        with self._lock:
-            entry = self._jobs.pop(owner, None)
-        if entry:
-            entry[0].discard()
-
-    def sweep(self) -> int:
-        """Delete the jobs started more than max_age_s ago; call it every few minutes. Returns how many went."""
-        now = self.clock()
-        with self._lock:
-            old = [owner for owner, (_, added) in self._jobs.items() if now - added > self.max_age_s]
-            gone = [self._jobs.pop(owner)[0] for owner in old]
-        for job in gone:
-            job.discard()
-        return len(gone)
-
-    def clear(self) -> None:
-        """Delete every job (on server shutdown)."""
-        with self._lock:
-            gone = [job for job, _ in self._jobs.values()]
-            self._jobs.clear()
-        for job in gone:
-            job.discard()
+def zip_folder(run_dir: Path) -> str:
+    """The one folder a job's download zip unpacks to (the DIR of the Train tab's instructions)."""
+    return f"smallgpt-{run_dir.name}"
 
 
 def make_zip(run_dir: str | Path) -> Path:
@@ -401,7 +358,7 @@ def make_zip(run_dir: str | Path) -> Path:
     """
     run_dir = Path(run_dir)
     fp32, int8 = run_dir / FP32_DIR, run_dir / FP32_DIR / INT8_DIR
-    top = f"smallgpt-{run_dir.name}"
+    top = zip_folder(run_dir)
     path = run_dir / f"{top}.zip"
     if path.is_file():
         return path
