@@ -18,6 +18,7 @@ import pandas as pd
 
 from model.formats.checkpoint import CheckpointError
 from model.tokenizer import TokenizerError
+from model.webapp import zerogpu
 from model.webapp.checks import InputError, shown
 from model.webapp.generate_tab import MODEL_CHOICES, ChooseModel, PoolFor
 from model.webapp.pool import OWN_MODEL_COPIES, TRAIN_THREADS, ModelPool, model_card
@@ -377,6 +378,8 @@ def build_train_tab(training: Training) -> None:
                 f"to {MAX_BYTES // 2**20} MB; a few pages at least, a few MB at best. One training runs at a time on this "
                 "server. Your model is deleted when you close this page, an hour after its training started, or when you "
                 "train again.")
+    if zerogpu.ACTIVE:
+        gr.Markdown(zerogpu.TAB_NOTE)
     with gr.Row():
         with gr.Column(scale=1):
             source = gr.Radio([(SOURCES[key], key) for key in sources()], value="upload", label="Text",

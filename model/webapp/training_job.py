@@ -34,6 +34,7 @@ from model.formats.checkpoint import CONFIG, METRICS, WEIGHTS, read_json
 from model.training.data import VAL_FRACTION, DataError, decode_text
 from model.training.settings import PRESETS
 from model.training.trainer import LOG, PLOT, read_log
+from model.webapp import zerogpu
 
 PROJECT = Path(__file__).resolve().parents[2]  # a Space bundle carries train.py and quantize.py beside app.py too
 TRAIN_PY = PROJECT / "train.py"
@@ -46,7 +47,7 @@ MAX_BYTES = 10 * 2**20  # uploads and pastes above 10 MB are refused
 MIN_CHARS = math.ceil((PRESETS["cpu"]["block_size"] + 1) * 6 / VAL_FRACTION)
 CONTROL = re.compile(r"[\x00-\x08\x0b\x0e-\x1f\x7f-\x9f]")  # control characters other than tab, newlines and form feed
 MAX_CONTROL_SHARE = 0.01  # text with more of them than this is taken for a binary file
-MIN_MINUTES, MAX_MINUTES, DEFAULT_MINUTES = 1, 10, 3
+MIN_MINUTES, MAX_MINUTES, DEFAULT_MINUTES = 1, (zerogpu.MAX_MINUTES if zerogpu.ACTIVE else 10), 3
 DEFAULT_THREADS = 1  # trainer threads: on a 2-vCPU Space the other CPU keeps serving generation requests
 MAX_MODELS = 4  # models kept per server, the oldest deleted first
 MAX_AGE_S = 3600.0  # a model is deleted this long after its training started
@@ -102,9 +103,12 @@ def remove_tree(path: Path) -> None:
     shutil.rmtree(trash, ignore_errors=True)
 
 
-def _signal(proc: subprocess.Popen, sig: int) -> None:
-    """Send sig to a child's process group, unless the child has already exited."""
+def _signal(proc: subprocess.Popen | zerogpu.GpuTrainer, sig: int) -> None:
+    """Send sig to a child's process group (or to a training on ZeroGPU), unless the child has already exited."""
     if proc.poll() is None:
+        if isinstance(proc, zerogpu.GpuTrainer):
+            proc.send_signal(sig)
+            return
         with contextlib.suppress(ProcessLookupError):
             os.killpg(proc.pid, sig)
 
@@ -242,8 +246,11 @@ class TrainingJob:
 
     # ---- the background thread ------------------------------------------------------------------------------------
 
-    def _launch(self, script: Path, args: list[str], log_name: str) -> subprocess.Popen:
-        """Start a project script in its own process group, stdout and stderr to a log file in the job folder."""
+    def _launch(self, script: Path, args: list[str], log_name: str) -> subprocess.Popen | zerogpu.GpuTrainer:
+        """Start a project script in its own process group, stdout and stderr to a log file in the job folder. On a ZeroGPU
+        Space, train.py runs inside a @spaces.GPU call instead (model/webapp/zerogpu.py says why), its output to the same log."""
+        if zerogpu.ACTIVE and script == TRAIN_PY:
+            return zerogpu.GpuTrainer(script, args, self.run_dir / log_name, self.budget_s / 60)
         env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": str(self.threads)}
         with open(self.run_dir / log_name, "wb") as out:
             return subprocess.Popen([sys.executable, str(script), *args], cwd=self.run_dir, env=env, stdin=subprocess.DEVNULL,
