@@ -7,6 +7,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 import urllib.request
 from pathlib import Path
@@ -24,14 +25,18 @@ def test_share_offline_says_why_in_one_sentence_and_keeps_serving(tmp_path, gpt2
     env = {**os.environ, "GRADIO_ANALYTICS_ENABLED": "False", "PYTHONUNBUFFERED": "1"}
     proc = subprocess.Popen([sys.executable, "app.py", "--ckpt", str(ckpt), "--share", "--port", str(port), "--no-train"],
                             cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    lines: list[str] = []
+    lines: list[str] = []  # the app's output, read by a thread so that a missing line fails the test instead of hanging it
+
+    def read() -> None:
+        for line in proc.stdout:
+            lines.append(line)
+
+    threading.Thread(target=read, daemon=True).start()
     try:
         deadline = time.monotonic() + 120
         while not any(line.startswith("No share link") for line in lines):
-            line = proc.stdout.readline()
-            assert line or proc.poll() is None, "".join(lines)
-            assert time.monotonic() < deadline, "".join(lines)
-            lines.append(line)
+            assert proc.poll() is None and time.monotonic() < deadline, "".join(lines)
+            time.sleep(0.2)
         said = next(line for line in lines if line.startswith("No share link"))
         assert said.count(". ") == 0 and said.rstrip().endswith(f"http://127.0.0.1:{port}/."), said
         assert "tunnel" in said and "offline" in said
@@ -39,7 +44,7 @@ def test_share_offline_says_why_in_one_sentence_and_keeps_serving(tmp_path, gpt2
         with urllib.request.urlopen(f"http://127.0.0.1:{port}/", timeout=10) as page:  # still served locally
             assert page.status == 200
         proc.send_signal(signal.SIGINT)
-        assert proc.wait(timeout=30) == 0, proc.stdout.read()
+        assert proc.wait(timeout=30) == 0, "".join(lines)
     finally:
         if proc.poll() is None:
             proc.kill()

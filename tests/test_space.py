@@ -90,7 +90,9 @@ def test_exported_zero_gpu_app_follows_zerogpu_rules(tmp_path, checkpoint):
     app calls CUDA at import time (module level)."""
     space = export_space(checkpoint, tmp_path / "space", app_file=ROOT / "app.py", hardware="zero-gpu")
     imports = _top_level_imports(ast.parse((space / "app.py").read_text(encoding="utf-8")))
-    first_heavy = next(i for i, (name, _) in enumerate(imports) if name not in ("__future__", "argparse", "os", "signal", "sys", "pathlib"))
+    first_heavy = next((i for i, (name, _) in enumerate(imports)
+                        if name not in ("__future__", "argparse", "os", "signal", "sys", "pathlib")), None)
+    assert first_heavy is not None, "app.py does not import spaces at module level"
     name, stmt = imports[first_heavy]
     assert name == "spaces" and isinstance(stmt, ast.If) and "SPACES_ZERO_GPU" in ast.unparse(stmt.test), ast.unparse(stmt)
     assert not any(n.split(".")[0] in ("torch", "gradio", "model") for n, s in imports[:first_heavy])
