@@ -10,6 +10,13 @@ from pathlib import Path
 
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # never call home
 
+if os.environ.get("SPACES_ZERO_GPU"):  # a ZeroGPU Space: spaces must come before torch and gradio (docs/app.md, "ZeroGPU")
+    try:
+        import spaces  # noqa: F401
+    except ImportError:
+        sys.exit("error: this is a ZeroGPU Space (SPACES_ZERO_GPU is set) but the spaces package is missing: "
+                 "add spaces to requirements.txt, or export again with python app.py --export-space DIR.")
+
 
 def main() -> int:
     from model.formats.checkpoint import CKPT_ENV, CheckpointError, default_checkpoint
@@ -23,16 +30,20 @@ def main() -> int:
     ap.add_argument("--share", action="store_true", help="also serve through a temporary public gradio.live link")
     ap.add_argument("--export-space", type=Path, default=None, metavar="DIR",
                     help="instead of serving, write a self-contained Hugging Face Space folder to DIR")
+    ap.add_argument("--space-hardware", default=None, metavar="{zero-gpu,cpu-basic}",
+                    help="with --export-space: the Space's hardware; zero-gpu (the default) is what a free account can "
+                         "create, cpu-basic needs a paid plan (docs/app.md, Deploy)")
     ap.add_argument("--no-train", action="store_true", help="serve without the Train tab (no training on this server)")
     args = ap.parse_args()
     ckpt = args.ckpt or default_checkpoint()
     from model.webapp import ModelPool, launch  # gradio: seconds to import, so not before --help
     try:
         if args.export_space is not None:
-            from model.webapp.space import export_space
+            from model.webapp.space import DEFAULT_HARDWARE, export_space
 
-            out = export_space(ckpt, args.export_space, app_file=Path(__file__).resolve())
-            print(f"Space folder written to {out}; upload it as described in docs/app.md.")
+            hardware = args.space_hardware or DEFAULT_HARDWARE
+            out = export_space(ckpt, args.export_space, app_file=Path(__file__).resolve(), hardware=hardware)
+            print(f"Space folder ({hardware}) written to {out}; upload it as described in docs/app.md, Deploy.")
             return 0
         # SIGTERM (a stopped container, kill) exits through the atexit hooks: visitors' models and trainings go with it.
         signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))

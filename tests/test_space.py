@@ -1,7 +1,10 @@
-"""The Space export: a self-contained folder whose app.py boots with no flags and answers a gradio_client request."""
+"""The Space export, for both targets (zero-gpu, the default, and cpu-basic): a self-contained folder whose app.py boots
+with no flags and answers gradio_client requests, Generate and Train; the zero-gpu folder also under the real spaces package
+in its ZeroGPU mode, against a stand-in of ZeroGPU's control endpoint on 127.0.0.1 (tests/zerogpu_support.py)."""
 
 from __future__ import annotations
 
+import ast
 import os
 import subprocess
 import sys
@@ -12,17 +15,31 @@ import gradio
 import pytest
 from app_support import free_port, tiny_checkpoint
 from gradio_client import Client
+from zerogpu_support import SHIM, control_endpoint
 
 from model.formats.checkpoint import CheckpointError
-from model.webapp.space import MARKER, PACKAGE, export_space, torch_version
+from model.webapp import zerogpu
+from model.webapp.space import DEFAULT_HARDWARE, MARKER, PACKAGE, SPACES_PACKAGE, export_space, torch_version
 
 ROOT = Path(__file__).resolve().parents[1]
+FRONT_MATTER = {"zero-gpu": ["suggested_hardware: zero-a10g", 'python_version: "3.12"'],
+                "cpu-basic": ["suggested_hardware: cpu-basic", 'python_version: "3.11"']}
+CPU_INDEX = "--extra-index-url https://download.pytorch.org/whl/cpu"
 
 
 @pytest.fixture(scope="module")
-def space(tmp_path_factory, gpt2_tokenizer) -> Path:
-    tmp = tmp_path_factory.mktemp("space")
-    return export_space(tiny_checkpoint(tmp, gpt2_tokenizer), tmp / "space", app_file=ROOT / "app.py")
+def checkpoint(tmp_path_factory, gpt2_tokenizer) -> Path:
+    return tiny_checkpoint(tmp_path_factory.mktemp("ckpt"), gpt2_tokenizer)
+
+
+@pytest.fixture(scope="module", params=["zero-gpu", "cpu-basic"])
+def space(request, tmp_path_factory, checkpoint) -> Path:
+    out = tmp_path_factory.mktemp(request.param) / "space"
+    return export_space(checkpoint, out, app_file=ROOT / "app.py", hardware=request.param)
+
+
+def _hardware(space: Path) -> str:
+    return space.parent.name.rstrip("0123456789")  # the fixture's folder: zero-gpu0, cpu-basic0
 
 
 def test_bundle_holds_everything_it_needs(space):
@@ -34,11 +51,68 @@ def test_bundle_holds_everything_it_needs(space):
     assert not any("__pycache__" in n for n in names)
     readme = (space / "README.md").read_text(encoding="utf-8")
     front = readme.split("---")[1]
-    for line in ["sdk: gradio", f"sdk_version: {gradio.__version__}", "app_file: app.py", 'python_version: "3.11"',
-                 "suggested_hardware: cpu-basic", "title: smallgpt", "emoji: "]:
+    for line in ["sdk: gradio", f"sdk_version: {gradio.__version__}", "app_file: app.py", "title: smallgpt", "emoji: ",
+                 *FRONT_MATTER[_hardware(space)]]:
         assert line in front, line
     reqs = (space / "requirements.txt").read_text(encoding="utf-8").splitlines()
     assert f"torch=={torch_version()}" in reqs and f"gradio=={gradio.__version__}" in reqs
+    if _hardware(space) == "zero-gpu":  # torch from PyPI (its CUDA build, which spaces needs), and spaces
+        assert CPU_INDEX not in reqs and SPACES_PACKAGE in reqs
+        assert "ZeroGPU" in readme
+    else:
+        assert CPU_INDEX in reqs and not any(r.startswith("spaces") for r in reqs)
+
+
+def test_zero_gpu_is_the_default(checkpoint, tmp_path):
+    assert DEFAULT_HARDWARE == "zero-gpu"
+    out = export_space(checkpoint, tmp_path / "space", app_file=ROOT / "app.py")
+    assert "suggested_hardware: zero-a10g" in (out / "README.md").read_text(encoding="utf-8")
+    with pytest.raises(ValueError, match="zero-gpu, cpu-basic"):
+        export_space(checkpoint, tmp_path / "other", app_file=ROOT / "app.py", hardware="t4-small")
+    assert not (tmp_path / "other").exists()
+
+
+def _top_level_imports(tree: ast.Module) -> list[tuple[str, ast.stmt]]:
+    """(module, statement) for each import at module level, those inside a top-level `if` included, in order."""
+    found = []
+    for stmt in tree.body:
+        for node in ast.walk(stmt) if isinstance(stmt, ast.If | ast.Try) else [stmt]:
+            if isinstance(node, ast.Import):
+                found += [(alias.name, stmt) for alias in node.names]
+            elif isinstance(node, ast.ImportFrom) and node.module:
+                found.append((node.module, stmt))
+    return found
+
+
+def test_exported_zero_gpu_app_follows_zerogpu_rules(tmp_path, checkpoint):
+    """Read from the exported source: app.py imports spaces, under SPACES_ZERO_GPU, before anything that loads torch or
+    gradio; a module-level @spaces.GPU function exists (in a module the server imports at start-up); and no module of the
+    app calls CUDA at import time (module level)."""
+    space = export_space(checkpoint, tmp_path / "space", app_file=ROOT / "app.py", hardware="zero-gpu")
+    imports = _top_level_imports(ast.parse((space / "app.py").read_text(encoding="utf-8")))
+    first_heavy = next((i for i, (name, _) in enumerate(imports)
+                        if name not in ("__future__", "argparse", "os", "signal", "sys", "pathlib")), None)
+    assert first_heavy is not None, "app.py does not import spaces at module level"
+    name, stmt = imports[first_heavy]
+    assert name == "spaces" and isinstance(stmt, ast.If) and "SPACES_ZERO_GPU" in ast.unparse(stmt.test), ast.unparse(stmt)
+    assert not any(n.split(".")[0] in ("torch", "gradio", "model") for n, s in imports[:first_heavy])
+
+    zero = (space / "model/webapp/zerogpu.py").read_text(encoding="utf-8")
+    gpu_calls = [node for node in ast.walk(ast.parse(zero)) if isinstance(node, ast.Call)
+                 and ast.unparse(node.func).startswith("spaces.GPU")]
+    assert gpu_calls, "no @spaces.GPU function"
+    chain = {"model/webapp/server.py": "model.webapp.train_tab", "model/webapp/train_tab.py": "model.webapp.training_job",
+             "model/webapp/training_job.py": "model.webapp"}  # server -> train_tab -> training_job -> zerogpu
+    for path, module in chain.items():
+        assert any(n == module for n, _ in _top_level_imports(ast.parse((space / path).read_text(encoding="utf-8")))), path
+
+    for path in sorted(space.rglob("*.py")):
+        tree = ast.parse(path.read_text(encoding="utf-8"))
+        for stmt in tree.body:
+            if isinstance(stmt, ast.FunctionDef | ast.AsyncFunctionDef | ast.ClassDef):
+                continue  # runs when called, not at import
+            text = ast.unparse(stmt)
+            assert ".cuda" not in text and "cuda.init" not in text, f"{path.relative_to(space)}: {text[:200]}"
 
 
 def test_export_replaces_an_earlier_export_but_no_other_folder(space, tmp_path):
@@ -57,38 +131,79 @@ def test_export_replaces_an_earlier_export_but_no_other_folder(space, tmp_path):
     assert not (tmp_path / "new").exists()
 
 
+def _serve(space: Path, env_extra: dict[str, str], argv: list[str]) -> tuple[subprocess.Popen, Client]:
+    """Start the exported app (argv) in its folder and connect a client once it answers."""
+    port = free_port()
+    env = {k: v for k, v in os.environ.items() if k not in ("TIKTOKEN_CACHE_DIR", "SMALLGPT_CKPT", "PYTHONPATH", "SPACES_ZERO_GPU")}
+    env.update(GRADIO_SERVER_PORT=str(port), GRADIO_ANALYTICS_ENABLED="False", **env_extra)
+    proc = subprocess.Popen(argv, cwd=space, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    url, deadline = f"http://127.0.0.1:{port}/", time.monotonic() + 180  # a busy 2-core machine
+    while True:
+        if proc.poll() is not None:
+            raise AssertionError(proc.stdout.read())
+        try:
+            return proc, Client(url, verbose=False)
+        except Exception:
+            if time.monotonic() > deadline:
+                proc.kill()
+                raise
+            time.sleep(0.5)
+
+
+def _generate_then_train(client: Client) -> None:
+    """A Generate request; then the Train tab: train on the bundled text until a first sample, stop, get the int8 model, use it."""
+    out = client.predict(prompt="Hello from the Space", max_new_tokens=5, seed=1, api_name="/generate")
+    assert sum(bool(s) for s in out) == 3
+    st = client.predict(source="shakespeare", minutes=1, api_name="/train_start")
+    while st["state"] == "running" and not st.get("sample"):
+        time.sleep(1)
+        st = client.predict(api_name="/train_status")
+    client.predict(api_name="/train_stop")
+    while (st := client.predict(api_name="/train_status"))["state"] in ("running", "quantizing"):
+        time.sleep(1)
+    assert st["state"] == "stopped" and st["report"], st
+    assert "Parameters" in client.predict(model="yours", api_name="/use_model")
+    out = client.predict(prompt="ROMEO:", max_new_tokens=5, seed=1, api_name="/generate")
+    assert sum(bool(s) for s in out) == 3
+
+
 @pytest.mark.slow
 def test_exported_folder_boots_and_answers(space):
-    port = free_port()
-    env = {k: v for k, v in os.environ.items() if k not in ("TIKTOKEN_CACHE_DIR", "SMALLGPT_CKPT", "PYTHONPATH")}
-    env.update(GRADIO_SERVER_PORT=str(port), GRADIO_ANALYTICS_ENABLED="False")
-    proc = subprocess.Popen([sys.executable, "app.py"], cwd=space, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            text=True)
+    """Both folders, as run locally or on a CPU Space: no SPACES_ZERO_GPU, so training is train.py in a child process (for
+    zero-gpu, with the real spaces package installed: off ZeroGPU its decorator changes nothing)."""
+    proc, client = _serve(space, {}, [sys.executable, "app.py"])
     try:
-        url, deadline = f"http://127.0.0.1:{port}/", time.monotonic() + 90
-        while True:
-            assert proc.poll() is None, proc.stdout.read()
-            try:
-                client = Client(url, verbose=False)
-                break
-            except Exception:
-                if time.monotonic() > deadline:
-                    raise
-                time.sleep(0.5)
-        out = client.predict(prompt="Hello from the Space", max_new_tokens=5, seed=1, api_name="/generate")
-        assert sum(bool(s) for s in out) == 3
-        # The Train tab works there: train on the bundled text until a first sample, stop, get the int8 model, use it.
-        st = client.predict(source="shakespeare", minutes=1, api_name="/train_start")
-        while st["state"] == "running" and not st.get("sample"):
-            time.sleep(1)
-            st = client.predict(api_name="/train_status")
-        client.predict(api_name="/train_stop")
-        while (st := client.predict(api_name="/train_status"))["state"] in ("running", "quantizing"):
-            time.sleep(1)
-        assert st["state"] == "stopped" and st["report"], st
-        assert "Parameters" in client.predict(model="yours", api_name="/use_model")
-        out = client.predict(prompt="ROMEO:", max_new_tokens=5, seed=1, api_name="/generate")
-        assert sum(bool(s) for s in out) == 3
+        _generate_then_train(client)
     finally:
         proc.terminate()
         proc.wait(timeout=30)
+
+
+@pytest.mark.slow
+def test_zero_gpu_folder_trains_inside_a_gpu_call(tmp_path, checkpoint):
+    """The zero-gpu folder under the real spaces package in ZeroGPU mode (SPACES_ZERO_GPU=true, its control endpoint a
+    stand-in on 127.0.0.1): it boots (spaces' CUDA emulation would raise on any CUDA use in the main process), generates
+    without asking for a GPU, and trains inside one @spaces.GPU call, in the forked worker that /allow names, for the
+    chosen minutes plus the overhead; Stop reaches the trainer there, and the model comes back quantized."""
+    space = export_space(checkpoint, tmp_path / "space", app_file=ROOT / "app.py", hardware="zero-gpu")
+    with control_endpoint() as (url, record):
+        proc, client = _serve(space, {"SPACES_ZERO_GPU": "true", "SPACES_ZERO_DEVICE_API_URL": url},
+                              [sys.executable, "-c", SHIM])
+        try:
+            assert record.paths() == ["/startup-report"]  # spaces saw a decorated function at launch
+            out = client.predict(prompt="Hello from ZeroGPU", max_new_tokens=5, seed=1, api_name="/generate")
+            assert sum(bool(s) for s in out) == 3
+            assert record.paths() == ["/startup-report"]  # generating costs no GPU
+            _generate_then_train(client)
+            assert record.paths() == ["/startup-report", "/schedule", "/allow", "/release"]
+            assert record.params("/schedule")[0]["durationSeconds"] == str(60 + zerogpu.OVERHEAD_S)
+            assert int(record.params("/allow")[0]["pid"]) not in (proc.pid, 1)  # a forked worker, not the app
+            assert record.params("/release")[0]["fail"] == "false"  # the call ended well
+        finally:
+            proc.terminate()
+            try:
+                proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+        log = proc.stdout.read()
+        assert "Traceback" not in log, log[-4000:]

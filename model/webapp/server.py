@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import atexit
+import contextlib
+import io
 import logging
 import os
 
 import gradio as gr
 
 from model.cpus import set_threads
+from model.webapp import zerogpu
 from model.webapp.checks import CheckedBlocks
 from model.webapp.generate_tab import build_generate_tab
 from model.webapp.pool import REQUESTS_AT_ONCE, ModelPool
@@ -16,6 +19,9 @@ from model.webapp.train_tab import build_train_tab
 from model.webapp.visitors import Visitors
 
 MAX_UPLOAD = "10mb"  # Gradio refuses larger uploads; the Train tab's own limit (training_job.MAX_BYTES) says the same
+SHARE_FAILED = "\nCould not create share link"  # how Gradio's advice on a failed share link starts
+SHARE_NO_PROGRAM = "Gradio's tunnel program (frpc) is not on this machine and could not be downloaded (offline or firewalled?)"
+SHARE_NO_SERVER = "the tunnel could not reach Gradio's share server (offline or firewalled?)"
 CACHE_CLEANUP = (1800, 3600)  # every 30 minutes, Gradio deletes uploads and download copies older than an hour
 
 log = logging.getLogger(__name__)
@@ -59,9 +65,27 @@ def launch(pool: ModelPool, host: str | None = None, port: int | None = None, sh
         visitors.start_sweeping()
         atexit.register(visitors.close)  # at shutdown, delete the visitors' models and kill a training still running
     set_threads(pool.size)
-    pool.warm_up()
+    if zerogpu.ACTIVE:  # spaces' CUDA emulation, in this thread only, breaks the warm-up's traces
+        zerogpu.off_main_thread(pool.warm_up)
+    else:
+        pool.warm_up()
     demo = build_demo(pool, visitors)
     demo.queue(default_concurrency_limit=REQUESTS_AT_ONCE, max_size=64)
-    demo.launch(server_name=host, server_port=port, share=share, prevent_thread_lock=prevent_thread_lock,
-                footer_links=["api", "gradio"], ssr_mode=False, max_file_size=MAX_UPLOAD)
+    launch_args = dict(server_name=host, server_port=port, footer_links=["api", "gradio"], ssr_mode=False,
+                       max_file_size=MAX_UPLOAD)
+    if not share:
+        demo.launch(prevent_thread_lock=prevent_thread_lock, **launch_args)
+        return demo
+    # Gradio downloads a tunnel program on first use; where that or the tunnel fails it prints a page of advice. Say it in
+    # one sentence instead, and keep serving locally.
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        demo.launch(share=True, prevent_thread_lock=True, **launch_args)
+    printed = out.getvalue()
+    print(printed.split(SHARE_FAILED)[0].rstrip("\n"), flush=True)
+    if demo.share_url is None:
+        why = (SHARE_NO_PROGRAM if "Missing file" in printed else SHARE_NO_SERVER)
+        print(f"No share link: {why}; the app is still served locally at {demo.local_url}.", flush=True)
+    if not prevent_thread_lock:
+        demo.block_thread()
     return demo

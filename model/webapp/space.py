@@ -12,17 +12,29 @@ from pathlib import Path
 import torch
 
 from model.formats.checkpoint import SERVED_CKPT, TRAIN_STATE, CheckpointError, read_config
+from model.webapp import zerogpu
+from model.webapp.training_job import MAX_MINUTES  # off ZeroGPU (where the export runs): the CPU Space's limit
 
 PACKAGE = Path(__file__).resolve().parents[1]  # model/, copied whole into the Space
 CKPT_IN_SPACE = SERVED_CKPT  # the app's default checkpoint path, so the Space needs no flags
 TRAIN_TAB_FILES = ("train.py", "quantize.py", "input.txt")  # beside app.py: the Train tab runs them (input.txt: if present)
 MARKER = ".smallgpt-space"  # marks a folder this function wrote, so re-exporting may replace it
 
-# On Spaces, the extra index serves CPU-only torch wheels (about 200 MB instead of a multi-GB CUDA build);
-# pip takes 2.x.y+cpu from it, since a local version sorts above the plain one on PyPI.
-REQUIREMENTS = """\
---extra-index-url https://download.pytorch.org/whl/cpu
-torch=={torch}
+HARDWARE = ("zero-gpu", "cpu-basic")  # --space-hardware: what the Space asks for; zero-gpu is what a free account can create
+DEFAULT_HARDWARE = "zero-gpu"
+FLAVOR = {"zero-gpu": "zero-a10g", "cpu-basic": "cpu-basic"}  # the hub's hardware flavour names (README's suggested_hardware)
+PYTHON = {"zero-gpu": "3.12", "cpu-basic": "3.11"}  # ZeroGPU runs Python 3.12 or 3.10 only (the hub's ZeroGPU page)
+SPACES_PACKAGE = "spaces>=0.51.3"  # the ZeroGPU client read for model/webapp/zerogpu.py
+
+# cpu-basic: the extra index serves CPU-only torch wheels (about 200 MB instead of a multi-GB CUDA build); pip takes
+# 2.x.y+cpu from it, since a local version sorts above the plain one on PyPI.
+# zero-gpu: torch from PyPI, its CUDA build: spaces reads torch.version.cuda at import (spaces/zero/torch/static.py),
+# which the CPU build has as None; and the Train tab trains on the GPU.
+REQUIREMENTS = {
+    "cpu-basic": "--extra-index-url https://download.pytorch.org/whl/cpu\ntorch=={torch}\n",
+    "zero-gpu": f"torch=={{torch}}\n{SPACES_PACKAGE}\n",
+}
+REQUIREMENTS_REST = """\
 gradio=={gradio}
 tiktoken>=0.7
 numpy>=1.26
@@ -31,6 +43,14 @@ pandas>=2.0
 tqdm>=4.66
 matplotlib>=3.8
 """
+
+ABOUT_HARDWARE = {
+    "cpu-basic": "The Train tab trains a model of your own on a text you bring (1 to {max_minutes} minutes) on this Space's CPU, "
+                 "then you generate from it and download it.",
+    "zero-gpu": "The Train tab trains a model of your own on a text you bring (1 to {max_minutes} minutes) on a ZeroGPU GPU, "
+                "out of your daily ZeroGPU quota; then it is quantized to int8, you generate from it on the CPU and "
+                "download it. Generating costs no GPU quota.",
+}
 
 README = """\
 ---
@@ -41,8 +61,8 @@ colorTo: yellow
 sdk: gradio
 sdk_version: {gradio}
 app_file: app.py
-python_version: "3.11"
-suggested_hardware: cpu-basic
+python_version: "{python}"
+suggested_hardware: {flavor}
 pinned: false
 short_description: A small GPT, int8 on CPU, that continues your text
 ---
@@ -52,7 +72,7 @@ short_description: A small GPT, int8 on CPU, that continues your text
 A small GPT trained with smallgpt on one text file, quantized to int8 and served on CPU.
 Type the start of a text; the model writes up to five continuations, streamed token by token.
 The "Under the hood" panel shows the ten most likely next tokens after the prompt.
-The Train tab trains a model of your own on a text you bring (1 to 10 minutes), then you generate from it and download it.
+{about_hardware}
 
 Checkpoint: `out/int8` ({kind}, {size_mb:.1f} MB weights). Tokenizer: {tokenizer}.
 Run locally: `pip install -r requirements.txt && python app.py`.
@@ -64,12 +84,16 @@ def torch_version() -> str:
     return torch.__version__.split("+")[0]
 
 
-def export_space(ckpt: str | Path, out_dir: str | Path, app_file: str | Path, title: str = "smallgpt") -> Path:
-    """Write the Space folder out_dir (replacing an earlier export, never other folders); returns its path.
+def export_space(ckpt: str | Path, out_dir: str | Path, app_file: str | Path, title: str = "smallgpt",
+                 hardware: str = DEFAULT_HARDWARE) -> Path:
+    """Write the Space folder out_dir for hardware (one of HARDWARE), replacing an earlier export, never other folders;
+    returns its path.
 
     The folder is built beside out_dir and renamed into place, so a failure leaves nothing half-written.
     """
     ckpt, out_dir, app_file = Path(ckpt), Path(out_dir), Path(app_file)
+    if hardware not in HARDWARE:
+        raise ValueError(f"Unknown Space hardware {hardware!r}: choose one of {', '.join(HARDWARE)}.")
     if not ckpt.exists():
         raise CheckpointError(f"No checkpoint at {ckpt}: run python train.py then python quantize.py (or pass --ckpt DIR).")
     meta = read_config(ckpt)
@@ -79,7 +103,7 @@ def export_space(ckpt: str | Path, out_dir: str | Path, app_file: str | Path, ti
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
     tmp.chmod(0o755)
     try:
-        _fill(tmp, ckpt, meta, app_file, title)
+        _fill(tmp, ckpt, meta, app_file, title, hardware)
         if out_dir.exists():
             old = out_dir.with_name(f".{out_dir.name}.old")
             shutil.rmtree(old, ignore_errors=True)
@@ -93,7 +117,7 @@ def export_space(ckpt: str | Path, out_dir: str | Path, app_file: str | Path, ti
     return out_dir
 
 
-def _fill(dest: Path, ckpt: Path, meta: dict, app_file: Path, title: str) -> None:
+def _fill(dest: Path, ckpt: Path, meta: dict, app_file: Path, title: str, hardware: str) -> None:
     shutil.copy2(app_file, dest / "app.py")
     for name in TRAIN_TAB_FILES:
         if (app_file.parent / name).is_file():
@@ -107,8 +131,11 @@ def _fill(dest: Path, ckpt: Path, meta: dict, app_file: Path, title: str) -> Non
             shutil.copy2(src, ckpt_dest / src.name)
     tokenizer = str(meta["tokenizer"].get("name", "?"))  # read_config checked config.json, copied above
     size_mb = sum(f.stat().st_size for f in ckpt_dest.glob("*.safetensors")) / 1e6
-    (dest / "requirements.txt").write_text(REQUIREMENTS.format(torch=torch_version(), gradio=version("gradio")), encoding="utf-8")
+    requirements = REQUIREMENTS[hardware].format(torch=torch_version()) + REQUIREMENTS_REST.format(gradio=version("gradio"))
+    (dest / "requirements.txt").write_text(requirements, encoding="utf-8")
+    about = ABOUT_HARDWARE[hardware].format(max_minutes=zerogpu.MAX_MINUTES if hardware == "zero-gpu" else MAX_MINUTES)
     (dest / "README.md").write_text(README.format(title=title, gradio=version("gradio"), kind=meta.get("kind", "fp32"),
-                                                  size_mb=size_mb, tokenizer=tokenizer), encoding="utf-8")
+                                                  size_mb=size_mb, tokenizer=tokenizer, python=PYTHON[hardware],
+                                                  flavor=FLAVOR[hardware], about_hardware=about), encoding="utf-8")
     (dest / MARKER).write_text("written by python app.py --export-space; safe to replace\n", encoding="utf-8")
 

@@ -15,6 +15,7 @@ from typing import Any
 import gradio as gr
 from matplotlib.figure import Figure
 
+from model.webapp import zerogpu
 from model.webapp.checks import InputError, shown
 from model.webapp.training_job import (
     DEFAULT_MINUTES,
@@ -239,6 +240,8 @@ def build_train_tab(visitors: Visitors) -> None:
     gr.Markdown(f"Train a small GPT on a text of yours, then try it in the Generate tab. A plain-text (UTF-8) file of up "
                 f"to {MAX_BYTES // 2**20} MB; a few pages at least, a few MB at best. One training runs at a time on this "
                 f"server. {KEPT}")
+    if zerogpu.ACTIVE:
+        gr.Markdown(zerogpu.TAB_NOTE)
     with gr.Row():
         with gr.Column(scale=1):
             source = gr.Radio([(SOURCES[key], key) for key in sources()], value="upload", label="Text",

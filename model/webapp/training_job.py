@@ -33,6 +33,7 @@ from model import atomic
 from model.formats.checkpoint import CONFIG, LOG, METRICS, PLOT, WEIGHTS, read_json, read_log
 from model.training.data import DataError, check_length, decode_text, sure_length
 from model.training.settings import PRESETS, TrainSettings
+from model.webapp import zerogpu
 
 PROJECT = Path(__file__).resolve().parents[2]  # a Space bundle carries train.py and quantize.py beside app.py too
 TRAIN_PY = PROJECT / "train.py"
@@ -42,7 +43,7 @@ MAX_BYTES = 10 * 2**20  # uploads and pastes above 10 MB are refused
 # What text is trainable is model/training/data.py's rule, the CLI's too. From this length on a text surely passes it;
 # a shorter one is tokenised here, as train.py's default run will.
 MIN_CHARS = sure_length(PRESETS["cpu"]["block_size"])
-MIN_MINUTES, MAX_MINUTES, DEFAULT_MINUTES = 1, 10, 3
+MIN_MINUTES, MAX_MINUTES, DEFAULT_MINUTES = 1, (zerogpu.MAX_MINUTES if zerogpu.ACTIVE else 10), 3
 DEFAULT_THREADS = 1  # trainer threads: on a 2-vCPU Space the other CPU keeps serving generation requests
 STOP_GRACE_S = 30.0  # after a stop, the trainer gets this long to save and exit before it is killed
 OVERTIME_S = 120.0  # a trainer still running this long past its budget is stopped as if the visitor had pressed Stop
@@ -90,9 +91,12 @@ def remove_tree(path: Path) -> None:
     shutil.rmtree(trash, ignore_errors=True)
 
 
-def _signal(proc: subprocess.Popen, sig: int) -> None:
-    """Send sig to a child's process group, unless the child has already exited."""
+def _signal(proc: subprocess.Popen | zerogpu.GpuTrainer, sig: int) -> None:
+    """Send sig to a child's process group (or to a training on ZeroGPU), unless the child has already exited."""
     if proc.poll() is None:
+        if isinstance(proc, zerogpu.GpuTrainer):
+            proc.send_signal(sig)
+            return
         with contextlib.suppress(ProcessLookupError):
             os.killpg(proc.pid, sig)
 
@@ -237,8 +241,11 @@ class TrainingJob:
 
     # ---- the background thread ------------------------------------------------------------------------------------
 
-    def _launch(self, script: Path, args: list[str], log_name: str) -> subprocess.Popen:
-        """Start a project script in its own process group, stdout and stderr to a log file in the job folder."""
+    def _launch(self, script: Path, args: list[str], log_name: str) -> subprocess.Popen | zerogpu.GpuTrainer:
+        """Start a project script in its own process group, stdout and stderr to a log file in the job folder. On a ZeroGPU
+        Space, train.py runs inside a @spaces.GPU call instead (model/webapp/zerogpu.py says why), its output to the same log."""
+        if zerogpu.ACTIVE and script == TRAIN_PY:
+            return zerogpu.GpuTrainer(script, args, self.run_dir / log_name, self.budget_s / 60)
         env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": str(self.threads)}
         with open(self.run_dir / log_name, "wb") as out:
             return subprocess.Popen([sys.executable, str(script), *args], cwd=self.run_dir, env=env, stdin=subprocess.DEVNULL,
