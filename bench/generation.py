@@ -45,7 +45,7 @@ from tqdm import tqdm  # noqa: E402
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from model import atomic  # noqa: E402
-from model.config import GPTConfig
+from model.config import GPT2_VOCAB, GPTConfig  # noqa: E402
 from model.formats.checkpoint import CheckpointError  # noqa: E402
 from model.formats.hf import export_hf, neox_names_for_ctranslate2  # noqa: E402
 from model.formats.hf_tokenizer import token_strings  # noqa: E402
@@ -56,7 +56,6 @@ from model.generation.trace import forward_for  # noqa: E402
 from model.gpt import GPT  # noqa: E402
 from model.plot import plt, save_figure  # noqa: E402
 from model.tokenizer import TokenizerError, gpt2, padded_vocab_size  # noqa: E402
-from model.training.settings import preset  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 NAIVE = ("naive", "naive-last")
@@ -83,9 +82,9 @@ def models_to_bench(args: argparse.Namespace) -> tuple[dict[str, torch.nn.Module
                 n_layer, n_embd, block = (int(v) for v in args.random.split("x"))
             except ValueError:
                 raise ValueError(f"--random {args.random}: give a preset name or LAYERSxWIDTHxCONTEXT, e.g. 6x384x256.") from None
-            cfg = GPTConfig(block_size=block, n_layer=n_layer, n_head=max(n_embd // 64, 1), n_embd=n_embd)
+            cfg = GPTConfig(block_size=block, vocab_size=GPT2_VOCAB, n_layer=n_layer, n_head=max(n_embd // 64, 1), n_embd=n_embd)
         else:
-            cfg = preset(args.random)
+            cfg = GPTConfig.from_name(args.random)
         cfg.vocab_size = padded_vocab_size(tokenizer.n_vocab)
         cfg.dropout = 0.0
         fp32, source = GPT(cfg).eval(), f"random-weight {args.random} ({cfg.n_layer} layers x {cfg.n_embd}, context {cfg.block_size})"

@@ -39,7 +39,7 @@ from model.training.data import DataError, TokenData, get_batch, prepare, traini
 from model.training.evaluate import evaluate  # noqa: E402
 from model.training.optim import clip_grads, lr_at, make_optimizer, set_lr, warmup_frac  # noqa: E402
 from model.training.plan import resolve  # noqa: E402
-from model.training.settings import ArgError, TrainSettings, preset  # noqa: E402
+from model.training.settings import ArgError, TrainSettings  # noqa: E402
 from model.training.trainer import LOG, Trainer, read_log, set_threads, train  # noqa: E402
 
 BASELINE = 1.539  # nanoGPT's CPU recipe run for 16,000 iters (10.9 min here), val nats/char
@@ -89,7 +89,7 @@ def throughput_table(args: argparse.Namespace) -> None:
         tok, data = load_data(args.data, tok_name, Path(args.cache))
         chars_per_token = data.train_chars / len(data.train)
         for name in args.presets.split(","):
-            cfg = preset(name)
+            cfg = GPTConfig.from_name(name)
             cfg.vocab_size, cfg.dropout = padded_vocab_size(tok.n_vocab), 0.0
             rates: dict[str, list[float]] = {"fp32": [], "bf16": []}
             for _ in range(args.repeats):

@@ -4,6 +4,6 @@ from model.config import GPTConfig
 from model.formats.load import Loaded, load
 from model.gpt import GPT
 from model.tokenizer import Tokenizer, load_tokenizer
-from model.training.settings import PRESETS, preset
+from model.training.settings import PRESETS
 
-__all__ = ["GPT", "GPTConfig", "PRESETS", "preset", "Loaded", "load", "Tokenizer", "load_tokenizer"]
+__all__ = ["GPT", "GPTConfig", "PRESETS", "Loaded", "load", "Tokenizer", "load_tokenizer"]

@@ -1,9 +1,12 @@
-"""Model configuration: the shape of a GPT as one dataclass (the presets are model/training/settings.py's)."""
+"""Model configuration: the shape of a GPT as one dataclass, and where a shape comes from: a named preset
+(GPTConfig.from_name; the shape tables are here, a preset's training settings are model/training/settings.py's) or a
+saved section (GPTConfig.from_dict: config.json, train_state.pt, through model/formats/checkpoint.py's readers)."""
 
 from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 import operator
 import os
 from dataclasses import dataclass
@@ -11,6 +14,34 @@ from pathlib import Path
 from typing import Any
 
 MLP_KINDS = ("gelu", "relu2")
+GPT2_VOCAB = 50304  # GPT-2's 50257 tokens padded up to a multiple of 64: a preset's vocabulary when no text is known
+TINY_SHAKESPEARE_TOKENS = 317_000  # its training split with the default tokenizer: what the cpu preset is sized for by name
+
+# The model shape of each named preset (train.py --preset NAME, GPTConfig.from_name). "cpu" (`python train.py`) leaves
+# depth, width and dropout to the text: CPU_SIZES. The others are GPT-2's classic block.
+PRESET_SHAPES: dict[str, dict[str, Any]] = {
+    "cpu": {"block_size": 128, "n_head": 4, "rotary": True, "mlp": "gelu", "qk_norm": False},
+    "tiny": {"block_size": 64, "n_layer": 2, "n_head": 2, "n_embd": 64, "dropout": 0.0},
+    "gpt2": {"block_size": 1024, "n_layer": 12, "n_head": 12, "n_embd": 768, "dropout": 0.0},
+}
+# The cpu preset's size by the training split's tokens: the first row whose limit is at least the count. Its last
+# column caps the passes over the text (None: no cap): past them that size only overfits, so a faster machine or a
+# larger --max-minutes ends the schedule there instead of stretching it (docs/train.md has the runs behind it).
+CPU_SIZES: tuple[tuple[float, dict[str, Any], float | None], ...] = (
+    (100_000, {"n_layer": 4, "n_embd": 128, "dropout": 0.3}, None),
+    (1_000_000, {"n_layer": 4, "n_embd": 256, "dropout": 0.2}, 7.0),
+    (math.inf, {"n_layer": 4, "n_embd": 256, "dropout": 0.0}, None),
+)
+
+
+def cpu_size(train_tokens: int) -> dict[str, Any]:
+    """The cpu preset's depth, width and dropout for a training split of this many tokens."""
+    return next(size for limit, size, _ in CPU_SIZES if train_tokens <= limit)
+
+
+def cpu_max_epochs(train_tokens: int) -> float | None:
+    """How many passes over a training split of this many tokens the cpu preset's size still learns from (None: no cap)."""
+    return next(epochs for limit, _, epochs in CPU_SIZES if train_tokens <= limit)
 FLOAT_BYTES = 4  # weights and buffers are fp32 on the CPU, where every model is built
 TRAINING_COPIES = 4  # training holds the weights, their gradients and AdamW's two moments
 CGROUP_LIMITS = ("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory/memory.limit_in_bytes")  # a container's, v2 and v1
@@ -18,13 +49,14 @@ CGROUP_LIMITS = ("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory/memory.limi
 
 @dataclass
 class GPTConfig:
-    """Shape of a GPT. Plain data: saved as JSON next to the weights."""
+    """Shape of a GPT. Plain data: saved as JSON next to the weights. The sizes have no defaults: a shape comes from a
+    preset (from_name), a saved section (from_dict) or is spelled out."""
 
-    block_size: int = 256  # context length in tokens (also the number of learned positions)
-    vocab_size: int = 50304  # GPT-2's 50257 padded up to a multiple of 64
-    n_layer: int = 6
-    n_head: int = 6
-    n_embd: int = 384
+    block_size: int  # context length in tokens (also the number of learned positions)
+    vocab_size: int
+    n_layer: int
+    n_head: int
+    n_embd: int
     dropout: float = 0.0
     bias: bool = True  # bias in Linear and LayerNorm layers, as GPT-2
     # The block's variants. The defaults are GPT-2's, so a config.json without these keys loads as the classic block.
@@ -60,6 +92,14 @@ class GPTConfig:
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+    @classmethod
+    def from_name(cls, name: str, train_tokens: int = TINY_SHAKESPEARE_TOKENS, vocab_size: int = GPT2_VOCAB) -> GPTConfig:
+        """A preset's shape (cpu: as sized for a training split of train_tokens, Tiny Shakespeare's by default)."""
+        if name not in PRESET_SHAPES:
+            raise ValueError(f"Unknown preset {name!r}; choose one of: {', '.join(PRESET_SHAPES)}.")
+        sized = cpu_size(train_tokens) if name == "cpu" else {}
+        return cls(vocab_size=vocab_size, **sized, **PRESET_SHAPES[name])
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> GPTConfig:

@@ -13,11 +13,11 @@ os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
+from model.config import GPTConfig  # noqa: E402
 from model.formats.checkpoint import read_config, save_config, save_weights, write_json  # noqa: E402
 from model.formats.int8 import quantize_model, save_int8  # noqa: E402
 from model.gpt import GPT  # noqa: E402
 from model.tokenizer import Tokenizer, padded_vocab_size  # noqa: E402
-from model.training.settings import preset  # noqa: E402
 
 CHROMIUM = Path("/usr/bin/chromium")  # Debian's, driven by Playwright in the browser tests
 CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
@@ -38,7 +38,7 @@ TINY_TRAIN = ("--preset", "tiny", "--tokenizer", "bytes", "--n-layer", "1", "--n
 def tiny_checkpoint(out_dir: Path, tokenizer: Tokenizer, block_size: int = 64) -> Path:
     """A random-weight tiny GPT with the gpt2 vocabulary, saved fp32 then int8 (out_dir/int8, with a report.json)."""
     torch.manual_seed(0)
-    config = preset("tiny")
+    config = GPTConfig.from_name("tiny")
     config.vocab_size = padded_vocab_size(tokenizer.n_vocab)
     config.block_size = block_size
     model = GPT(config).eval()

@@ -24,7 +24,6 @@ from model.formats.load import load
 from model.generation.generate import SamplingConfig, decode_tokens, generate
 from model.gpt import GPT
 from model.tokenizer import build_tokenizer, padded_vocab_size
-from model.training.settings import preset
 
 PROMPTS = ["ROMEO:", "To be, or not to be, that is the question:", "The quick brown fox jumps over the lazy dog.",
            "First Citizen:\nBefore we proceed any further, hear me speak."]
@@ -320,7 +319,7 @@ def test_untied_head_is_a_clear_error(hf_dirs, tmp_path):
 
 
 def test_our_checkpoint_is_not_taken_for_hf(tmp_path):
-    model = GPT(preset("tiny"))
+    model = GPT(GPTConfig.from_name("tiny"))
     save_weights(tmp_path / "model.safetensors", model)
     save_config(tmp_path, model.config, {"name": "gpt2"})
     assert not is_hf_dir(tmp_path)
@@ -328,7 +327,7 @@ def test_our_checkpoint_is_not_taken_for_hf(tmp_path):
 
 
 def test_export_refuses_int8(tmp_path):
-    model = GPT(preset("tiny"))
+    model = GPT(GPTConfig.from_name("tiny"))
     save_weights(tmp_path / "model.safetensors", model)
     save_config(tmp_path, model.config, {"name": "gpt2"}, kind="int8")
     with pytest.raises(CheckpointError, match="int8 checkpoint; export the fp32"):
@@ -340,7 +339,7 @@ def test_export_refuses_int8(tmp_path):
 
 
 def test_cli_exports_and_reports_errors_in_one_line(tmp_path, capsys):
-    model = GPT(preset("tiny"))
+    model = GPT(GPTConfig.from_name("tiny"))
     save_weights(tmp_path / "model.safetensors", model)
     save_config(tmp_path, model.config, {"name": "gpt2"})
     assert export_hf.main(["--ckpt", str(tmp_path), "--out", str(tmp_path / "hf")]) == 0

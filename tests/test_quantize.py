@@ -19,19 +19,19 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import quantize as quantize_cli
+from model.config import GPTConfig
 from model.formats.checkpoint import WEIGHTS, CheckpointError, save_config, save_weights
 from model.formats.int8 import ENGINE_PREFERENCE, Int8Embedding, int8_state, load_int8, quantize_model, save_int8, set_engine
 from model.formats.load import load
 from model.generation.generate import SamplingConfig, decode_tokens
 from model.gpt import GPT
-from model.training.settings import preset
 
 TEXT = "First Citizen:\nBefore we proceed any further, hear me speak.\n\nAll:\nSpeak, speak.\n\n" * 8  # ~600 characters
 
 
 def tiny_gpt(vocab_size: int = 512, seed: int = 0) -> GPT:
     torch.manual_seed(seed)
-    config = preset("tiny")
+    config = GPTConfig.from_name("tiny")
     config.vocab_size = vocab_size
     return GPT(config).eval()
 
@@ -103,7 +103,7 @@ def test_tied_matrix_stored_once_as_int8():
 @pytest.mark.parametrize("variant", [{}, {"rotary": True, "mlp": "relu2"}], ids=["classic", "rotary-relu2"])
 def test_save_load_round_trip_is_bit_identical(tmp_path, variant):
     torch.manual_seed(0)
-    qmodel = quantize_model(GPT(dataclasses.replace(preset("tiny"), vocab_size=512, **variant)).eval())
+    qmodel = quantize_model(GPT(dataclasses.replace(GPTConfig.from_name("tiny"), vocab_size=512, **variant)).eval())
     save_int8(tmp_path, qmodel, {"tokenizer": {"name": "gpt2"}, "train": {}})
     loaded, cfg = load_int8(tmp_path)
     assert cfg["kind"] == "int8"

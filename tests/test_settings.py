@@ -10,8 +10,9 @@ import pytest
 from train_support import TEXT, byte_tokenizer
 
 import train
+from model.config import CPU_SIZES, GPTConfig, cpu_size
 from model.training.plan import resolve, settings_for
-from model.training.settings import CPU_SIZES, FINETUNE, PRESETS, SHAPE, ArgError, TrainSettings, cpu_size, layered, preset
+from model.training.settings import FINETUNE, PRESETS, SHAPE, ArgError, TrainSettings, layered
 
 
 def test_every_setting_is_a_flag_with_its_help_and_default(capsys):
@@ -59,7 +60,7 @@ def test_cpu_preset_is_sized_by_the_training_tokens():
     small, large = cpu_size(10_000), cpu_size(10**9)
     assert small["n_embd"] * small["n_layer"] < large["n_embd"] * large["n_layer"]  # more text, more capacity
     assert small["dropout"] > large["dropout"]  # less text, more regularisation
-    assert preset("cpu").n_embd == cpu_size(317_000)["n_embd"]  # Tiny Shakespeare's size
+    assert GPTConfig.from_name("cpu").n_embd == cpu_size(317_000)["n_embd"]  # Tiny Shakespeare's size
     assert set(cpu_size(0)) <= set(SHAPE)
 
 

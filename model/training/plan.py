@@ -12,7 +12,7 @@ from typing import Any
 
 import torch
 
-from model.config import GPTConfig, check_memory
+from model.config import GPTConfig, check_memory, cpu_max_epochs, cpu_size
 from model.formats import checkpoint
 from model.formats.checkpoint import CheckpointError
 from model.formats.load import load
@@ -28,8 +28,6 @@ from model.training.settings import (
     ArgError,
     TrainSettings,
     check,
-    cpu_max_epochs,
-    cpu_size,
     layered,
 )
 

@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from model.config import MLP_KINDS, GPTConfig
+from model.config import MLP_KINDS, PRESET_SHAPES
 from model.generation.sampling import SEED_MAX
 from model.paths import what_is
 from model.training import distributed
@@ -99,49 +99,19 @@ class TrainSettings:
 
 NAMES = tuple(f.name for f in dataclasses.fields(TrainSettings))
 
-# The one preset table: what each preset changes of the TrainSettings defaults. "cpu" is `python train.py`: tuned for
-# the best val nats/char in 10 minutes on 2 CPU cores (docs/training-results.md), its width, depth and dropout then
-# sized by the text (CPU_SIZES). The shape keys of "tiny" and "gpt2" are GPT-2's classic block.
+# The one preset table: what each preset changes of the TrainSettings defaults, its model shape (model/config.py's
+# PRESET_SHAPES) included. "cpu" is `python train.py`: tuned for the best val nats/char in 10 minutes on 2 CPU cores
+# (docs/training-results.md), its width, depth and dropout then sized by the text (CPU_SIZES).
 PRESETS: dict[str, dict[str, Any]] = {
-    "cpu": {"block_size": 128, "n_head": 4, "rotary": True, "mlp": "gelu", "qk_norm": False, "optimizer": "muon",
-            "patience": 6},
-    "tiny": {"block_size": 64, "n_layer": 2, "n_head": 2, "n_embd": 64, "dropout": 0.0, "tokenizer": "gpt2",
-             "eval_interval": 50, "warmup_iters": 20},
-    "gpt2": {"block_size": 1024, "n_layer": 12, "n_head": 12, "n_embd": 768, "dropout": 0.0, "tokenizer": "gpt2",
-             "batch_size": 8, "grad_accum": 8, "lr": 6e-4, "min_lr": 6e-5, "warmup_iters": 200, "beta2": 0.95, "max_minutes": 0.0,
-             "eval_interval": 200},
+    "cpu": {**PRESET_SHAPES["cpu"], "optimizer": "muon", "patience": 6},
+    "tiny": {**PRESET_SHAPES["tiny"], "tokenizer": "gpt2", "eval_interval": 50, "warmup_iters": 20},
+    "gpt2": {**PRESET_SHAPES["gpt2"], "tokenizer": "gpt2", "batch_size": 8, "grad_accum": 8, "lr": 6e-4, "min_lr": 6e-5,
+             "warmup_iters": 200, "beta2": 0.95, "max_minutes": 0.0, "eval_interval": 200},
 }
 # Finetuning with --init-from: these over the TrainSettings defaults (the shape is the checkpoint's).
 FINETUNE: dict[str, Any] = {"lr": 3e-5, "min_lr": 3e-6, "warmup_iters": 5, "dropout": 0.0, "batch_size": 8, "eval_interval": 50,
                             "max_iters": 500}
-# The cpu preset's size by the training split's tokens: the first row whose limit is at least the count. Its last
-# column caps the passes over the text (None: no cap): past them that size only overfits, so a faster machine or a
-# larger --max-minutes ends the schedule there instead of stretching it (docs/train.md has the runs behind it).
-CPU_SIZES: tuple[tuple[float, dict[str, Any], float | None], ...] = (
-    (100_000, {"n_layer": 4, "n_embd": 128, "dropout": 0.3}, None),
-    (1_000_000, {"n_layer": 4, "n_embd": 256, "dropout": 0.2}, 7.0),
-    (math.inf, {"n_layer": 4, "n_embd": 256, "dropout": 0.0}, None),
-)
 CPU_EVAL_INTERVAL = (25, 200)  # cpu: evaluate about once an epoch, within these steps
-
-
-def cpu_size(train_tokens: int) -> dict[str, Any]:
-    """The cpu preset's depth, width and dropout for a training split of this many tokens."""
-    return next(size for limit, size, _ in CPU_SIZES if train_tokens <= limit)
-
-
-def cpu_max_epochs(train_tokens: int) -> float | None:
-    """How many passes over a training split of this many tokens the cpu preset's size still learns from (None: no cap)."""
-    return next(epochs for limit, _, epochs in CPU_SIZES if train_tokens <= limit)
-
-
-def preset(name: str) -> GPTConfig:
-    """The model shape of a preset (cpu: as sized for Tiny Shakespeare), GPT-2's vocabulary; for code that needs a model
-    of a preset's shape without a text."""
-    if name not in PRESETS:
-        raise ValueError(f"Unknown preset {name!r}; choose one of: {', '.join(PRESETS)}.")
-    values = {**(cpu_size(317_000) if name == "cpu" else {}), **PRESETS[name]}
-    return GPTConfig(**{k: values[k] for k in SHAPE if k in values})
 
 
 def layered(given: dict[str, Any], saved: dict[str, Any] | None = None) -> TrainSettings:
