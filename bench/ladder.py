@@ -73,6 +73,7 @@ def main() -> int:
            title="What more minutes buy: the budget ladder")
     ticks = sorted({*a.minutes, *(m for m, _ in a.before)})
     ax.set_xticks(ticks, labels=[f"{m:g}" for m in ticks])
+    ax.minorticks_off()
     ax.grid(alpha=0.3)
     ax.legend()
     save_figure(fig, a.plot)
