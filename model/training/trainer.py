@@ -507,6 +507,8 @@ def train(given: dict[str, Any], stop_after: int | None = None, t_start: float |
         set_threads(plan.settings, plan.device, plan.dist.world_size, plan.dist.master)
         trainer = Trainer(plan, t_start)
         del plan  # the starting weights and resume state are in the trainer now: free the copies
-        return trainer.run(stop_after=stop_after)
+        result = trainer.run(stop_after=stop_after)
+        trainer.dist.barrier()  # ranks leave together: one that closes its connections while rank 0 still evaluates and
+        return result           # writes can abort in gloo ("terminate called without an active exception")
     finally:
         distributed.teardown()
