@@ -20,9 +20,8 @@ sys.path.insert(0, str(ROOT))
 
 import matplotlib.pyplot as plt  # noqa: E402  (the Agg backend: model.plot selects it)
 
-from model.formats.checkpoint import CONFIG, read_json  # noqa: E402
+from model.formats.checkpoint import CONFIG, LOG, read_json, read_log  # noqa: E402  # noqa: E402
 from model.plot import save_figure  # noqa: E402
-from model.training.trainer import LOG, read_log  # noqa: E402
 
 SKIP = 5  # steps left out of the rate: start-up, first allocations
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2"]

@@ -31,7 +31,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from model.config import GPTConfig  # noqa: E402
-from model.formats.checkpoint import METRICS, CheckpointError, read_json  # noqa: E402
+from model.formats.checkpoint import LOG, METRICS, CheckpointError, read_json, read_log  # noqa: E402
 from model.gpt import GPT  # noqa: E402
 from model.plot import save_figure  # noqa: E402
 from model.tokenizer import Tokenizer, TokenizerError, padded_vocab_size  # noqa: E402
@@ -40,7 +40,7 @@ from model.training.evaluate import evaluate  # noqa: E402
 from model.training.optim import clip_grads, lr_at, make_optimizer, set_lr, warmup_frac  # noqa: E402
 from model.training.plan import resolve  # noqa: E402
 from model.training.settings import ArgError, TrainSettings  # noqa: E402
-from model.training.trainer import LOG, Trainer, read_log, set_threads, train  # noqa: E402
+from model.training.trainer import Trainer, set_threads, train  # noqa: E402
 
 BASELINE = 1.539  # nanoGPT's CPU recipe run for 16,000 iters (10.9 min here), val nats/char
 

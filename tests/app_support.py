@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import socket
+import subprocess
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -48,6 +49,15 @@ def tiny_checkpoint(out_dir: Path, tokenizer: Tokenizer, block_size: int = 64) -
     save_int8(int8, quantize_model(model), read_config(fp32))
     write_json(int8 / "report.json", REPORT)
     return int8
+
+
+def stop(proc: subprocess.Popen) -> None:
+    """End a served app started by a test: SIGTERM, then SIGKILL if it has not exited within 30 s."""
+    proc.terminate()
+    try:
+        proc.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        proc.kill()
 
 
 def free_port() -> int:

@@ -11,7 +11,7 @@ import time
 from pathlib import Path
 
 import pytest
-from app_support import free_port
+from app_support import free_port, stop
 from gradio_client import Client
 
 pytestmark = pytest.mark.slow
@@ -74,10 +74,6 @@ def test_fresh_copy_trains_quantizes_generates_and_serves(tmp_path):
         texts = client.predict(prompt="ROMEO:", max_new_tokens=10, num_sequences=1, seed=1, api_name="/generate")
         assert texts[0].strip(), texts
     finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
+        stop(proc)
         log.close()
     assert not empty_cache.exists()  # no step read or wrote a tiktoken cache

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import gradio
 import pytest
-from app_support import free_port, tiny_checkpoint
+from app_support import free_port, stop, tiny_checkpoint
 from gradio_client import Client
 from zerogpu_support import SHIM, control_endpoint
 
@@ -175,8 +175,7 @@ def test_exported_folder_boots_and_answers(space):
     try:
         _generate_then_train(client)
     finally:
-        proc.terminate()
-        proc.wait(timeout=30)
+        stop(proc)
 
 
 @pytest.mark.slow
@@ -200,10 +199,6 @@ def test_zero_gpu_folder_trains_inside_a_gpu_call(tmp_path, checkpoint):
             assert int(record.params("/allow")[0]["pid"]) not in (proc.pid, 1)  # a forked worker, not the app
             assert record.params("/release")[0]["fail"] == "false"  # the call ended well
         finally:
-            proc.terminate()
-            try:
-                proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                proc.kill()
+            stop(proc)
         log = proc.stdout.read()
         assert "Traceback" not in log, log[-4000:]
