@@ -40,7 +40,7 @@ from model.training.evaluate import evaluate  # noqa: E402
 from model.training.optim import clip_grads, lr_at, make_optimizer, set_lr, warmup_frac  # noqa: E402
 from model.training.plan import resolve  # noqa: E402
 from model.training.settings import ArgError, TrainSettings  # noqa: E402
-from model.training.trainer import Trainer, set_threads, train  # noqa: E402
+from model.training.trainer import Trainer, train  # noqa: E402
 
 BASELINE = 1.539  # nanoGPT's CPU recipe run for 16,000 iters (10.9 min here), val nats/char
 
@@ -181,11 +181,11 @@ def vs_nanogpt(args: argparse.Namespace) -> None:
     """Our training tokens/s beside nanoGPT's model.py at the default shape and batch: both built once, warmed up, then
     timed alternately (ours, nanoGPT, ours, ...), median of the repeats."""
     module = load_nanogpt(args.nanogpt_dir)
-    # Every setting at what `python train.py` uses; no time budget, nothing written but the token cache.
-    given = {"data": args.data, "out_dir": str(Path(args.cache) / "vs-nanogpt"), "max_minutes": 0,
-             "compile": args.compile or None, "threads": args.threads}
+    # Every setting at what `python train.py` uses (the shape its probe chooses on this machine); nothing written but the
+    # token cache.
+    given = {"data": args.data, "out_dir": str(Path(args.cache) / "vs-nanogpt"), "compile": args.compile or None,
+             "threads": args.threads}
     plan = resolve(given)
-    set_threads(plan.settings, plan.device, plan.dist.world_size, plan.dist.master)
     trainer = Trainer(plan)
     a, cfg, data, block = trainer.settings, trainer.config, trainer.data, trainer.settings.block_size
     # The same model with nanoGPT's optimizer too, so the engine's speed and the optimizer's cost are told apart.

@@ -11,37 +11,56 @@ import operator
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 MLP_KINDS = ("gelu", "relu2")
 GPT2_VOCAB = 50304  # GPT-2's 50257 tokens padded up to a multiple of 64: a preset's vocabulary when no text is known
 TINY_SHAKESPEARE_TOKENS = 317_000  # its training split with the default tokenizer: what the cpu preset is sized for by name
 
 # The model shape of each named preset (train.py --preset NAME, GPTConfig.from_name). "cpu" (`python train.py`) leaves
-# depth, width and dropout to the text: CPU_SIZES. The others are GPT-2's classic block.
+# depth, width, heads and dropout to the text and the compute: CPU_SIZES. The others are GPT-2's classic block.
 PRESET_SHAPES: dict[str, dict[str, Any]] = {
-    "cpu": {"block_size": 128, "n_head": 4, "rotary": True, "mlp": "gelu", "qk_norm": False},
+    "cpu": {"block_size": 128, "rotary": True, "mlp": "gelu", "qk_norm": False},
     "tiny": {"block_size": 64, "n_layer": 2, "n_head": 2, "n_embd": 64, "dropout": 0.0},
     "gpt2": {"block_size": 1024, "n_layer": 12, "n_head": 12, "n_embd": 768, "dropout": 0.0},
 }
-# The cpu preset's size by the training split's tokens: the first row whose limit is at least the count. Its last
-# column caps the passes over the text (None: no cap): past them that size only overfits, so a faster machine or a
-# larger --max-minutes ends the schedule there instead of stretching it (docs/train.md has the runs behind it).
-CPU_SIZES: tuple[tuple[float, dict[str, Any], float | None], ...] = (
-    (100_000, {"n_layer": 4, "n_embd": 128, "dropout": 0.3}, None),
-    (1_000_000, {"n_layer": 4, "n_embd": 256, "dropout": 0.2}, 7.0),
-    (math.inf, {"n_layer": 4, "n_embd": 256, "dropout": 0.0}, None),
+
+
+class CpuSize(NamedTuple):
+    """A row of CPU_SIZES: a size of the cpu preset, and when it is chosen."""
+
+    tokens: float  # training splits of at most this many tokens (the rows of one limit form a group) ...
+    passes: float  # ... whose compute lets the group's first size make at least this many passes over them
+    size: dict[str, Any]  # depth, width, heads and dropout
+    cap: float | None  # the passes over the text this size still learns from; the schedule ends there (None: no cap)
+
+
+# The cpu preset's size by the text and by the compute. Of the rows for the training split's size (the first limit at
+# least its token count), the last whose budget passes it reaches: the passes over the text the group's first size
+# could make in the run's budget at the speed a short probe measures at the start (model/training/probe.py). A faster
+# machine or a longer --max-minutes so trains a larger model instead of overfitting a small one; the cap ends a
+# schedule where its size stops learning. Fitted from the runs in docs/training-results.md (docs/train.md explains it).
+CPU_SIZES: tuple[CpuSize, ...] = (
+    CpuSize(100_000, 0, {"n_layer": 4, "n_embd": 128, "n_head": 4, "dropout": 0.3}, None),
+    CpuSize(1_000_000, 0, {"n_layer": 4, "n_embd": 256, "n_head": 4, "dropout": 0.2}, 7.0),
+    CpuSize(1_000_000, 25, {"n_layer": 6, "n_embd": 384, "n_head": 6, "dropout": 0.3}, 12.0),
+    CpuSize(math.inf, 0, {"n_layer": 4, "n_embd": 256, "n_head": 4, "dropout": 0.0}, None),
 )
 
 
-def cpu_size(train_tokens: int) -> dict[str, Any]:
-    """The cpu preset's depth, width and dropout for a training split of this many tokens."""
-    return next(size for limit, size, _ in CPU_SIZES if train_tokens <= limit)
+def cpu_row(train_tokens: int, budget_passes: float = 0.0) -> CpuSize:
+    """The cpu preset's size for a training split of this many tokens and a budget worth this many passes of the
+    group's first size over it (0: the text alone decides)."""
+    limit = next(row.tokens for row in CPU_SIZES if train_tokens <= row.tokens)
+    group = [row for row in CPU_SIZES if row.tokens == limit]
+    return [row for row in group if budget_passes >= row.passes][-1]
 
 
-def cpu_max_epochs(train_tokens: int) -> float | None:
-    """How many passes over a training split of this many tokens the cpu preset's size still learns from (None: no cap)."""
-    return next(epochs for limit, _, epochs in CPU_SIZES if train_tokens <= limit)
+def sized_by_compute(train_tokens: int) -> bool:
+    """Whether the compute can change the cpu preset's size for a split of this many tokens (its group has several rows)."""
+    return cpu_row(train_tokens, math.inf) != cpu_row(train_tokens)
+
+
 FLOAT_BYTES = 4  # weights and buffers are fp32 on the CPU, where every model is built
 TRAINING_COPIES = 4  # training holds the weights, their gradients and AdamW's two moments
 CGROUP_LIMITS = ("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory/memory.limit_in_bytes")  # a container's, v2 and v1
@@ -98,7 +117,7 @@ class GPTConfig:
         """A preset's shape (cpu: as sized for a training split of train_tokens, Tiny Shakespeare's by default)."""
         if name not in PRESET_SHAPES:
             raise ValueError(f"Unknown preset {name!r}; choose one of: {', '.join(PRESET_SHAPES)}.")
-        sized = cpu_size(train_tokens) if name == "cpu" else {}
+        sized = cpu_row(train_tokens).size if name == "cpu" else {}
         return cls(vocab_size=vocab_size, **sized, **PRESET_SHAPES[name])
 
     @classmethod

@@ -24,7 +24,6 @@ from torch.nn.parallel import DistributedDataParallel
 
 from model import atomic
 from model.config import GPTConfig
-from model.cpus import available_cpus, busy_elsewhere, default_threads
 from model.formats import checkpoint
 from model.formats.checkpoint import LOG, PLOT, CheckpointError, read_log
 from model.generation.generate import SamplingConfig, generate
@@ -38,7 +37,6 @@ from model.training.data import get_batch, val_windows
 from model.training.evaluate import evaluate
 from model.training.optim import clip_grads, lr_at, make_optimizer, set_lr
 from model.training.plan import STATE_VERSION, Plan, resolve
-from model.training.settings import TrainSettings
 
 LOG_EVERY_S = 5.0  # log.jsonl is rewritten, and a train record written, at least this often, so live views (the app) follow
 SAMPLE_TOKENS = 48  # a short sample written with every evaluation: what the model writes by now (the app shows it)
@@ -74,19 +72,6 @@ class TrainResult:
     interrupted: bool = False  # stopped before the end (Ctrl-C, stop_after): the state is saved for --resume
     failed: bool = False  # a rank other than 0, whose run rank 0 found diverged (rank 0 raises TrainingDiverged)
     metrics: dict[str, Any] | None = None  # metrics.json's scores: rank 0 of a finished run
-
-
-def set_threads(s: TrainSettings, device: torch.device, world_size: int, master: bool) -> None:
-    """Torch's CPU threads for a run: --threads, else all the CPUs, or 1 when other processes keep them busy (under
-    torchrun each process has its own threads already)."""
-    if s.threads:
-        torch.set_num_threads(s.threads)
-    elif device.type == "cpu" and world_size == 1:
-        busy = busy_elsewhere()
-        torch.set_num_threads(default_threads(busy))
-        if torch.get_num_threads() == 1 < available_cpus() and master:
-            print(f"Other processes keep {busy:.1f} CPUs busy: training on 1 thread, which a shared CPU slows least "
-                  "(--threads N to choose).", flush=True)
 
 
 class RunFiles:
@@ -136,6 +121,7 @@ class Trainer:
         s = self.settings = plan.settings
         self.sized_by_text = plan.sized_by_text  # whether the cpu preset chose the shape by the text (announced)
         self.max_epochs = plan.max_epochs  # the passes over the text that capped the steps (announced)
+        self.compute = plan.compute  # what the probe measured, when the compute chose the size (announced)
         self.dist, self.device, self.dtype = plan.dist, plan.device, plan.dtype
         self.config, self.tokenizer, self.data = plan.config, plan.tokenizer, plan.data
         self.master = self.dist.master  # rank 0: the only process that evaluates, prints and writes files
@@ -477,7 +463,13 @@ class Trainer:
             return
         s = self.settings
         origin = f"init from {s.init_from}" if s.init_from else f"preset {s.preset}"
-        if self.sized_by_text:
+        if self.compute is not None:
+            c = self.compute
+            measured = (f"a probe measured {c.tokens_per_s:,.0f} training tokens/s of a {c.probe_shape} model here, so the "
+                        f"{s.max_minutes:g}-minute budget" if c.tokens_per_s is not None else f"--max-iters {s.max_iters:,}")
+            print(f"compute: {measured} buys {c.budget_passes:.1f} passes of it over the text")
+            origin += f" sized for {len(self.data.train):,} training tokens and {c.budget_passes:.1f} passes of compute"
+        elif self.sized_by_text:
             origin += f" sized for {len(self.data.train):,} training tokens"
         print(f"model: {self.raw_model.num_params() / 1e6:.2f}M parameters ({origin}, {self.config.n_layer}x{self.config.n_embd}, "
               f"context {self.config.block_size}, tokenizer {self.tokenizer.name}); training window {s.block_size}")
@@ -497,14 +489,13 @@ class Trainer:
 
 
 def train(given: dict[str, Any], stop_after: int | None = None, t_start: float | None = None) -> TrainResult:
-    """Resolve the settings from the given flags, check everything, choose the threads, train, and return the result.
+    """Resolve the settings from the given flags (the threads and the size by compute too), train, and return the result.
 
     t_start (a time.perf_counter() value) is when the time budget starts: the CLI passes its own start.
     """
     t_start = time.perf_counter() if t_start is None else t_start
     try:
         plan = resolve(given)
-        set_threads(plan.settings, plan.device, plan.dist.world_size, plan.dist.master)
         trainer = Trainer(plan, t_start)
         del plan  # the starting weights and resume state are in the trainer now: free the copies
         result = trainer.run(stop_after=stop_after)
