@@ -42,8 +42,8 @@ class CpuSize(NamedTuple):
 # schedule where its size stops learning. Fitted from the runs in docs/training-results.md (docs/train.md explains it).
 CPU_SIZES: tuple[CpuSize, ...] = (
     CpuSize(100_000, 0, {"n_layer": 4, "n_embd": 128, "n_head": 4, "dropout": 0.3}, None),
-    CpuSize(1_000_000, 0, {"n_layer": 4, "n_embd": 256, "n_head": 4, "dropout": 0.2}, 7.0),
-    CpuSize(1_000_000, 25, {"n_layer": 6, "n_embd": 384, "n_head": 6, "dropout": 0.3}, 12.0),
+    CpuSize(1_000_000, 0, {"n_layer": 4, "n_embd": 192, "n_head": 4, "dropout": 0.1}, 7.0),
+    CpuSize(1_000_000, 10, {"n_layer": 4, "n_embd": 256, "n_head": 4, "dropout": 0.2}, 7.0),
     CpuSize(math.inf, 0, {"n_layer": 4, "n_embd": 256, "n_head": 4, "dropout": 0.0}, None),
 )
 

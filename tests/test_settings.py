@@ -158,7 +158,8 @@ def test_the_compute_a_probe_measures_chooses_the_size(tmp_path, bytes_tok, monk
     from model.training.trainer import Trainer
     Trainer(plans[200_000.0]).announce()
     out = capsys.readouterr().out
-    assert "compute: a probe measured 200,000 training tokens/s of a 4x256 model here, so the 10-minute budget buys" in out
+    probe_shape = f"{base[0].size['n_layer']}x{base[0].size['n_embd']}"
+    assert f"compute: a probe measured 200,000 training tokens/s of a {probe_shape} model here, so the 10-minute budget buys" in out
     assert f"{base[-1].size['n_layer']}x{base[-1].size['n_embd']}" in out and "passes of compute" in out
 
 

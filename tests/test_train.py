@@ -549,13 +549,15 @@ def test_a_short_budgeted_run_draws_its_curves(tmp_path, bytes_tok, monkeypatch)
     assert len(train_points) >= 5 and train_points[0] <= 55  # one every LOG_EVERY_S (50 steps)
 
 
-def test_threads_are_chosen_by_train_not_by_the_trainer(tmp_path, text, bytes_tok):
+def test_threads_are_chosen_once_by_the_plan_not_by_the_trainer(tmp_path, text, bytes_tok):
+    """The plan sets torch's threads once, before the probe that sizes the model by compute, so the probe and the run
+    step at the same threads; building a trainer sets nothing global."""
     before = torch.get_num_threads()
     plan = resolve({**SMALL, "data": str(text), "out_dir": str(tmp_path / "out"), "max_iters": 1, "threads": before + 1})
-    Trainer(plan)
-    assert torch.get_num_threads() == before  # building a trainer sets nothing global
-    model.training.trainer.train({**SMALL, "data": str(text), "out_dir": str(tmp_path / "o2"), "max_iters": 1, "threads": before + 1})
     assert torch.get_num_threads() == before + 1
+    torch.set_num_threads(before)
+    Trainer(plan)
+    assert torch.get_num_threads() == before
 
 
 def test_the_run_state_is_saved_and_restored_from_one_field_list(tmp_path, text, bytes_tok, capsys):
