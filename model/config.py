@@ -43,7 +43,7 @@ class CpuSize(NamedTuple):
 CPU_SIZES: tuple[CpuSize, ...] = (
     CpuSize(100_000, 0, {"n_layer": 4, "n_embd": 128, "n_head": 4, "dropout": 0.3}, None),
     CpuSize(1_000_000, 0, {"n_layer": 4, "n_embd": 192, "n_head": 4, "dropout": 0.1}, 7.0),
-    CpuSize(1_000_000, 16, {"n_layer": 4, "n_embd": 256, "n_head": 4, "dropout": 0.2}, 7.0),
+    CpuSize(1_000_000, 16, {"n_layer": 4, "n_embd": 256, "n_head": 4, "dropout": 0.15}, 7.0),
     CpuSize(math.inf, 0, {"n_layer": 4, "n_embd": 256, "n_head": 4, "dropout": 0.0}, None),
 )
 
