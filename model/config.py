@@ -18,7 +18,7 @@ GPT2_VOCAB = 50304  # GPT-2's 50257 tokens padded up to a multiple of 64: a pres
 TINY_SHAKESPEARE_TOKENS = 317_000  # its training split with the default tokenizer: what the cpu preset is sized for by name
 
 # The model shape of each named preset (train.py --preset NAME, GPTConfig.from_name). "cpu" (`python train.py`) leaves
-# depth, width, heads and dropout to the text and the compute: CPU_SIZES. The others are GPT-2's classic block.
+# depth, width, heads and dropout to the text: CPU_SIZES. The others are GPT-2's classic block.
 PRESET_SHAPES: dict[str, dict[str, Any]] = {
     "cpu": {"block_size": 128, "rotary": True, "mlp": "gelu", "qk_norm": False},
     "tiny": {"block_size": 64, "n_layer": 2, "n_head": 2, "n_embd": 64, "dropout": 0.0},
@@ -27,38 +27,27 @@ PRESET_SHAPES: dict[str, dict[str, Any]] = {
 
 
 class CpuSize(NamedTuple):
-    """A row of CPU_SIZES: a size of the cpu preset, and when it is chosen."""
+    """A row of CPU_SIZES: a size of the cpu preset, for texts up to a token count, and the passes it learns from."""
 
-    tokens: float  # training splits of at most this many tokens (the rows of one limit form a group) ...
-    passes: float  # ... whose compute lets the group's first size make at least this many passes over them
+    tokens: float  # training splits of at most this many tokens
     size: dict[str, Any]  # depth, width, heads and dropout
     cap: float | None  # the passes over the text this size still learns from; the schedule ends there (None: no cap)
 
 
-# The cpu preset's size by the text and by the compute. Of the rows for the training split's size (the first limit at
-# least its token count), the last whose budget passes it reaches: the passes over the text the group's first size
-# could make in the run's budget at the speed a short probe measures at the start (model/training/probe.py). A faster
-# machine or a longer --max-minutes so trains a larger model instead of overfitting a small one; the cap ends a
-# schedule where its size stops learning. Fitted from the runs in docs/training-results.md (docs/train.md explains it).
+# The cpu preset's size by the text: the first row whose limit is at least the training split's token count. Its cap
+# ends the schedule where the size stops learning, so a faster machine or a larger --max-minutes ends there instead of
+# overfitting. Fitted from the runs in docs/training-results.md: on Tiny Shakespeare this row won at every budget from
+# 2.5 to 40 minutes against larger models, more dropout and more passes (docs/train.md explains it).
 CPU_SIZES: tuple[CpuSize, ...] = (
-    CpuSize(100_000, 0, {"n_layer": 4, "n_embd": 128, "n_head": 4, "dropout": 0.3}, None),
-    CpuSize(1_000_000, 0, {"n_layer": 4, "n_embd": 192, "n_head": 4, "dropout": 0.1}, 7.0),
-    CpuSize(1_000_000, 16, {"n_layer": 4, "n_embd": 256, "n_head": 4, "dropout": 0.15}, 7.0),
-    CpuSize(math.inf, 0, {"n_layer": 4, "n_embd": 256, "n_head": 4, "dropout": 0.0}, None),
+    CpuSize(100_000, {"n_layer": 4, "n_embd": 128, "n_head": 4, "dropout": 0.3}, None),
+    CpuSize(1_000_000, {"n_layer": 4, "n_embd": 192, "n_head": 4, "dropout": 0.1}, 7.0),
+    CpuSize(math.inf, {"n_layer": 4, "n_embd": 256, "n_head": 4, "dropout": 0.0}, None),
 )
 
 
-def cpu_row(train_tokens: int, budget_passes: float = 0.0) -> CpuSize:
-    """The cpu preset's size for a training split of this many tokens and a budget worth this many passes of the
-    group's first size over it (0: the text alone decides)."""
-    limit = next(row.tokens for row in CPU_SIZES if train_tokens <= row.tokens)
-    group = [row for row in CPU_SIZES if row.tokens == limit]
-    return [row for row in group if budget_passes >= row.passes][-1]
-
-
-def sized_by_compute(train_tokens: int) -> bool:
-    """Whether the compute can change the cpu preset's size for a split of this many tokens (its group has several rows)."""
-    return cpu_row(train_tokens, math.inf) != cpu_row(train_tokens)
+def cpu_row(train_tokens: int) -> CpuSize:
+    """The cpu preset's size (and passes cap) for a training split of this many tokens."""
+    return next(row for row in CPU_SIZES if train_tokens <= row.tokens)
 
 
 FLOAT_BYTES = 4  # weights and buffers are fp32 on the CPU, where every model is built

@@ -1,19 +1,16 @@
 """Training settings: one dataclass makes the CLI, presets layer in one order, the cpu preset sizes itself by the text
-and by the compute a probe measures, and a run resolves once into a frozen plan."""
+and caps its passes over it, and a run resolves once into a frozen plan."""
 
 from __future__ import annotations
 
 import dataclasses
 import importlib
-import math
 
 import pytest
 from train_support import TEXT, byte_tokenizer
 
 import train
-from model.config import CPU_SIZES, GPTConfig, cpu_row, sized_by_compute
-from model.formats import checkpoint
-from model.training import probe
+from model.config import CPU_SIZES, GPTConfig, cpu_row
 from model.training.plan import resolve, settings_for
 from model.training.settings import FINETUNE, PRESETS, SHAPE, ArgError, TrainSettings, layered
 
@@ -57,22 +54,13 @@ def test_settings_are_checked_in_one_sentence(tmp_path):
         settings_for({"optimizer": "sgd"})
 
 
-def test_cpu_preset_is_sized_by_the_training_tokens_and_the_compute():
+def test_cpu_preset_is_sized_by_the_training_tokens():
     assert [row.tokens for row in CPU_SIZES] == sorted(row.tokens for row in CPU_SIZES)
     small, large = cpu_row(10_000).size, cpu_row(10**9).size
     assert small["n_embd"] * small["n_layer"] < large["n_embd"] * large["n_layer"]  # more text, more capacity
     assert small["dropout"] > large["dropout"]  # less text, more regularisation
     assert GPTConfig.from_name("cpu").n_embd == cpu_row(317_000).size["n_embd"]  # Tiny Shakespeare's size
     assert all(set(row.size) <= set(SHAPE) for row in CPU_SIZES)
-    assert sized_by_compute(317_000) and not sized_by_compute(10_000)
-    # Within a group, more compute never buys a smaller model, and needs more passes to get a larger one.
-    for limit in {row.tokens for row in CPU_SIZES}:
-        group = [row for row in CPU_SIZES if row.tokens == limit]
-        assert group[0].passes == 0 and [r.passes for r in group] == sorted({r.passes for r in group})
-        params = [r.size["n_layer"] * r.size["n_embd"] ** 2 for r in group]
-        assert params == sorted(params)
-    rows = [cpu_row(317_000, passes) for passes in (0, 1, 5, 10, 20, 50, 1e6)]
-    assert rows[0] == CPU_SIZES[1] and rows[-1] == [r for r in CPU_SIZES if r.tokens == CPU_SIZES[1].tokens][-1]
 
 
 @pytest.fixture
@@ -105,7 +93,7 @@ def test_the_cpu_preset_caps_its_steps_at_the_passes_its_size_learns_from(tmp_pa
     data.write_text((TEXT * (200_000 // len(TEXT) + 1))[:200_000], encoding="utf-8")  # 180k training tokens: the capped row
     plan = resolve({"data": str(data), "out_dir": str(tmp_path / "a"), "tokenizer": "bytes", "device": "cpu"})
     train_tokens, per_step = len(plan.data.train), plan.settings.batch_size * plan.settings.block_size * plan.settings.grad_accum
-    epochs = cpu_row(train_tokens, plan.compute.budget_passes).cap
+    epochs = cpu_row(train_tokens).cap
     assert epochs and plan.max_epochs == epochs
     assert plan.settings.max_iters == -(-int(epochs * train_tokens) // per_step) < TrainSettings.max_iters
     for flags in ({"max_iters": 5000}, {"n_layer": 2, "n_embd": 64, "dropout": 0.0}):
@@ -115,81 +103,4 @@ def test_the_cpu_preset_caps_its_steps_at_the_passes_its_size_learns_from(tmp_pa
     small.write_text(TEXT * 3, encoding="utf-8")  # the smallest row: no cap measured, none applied
     assert resolve({"data": str(small), "out_dir": str(tmp_path / "c"), "tokenizer": "bytes", "device": "cpu"}).settings.max_iters \
         == TrainSettings.max_iters
-
-
-def test_the_compute_a_probe_measures_chooses_the_size(tmp_path, bytes_tok, monkeypatch, capsys):
-    """A faster machine, a GPU or a longer budget trains a larger model: the probe's tokens/s (set here, as a GPU would
-    measure it) times the budget gives the passes over the text that choose the row. Flags override every choice."""
-    data = tmp_path / "input.txt"
-    data.write_text((TEXT * (200_000 // len(TEXT) + 1))[:200_000], encoding="utf-8")  # 180k training tokens
-    probed: list[str] = []
-    speed = {"rate": 0.0}
-
-    def fake_probe(config, s, train_split, device, dtype):
-        probed.append(f"{config.n_layer}x{config.n_embd}")
-        return speed["rate"]
-
-    monkeypatch.setattr(probe, "tokens_per_second", fake_probe)
-    base = [r for r in CPU_SIZES if r.tokens == cpu_row(180_000).tokens]
-    flags = {"data": str(data), "tokenizer": "bytes", "device": "cpu", "max_minutes": 10}
-    plans = {}
-    for rate in (500.0, 200_000.0):  # a slow laptop; a GPU
-        speed["rate"] = rate
-        plan = resolve({**flags, "out_dir": str(tmp_path / f"r{rate:g}")})
-        train_tokens = len(plan.data.train)
-        passes = min(rate * 600, TrainSettings.max_iters * 16 * 128) / train_tokens  # --max-iters bounds it too
-        assert plan.compute.tokens_per_s == rate and plan.compute.budget_passes == pytest.approx(passes)
-        row = cpu_row(train_tokens, passes)
-        assert (plan.config.n_layer, plan.config.n_embd, plan.config.n_head, plan.config.dropout) == \
-            tuple(row.size[k] for k in ("n_layer", "n_embd", "n_head", "dropout"))
-        per_step = plan.settings.batch_size * plan.settings.block_size
-        assert plan.settings.max_iters == min(TrainSettings.max_iters, -(-int(row.cap * train_tokens) // per_step))
-        plans[rate] = plan
-    assert probed == [f"{base[0].size['n_layer']}x{base[0].size['n_embd']}"] * 2  # the group's first size is probed
-    assert plans[500.0].config.n_embd == base[0].size["n_embd"] and plans[200_000.0].config.n_embd == base[-1].size["n_embd"]
-    # Without a time budget only --max-iters bounds the compute: nothing is probed.
-    plan = resolve({**flags, "max_minutes": 0, "max_iters": 100, "out_dir": str(tmp_path / "n")})
-    assert plan.compute.tokens_per_s is None and plan.compute.budget_passes == pytest.approx(100 * 16 * 128 / len(plan.data.train))
-    assert plan.config.n_embd == base[0].size["n_embd"] and len(probed) == 2
-    # A size flag decides by hand: no probe, the text's row for the rest.
-    plan = resolve({**flags, "n_layer": 2, "out_dir": str(tmp_path / "f")})
-    assert plan.compute is None and plan.config.n_layer == 2 and len(probed) == 2
-    # The first lines say what was measured and what was chosen.
-    from model.training.trainer import Trainer
-    Trainer(plans[200_000.0]).announce()
-    out = capsys.readouterr().out
-    probe_shape = f"{base[0].size['n_layer']}x{base[0].size['n_embd']}"
-    assert f"compute: a probe measured 200,000 training tokens/s of a {probe_shape} model here, so the 10-minute budget buys" in out
-    assert f"{base[-1].size['n_layer']}x{base[-1].size['n_embd']}" in out and "passes of compute" in out
-
-
-def test_the_probe_times_real_steps():
-    """The probe trains a throwaway model for a few steps and leaves the global RNG as it was."""
-    import numpy as np
-    import torch
-    config = GPTConfig(block_size=32, vocab_size=64, n_layer=1, n_head=2, n_embd=32)
-    s = dataclasses.replace(TrainSettings(), block_size=32, batch_size=4, optimizer="muon")
-    before = torch.get_rng_state()
-    rate = probe.tokens_per_second(config, s, np.arange(5000, dtype=np.uint16) % 64, torch.device("cpu"), torch.float32)
-    assert rate > 0 and torch.equal(before, torch.get_rng_state())
-
-
-def test_a_run_sized_by_compute_resumes_the_same_shape_without_probing(tmp_path, bytes_tok, monkeypatch):
-    from model.training.trainer import train
-    data = tmp_path / "input.txt"
-    data.write_text((TEXT * (200_000 // len(TEXT) + 1))[:200_000], encoding="utf-8")
-    probed: list[int] = []
-    monkeypatch.setattr(probe, "tokens_per_second", lambda *a: probed.append(1) or 10**6)  # a GPU's speed: the largest row
-    flags = {"data": str(data), "out_dir": str(tmp_path / "out"), "tokenizer": "bytes", "device": "cpu",
-             "dtype": "fp32"}
-    first = train(flags, stop_after=1)
-    assert first.interrupted and probed == [1]
-    largest = cpu_row(180_000, math.inf)
-    state = checkpoint.load_train_state(tmp_path / "out" / checkpoint.TRAIN_STATE)
-    assert (state["model_config"]["n_layer"], state["model_config"]["n_embd"]) == (largest.size["n_layer"], largest.size["n_embd"])
-    max_iters = state["args"]["max_iters"]
-    resumed = train({"resume": True, "out_dir": str(tmp_path / "out")}, stop_after=2)
-    assert resumed.step == 2 and probed == [1]  # the saved shape and max_iters, not a new probe
-    state = checkpoint.load_train_state(tmp_path / "out" / checkpoint.TRAIN_STATE)
-    assert state["model_config"]["n_embd"] == largest.size["n_embd"] and state["args"]["max_iters"] == max_iters
 

@@ -12,14 +12,14 @@ from typing import Any
 
 import torch
 
-from model.config import CpuSize, GPTConfig, check_memory, cpu_row, sized_by_compute
+from model.config import GPTConfig, check_memory, cpu_row
 from model.cpus import available_cpus, busy_elsewhere, default_threads
 from model.formats import checkpoint
 from model.formats.checkpoint import CheckpointError
 from model.formats.load import load
 from model.gpt import GPT
 from model.tokenizer import Tokenizer, load_tokenizer, padded_vocab_size
-from model.training import distributed, probe
+from model.training import distributed
 from model.training.data import DataError, TokenData, prepare, training_tokenizer
 from model.training.distributed import Dist
 from model.training.settings import (
@@ -33,7 +33,6 @@ from model.training.settings import (
 )
 
 TOKENS = "tokens"  # the token cache inside --out-dir
-SIZE_FIELDS = ("n_layer", "n_embd", "n_head", "dropout")  # what the cpu preset's size decides (CPU_SIZES)
 STATE_VERSION = 1
 # Settings a resumed run keeps: the architecture (the shape but dropout, which may change) and what the optimizer state
 # was made for.
@@ -57,16 +56,6 @@ class Plan:
     state: dict[str, Any] | None  # the saved training state of a resumed run
     sized_by_text: bool  # whether the cpu preset chose depth, width and dropout from the text's size
     max_epochs: float | None = None  # the passes over the text that capped max_iters (the cpu preset's size), if any
-    compute: Compute | None = None  # what the throughput probe measured, when the compute chose the size
-
-
-@dataclass(frozen=True)
-class Compute:
-    """What the cpu preset's size was chosen by, besides the text: the probe's speed and the passes it buys."""
-
-    probe_shape: str  # the shape the probe stepped, e.g. "4x256"
-    tokens_per_s: float | None  # its training tokens/s here (all processes together); None: no time budget, not probed
-    budget_passes: float  # the passes over the text that the budget buys at that speed (or --max-iters allows)
 
 
 def pick_device(name: str) -> torch.device:
@@ -179,12 +168,9 @@ def resolve(given: dict[str, Any]) -> Plan:
     set_threads(s, device, dist.world_size, dist.master)
     data, created = prepare_data(s, tokenizer, dist, window)
     sized = config is None and s.preset == "cpu" and any(getattr(s, k) is None for k in ("n_layer", "n_embd", "dropout"))
-    row, compute = None, None
+    row = None
     if config is None:
         row = cpu_row(len(data.train)) if s.preset == "cpu" else None
-        if sized and all(getattr(s, k) is None for k in SIZE_FIELDS) and sized_by_compute(len(data.train)):
-            compute = measure_compute(dataclasses.replace(s, block_size=window), row, tokenizer, data, dist, device, dtype)
-            row = cpu_row(len(data.train), compute.budget_passes)
         config = model_config(s, padded_vocab_size(tokenizer.n_vocab), row.size if row else {})
     epochs = row.cap if row is not None and sized and given.get("max_iters") is None else None
     max_iters = min(s.max_iters, epoch_steps(s, len(data.train), window, epochs)) if epochs else s.max_iters
@@ -193,24 +179,12 @@ def resolve(given: dict[str, Any]) -> Plan:
                                    max_iters=max_iters)
     return Plan(settings=settings, config=config, tokenizer=tokenizer, data=data, created=created, dist=dist, device=device,
                 dtype=dtype, weights=weights, state=state, sized_by_text=sized,
-                max_epochs=epochs if max_iters < s.max_iters else None, compute=compute)
-
-
-def measure_compute(s: TrainSettings, base: CpuSize, tokenizer: Tokenizer, data: TokenData, dist: Dist, device: torch.device,
-                    dtype: torch.dtype) -> Compute:
-    """The compute a run has: the training speed of the size group's first shape, probed on every process at once (rank
-    0's, times the processes, is everyone's), and the passes over the text it buys within --max-minutes and --max-iters."""
-    config = model_config(s, padded_vocab_size(tokenizer.n_vocab), base.size)
-    rate = None
-    if s.max_minutes:
-        rate = probe.tokens_per_second(config, s, data.train, device, dtype) * dist.world_size
-        rate = dist.from_master([rate], device)[0]
-    return Compute(f"{config.n_layer}x{config.n_embd}", rate, probe.budget_passes(rate, s, len(data.train)))
+                max_epochs=epochs if max_iters < s.max_iters else None)
 
 
 def set_threads(s: TrainSettings, device: torch.device, world_size: int, master: bool) -> None:
     """Torch's CPU threads for a run: --threads, else all the CPUs, or 1 when other processes keep them busy (under
-    torchrun each process has its own threads already). Set once: the probe and the run use the same."""
+    torchrun each process has its own threads already). Set once, by the plan."""
     if s.threads:
         torch.set_num_threads(s.threads)
     elif device.type == "cpu" and world_size == 1:

@@ -121,7 +121,6 @@ class Trainer:
         s = self.settings = plan.settings
         self.sized_by_text = plan.sized_by_text  # whether the cpu preset chose the shape by the text (announced)
         self.max_epochs = plan.max_epochs  # the passes over the text that capped the steps (announced)
-        self.compute = plan.compute  # what the probe measured, when the compute chose the size (announced)
         self.dist, self.device, self.dtype = plan.dist, plan.device, plan.dtype
         self.config, self.tokenizer, self.data = plan.config, plan.tokenizer, plan.data
         self.master = self.dist.master  # rank 0: the only process that evaluates, prints and writes files
@@ -463,13 +462,7 @@ class Trainer:
             return
         s = self.settings
         origin = f"init from {s.init_from}" if s.init_from else f"preset {s.preset}"
-        if self.compute is not None:
-            c = self.compute
-            measured = (f"a probe measured {c.tokens_per_s:,.0f} training tokens/s of a {c.probe_shape} model here, so the "
-                        f"{s.max_minutes:g}-minute budget" if c.tokens_per_s is not None else f"--max-iters {s.max_iters:,}")
-            print(f"compute: {measured} buys {c.budget_passes:.1f} passes of it over the text")
-            origin += f" sized for {len(self.data.train):,} training tokens and {c.budget_passes:.1f} passes of compute"
-        elif self.sized_by_text:
+        if self.sized_by_text:
             origin += f" sized for {len(self.data.train):,} training tokens"
         print(f"model: {self.raw_model.num_params() / 1e6:.2f}M parameters ({origin}, {self.config.n_layer}x{self.config.n_embd}, "
               f"context {self.config.block_size}, tokenizer {self.tokenizer.name}); training window {s.block_size}")
@@ -489,7 +482,7 @@ class Trainer:
 
 
 def train(given: dict[str, Any], stop_after: int | None = None, t_start: float | None = None) -> TrainResult:
-    """Resolve the settings from the given flags (the threads and the size by compute too), train, and return the result.
+    """Resolve the settings from the given flags (the threads too), train, and return the result.
 
     t_start (a time.perf_counter() value) is when the time budget starts: the CLI passes its own start.
     """
