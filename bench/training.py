@@ -181,8 +181,7 @@ def vs_nanogpt(args: argparse.Namespace) -> None:
     """Our training tokens/s beside nanoGPT's model.py at the default shape and batch: both built once, warmed up, then
     timed alternately (ours, nanoGPT, ours, ...), median of the repeats."""
     module = load_nanogpt(args.nanogpt_dir)
-    # Every setting at what `python train.py` uses (the shape its probe chooses on this machine); nothing written but the
-    # token cache.
+    # Every setting at what `python train.py` uses; nothing written but the token cache.
     given = {"data": args.data, "out_dir": str(Path(args.cache) / "vs-nanogpt"), "compile": args.compile or None,
              "threads": args.threads}
     plan = resolve(given)

@@ -550,8 +550,7 @@ def test_a_short_budgeted_run_draws_its_curves(tmp_path, bytes_tok, monkeypatch)
 
 
 def test_threads_are_chosen_once_by_the_plan_not_by_the_trainer(tmp_path, text, bytes_tok):
-    """The plan sets torch's threads once, before the probe that sizes the model by compute, so the probe and the run
-    step at the same threads; building a trainer sets nothing global."""
+    """The plan sets torch's threads once, when the run is resolved; building a trainer sets nothing global."""
     before = torch.get_num_threads()
     plan = resolve({**SMALL, "data": str(text), "out_dir": str(tmp_path / "out"), "max_iters": 1, "threads": before + 1})
     assert torch.get_num_threads() == before + 1
