@@ -47,6 +47,9 @@ class TrainSettings:
                           MODEL, choices=["cpu", "tiny", "gpt2"])
     init_from: str | None = setting(None, "finetune the model of this checkpoint directory (its config and tokenizer)", MODEL,
                                     metavar="DIR")
+    teacher: tuple[str, ...] | None = setting(None, "distil from these trained checkpoints of the same text and tokenizer: "
+                                              "the student learns their mean next-token distribution beside the text's",
+                                              MODEL, nargs="+", metavar="DIR", type=str)
     n_layer: int | None = setting(None, "number of layers (default: the preset's, sized by the text for cpu)", MODEL)
     n_head: int | None = setting(None, "number of attention heads (default: the preset's)", MODEL)
     n_embd: int | None = setting(None, "width, a multiple of --n-head (default: the preset's, sized by the text for cpu)", MODEL)
@@ -193,5 +196,5 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         if kind is bool:
             kw["action"] = argparse.BooleanOptionalAction
         else:
-            kw["type"] = kind
+            kw.setdefault("type", kind)
         groups[name].add_argument("--" + f.name.replace("_", "-"), **kw)

@@ -34,6 +34,7 @@ from model.tokenizer import Tokenizer
 from model.training import distributed
 from model.training.budget import Budget
 from model.training.data import get_batch, val_windows
+from model.training.distill import Teachers, distill_loss
 from model.training.evaluate import evaluate
 from model.training.optim import clip_grads, lr_at, make_optimizer, set_lr
 from model.training.plan import STATE_VERSION, Plan, resolve
@@ -141,6 +142,7 @@ class Trainer:
                                                      forward_sync_buffers=False)
         self.optimizer = make_optimizer(self.raw_model, s.lr, s.weight_decay, (s.beta1, s.beta2), self.device.type, s.optimizer,
                                         s.muon_lr_scale)
+        self.teachers = Teachers(s.teacher, self.tokenizer, self.config.vocab_size, self.device) if s.teacher else None
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.dtype == torch.float16)
         self.batch_gen = torch.Generator().manual_seed(s.seed)
         self.budget = Budget(s.max_minutes, s.max_iters, s.warmup_iters, t_start)
@@ -256,11 +258,9 @@ class Trainer:
                 x, y = self.next_batch()
                 last = i == self.micro_steps - 1  # DDP averages the gradients across ranks only after the last micro-step
                 with contextlib.nullcontext() if last or not self.dist.enabled else self.model.no_sync():
-                    with self.autocast():
-                        _, loss = self.model(x, y)
-                    loss = loss / self.micro_steps
-                    self.scaler.scale(loss).backward()
-                total += float(loss.detach())
+                    loss, shown = self.loss(x, y)
+                    self.scaler.scale(loss / self.micro_steps).backward()
+                total += float(shown) / self.micro_steps
         total = self.dist.mean(total, self.device)
         self.scaler.unscale_(self.optimizer)
         norm = clip_grads(self.raw_model, self.settings.grad_clip)
@@ -271,6 +271,18 @@ class Trainer:
         self.scaler.step(self.optimizer)
         self.scaler.update()
         return total, norm
+
+    def loss(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """A micro-batch's loss to train on, and its cross-entropy with the text (the logged loss): the same without
+        teachers; with them, distill_loss."""
+        if self.teachers is None:
+            with self.autocast():
+                _, loss = self.model(x, y)
+            return loss, loss.detach()
+        probs = self.teachers.probs(x, self.autocast())
+        with self.autocast():
+            logits, _ = self.model(x)
+        return distill_loss(logits, y, probs)
 
     def log_train(self, loss: float, lr: float, norm: float, tok_s: float) -> None:
         """A train record every --log-interval steps, and after LOG_EVERY_S seconds without one (so a short run of slow
