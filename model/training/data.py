@@ -165,10 +165,15 @@ def prepare(text_path: str | Path, cache_dir: str | Path, tokenizer: Tokenizer) 
     return TokenData(load("train"), load("val"), int(meta["train_chars"]), int(meta["val_chars"]))
 
 
+def batch_starts(n_tokens: int, batch_size: int, block_size: int, generator: torch.Generator) -> list[int]:
+    """The starts of batch_size random windows of block_size (+1 target) tokens in a split of n_tokens."""
+    return torch.randint(n_tokens - block_size, (batch_size,), generator=generator).tolist()
+
+
 def get_batch(data: np.ndarray, batch_size: int, block_size: int, generator: torch.Generator,
-              device: str | torch.device = "cpu") -> tuple[torch.Tensor, torch.Tensor]:
-    """batch_size random windows: inputs and the next-token targets, each (batch_size, block_size)."""
-    ix = torch.randint(len(data) - block_size, (batch_size,), generator=generator).tolist()
+              device: str | torch.device = "cpu", starts: list[int] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """batch_size random windows (or those of starts): inputs and the next-token targets, each (batch_size, block_size)."""
+    ix = batch_starts(len(data), batch_size, block_size, generator) if starts is None else starts
     x = torch.stack([torch.from_numpy(data[i:i + block_size].astype(np.int64)) for i in ix])
     y = torch.stack([torch.from_numpy(data[i + 1:i + 1 + block_size].astype(np.int64)) for i in ix])
     if torch.device(device).type == "cuda":

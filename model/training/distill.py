@@ -1,61 +1,117 @@
 """Distillation: a student learns from the averaged next-token distribution of trained models (its teachers) as well
 as from the text. On a small text this is how more compute buys a better model of the same size: teachers trained
-on the same text spread their probability where the one-hot target cannot (docs/train.md has the measurements)."""
+on the same text spread their probability where the one-hot target cannot (docs/train.md has the measurements).
+
+The teachers read the training split once, before the student starts, and keep their TOP_K likeliest next tokens at
+every position, so a student step costs about what a step without teachers does, however many teachers there are."""
 
 from __future__ import annotations
 
 import contextlib
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
 from model.formats.checkpoint import CheckpointError
 from model.formats.load import load
 from model.gpt import GPT
+from model.progress import Progress
 from model.tokenizer import Tokenizer
 
 DISTILL_WEIGHT = 0.5  # the share of the loss that is the teachers' distribution; the rest is the text's next token
+TOP_K = 32  # the teachers' likeliest next tokens kept at each position (most of their probability on a small text)
+TEACH_BATCH = 16  # windows a teacher reads at once
 
 
-class Teachers:
-    """Trained models of the student's tokenizer, in eval mode: their mean next-token distribution is a soft target."""
+@dataclass(frozen=True)
+class SoftTargets:
+    """The teachers' TOP_K likeliest next tokens after every position of the training split, and their probabilities:
+    row p is what follows data[: p + 1]."""
 
-    def __init__(self, dirs: Sequence[str | Path], tokenizer: Tokenizer, vocab_size: int, device: torch.device):
-        self.models: list[GPT] = []
-        for d in dirs:
-            loaded = load(d, device=str(device))
-            if not isinstance(loaded.model, GPT) or loaded.kind != "fp32":
-                raise CheckpointError(f"--teacher {d} holds a {loaded.kind} model; a teacher must be an fp32 checkpoint "
-                                      "trained by train.py.")
-            if loaded.tokenizer.spec != tokenizer.spec or loaded.config.vocab_size != vocab_size:
-                raise CheckpointError(f"--teacher {d} was trained with another tokenizer than this run's; train its "
-                                      "teachers on the same text with the same --tokenizer.")
-            loaded.model.requires_grad_(False)
-            self.models.append(loaded.model)
+    tokens: torch.Tensor  # (positions, TOP_K) int64
+    probs: torch.Tensor  # (positions, TOP_K) float32, summing to at most 1 per row
 
-    def __len__(self) -> int:
-        return len(self.models)
-
-    @torch.no_grad()
-    def probs(self, x: torch.Tensor, autocast: contextlib.AbstractContextManager) -> torch.Tensor:
-        """The teachers' mean next-token probabilities (B, T, vocab), fp32."""
-        total = None
-        for m in self.models:
-            with autocast:
-                logits, _ = m(x)
-            p = torch.softmax(logits.float(), dim=-1)
-            total = p if total is None else total.add_(p)
-        return total.div_(len(self.models))
+    def at(self, starts: Sequence[int], length: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """The targets of windows data[s : s + length] for each start s: (len(starts), length, TOP_K) tokens and probs."""
+        rows = torch.tensor(starts)[:, None] + torch.arange(length)
+        return self.tokens[rows].to(device), self.probs[rows].to(device)
 
 
-def distill_loss(logits: torch.Tensor, targets: torch.Tensor, teacher_probs: torch.Tensor,
+def load_teachers(dirs: Sequence[str | Path], tokenizer: Tokenizer, vocab_size: int, device: torch.device) -> list[GPT]:
+    """The fp32 models of these checkpoint directories, checked to share the student's tokenizer."""
+    models = []
+    for d in dirs:
+        loaded = load(d, device=str(device))
+        if not isinstance(loaded.model, GPT) or loaded.kind != "fp32":
+            raise CheckpointError(f"--teacher {d} holds a {loaded.kind} model; a teacher must be an fp32 checkpoint trained by "
+                                  "train.py.")
+        if loaded.tokenizer.spec != tokenizer.spec or loaded.config.vocab_size != vocab_size:
+            raise CheckpointError(f"--teacher {d} was trained with another tokenizer than this run's; train its teachers on "
+                                  "the same text with the same --tokenizer.")
+        models.append(loaded.model)
+    return models
+
+
+def teaching_windows(n_pred: int, block_size: int) -> list[tuple[int, int]]:
+    """(start, first kept offset) of windows of block_size tokens over n_pred positions that together predict each
+    position once, each (but the first block_size / 2) with at least half a window of context before it."""
+    if n_pred <= block_size:
+        return [(0, 0)]
+    half = block_size // 2
+    starts = list(range(0, n_pred - block_size + 1, half))
+    if starts[-1] != n_pred - block_size:
+        starts.append(n_pred - block_size)
+    windows, covered = [], 0
+    for s in starts:
+        windows.append((s, covered - s))
+        covered = s + block_size
+    return windows
+
+
+@torch.no_grad()
+def teach(models: Sequence[GPT], data: np.ndarray, block_size: int, device: torch.device,
+          autocast: contextlib.AbstractContextManager | None = None, top_k: int = TOP_K) -> SoftTargets:
+    """The teachers' mean next-token distribution after every position of data (its top_k), read in windows of
+    block_size tokens."""
+    n_pred = len(data) - 1
+    length = min(block_size, n_pred)
+    top_k = min(top_k, models[0].config.vocab_size)
+    tokens = torch.zeros(n_pred, top_k, dtype=torch.int64)
+    probs = torch.zeros(n_pred, top_k, dtype=torch.float32)
+    windows = teaching_windows(n_pred, length)
+    for m in models:
+        m.eval()
+    progress = Progress(len(windows), "window", "teachers")
+    try:
+        for i in range(0, len(windows), TEACH_BATCH):
+            batch = windows[i:i + TEACH_BATCH]
+            x = torch.from_numpy(np.stack([data[s:s + length] for s, _ in batch]).astype(np.int64)).to(device)
+            mean = None
+            for m in models:
+                with autocast or contextlib.nullcontext():
+                    logits, _ = m(x)
+                p = torch.softmax(logits.float(), dim=-1)
+                mean = p if mean is None else mean.add_(p)
+            top_p, top_i = (mean / len(models)).topk(top_k, dim=-1)
+            for row, (s, keep) in enumerate(batch):
+                probs[s + keep:s + length] = top_p[row, keep:].cpu()
+                tokens[s + keep:s + length] = top_i[row, keep:].cpu()
+            progress.update(min(i + TEACH_BATCH, len(windows)))
+    finally:
+        progress.close()
+    return SoftTargets(tokens=tokens, probs=probs)
+
+
+def distill_loss(logits: torch.Tensor, targets: torch.Tensor, soft_tokens: torch.Tensor, soft_probs: torch.Tensor,
                  weight: float = DISTILL_WEIGHT) -> tuple[torch.Tensor, torch.Tensor]:
     """The loss to train on, (1 - weight) x the cross-entropy with the text's next tokens + weight x the cross-entropy
-    with the teachers' distribution (their KL divergence from the student, plus a constant), and the first alone (the
-    training loss that is logged, comparable with a run without teachers)."""
+    with the teachers' (top-k) distribution, and the first alone (the logged loss, comparable with a run without
+    teachers)."""
     logp = F.log_softmax(logits.float(), dim=-1)
     hard = F.nll_loss(logp.flatten(0, 1), targets.reshape(-1))
-    soft = -(teacher_probs * logp).sum(-1).mean()
+    soft = -(soft_probs * logp.gather(-1, soft_tokens)).sum(-1).mean()
     return (1.0 - weight) * hard + weight * soft, hard.detach()

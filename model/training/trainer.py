@@ -33,8 +33,8 @@ from model.progress import Progress
 from model.tokenizer import Tokenizer
 from model.training import distributed
 from model.training.budget import Budget
-from model.training.data import get_batch, val_windows
-from model.training.distill import Teachers, distill_loss
+from model.training.data import batch_starts, get_batch, val_windows
+from model.training.distill import SoftTargets, distill_loss, load_teachers, teach
 from model.training.evaluate import evaluate
 from model.training.optim import clip_grads, lr_at, make_optimizer, set_lr
 from model.training.plan import STATE_VERSION, Plan, resolve
@@ -142,7 +142,13 @@ class Trainer:
                                                      forward_sync_buffers=False)
         self.optimizer = make_optimizer(self.raw_model, s.lr, s.weight_decay, (s.beta1, s.beta2), self.device.type, s.optimizer,
                                         s.muon_lr_scale)
-        self.teachers = Teachers(s.teacher, self.tokenizer, self.config.vocab_size, self.device) if s.teacher else None
+        self.soft_targets: SoftTargets | None = None  # the teachers' distributions (--teacher), read once before training
+        if s.teacher:
+            teachers = load_teachers(s.teacher, self.tokenizer, self.config.vocab_size, self.device)
+            if self.master:
+                print(f"distilling from {len(teachers)} teacher{'s' if len(teachers) > 1 else ''}: "
+                      f"{', '.join(s.teacher)}; they read the training split once ...", flush=True)
+            self.soft_targets = teach(teachers, self.data.train, s.block_size, self.device, self.autocast())
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.dtype == torch.float16)
         self.batch_gen = torch.Generator().manual_seed(s.seed)
         self.budget = Budget(s.max_minutes, s.max_iters, s.warmup_iters, t_start)
@@ -233,17 +239,17 @@ class Trainer:
             return contextlib.nullcontext()
         return torch.autocast(self.device.type, dtype=self.dtype)
 
-    def next_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """This rank's micro-batch: every rank draws the same batch_size * world_size windows and keeps its own slice.
+    def next_batch(self) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
+        """This rank's micro-batch and its windows' starts: every rank draws the same batch_size * world_size windows
+        and keeps its own slice.
 
         So all ranks keep one RNG state, and N ranks train on exactly the windows one process would with the same flags.
         """
         s, world, rank = self.settings, self.dist.world_size, self.dist.rank
-        if world == 1:
-            return get_batch(self.data.train, s.batch_size, s.block_size, self.batch_gen, self.device)
-        x, y = get_batch(self.data.train, s.batch_size * world, s.block_size, self.batch_gen)
-        part = slice(rank * s.batch_size, (rank + 1) * s.batch_size)
-        return x[part].to(self.device), y[part].to(self.device)
+        starts = batch_starts(len(self.data.train), s.batch_size * world, s.block_size, self.batch_gen)
+        starts = starts[rank * s.batch_size:(rank + 1) * s.batch_size]
+        x, y = get_batch(self.data.train, s.batch_size, s.block_size, self.batch_gen, self.device, starts=starts)
+        return x, y, starts
 
     def train_step(self) -> tuple[float, float]:
         """One optimizer update over grad_accum micro-batches (split across ranks); returns the mean loss and the pre-clip grad norm.
@@ -255,10 +261,10 @@ class Trainer:
         total = 0.0
         with distributed.peer_errors():
             for i in range(self.micro_steps):
-                x, y = self.next_batch()
+                x, y, starts = self.next_batch()
                 last = i == self.micro_steps - 1  # DDP averages the gradients across ranks only after the last micro-step
                 with contextlib.nullcontext() if last or not self.dist.enabled else self.model.no_sync():
-                    loss, shown = self.loss(x, y)
+                    loss, shown = self.loss(x, y, starts)
                     self.scaler.scale(loss / self.micro_steps).backward()
                 total += float(shown) / self.micro_steps
         total = self.dist.mean(total, self.device)
@@ -272,17 +278,16 @@ class Trainer:
         self.scaler.update()
         return total, norm
 
-    def loss(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def loss(self, x: torch.Tensor, y: torch.Tensor, starts: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
         """A micro-batch's loss to train on, and its cross-entropy with the text (the logged loss): the same without
-        teachers; with them, distill_loss."""
-        if self.teachers is None:
+        teachers; with them, distill_loss with their targets at these windows' starts."""
+        if self.soft_targets is None:
             with self.autocast():
                 _, loss = self.model(x, y)
             return loss, loss.detach()
-        probs = self.teachers.probs(x, self.autocast())
         with self.autocast():
             logits, _ = self.model(x)
-        return distill_loss(logits, y, probs)
+        return distill_loss(logits, y, *self.soft_targets.at(starts, x.shape[1], self.device))
 
     def log_train(self, loss: float, lr: float, norm: float, tok_s: float) -> None:
         """A train record every --log-interval steps, and after LOG_EVERY_S seconds without one (so a short run of slow
