@@ -15,8 +15,9 @@ from model.formats.checkpoint import CheckpointError  # noqa: E402
 from model.tokenizer import TokenizerError  # noqa: E402
 from model.training.data import DataError  # noqa: E402
 from model.training.distributed import PeerError  # noqa: E402
+from model.training.rounds import train  # noqa: E402
 from model.training.settings import FINETUNE, PRESETS, ArgError, add_arguments  # noqa: E402
-from model.training.trainer import TrainingDiverged, train  # noqa: E402
+from model.training.trainer import TrainingDiverged  # noqa: E402
 
 
 def parse_args(argv: list[str] | None = None) -> dict[str, object]:

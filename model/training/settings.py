@@ -48,7 +48,7 @@ class TrainSettings:
     init_from: str | None = setting(None, "finetune the model of this checkpoint directory (its config and tokenizer)", MODEL,
                                     metavar="DIR")
     teacher: tuple[str, ...] | None = setting(None, "distil from these trained checkpoints of the same text and tokenizer: "
-                                              "the student learns their mean next-token distribution beside the text's",
+                                              "the student learns their mean distribution of the next token beside the text's",
                                               MODEL, nargs="+", metavar="DIR", type=str)
     n_layer: int | None = setting(None, "number of layers (default: the preset's, sized by the text for cpu)", MODEL)
     n_head: int | None = setting(None, "number of attention heads (default: the preset's)", MODEL)

@@ -73,6 +73,7 @@ class TrainResult:
     interrupted: bool = False  # stopped before the end (Ctrl-C, stop_after): the state is saved for --resume
     failed: bool = False  # a rank other than 0, whose run rank 0 found diverged (rank 0 raises TrainingDiverged)
     metrics: dict[str, Any] | None = None  # metrics.json's scores: rank 0 of a finished run
+    capped: bool = False  # the size's passes cap (or early stopping under it) ended the run, not the time budget
 
 
 class RunFiles:
@@ -391,7 +392,8 @@ class Trainer:
             self.evaluate(None)
             if self.failure is not None:
                 self.fail()
-        return TrainResult(st.step, loss, metrics=self.final_metrics(train_seconds))
+        capped = self.max_epochs is not None and (st.step >= self.settings.max_iters or self.stopped_early is not None)
+        return TrainResult(st.step, loss, metrics=self.final_metrics(train_seconds), capped=capped)
 
     def save(self, improved: bool) -> None:
         """After an evaluation: the best weights when they improved, the resume state and the log."""

@@ -1,0 +1,101 @@
+"""What a budget buys after the first model: on a small text the cpu preset's size stops learning after a few passes
+over it (its cap), long before a generous budget (or a fast machine) ends. The time left trains more models of the same
+size on the same text with other seeds (teachers), then a student distilled from them all (model/training/distill.py),
+which replaces the first model when it scores better. docs/train.md has the measurements behind the rule."""
+
+from __future__ import annotations
+
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+from model import atomic
+from model.formats import checkpoint
+from model.formats.checkpoint import CONFIG, LOG, METRICS, PLOT, WEIGHTS
+from model.generation.sampling import SEED_MAX
+from model.training import distributed
+from model.training.settings import layered
+from model.training.trainer import TrainResult
+from model.training.trainer import train as train_one
+
+ROUNDS = "rounds"  # the folder in --out-dir of the teachers and the student
+MAX_TEACHERS = 3  # an ensemble of more teachers gained too little to pay for another round (docs/train.md)
+STUDENT_COST = 1.15  # a student's run (its teachers reading the text included) as a multiple of a teacher's
+MODEL_FILES = (WEIGHTS, CONFIG, METRICS, LOG, PLOT)  # what a finished run's folder holds besides its resume state
+
+
+def extra_teachers(left: float, round_seconds: float) -> int | None:
+    """How many teachers to train besides the first model (0 to MAX_TEACHERS - 1) when `left` seconds remain and a
+    round takes about round_seconds: as many as still leave time for the student. None: not even a student fits."""
+    fits = [n for n in range(MAX_TEACHERS) if (n + STUDENT_COST) * round_seconds <= left]
+    return max(fits) if fits else None
+
+
+def copy_model(src: Path, dst: Path) -> None:
+    """A finished run's model files (not its resume state or token cache) copied into a new folder dst, whole or not at all."""
+    with atomic.atomic_dir(dst) as build:
+        for name in MODEL_FILES:
+            if (src / name).is_file():
+                shutil.copy2(src / name, build / name)
+
+
+def promote(src: Path, dst: Path) -> None:
+    """Make dst's checkpoint src's model: its files describe either model at every instant, a kill included (the
+    metrics, resume state and config of the old model go first, the new config is written after the weights)."""
+    for name in (METRICS, checkpoint.TRAIN_STATE, CONFIG):
+        (dst / name).unlink(missing_ok=True)
+    for name in (WEIGHTS, CONFIG, METRICS, LOG, PLOT):
+        if (src / name).is_file():
+            atomic.write_bytes(dst / name, (src / name).read_bytes())
+
+
+def wanted(given: dict[str, Any], first: TrainResult) -> bool:
+    """Whether rounds may follow the first run: a new single-process run that the size's cap, not the budget, ended."""
+    return (first.capped and first.metrics is not None and not given.get("teacher") and not given.get("resume")
+            and distributed.launched_world_size() == 1)
+
+
+def train(given: dict[str, Any], stop_after: int | None = None, t_start: float | None = None) -> TrainResult:
+    """Train the first model; then, if its cap left enough of the budget, teachers and a student (see the module).
+
+    Returns the result of the model --out-dir holds at the end (the student's when it won)."""
+    t_start = time.perf_counter() if t_start is None else t_start
+    first = train_one(given, stop_after, t_start)
+    if not wanted(given, first):
+        return first
+    s = layered(given)
+    deadline = t_start + s.max_minutes * 60.0
+    round_seconds = time.perf_counter() - t_start
+    extra = extra_teachers(deadline - time.perf_counter(), round_seconds)
+    if extra is None:
+        return first
+    out = Path(s.out_dir)
+    rounds = out / ROUNDS
+    print(f"\n{(deadline - time.perf_counter()) / 60:.1f} of the {s.max_minutes:g} minutes are left after the first model "
+          f"({round_seconds / 60:.1f} min): training {extra} more teacher{'s' if extra != 1 else ''} with other seeds and "
+          f"a student distilled from {'them all' if extra else 'the first'}, in {rounds}/", flush=True)
+    copy_model(out, rounds / "teacher-1")
+    teachers = [rounds / "teacher-1"]
+    for i in range(2, extra + 2):
+        now = time.perf_counter()
+        minutes = (deadline - now - STUDENT_COST * round_seconds) / 60.0
+        result = train_one({**given, "seed": (s.seed + i - 1) % (SEED_MAX + 1), "out_dir": str(rounds / f"teacher-{i}"),
+                            "max_minutes": minutes}, t_start=now)
+        if result.metrics is None:  # interrupted: its folder says how to resume it
+            return result
+        teachers.append(rounds / f"teacher-{i}")
+    now = time.perf_counter()
+    student = train_one({**given, "teacher": [str(t) for t in teachers], "out_dir": str(rounds / "student"),
+                         "max_minutes": (deadline - now) / 60.0}, t_start=now)
+    if student.metrics is None:
+        return student
+    ours, theirs = student.metrics["val_nats_per_char"], first.metrics["val_nats_per_char"]
+    if ours < theirs:
+        promote(rounds / "student", out)
+        print(f"the student scores {ours:.4f} nats/char against the first model's {theirs:.4f}: {out}/ holds the student "
+              f"now (the first model is {rounds / 'teacher-1'}/)")
+        return student
+    print(f"the student scores {ours:.4f} nats/char, not better than the first model's {theirs:.4f}: {out}/ keeps the "
+          "first model")
+    return first
