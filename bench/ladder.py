@@ -16,7 +16,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from model.formats.checkpoint import METRICS, CheckpointError, read_json  # noqa: E402
+from model.formats.checkpoint import METRICS, CheckpointError, read_config, read_json  # noqa: E402
 from model.plot import save_figure  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -56,10 +56,12 @@ def main() -> int:
                 m = read_json(out / METRICS)
             except CheckpointError:
                 continue
-            rows.append((minutes, seed, m["step"], m.get("tokens_seen"), m["val_nats_per_char"], m.get("train_seconds")))
-    print("| --max-minutes | seed | steps | tokens seen | val nats/char |\n|---:|---:|---:|---:|---:|")
-    for minutes, seed, steps, tokens, val, _ in rows:
-        print(f"| {minutes:g} | {seed} | {steps:,} | {tokens or 0:,} | {val:.4f} |")
+            teachers = len(read_config(out)["train"].get("teacher") or [])  # a student's: the budget bought teachers
+            rows.append((minutes, seed, m["step"], m.get("tokens_seen"), m["val_nats_per_char"], teachers))
+    print("| --max-minutes | seed | the model out/ holds | its steps | tokens seen | val nats/char |\n|---:|---:|---|---:|---:|---:|")
+    for minutes, seed, steps, tokens, val, teachers in rows:
+        kind = f"a student of {teachers} teacher{'s' if teachers > 1 else ''}" if teachers else "the first model"
+        print(f"| {minutes:g} | {seed} | {kind} | {steps:,} | {tokens or 0:,} | {val:.4f} |")
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(7, 4))
