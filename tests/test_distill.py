@@ -114,7 +114,7 @@ def test_a_budget_left_after_the_cap_trains_teachers_and_a_student(tmp_path, tex
     out = tmp_path / "out"
     result = rounds.train({**FLAGS, "data": str(text), "out_dir": str(out), "max_minutes": 2.0, "eval_interval": 10})
     said = capsys.readouterr().out
-    extra = int(re.search(r"training (\d+) more teachers? with other seeds", said).group(1))
+    extra = int(re.search(r"training (\d+) more teachers? with other seeds, then a student distilled from all", said).group(1))
     assert extra == rounds.MAX_TEACHERS - 1  # a capped run of seconds leaves time for them all in 2 minutes
     teachers = range(1, extra + 2)
     for i in teachers:
@@ -128,6 +128,8 @@ def test_a_budget_left_after_the_cap_trains_teachers_and_a_student(tmp_path, tex
     assert isinstance(served.model, GPT)
     if student < first:
         assert "holds the student" in said and not (out / checkpoint.TRAIN_STATE).exists()
+        assert kept["teachers"] == extra + 1 and kept["first_model_val_nats_per_char"] == first
+        assert kept["command_seconds"] > kept["total_seconds"]
     seeds = {checkpoint.read_config(out / "rounds" / f"teacher-{i}")["train"]["seed"] for i in teachers}
     assert len(seeds) == len(teachers)
     student_config = checkpoint.read_config(out / "rounds" / "student")["train"]
@@ -138,5 +140,14 @@ def test_no_rounds_when_the_budget_ended_the_run_or_steps_were_given(tmp_path, t
     rounds.train({**FLAGS, "data": str(text), "out_dir": str(tmp_path / "a"), "max_minutes": 2.0, "max_iters": 5,
                   "eval_interval": 5})
     rounds.train({**FLAGS, "data": str(text), "out_dir": str(tmp_path / "b"), "max_minutes": 0.05, "eval_interval": 5})
-    assert "teacher" not in capsys.readouterr().out
+    assert "student" not in capsys.readouterr().out
     assert not (tmp_path / "a" / "rounds").exists() and not (tmp_path / "b" / "rounds").exists()
+
+
+def test_rounds_that_run_late_give_up_the_student_and_keep_the_first_model(tmp_path, text, capped, capsys, monkeypatch):
+    monkeypatch.setattr(rounds, "SHORTEST_ROUND", 1e9)  # as if the first model had taken far less than the rounds do
+    out = tmp_path / "out"
+    result = rounds.train({**FLAGS, "data": str(text), "out_dir": str(out), "max_minutes": 1.0, "eval_interval": 10})
+    assert "too little for a student" in capsys.readouterr().out
+    assert not (out / "rounds" / "student").exists() and not (out / "rounds" / "teacher-2").exists()
+    assert checkpoint.read_json(out / checkpoint.METRICS)["val_nats_per_char"] == result.metrics["val_nats_per_char"]

@@ -5,6 +5,7 @@ which replaces the first model when it scores better. docs/train.md has the meas
 
 from __future__ import annotations
 
+import math
 import shutil
 import time
 from pathlib import Path
@@ -24,6 +25,7 @@ MAX_TEACHERS = 4  # the largest ensemble a student learns from
 # A student's run as a multiple of a teacher's: the run itself, and each teacher reading the text once (measured on 2
 # cores: 490 s for a student of one teacher, 47 s of it reading, where the teacher took 417 s), with a margin.
 STUDENT_RUN, STUDENT_PER_TEACHER = 1.1, 0.12
+SHORTEST_ROUND = 0.5  # a later round starts only with at least this share of the time it should take
 MODEL_FILES = (WEIGHTS, CONFIG, METRICS, LOG, PLOT)  # what a finished run's folder holds besides its resume state
 
 
@@ -37,6 +39,11 @@ def extra_teachers(left: float, round_seconds: float) -> int | None:
     round takes about round_seconds: as many as still leave time for the student. None: not even a student fits."""
     fits = [n for n in range(MAX_TEACHERS) if n * round_seconds + student_seconds(n + 1, round_seconds) <= left]
     return max(fits) if fits else None
+
+
+def whole_seconds(seconds: float) -> float:
+    """A round's budget in whole seconds, rounded down: it stays inside the run's, and its log line stays short."""
+    return float(max(math.floor(seconds), 1))
 
 
 def copy_model(src: Path, dst: Path) -> None:
@@ -79,27 +86,36 @@ def train(given: dict[str, Any], stop_after: int | None = None, t_start: float |
         return first
     out = Path(s.out_dir)
     rounds = out / ROUNDS
+    plan = (f"{extra} more teacher{'s' if extra > 1 else ''} with other seeds, then a student distilled from all "
+            f"{extra + 1}" if extra else "a student distilled from it")
     print(f"\n{(deadline - time.perf_counter()) / 60:.1f} of the {s.max_minutes:g} minutes are left after the first model "
-          f"({round_seconds / 60:.1f} min): training {extra} more teacher{'s' if extra != 1 else ''} with other seeds and "
-          f"a student distilled from {'them all' if extra else 'the first'}, in {rounds}/", flush=True)
+          f"({round_seconds / 60:.1f} min): training {plan}, in {rounds}/", flush=True)
     copy_model(out, rounds / "teacher-1")
     teachers = [rounds / "teacher-1"]
     for i in range(2, extra + 2):
         now = time.perf_counter()
-        minutes = (deadline - now - student_seconds(extra + 1, round_seconds)) / 60.0
+        seconds = deadline - now - student_seconds(extra + 1, round_seconds)  # what the student will need stays free
+        if seconds < SHORTEST_ROUND * round_seconds:  # the rounds ran slower than the first model: fewer teachers
+            break
         result = train_one({**given, "seed": (s.seed + i - 1) % (SEED_MAX + 1), "out_dir": str(rounds / f"teacher-{i}"),
-                            "max_minutes": minutes}, t_start=now)
+                            "max_minutes": whole_seconds(seconds) / 60.0}, t_start=now)
         if result.metrics is None:  # interrupted: its folder says how to resume it
             return result
         teachers.append(rounds / f"teacher-{i}")
     now = time.perf_counter()
+    if deadline - now < SHORTEST_ROUND * student_seconds(len(teachers), round_seconds):
+        print(f"only {deadline - now:.0f} s are left, too little for a student: {out}/ keeps the first model")
+        return first
     student = train_one({**given, "teacher": [str(t) for t in teachers], "out_dir": str(rounds / "student"),
-                         "max_minutes": (deadline - now) / 60.0}, t_start=now)
+                         "max_minutes": whole_seconds(deadline - now) / 60.0}, t_start=now)
     if student.metrics is None:
         return student
     ours, theirs = student.metrics["val_nats_per_char"], first.metrics["val_nats_per_char"]
     if ours < theirs:
         promote(rounds / "student", out)
+        whole = {"teachers": len(teachers), "first_model_val_nats_per_char": theirs,
+                 "command_seconds": round(time.perf_counter() - t_start, 2)}  # the rounds together, the first model's included
+        checkpoint.write_json(out / METRICS, {**checkpoint.read_json(out / METRICS), **whole})
         print(f"the student scores {ours:.4f} nats/char against the first model's {theirs:.4f}: {out}/ holds the student "
               f"now (the first model is {rounds / 'teacher-1'}/)")
         return student
