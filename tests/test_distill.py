@@ -137,6 +137,7 @@ def test_a_budget_left_after_the_cap_trains_teachers_and_a_student(tmp_path, tex
 
 
 def test_no_rounds_when_the_budget_ended_the_run_or_steps_were_given(tmp_path, text, capped, capsys):
+    (tmp_path / "a" / "rounds" / "teacher-9").mkdir(parents=True)  # an earlier run's rounds: stale once a new model is in a/
     rounds.train({**FLAGS, "data": str(text), "out_dir": str(tmp_path / "a"), "max_minutes": 2.0, "max_iters": 5,
                   "eval_interval": 5})
     rounds.train({**FLAGS, "data": str(text), "out_dir": str(tmp_path / "b"), "max_minutes": 0.05, "eval_interval": 5})
@@ -151,3 +152,14 @@ def test_rounds_that_run_late_give_up_the_student_and_keep_the_first_model(tmp_p
     assert "too little for a student" in capsys.readouterr().out
     assert not (out / "rounds" / "student").exists() and not (out / "rounds" / "teacher-2").exists()
     assert checkpoint.read_json(out / checkpoint.METRICS)["val_nats_per_char"] == result.metrics["val_nats_per_char"]
+
+
+def test_an_interrupted_student_resumes_with_its_teachers(tmp_path, text, bytes_tok):
+    common = {**FLAGS, "preset": "tiny", "n_embd": 32, "max_minutes": 0, "eval_interval": 5, "data": str(text)}
+    train_one({**common, "out_dir": str(tmp_path / "t"), "max_iters": 10})
+    student = {**common, "max_iters": 10, "teacher": [str(tmp_path / "t")]}
+    straight = train_one({**student, "out_dir": str(tmp_path / "a")})
+    assert train_one({**student, "out_dir": str(tmp_path / "b")}, stop_after=4).interrupted
+    resumed = train_one({"resume": True, "out_dir": str(tmp_path / "b")})
+    assert resumed.metrics is not None and resumed.step == straight.step == 10
+    assert resumed.last_loss == pytest.approx(straight.last_loss, abs=1e-5)  # the same teachers' targets, the same batches

@@ -75,9 +75,9 @@ def teaching_windows(n_pred: int, block_size: int) -> list[tuple[int, int]]:
 
 @torch.no_grad()
 def teach(models: Sequence[GPT], data: np.ndarray, block_size: int, device: torch.device,
-          autocast: contextlib.AbstractContextManager | None = None, top_k: int = TOP_K) -> SoftTargets:
+          autocast: contextlib.AbstractContextManager | None = None, top_k: int = TOP_K, show: bool = True) -> SoftTargets:
     """The teachers' mean next-token distribution after every position of data (its top_k), read in windows of
-    block_size tokens."""
+    block_size tokens; show: the progress display (rank 0's only under torchrun)."""
     n_pred = len(data) - 1
     length = min(block_size, n_pred)
     top_k = min(top_k, models[0].config.vocab_size)
@@ -86,7 +86,7 @@ def teach(models: Sequence[GPT], data: np.ndarray, block_size: int, device: torc
     windows = teaching_windows(n_pred, length)
     for m in models:
         m.eval()
-    progress = Progress(len(windows), "window", "teachers")
+    progress = Progress(len(windows), "window", "teachers", disable=not show)
     try:
         for i in range(0, len(windows), TEACH_BATCH):
             batch = windows[i:i + TEACH_BATCH]

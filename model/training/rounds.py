@@ -59,7 +59,7 @@ def promote(src: Path, dst: Path) -> None:
     metrics, resume state and config of the old model go first, the new config is written after the weights)."""
     for name in (METRICS, checkpoint.TRAIN_STATE, CONFIG):
         (dst / name).unlink(missing_ok=True)
-    for name in (WEIGHTS, CONFIG, METRICS, LOG, PLOT):
+    for name in MODEL_FILES:
         if (src / name).is_file():
             atomic.write_bytes(dst / name, (src / name).read_bytes())
 
@@ -75,17 +75,19 @@ def train(given: dict[str, Any], stop_after: int | None = None, t_start: float |
 
     Returns the result of the model --out-dir holds at the end (the student's when it won)."""
     t_start = time.perf_counter() if t_start is None else t_start
+    s = layered(given)
+    rounds = Path(s.out_dir) / ROUNDS
     first = train_one(given, stop_after, t_start)
+    if first.metrics is not None and not given.get("resume") and not given.get("teacher"):
+        shutil.rmtree(rounds, ignore_errors=True)  # an earlier run's, whose model this run has replaced in --out-dir
     if not wanted(given, first):
         return first
-    s = layered(given)
     deadline = t_start + s.max_minutes * 60.0
     round_seconds = time.perf_counter() - t_start
     extra = extra_teachers(deadline - time.perf_counter(), round_seconds)
     if extra is None:
         return first
     out = Path(s.out_dir)
-    rounds = out / ROUNDS
     plan = (f"{extra} more teacher{'s' if extra > 1 else ''} with other seeds, then a student distilled from all "
             f"{extra + 1}" if extra else "a student distilled from it")
     print(f"\n{(deadline - time.perf_counter()) / 60:.1f} of the {s.max_minutes:g} minutes are left after the first model "

@@ -149,7 +149,7 @@ class Trainer:
             if self.master:
                 print(f"distilling from {len(teachers)} teacher{'s' if len(teachers) > 1 else ''}: "
                       f"{', '.join(s.teacher)}; they read the training split once ...", flush=True)
-            self.soft_targets = teach(teachers, self.data.train, s.block_size, self.device, self.autocast())
+            self.soft_targets = teach(teachers, self.data.train, s.block_size, self.device, self.autocast(), show=self.master)
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.dtype == torch.float16)
         self.batch_gen = torch.Generator().manual_seed(s.seed)
         self.budget = Budget(s.max_minutes, s.max_iters, s.warmup_iters, t_start)
