@@ -105,7 +105,7 @@ def test_a_student_trains_from_teachers_and_a_teacher_of_another_tokenizer_is_re
     assert other.config.vocab_size == 256
 
 
-@pytest.mark.parametrize(("left", "expected"), [(50, None), (123, 0), (233, 0), (235, 1), (347, 2), (459, 3), (10_000, 3)])
+@pytest.mark.parametrize(("left", "expected"), [(50, None), (118, 0), (221, 0), (223, 1), (328, 2), (433, 3), (10_000, 3)])
 def test_the_time_left_decides_the_teachers(left, expected):
     assert rounds.extra_teachers(left, 100.0) == expected
 

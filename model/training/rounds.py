@@ -22,9 +22,10 @@ from model.training.trainer import train as train_one
 
 ROUNDS = "rounds"  # the folder in --out-dir of the teachers and the student
 MAX_TEACHERS = 4  # the largest ensemble a student learns from
-# A student's run as a multiple of a teacher's: the run itself, and each teacher reading the text once (measured on 2
-# cores: 490 s for a student of one teacher, 47 s of it reading, where the teacher took 417 s), with a margin.
-STUDENT_RUN, STUDENT_PER_TEACHER = 1.1, 0.12
+# A student's run as a multiple of a teacher's: the run with its teachers' reading of the text, and each teacher's
+# forward over it. Fitted on 2 cores to within 13%: students of 1 teacher took 1.05 to 1.18 teacher runs (465 to 490 s),
+# of 4 teachers 1.30 (529 s after a 408 s first model); docs/train.md.
+STUDENT_RUN, STUDENT_PER_TEACHER = 1.12, 0.05
 SHORTEST_ROUND = 0.5  # a later round starts only with at least this share of the time it should take
 MODEL_FILES = (WEIGHTS, CONFIG, METRICS, LOG, PLOT)  # what a finished run's folder holds besides its resume state
 
