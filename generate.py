@@ -11,12 +11,15 @@ import argparse
 import dataclasses
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
 
+from model import numpy_gpt
 from model.formats.checkpoint import CheckpointError
 from model.formats.load import Loaded, load
+from model.generation import generate as generation
 from model.generation.generate import DEFAULT_SAMPLING, GENERATION_THREADS, SETTINGS, SamplingConfig, stream, with_setting
 from model.tokenizer import TokenizerError
 
@@ -46,6 +49,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=None, help="same seed, same text (default: random)")
     p.add_argument("--threads", type=int, default=GENERATION_THREADS,
                    help=f"torch CPU threads (default {GENERATION_THREADS}: fastest for small models, quiet or busy CPU)")
+    p.add_argument("--engine", choices=("torch", "numpy"), default="torch", help="numpy: model/numpy_gpt.py's NumPy forward, "
+                   "to step through in a debugger (fp32 checkpoints, default out; no penalties; slow). Default torch: the engine")
     args = p.parse_args(argv)
     if args.num_samples < 1 or args.threads < 1:
         p.error("--num-samples and --threads must be at least 1.")
@@ -64,7 +69,7 @@ def show(loaded: Loaded, prompt: str, num_samples: int, sampling: SamplingConfig
     print(header(0) + prompt, end="", flush=True)
     steps, start = 0, time.perf_counter()
     try:
-        for new in stream(loaded.model, loaded.tokenizer, prompt, num_samples, sampling):
+        for new in engine_stream(loaded, prompt, num_samples, sampling):
             steps += 1
             print(new[0], end="", flush=True)
             texts = [t + n for t, n in zip(texts, new, strict=True)]
@@ -74,6 +79,15 @@ def show(loaded: Loaded, prompt: str, num_samples: int, sampling: SamplingConfig
             print(header(i) + prompt + texts[i], end="")
         print(flush=True)
         print(speed_line(steps * num_samples, seconds), file=sys.stderr, flush=True)
+
+
+def engine_stream(loaded: Loaded, prompt: str, num_samples: int, sampling: SamplingConfig) -> Iterator[list[str]]:
+    """stream() on the torch engine, or on the NumPy forward when loaded holds a numpy_gpt.NumpyGPT (--engine numpy)."""
+    if not isinstance(loaded.model, numpy_gpt.NumpyGPT):
+        return stream(loaded.model, loaded.tokenizer, prompt, num_samples, sampling)
+    ids = generation.prompt_tokens(loaded.tokenizer, prompt, loaded.config.block_size)
+    steps = numpy_gpt.decode_tokens(loaded.model, ids, num_samples, sampling, loaded.tokenizer.n_vocab)
+    return generation.texts(loaded.tokenizer, steps, num_samples, sampling)
 
 
 def speed_line(tokens: int, seconds: float) -> str:
@@ -140,7 +154,11 @@ def main(argv: list[str] | None = None) -> int:
         sampling = SamplingConfig(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
                                   top_p=args.top_p, repetition_penalty=args.repetition_penalty,
                                   frequency_penalty=args.frequency_penalty, stop=tuple(args.stop), seed=args.seed)
-        loaded = load(args.ckpt or default_ckpt())
+        if args.engine == "numpy":
+            np_model = numpy_gpt.load(args.ckpt or "out")
+            loaded = Loaded(np_model, np_model.tokenizer, np_model.config, "fp32", np_model.meta)
+        else:
+            loaded = load(args.ckpt or default_ckpt())
         if args.prompt is None:
             interactive(loaded, args.num_samples, sampling)
         else:
