@@ -38,6 +38,8 @@ HF_PREFIX = "transformer."
 HF_CONV1D = (".attn.c_attn.weight", ".attn.c_proj.weight", ".mlp.c_fc.weight", ".mlp.c_proj.weight")  # stored (in, out)
 HF_SKIP = ("lm_head.weight", ".attn.bias", ".attn.masked_bias")  # the tied head (= wte) and old causal-mask buffers
 HF_ACTIVATIONS = {"gelu_new": "gelu", "gelu_pytorch_tanh": "gelu", "relu2": "relu2"}
+HF_FIXED = {"scale_attn_weights": True, "scale_attn_by_inverse_layer_idx": False, "add_cross_attention": False,
+            "layer_norm_epsilon": LN_EPS}  # GPT-2 settings gpt() computes with these values only
 
 
 class NumpyCheckpointError(ValueError):
@@ -279,12 +281,17 @@ def read_weights(path: Path) -> Params:
 
 
 def config_from_hf(cfg: dict[str, Any], where: str) -> GPTConfig:
-    """Our GPTConfig for a Hugging Face GPT-2 config.json (the keys model/formats/hf.py's config_from_hf reads, which
-    also refuses the attention variants neither implements; load_hf refuses them for the torch model)."""
+    """Our GPTConfig for a Hugging Face GPT-2 config.json, as model/formats/hf.py's config_from_hf reads it (which
+    imports torch), refusing the same settings (a test checks the two agree)."""
     act = cfg.get("activation_function", "gelu_new")
     if act not in HF_ACTIVATIONS:
         raise NumpyCheckpointError(f"{where} uses activation_function {act!r}; the NumPy forward runs GPT-2's tanh GELU "
                                    "('gelu_new') or ReLU squared ('relu2') only.")
+    for key, ours in HF_FIXED.items():
+        if key in cfg and cfg[key] != ours:
+            raise NumpyCheckpointError(f"{where} sets {key}={cfg[key]!r}, a GPT-2 variant the NumPy forward does not implement.")
+    if cfg.get("n_inner") not in (None, 4 * int(cfg.get("n_embd", 768))):
+        raise NumpyCheckpointError(f"{where} sets n_inner={cfg['n_inner']}; the MLP is 4 * n_embd wide.")
     try:
         return GPTConfig(block_size=int(cfg.get("n_positions", cfg.get("n_ctx", 1024))), vocab_size=int(cfg.get("vocab_size", 50257)),
                          n_layer=int(cfg.get("n_layer", 12)), n_head=int(cfg.get("n_head", 12)), n_embd=int(cfg.get("n_embd", 768)),
@@ -293,9 +300,13 @@ def config_from_hf(cfg: dict[str, Any], where: str) -> GPTConfig:
         raise NumpyCheckpointError(f"{where} has an invalid GPT-2 setting: {e}") from None
 
 
-def params_from_hf(hf: Params) -> Params:
+def params_from_hf(hf: Params, where: str) -> Params:
     """Hugging Face GPT-2 arrays under our names: the "transformer." prefix added where missing, Conv1D weights (stored
-    (in, out)) transposed to (out, in), the tied head and the causal-mask buffers dropped."""
+    (in, out)) transposed to (out, in), the tied head (refused if it is not wte) and the causal-mask buffers dropped."""
+    head, wte = hf.get("lm_head.weight"), hf.get(HF_PREFIX + "wte.weight", hf.get("wte.weight"))
+    if head is not None and (wte is None or not np.array_equal(head, wte)):
+        raise NumpyCheckpointError(f"{where} has an lm_head that differs from its token embedding; the NumPy forward needs "
+                                   "the tied head GPT-2 uses.")
     params = {}
     for key, value in hf.items():
         if key.endswith(HF_SKIP):
@@ -335,7 +346,7 @@ def load(path: str | Path) -> NumpyGPT:
         params, meta = read_weights(path / WEIGHTS), cfg
     else:  # a Hugging Face GPT-2 folder
         config = config_from_hf(cfg, str(path / CONFIG))
-        params = params_from_hf(read_weights(path / WEIGHTS))
+        params = params_from_hf(read_weights(path / WEIGHTS), str(path))
         meta = {"kind": "fp32", "model": config.to_dict(), "tokenizer": cfg.get("smallgpt_tokenizer", {"name": "gpt2"}),
                 "source": {"format": "huggingface", "path": str(path)}}
     return NumpyGPT(config, check_params(params, config, str(path / WEIGHTS)), meta, load_tokenizer(meta["tokenizer"]))

@@ -12,11 +12,13 @@ import numpy as np
 import pytest
 import torch
 from model_support import tiny_gpt
+from safetensors.numpy import load_file, save_file
 
 import generate as cli
 from model import numpy_gpt
 from model.config import GPTConfig
-from model.formats.checkpoint import save_config, save_weights
+from model.formats.checkpoint import CheckpointError, save_config, save_weights
+from model.formats.hf import config_from_hf
 from model.formats.load import load
 from model.generation import sampling as torch_sampling
 from model.generation.generate import SamplingConfig, decode_tokens
@@ -184,3 +186,33 @@ def test_refusals_say_what_to_do(tmp_path, capsys):
     assert cli.main(["--ckpt", str(int8), "--prompt", "x", "--engine", "numpy"]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: ") and err.count("\n") == 1 and "Traceback" not in err
+
+
+HF_CONFIGS = [{}, {"n_layer": 3, "n_head": 2, "n_embd": 16, "n_positions": 40, "vocab_size": 300}, {"activation_function": "relu2"},
+              {"activation_function": "gelu"}, {"scale_attn_weights": False}, {"scale_attn_by_inverse_layer_idx": True},
+              {"add_cross_attention": True}, {"layer_norm_epsilon": 1e-6}, {"n_inner": 100}, {"n_embd": 64, "n_inner": 256}]
+
+
+@pytest.mark.parametrize("cfg", HF_CONFIGS, ids=[str(c) for c in HF_CONFIGS])
+def test_hugging_face_configs_read_as_the_torch_loader_reads_them(cfg):
+    cfg = {"model_type": "gpt2", "n_layer": 2, "n_head": 2, "n_embd": 32, "n_positions": 64, **cfg}
+    try:
+        expected = config_from_hf(cfg, "config.json")
+    except CheckpointError:
+        with pytest.raises(numpy_gpt.NumpyCheckpointError, match="config.json"):
+            numpy_gpt.config_from_hf(cfg, "config.json")
+    else:
+        assert numpy_gpt.config_from_hf(cfg, "config.json") == expected
+
+
+def test_an_untied_hugging_face_head_is_refused(hf_gpt2, tmp_path):
+    path, _ = hf_gpt2
+    untied = tmp_path / "untied"
+    untied.mkdir()
+    (untied / "config.json").write_bytes((path / "config.json").read_bytes())
+    arrays = load_file(str(path / "model.safetensors"))
+    save_file({**arrays, "lm_head.weight": arrays["transformer.wte.weight"] + 1.0}, str(untied / "model.safetensors"))
+    with pytest.raises(numpy_gpt.NumpyCheckpointError, match="lm_head that differs from its token embedding"):
+        numpy_gpt.load(untied)
+    save_file({**arrays, "lm_head.weight": arrays["transformer.wte.weight"]}, str(untied / "model.safetensors"))
+    assert numpy_gpt.load(untied).config.n_layer == 2  # a stored head equal to wte is fine
