@@ -21,7 +21,7 @@ from model.formats.checkpoint import CheckpointError, save_config, save_weights
 from model.formats.hf import config_from_hf
 from model.formats.load import load
 from model.generation import sampling as torch_sampling
-from model.generation.generate import SamplingConfig, decode_tokens
+from model.generation.generate import SamplingConfig, decode_tokens, naive_tokens
 from model.gpt import GPT
 from model.tokenizer import build_tokenizer
 
@@ -121,7 +121,8 @@ def test_hugging_face_gpt2_logits_equal_ours_and_transformers(hf_gpt2, gpt2_toke
 
 @pytest.mark.parametrize("variant", [dict(), dict(rotary=True, qk_norm=True)], ids=["classic", "rotary qk-norm"])
 def test_greedy_tokens_equal_the_engines(tmp_path, variant):
-    """Within the context (past it the engine's default slide keeps half the window, the NumPy loop all of it)."""
+    """Within the context; past it, the NumPy loop keeps the last block_size tokens, as the reference naive_tokens does
+    (the engine's default slide keeps half of them)."""
     model = tiny_gpt(vocab=BYTES.n_vocab, block=32, **variant)
     numpy_model = numpy_gpt.load(save_ckpt(model, tmp_path / "ckpt"))
     greedy = SamplingConfig(max_new_tokens=20, temperature=0.0)
@@ -129,6 +130,9 @@ def test_greedy_tokens_equal_the_engines(tmp_path, variant):
     engine = [int(t) for (t,) in decode_tokens(model, prompt, 1, greedy, BYTES.n_vocab)]
     mine = [int(t) for (t,) in numpy_gpt.decode_tokens(numpy_model, prompt, 1, greedy, BYTES.n_vocab)]
     assert mine == engine and len(set(mine)) > 1  # a greedy run that depends on its context, not one token forever
+    longer = SamplingConfig(max_new_tokens=45, temperature=0.0)  # past the context of 32: the last 32 tokens, as naive_tokens
+    naive = naive_tokens(model, prompt, longer, BYTES.n_vocab, torch.Generator())
+    assert [int(t) for (t,) in numpy_gpt.decode_tokens(numpy_model, prompt, 1, longer, BYTES.n_vocab)] == naive
 
 
 def test_generate_cli_with_numpy_engine_writes_the_engines_greedy_text(tmp_path, capsys, gpt2_tokenizer):
