@@ -190,7 +190,7 @@ def sample(logits: np.ndarray, temperature: float, top_k: int | None, top_p: flo
         order = order[:top_k]
     probs = softmax(logits[order] / temperature)
     before = np.cumsum(probs) - probs  # probability of the tokens ranked above each one
-    probs = np.where(before < top_p, probs, 0.0)  # the first token is always kept (before = 0)
+    probs = np.where(before < top_p, probs, 0.0).astype(np.float64)  # the first token is always kept (before = 0)
     return int(order[rng.choice(len(order), p=probs / probs.sum())])
 
 
