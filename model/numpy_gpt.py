@@ -25,6 +25,8 @@ from safetensors import SafetensorError
 from safetensors.numpy import load_file
 
 from model.config import GPTConfig
+from model.formats.errors import CheckpointError
+from model.formats.hf_config import config_from_hf
 from model.tokenizer import Tokenizer, load_tokenizer
 
 Params = dict[str, np.ndarray]
@@ -37,13 +39,6 @@ CONFIG, WEIGHTS = "config.json", "model.safetensors"  # the files of a checkpoin
 HF_PREFIX = "transformer."
 HF_CONV1D = (".attn.c_attn.weight", ".attn.c_proj.weight", ".mlp.c_fc.weight", ".mlp.c_proj.weight")  # stored (in, out)
 HF_SKIP = ("lm_head.weight", ".attn.bias", ".attn.masked_bias")  # the tied head (= wte) and old causal-mask buffers
-HF_ACTIVATIONS = {"gelu_new": "gelu", "gelu_pytorch_tanh": "gelu", "relu2": "relu2"}
-HF_FIXED = {"scale_attn_weights": True, "scale_attn_by_inverse_layer_idx": False, "add_cross_attention": False,
-            "layer_norm_epsilon": LN_EPS}  # GPT-2 settings gpt() computes with these values only
-
-
-class NumpyCheckpointError(ValueError):
-    """A folder the NumPy forward cannot run; the message says what to do."""
 
 
 # --- the pieces, one concept each ---
@@ -258,46 +253,26 @@ def param_shapes(config: GPTConfig) -> dict[str, tuple[int, ...]]:
 
 
 def read_json(path: Path) -> dict[str, Any]:
-    """A JSON object from a file, or a NumpyCheckpointError saying what is wrong."""
+    """A JSON object from a file, or a CheckpointError saying what is wrong."""
     if not path.is_file():
-        raise NumpyCheckpointError(f"{path} does not exist: pass a checkpoint folder train.py wrote (e.g. --ckpt out).")
+        raise CheckpointError(f"{path} does not exist: pass a checkpoint folder train.py wrote (e.g. --ckpt out).")
     try:
         obj = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise NumpyCheckpointError(f"{path} is not valid JSON ({e}); the checkpoint is damaged, train or copy it again.") from None
+        raise CheckpointError(f"{path} is not valid JSON ({e}); the checkpoint is damaged, train or copy it again.") from None
     if not isinstance(obj, dict):
-        raise NumpyCheckpointError(f"{path} does not hold a JSON object; the checkpoint is damaged, train or copy it again.")
+        raise CheckpointError(f"{path} does not hold a JSON object; the checkpoint is damaged, train or copy it again.")
     return obj
 
 
 def read_weights(path: Path) -> Params:
-    """The arrays of a safetensors file, or a NumpyCheckpointError."""
+    """The arrays of a safetensors file, or a CheckpointError."""
     if not path.is_file():
-        raise NumpyCheckpointError(f"{path} does not exist; the NumPy forward reads weights from a {WEIGHTS} file only.")
+        raise CheckpointError(f"{path} does not exist; the NumPy forward reads weights from a {WEIGHTS} file only.")
     try:
         return load_file(str(path))
     except (SafetensorError, OSError, ValueError, TypeError) as e:
-        raise NumpyCheckpointError(f"{path} is not a readable safetensors file ({e}); train or copy it again.") from None
-
-
-def config_from_hf(cfg: dict[str, Any], where: str) -> GPTConfig:
-    """Our GPTConfig for a Hugging Face GPT-2 config.json, as model/formats/hf.py's config_from_hf reads it (which
-    imports torch), refusing the same settings (a test checks the two agree)."""
-    act = cfg.get("activation_function", "gelu_new")
-    if act not in HF_ACTIVATIONS:
-        raise NumpyCheckpointError(f"{where} uses activation_function {act!r}; the NumPy forward runs GPT-2's tanh GELU "
-                                   "('gelu_new') or ReLU squared ('relu2') only.")
-    for key, ours in HF_FIXED.items():
-        if key in cfg and cfg[key] != ours:
-            raise NumpyCheckpointError(f"{where} sets {key}={cfg[key]!r}, a GPT-2 variant the NumPy forward does not implement.")
-    if cfg.get("n_inner") not in (None, 4 * int(cfg.get("n_embd", 768))):
-        raise NumpyCheckpointError(f"{where} sets n_inner={cfg['n_inner']}; the MLP is 4 * n_embd wide.")
-    try:
-        return GPTConfig(block_size=int(cfg.get("n_positions", cfg.get("n_ctx", 1024))), vocab_size=int(cfg.get("vocab_size", 50257)),
-                         n_layer=int(cfg.get("n_layer", 12)), n_head=int(cfg.get("n_head", 12)), n_embd=int(cfg.get("n_embd", 768)),
-                         mlp=HF_ACTIVATIONS[act])
-    except (TypeError, ValueError) as e:
-        raise NumpyCheckpointError(f"{where} has an invalid GPT-2 setting: {e}") from None
+        raise CheckpointError(f"{path} is not a readable safetensors file ({e}); train or copy it again.") from None
 
 
 def params_from_hf(hf: Params, where: str) -> Params:
@@ -305,7 +280,7 @@ def params_from_hf(hf: Params, where: str) -> Params:
     (in, out)) transposed to (out, in), the tied head (refused if it is not wte) and the causal-mask buffers dropped."""
     head, wte = hf.get("lm_head.weight"), hf.get(HF_PREFIX + "wte.weight", hf.get("wte.weight"))
     if head is not None and (wte is None or not np.array_equal(head, wte)):
-        raise NumpyCheckpointError(f"{where} has an lm_head that differs from its token embedding; the NumPy forward needs "
+        raise CheckpointError(f"{where} has an lm_head that differs from its token embedding; the NumPy forward needs "
                                    "the tied head GPT-2 uses.")
     params = {}
     for key, value in hf.items():
@@ -317,14 +292,14 @@ def params_from_hf(hf: Params, where: str) -> Params:
 
 
 def check_params(params: Params, config: GPTConfig, where: str) -> Params:
-    """params as float32, every one gpt() reads present with its shape, or a NumpyCheckpointError."""
+    """params as float32, every one gpt() reads present with its shape, or a CheckpointError."""
     for name, shape in param_shapes(config).items():
         if name not in params or params[name].shape != shape:
             found = "missing" if name not in params else f"of shape {params[name].shape}"
-            raise NumpyCheckpointError(f"{where} holds {name} {found} where its config needs {shape}; the checkpoint is "
+            raise CheckpointError(f"{where} holds {name} {found} where its config needs {shape}; the checkpoint is "
                                        "damaged or mixed from two runs.")
         if not np.issubdtype(params[name].dtype, np.floating):
-            raise NumpyCheckpointError(f"{where} holds {name} as {params[name].dtype}, not floating point; it is damaged.")
+            raise CheckpointError(f"{where} holds {name} as {params[name].dtype}, not floating point; it is damaged.")
     return {name: params[name].astype(np.float32) for name in param_shapes(config)}
 
 
@@ -333,16 +308,16 @@ def load(path: str | Path) -> NumpyGPT:
     GPT-2 folder (config.json + model.safetensors). int8 checkpoints are refused: their weights are torch's packed int8."""
     path = Path(path)
     if not path.is_dir():
-        raise NumpyCheckpointError(f"No checkpoint folder at {path}: train one with python train.py (or pass --ckpt DIR).")
+        raise CheckpointError(f"No checkpoint folder at {path}: train one with python train.py (or pass --ckpt DIR).")
     cfg = read_json(path / CONFIG)
     if "model" in cfg:  # one of ours
         if cfg.get("kind", "fp32") != "fp32":
-            raise NumpyCheckpointError(f"{path} is an {cfg.get('kind')} checkpoint; the NumPy forward runs fp32 weights: pass the "
+            raise CheckpointError(f"{path} is an {cfg.get('kind')} checkpoint; the NumPy forward runs fp32 weights: pass the "
                                        "checkpoint it was made from (e.g. --ckpt out).")
         try:
             config = GPTConfig.from_dict(cfg["model"])
         except (TypeError, ValueError, AttributeError) as e:
-            raise NumpyCheckpointError(f"{path / CONFIG} has an invalid model config: {e}") from None
+            raise CheckpointError(f"{path / CONFIG} has an invalid model config: {e}") from None
         params, meta = read_weights(path / WEIGHTS), cfg
     else:  # a Hugging Face GPT-2 folder
         config = config_from_hf(cfg, str(path / CONFIG))

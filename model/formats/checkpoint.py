@@ -25,6 +25,7 @@ from safetensors.torch import save as serialize
 
 from model import atomic
 from model.config import GPTConfig
+from model.formats.errors import CheckpointError  # noqa: F401  (re-exported: every reader raises it)
 from model.gpt import GPT
 from model.paths import what_is
 
@@ -38,10 +39,6 @@ LOG = "log.jsonl"  # the trainer's records, one JSON object a line (read_log)
 PLOT = "loss.png"  # the trainer's loss curves
 TIED_KEY = "lm_head.weight"
 STEP_KEY = "step"  # in model.safetensors' metadata: the training step of the weights (matched with metrics.json's best_step)
-
-
-class CheckpointError(RuntimeError):
-    """A checkpoint is missing, damaged or of the wrong kind; the message says what to do."""
 
 
 

@@ -30,6 +30,7 @@ from model.formats.checkpoint import (
     save_tensors,
     write_json,
 )
+from model.formats.hf_config import GPT2_VOCAB, HF_ACT, LN_EPS, config_from_hf
 from model.formats.hf_tokenizer import write_tokenizer_files
 from model.gpt import GPT
 from model.tokenizer import Tokenizer
@@ -39,13 +40,9 @@ PYTORCH_BIN = "pytorch_model.bin"
 PREFIX = "transformer."
 CONV1D = (".attn.c_attn.weight", ".attn.c_proj.weight", ".mlp.c_fc.weight", ".mlp.c_proj.weight")  # stored (in, out)
 BUFFERS = (".attn.bias", ".attn.masked_bias")  # causal-mask buffers of older transformers versions
-TANH_GELU = ("gelu_new", "gelu_pytorch_tanh")
-GPT2_VOCAB = 50257
 TOKENIZER_KEY = "smallgpt_tokenizer"  # our exports record their tokenizer spec here; other GPT-2s use GPT-2's
-LN_EPS = 1e-5  # PyTorch's LayerNorm default, which our GPT uses; GPT-2's too
 GPT2_ARCH = "GPT2LMHeadModel"
 NEOX_ARCH = "GPTNeoXForCausalLM"
-HF_ACT = {"gelu": "gelu_new", "relu2": "relu2"}  # our MLP kinds as transformers' ACT2FN names (gelu_new: tanh GELU)
 ROPE_BASE = 10000  # rotary_tables' default base
 NEOX_LAYER = {"ln_1": "input_layernorm", "attn.c_attn": "attention.query_key_value", "attn.c_proj": "attention.dense",
               "ln_2": "post_attention_layernorm", "mlp.c_fc": "mlp.dense_h_to_4h", "mlp.c_proj": "mlp.dense_4h_to_h"}
@@ -69,30 +66,6 @@ def is_hf_dir(path: str | Path) -> bool:
     """True when path is a directory whose config.json describes a Hugging Face GPT-2 (and not one of our checkpoints)."""
     cfg = hf_dir_config(path)
     return cfg is not None and (cfg.get("model_type") == "gpt2" or GPT2_ARCH in (cfg.get("architectures") or []))
-
-
-def config_from_hf(cfg: dict[str, Any], where: str) -> GPTConfig:
-    """Our GPTConfig for a Hugging Face GPT-2 config.json, or a CheckpointError naming the setting we cannot run."""
-    act = cfg.get("activation_function", "gelu_new")
-    if act not in (*TANH_GELU, HF_ACT["relu2"]):
-        raise CheckpointError(f"{where} uses activation_function {act!r}; this kit runs only GPT-2's tanh GELU ('gelu_new') "
-                              "or ReLU squared ('relu2').")
-    unsupported = {"scale_attn_weights": True, "scale_attn_by_inverse_layer_idx": False, "add_cross_attention": False}
-    for key, ours in unsupported.items():
-        if bool(cfg.get(key, ours)) != ours:
-            raise CheckpointError(f"{where} sets {key}={cfg[key]}, an attention variant this kit does not implement.")
-    try:
-        eps = float(cfg.get("layer_norm_epsilon", LN_EPS))
-        if abs(eps - LN_EPS) > 1e-12:
-            raise CheckpointError(f"{where} has layer_norm_epsilon {eps}; this kit's LayerNorm uses GPT-2's {LN_EPS}, so it cannot run it.")
-        n_embd = int(cfg.get("n_embd", 768))
-        if cfg.get("n_inner") not in (None, 4 * n_embd):
-            raise CheckpointError(f"{where} sets n_inner={cfg['n_inner']}; this kit's MLP is 4 * n_embd = {4 * n_embd} wide.")
-        return GPTConfig(block_size=int(cfg.get("n_positions", cfg.get("n_ctx", 1024))), vocab_size=int(cfg.get("vocab_size", GPT2_VOCAB)),
-                         n_layer=int(cfg.get("n_layer", 12)), n_head=int(cfg.get("n_head", 12)), n_embd=n_embd,
-                         dropout=0.0, bias=True, mlp="relu2" if act == HF_ACT["relu2"] else "gelu")
-    except (TypeError, ValueError) as e:
-        raise CheckpointError(f"{where} has an invalid GPT-2 setting: {e}") from None
 
 
 def read_hf_weights(hf_dir: str | Path) -> dict[str, torch.Tensor]:
