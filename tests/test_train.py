@@ -232,12 +232,12 @@ def test_init_from_finetunes_with_a_shorter_window(tmp_path, text, bytes_tok):
 
 
 BAD = [  # (flags, text bytes or None for no file, expected message)
-    ([], None, "No training text at .*curl -o input.txt"),
+    ([], None, r"No training text at .*: pass --data PATH of a UTF-8 text file, or train on the bundled Tiny Shakespeare \(input.txt\)\.$"),
     ([], b" \n", "is empty"),
     ([], b"abc\xe9def", "not valid UTF-8: byte 0xe9 at offset 3"),
-    ([], b"x" * 50, "50 characters, too few to train on: .* must hold a 64-token window plus one token, 65, and holds 5"),
-    (["--block-size", "4"], b"y" * 10, "10 characters, too few to train on: use at least 300"),
-    ([], b"x" * 700 + b"\0", "This looks like a binary file, not text: .* holds NUL bytes"),
+    ([], b"x" * 50, r"The text has 50 characters, too few to train on: add 3,850 more characters \(about 3.9 KB\) of text\.$"),
+    (["--block-size", "4"], b"y" * 10, "10 characters, too few to train on: add 290 more characters"),
+    ([], b"x" * 700 + b"\0", r"input.txt looks like a binary file, not text \(it holds NUL bytes\): use a plain-text"),
     (["--n-embd", "33"], TEXT.encode(), r"n_embd \(33\) must be divisible by n_head \(2\)"),
     (["--block-size", "0"], TEXT.encode(), "--block-size must be at least 1, got 0"),
     (["--min-lr", "1"], TEXT.encode(), r"--min-lr \(1.0\) must not exceed --lr"),
