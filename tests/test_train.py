@@ -26,9 +26,11 @@ import train
 from model.formats import checkpoint
 from model.generation.trace import traces
 from model.gpt import GPT
+from model.training.budget import minutes_text
 from model.training.data import DataError
 from model.training.optim import clip_grads, lr_at, make_optimizer, set_lr, warmup_frac
 from model.training.plan import resolve
+from model.training.rounds import whole_seconds
 from model.training.trainer import Trainer
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -580,3 +582,37 @@ def test_the_run_state_is_saved_and_restored_from_one_field_list(tmp_path, text,
     err = capsys.readouterr().err
     assert err.startswith("error: Cannot resume: ") and "is incomplete or from another setup (KeyError: 'best_step')" in err
     assert err.count("\n") == 1
+
+
+def test_a_rounds_budget_of_whole_seconds_is_announced_in_minutes_and_seconds(tmp_path, text, bytes_tok, capsys):
+    minutes = whole_seconds(1796.4) / 60  # a round's budget (model/training/rounds.py): 29.9333... minutes
+    trainer = Trainer(resolve({**SMALL, "data": str(text), "out_dir": str(tmp_path / "out"), "max_minutes": minutes}))
+    trainer.announce()
+    assert "time budget: 29 min 56 s in total" in capsys.readouterr().out
+    assert [minutes_text(m) for m in (9.5, 0.1, 30, 50 / 60, 61 / 60)] == ["9.5 min", "0.1 min", "30 min", "50 s", "1 min 1 s"]
+
+
+def earlier_session_took(out: Path, seconds: float) -> None:
+    """Make the resume state of out say that the run's earlier sessions took this long."""
+    state = checkpoint.load_train_state(out / checkpoint.TRAIN_STATE)
+    checkpoint.save_train_state(out / checkpoint.TRAIN_STATE, {**state, "elapsed": seconds})
+
+
+def test_resuming_a_finished_run_says_it_only_evaluated_again_not_the_runs_time(tmp_path, text, bytes_tok, capsys):
+    out = tmp_path / "out"
+    model.training.trainer.train({**SMALL, "data": str(text), "out_dir": str(out), "max_iters": 2})
+    earlier_session_took(out, 104.0)
+    capsys.readouterr()
+    assert model.training.trainer.train({"resume": True, "out_dir": str(out)}).step == 2
+    last = capsys.readouterr().out.strip().splitlines()[-1]
+    assert re.match(r"nothing left to train \(the run had finished at step 2\); evaluated again in \d s: val ", last), last
+
+
+def test_a_resumed_run_says_its_time_and_this_sessions(tmp_path, text, bytes_tok, capsys):
+    out = tmp_path / "out"
+    model.training.trainer.train({**SMALL, "data": str(text), "out_dir": str(out), "max_iters": 3}, stop_after=1)
+    earlier_session_took(out, 104.0)
+    capsys.readouterr()
+    assert model.training.trainer.train({"resume": True, "out_dir": str(out)}).step == 3
+    last = capsys.readouterr().out.strip().splitlines()[-1]
+    assert re.match(r"done in 10\d s, \d s of them in this session: val ", last), last
