@@ -106,3 +106,78 @@ def test_train_resume_names_a_folder_where_the_state_should_be(text, tmp_path, c
     (out / checkpoint.TRAIN_STATE).mkdir(parents=True)
     assert train_cli.main([*SMALL_RUN, "--data", str(text), "--out-dir", str(out), "--resume"]) == 2
     assert f"Cannot resume: {out / checkpoint.TRAIN_STATE} is a folder, not a file" in one_error(capsys)
+
+
+@pytest.fixture
+def unwritable(tmp_path) -> Path:
+    """A folder this process cannot write to: a read-only one, or, where modes do not stop it (root), /sys."""
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    locked.chmod(0o555)
+    for folder in (locked, Path("/sys")):
+        try:
+            (folder / "probe").touch()
+        except OSError:
+            return folder
+        (folder / "probe").unlink()
+    pytest.skip("no folder on this machine refuses this process's writes")
+
+
+@pytest.mark.skipif(not Path("/proc/self").is_dir(), reason="needs Linux's /proc")
+def test_train_names_an_out_dir_under_proc(text, capsys):
+    assert train_cli.main([*SMALL_RUN, "--data", str(text), "--out-dir", "/proc/x"]) == 2
+    assert one_error(capsys) == ("error: --out-dir /proc/x cannot be created: /proc does not take new files (No such file or "
+                                 "directory); pass a directory you can write to.")
+
+
+@pytest.mark.parametrize("exists", [False, True], ids=["new folder", "existing folder"])
+def test_train_names_an_out_dir_it_cannot_write(exists, unwritable, text, capsys):
+    out = unwritable if exists else unwritable / "out"
+    assert train_cli.main([*SMALL_RUN, "--data", str(text), "--out-dir", str(out)]) == 2
+    said = f"--out-dir {out} does not take new files" if exists else f"--out-dir {out} cannot be created: {unwritable} does not"
+    assert one_error(capsys).startswith(f"error: {said}")
+    assert not (unwritable / "out").exists() and not (unwritable / "tokens").exists()
+
+
+def test_train_names_a_token_cache_it_cannot_write(unwritable, text, tmp_path, capsys):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "tokens").symlink_to(unwritable)  # a cache folder this process may not write in, as another user's would be
+    assert train_cli.main([*SMALL_RUN, "--data", str(text), "--out-dir", str(out)]) == 2
+    assert one_error(capsys).startswith(f"error: The token cache {out / 'tokens'} does not take new files (")
+    assert [p.name for p in out.iterdir()] == ["tokens"]
+
+
+@pytest.fixture
+def fp32(tmp_path) -> Path:
+    ckpt = tmp_path / "ckpt"
+    checkpoint.save_model(ckpt, GPT(tiny_config()), {"name": "bytes"}, {}, step=0)
+    return ckpt
+
+
+@pytest.mark.parametrize("where", ["unwritable", "/proc"])
+def test_quantize_names_an_out_it_cannot_write(where, fp32, tmp_path, capsys, request):
+    parent = request.getfixturevalue("unwritable") if where == "unwritable" else Path("/proc")
+    if not parent.is_dir():
+        pytest.skip("needs Linux's /proc")
+    out = parent / "int8"
+    assert quantize_cli.main(["--ckpt", str(fp32), "--out", str(out), "--gen-tokens", "2", "--repeats", "1"]) == 2
+    assert one_error(capsys).startswith(f"error: --out {out} cannot be created: {parent} does not take new files (")
+    assert not out.exists()
+
+
+def test_quantize_names_a_ckpt_or_an_out_that_is_a_symbolic_link_loop(fp32, tmp_path, capsys):
+    loop = tmp_path / "loop"
+    loop.symlink_to("loop")
+    assert quantize_cli.main(["--ckpt", str(loop)]) == 2
+    assert one_error(capsys).startswith(f"error: {loop} is a symbolic link that loops")
+    assert quantize_cli.main(["--ckpt", str(fp32), "--out", str(loop)]) == 2
+    assert one_error(capsys).startswith(f"error: --out {loop} is a symbolic link that loops")
+
+
+def test_app_refuses_a_port_out_of_range(fp32, capsys, monkeypatch):
+    monkeypatch.setattr(sys, "argv", ["app.py", "--ckpt", str(fp32), "--no-train", "--port", "99999"])
+    with pytest.raises(SystemExit) as exited:
+        app_cli.main()
+    assert exited.value.code == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1] == "app.py: error: --port must be from 1 to 65535, got 99999."
