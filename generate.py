@@ -15,6 +15,7 @@ from pathlib import Path
 
 import torch
 
+from model.config import check_generation
 from model.formats.checkpoint import CheckpointError
 from model.formats.load import Loaded, load
 from model.generation.generate import DEFAULT_SAMPLING, GENERATION_THREADS, SETTINGS, SamplingConfig, stream, with_setting
@@ -117,10 +118,13 @@ def interactive(loaded: Loaded, num_samples: int, sampling: SamplingConfig) -> N
                         raise ValueError(f"{value!r} is not a valid value for num_samples.") from None
                     if n < 1:
                         raise ValueError("num_samples must be at least 1.")
+                    check_generation(loaded.config, n, sampling.max_new_tokens)
                     num_samples = n
                     print(f"  num_samples = {num_samples}")
                 else:
-                    sampling = with_setting(sampling, name, value)
+                    changed = with_setting(sampling, name, value)
+                    check_generation(loaded.config, num_samples, changed.max_new_tokens)
+                    sampling = changed
                     print(f"  {name} = {getattr(sampling, name)!r}")
             except ValueError as e:
                 print(f"error: {e}")
@@ -141,6 +145,7 @@ def main(argv: list[str] | None = None) -> int:
                                   top_p=args.top_p, repetition_penalty=args.repetition_penalty,
                                   frequency_penalty=args.frequency_penalty, stop=tuple(args.stop), seed=args.seed)
         loaded = load(args.ckpt or default_ckpt())
+        check_generation(loaded.config, args.num_samples, sampling.max_new_tokens)  # before the samples' caches exist
         if args.prompt is None:
             interactive(loaded, args.num_samples, sampling)
         else:

@@ -3,7 +3,9 @@ a seed out of range, and a model shape, from flags or a config.json, too big for
 
 from __future__ import annotations
 
+import io
 import json
+import re
 import sys
 from pathlib import Path
 
@@ -12,8 +14,10 @@ from train_support import TEXT, tiny_config
 
 import app as app_cli
 import generate as generate_cli
+import model.config as config_module
 import quantize as quantize_cli
 import train as train_cli
+from model.config import check_generation, memory_needed, sequence_memory
 from model.formats import checkpoint
 from model.gpt import GPT
 
@@ -181,3 +185,53 @@ def test_app_refuses_a_port_out_of_range(fp32, capsys, monkeypatch):
         app_cli.main()
     assert exited.value.code == 2
     assert capsys.readouterr().err.strip().splitlines()[-1] == "app.py: error: --port must be from 1 to 65535, got 99999."
+
+
+def test_generate_refuses_samples_that_cannot_fit_before_decoding_any(fp32, capsys, monkeypatch):
+    monkeypatch.setattr(generate_cli, "stream", lambda *a, **k: pytest.fail("decoding started"))
+    assert generate_cli.main(["--ckpt", str(fp32), "--prompt", "hi", "--num-samples", "100000000"]) == 2
+    error = one_error(capsys)
+    assert re.match(r"error: 100,000,000 samples of 200 new tokens need about [\d,.]+ GB of memory, more than this "
+                    r"machine's [\d,.]+ GB: ask for at most [\d,]+ samples\.$", error), error
+
+
+def test_generate_refuses_new_tokens_whose_text_cannot_fit(fp32, capsys, monkeypatch):
+    monkeypatch.setattr(generate_cli, "stream", lambda *a, **k: pytest.fail("decoding started"))
+    assert generate_cli.main(["--ckpt", str(fp32), "--prompt", "hi", "--max-new-tokens", "1000000000000"]) == 2
+    error = one_error(capsys)
+    assert re.match(r"error: 1 sample of 1,000,000,000,000 new tokens needs about 24,000.0 GB of memory, more than this "
+                    r"machine's [\d,.]+ GB: ask for at most [\d,]+ new tokens\.$", error), error
+
+
+def test_the_most_generate_says_fits_does_fit_and_one_more_does_not(monkeypatch):
+    """On a machine of a given memory: the number a refusal names passes the same check, and one more does not."""
+    config = tiny_config()
+    monkeypatch.setattr(config_module, "machine_memory", lambda: memory_needed(config) + 10 * sequence_memory(config))
+    check_generation(config, 11, 0)  # the model and eleven sequences' caches fit exactly
+    for samples, new_tokens, what in [(12, 100, "samples"), (2, 10**9, "new tokens"), (1, 10**9, "new tokens")]:
+        with pytest.raises(ValueError) as refused:
+            check_generation(config, samples, new_tokens)
+        most = int(re.search(rf"ask for at most ([\d,]+) {what}\.$", str(refused.value)).group(1).replace(",", ""))
+        fits = (most, new_tokens) if what == "samples" else (samples, most)
+        check_generation(config, *fits)
+        with pytest.raises(ValueError):
+            check_generation(config, *(fits[0] + 1, fits[1]) if what == "samples" else (fits[0], fits[1] + 1))
+
+
+def test_generate_on_a_small_machine_refuses_what_would_not_fit(fp32, capsys, monkeypatch):
+    """The CLI asks the check with its flags: 3 samples fit on a machine of 3 sequences, 4 are refused."""
+    config = tiny_config()
+    monkeypatch.setattr(config_module, "machine_memory", lambda: memory_needed(config) + 2 * sequence_memory(config) + 10**4)
+    assert generate_cli.main(["--ckpt", str(fp32), "--prompt", "hi", "--num-samples", "3", "--max-new-tokens", "2"]) == 0
+    capsys.readouterr()
+    assert generate_cli.main(["--ckpt", str(fp32), "--prompt", "hi", "--num-samples", "4", "--max-new-tokens", "2"]) == 2
+    assert one_error(capsys).endswith("ask for at most 3 samples.")
+
+
+def test_interactive_set_refuses_what_cannot_fit_and_keeps_the_setting(fp32, capsys, monkeypatch):
+    monkeypatch.setattr(sys, "stdin", io.StringIO("/set num_samples 100000000\n/set max_new_tokens 1000000000000\n/settings\n"))
+    assert generate_cli.main(["--ckpt", str(fp32)]) == 0
+    out = capsys.readouterr().out
+    assert "error: 100,000,000 samples of 200 new tokens need about" in out
+    assert "error: 1 sample of 1,000,000,000,000 new tokens needs about" in out
+    assert "num_samples = 1\n" in out and "max_new_tokens = 200\n" in out
