@@ -68,7 +68,10 @@ def check_out(out: Path) -> None:
         if problem:  # it loops, or leads nowhere
             raise CheckpointError(f"--out {out} {problem}; pass a new or empty folder.")
         raise CheckpointError(f"--out {out} is a symbolic link; pass the folder it points to ({out.resolve()}) instead.")
-    problem = cannot_write(out)  # the new folder is built beside it, or where it will be
+    problem = cannot_write(out)  # where the new folder will be, or the old one, whose files go
+    if problem is None and out.is_dir():  # the new folder is built beside the old one
+        beside = cannot_write(out.parent)
+        problem = beside and f"cannot be replaced: {out.parent} {beside}"
     if problem:
         raise CheckpointError(f"--out {out} {problem}; pass a folder you can write to.")
     atomic.recover_dir(out)  # first undo what a killed earlier run left (an old folder set aside, dead builds)

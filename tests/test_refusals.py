@@ -235,3 +235,20 @@ def test_interactive_set_refuses_what_cannot_fit_and_keeps_the_setting(fp32, cap
     assert "error: 100,000,000 samples of 200 new tokens need about" in out
     assert "error: 1 sample of 1,000,000,000,000 new tokens needs about" in out
     assert "num_samples = 1\n" in out and "max_new_tokens = 200\n" in out
+
+
+def test_quantize_names_an_earlier_out_in_a_folder_it_cannot_write(fp32, tmp_path, capsys):
+    """An int8 folder quantize.py would replace, in a read-only folder: its new copy cannot be built beside it."""
+    folder, out = tmp_path / "read-only", tmp_path / "read-only" / "int8"
+    out.mkdir(parents=True)
+    (out / checkpoint.CONFIG).write_text(json.dumps({"kind": "int8"}))  # an earlier quantize.py output, as check_out sees it
+    folder.chmod(0o555)
+    try:
+        (folder / "probe").touch()
+    except OSError:
+        pass
+    else:
+        pytest.skip("modes do not bind this process (root with CAP_DAC_OVERRIDE)")
+    assert quantize_cli.main(["--ckpt", str(fp32), "--out", str(out), "--gen-tokens", "2", "--repeats", "1"]) == 2
+    assert one_error(capsys).startswith(f"error: --out {out} cannot be replaced: {folder} does not take new files (")
+    assert [p.name for p in folder.iterdir()] == ["int8"]
