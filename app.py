@@ -35,6 +35,8 @@ def main() -> int:
                          "create, cpu-basic needs a paid plan (docs/app.md, Deploy)")
     ap.add_argument("--no-train", action="store_true", help="serve without the Train tab (no training on this server)")
     args = ap.parse_args()
+    if args.port is not None and not 1 <= args.port <= 65535:
+        ap.error(f"--port must be from 1 to 65535, got {args.port}.")
     ckpt = args.ckpt or default_checkpoint()
     from model.webapp import ModelPool, launch  # gradio: seconds to import, so not before --help
     try:

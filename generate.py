@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 
 from model import numpy_gpt
+from model.config import check_generation
 from model.formats.checkpoint import CheckpointError
 from model.formats.load import Loaded, load
 from model.generation import generate as generation
@@ -131,10 +132,13 @@ def interactive(loaded: Loaded, num_samples: int, sampling: SamplingConfig) -> N
                         raise ValueError(f"{value!r} is not a valid value for num_samples.") from None
                     if n < 1:
                         raise ValueError("num_samples must be at least 1.")
+                    check_generation(loaded.config, n, sampling.max_new_tokens)
                     num_samples = n
                     print(f"  num_samples = {num_samples}")
                 else:
-                    sampling = with_setting(sampling, name, value)
+                    changed = with_setting(sampling, name, value)
+                    check_generation(loaded.config, num_samples, changed.max_new_tokens)
+                    sampling = changed
                     print(f"  {name} = {getattr(sampling, name)!r}")
             except ValueError as e:
                 print(f"error: {e}")
@@ -159,6 +163,7 @@ def main(argv: list[str] | None = None) -> int:
             loaded = Loaded(np_model, np_model.tokenizer, np_model.config, "fp32", np_model.meta)
         else:
             loaded = load(args.ckpt or default_ckpt())
+        check_generation(loaded.config, args.num_samples, sampling.max_new_tokens)  # before the samples' caches exist
         if args.prompt is None:
             interactive(loaded, args.num_samples, sampling)
         else:

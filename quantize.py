@@ -8,6 +8,7 @@ The output folder is built beside --out and swapped in whole: a kill at any poin
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import tempfile
 from pathlib import Path
@@ -21,6 +22,7 @@ from model.formats.checkpoint import CONFIG, METRICS, WEIGHTS, CheckpointError, 
 from model.formats.int8 import SCHEMES, file_size, plot_report, quantize_model, save_int8, tokens_per_second
 from model.formats.load import load
 from model.generation.generate import prompt_tokens
+from model.paths import cannot_write, what_is
 from model.progress import Progress
 from model.tokenizer import TokenizerError
 from model.training.data import DataError, prepare
@@ -62,7 +64,16 @@ def text_path(args: argparse.Namespace, meta: dict[str, Any]) -> Path | None:
 def check_out(out: Path) -> None:
     """Refuse an --out this run may not replace whole: a link, a file, or a non-empty folder that is not an int8 checkpoint."""
     if out.is_symlink():  # replacing it whole would swap the link itself aside, not the folder it points to
+        problem = what_is(out, "folder")
+        if problem:  # it loops, or leads nowhere
+            raise CheckpointError(f"--out {out} {problem}; pass a new or empty folder.")
         raise CheckpointError(f"--out {out} is a symbolic link; pass the folder it points to ({out.resolve()}) instead.")
+    problem = cannot_write(out)  # where the new folder will be, or the old one, whose files go
+    if problem is None and out.is_dir():  # the new folder is built beside the old one
+        beside = cannot_write(out.parent)
+        problem = beside and f"cannot be replaced: {out.parent} {beside}"
+    if problem:
+        raise CheckpointError(f"--out {out} {problem}; pass a folder you can write to.")
     atomic.recover_dir(out)  # first undo what a killed earlier run left (an old folder set aside, dead builds)
     if not out.exists() or (out.is_dir() and not any(out.iterdir())):
         return
@@ -80,10 +91,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         torch.set_num_threads(args.threads)
     ckpt = Path(args.ckpt)
     out = Path(args.out) if args.out else ckpt / "int8"
-    if out.resolve() == ckpt.resolve():
+    fp32 = load(ckpt)  # first: what is wrong with --ckpt (missing, a symbolic link that loops, ...) is said as such
+    if os.path.realpath(out) == os.path.realpath(ckpt):  # realpath: a symbolic link that loops is said by check_out
         raise CheckpointError("--out must differ from --ckpt: writing int8 weights there would replace the fp32 checkpoint.")
     check_out(out)
-    fp32 = load(ckpt)
     if fp32.kind != "fp32":
         raise CheckpointError(f"{ckpt} is already a quantized ({fp32.kind}) checkpoint: pass the fp32 one train.py wrote (e.g. out).")
     metrics = read_metrics(ckpt, fp32.model)  # refused if it describes other weights than those loaded

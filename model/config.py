@@ -52,6 +52,10 @@ def cpu_row(train_tokens: int) -> CpuSize:
 
 FLOAT_BYTES = 4  # weights and buffers are fp32 on the CPU, where every model is built
 TRAINING_COPIES = 4  # training holds the weights, their gradients and AdamW's two moments
+SAMPLING_COPIES = 4  # vocabulary-sized rows a sequence holds at a decode step: logits, penalty counts, probabilities, noise
+# A generated token's text as generate.py keeps it (a Python string per sample): tokens average at most about 6
+# characters on real text (model/training/data.py's SURE_CHARS_PER_TOKEN), of up to 4 bytes each.
+TEXT_BYTES_PER_TOKEN = 24
 CGROUP_LIMITS = ("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory/memory.limit_in_bytes")  # a container's, v2 and v1
 
 
@@ -124,14 +128,18 @@ def param_count(config: GPTConfig) -> int:
     return config.n_layer * per_layer + config.vocab_size * d + positions + d * (1 + bias)
 
 
+def sequence_memory(config: GPTConfig) -> int:
+    """Bytes each sequence decoded at once needs: its KV cache over the whole context and its vocabulary-sized rows."""
+    return (2 * config.n_layer * config.block_size * config.n_embd + SAMPLING_COPIES * config.vocab_size) * FLOAT_BYTES
+
+
 def memory_needed(config: GPTConfig, training: bool = False) -> int:
     """Bytes a GPT of this shape needs on the CPU: its fp32 weights (for training, also their gradients and optimizer
-    state), the rotary tables, and the KV cache and attention mask of one sequence over the whole context."""
+    state), the rotary tables, the attention mask, and one sequence decoded over the whole context."""
     t, d = config.block_size, config.n_embd
     weights = param_count(config) * (TRAINING_COPIES if training else 1)
     rotary = 2 * t * (d // config.n_head) if config.rotary else 0
-    one_sequence = 2 * config.n_layer * t * d + t * t
-    return (weights + rotary + one_sequence) * FLOAT_BYTES
+    return (weights + rotary + t * t) * FLOAT_BYTES + sequence_memory(config)
 
 
 @functools.cache
@@ -164,3 +172,26 @@ def check_memory(config: GPTConfig, training: bool = False) -> None:
     purpose = "to train" if training else "to load and run"
     raise ValueError(f"a model of {shape} needs about {need / 1e9:,.1f} GB of memory {purpose}, more than this machine's "
                      f"{have / 1e9:,.1f} GB: use a smaller shape or a machine with more memory.")
+
+
+def check_generation(config: GPTConfig, samples: int, new_tokens: int) -> None:
+    """Raise ValueError, in one sentence that says the most that fits, when decoding `samples` sequences together and
+    keeping `new_tokens` tokens of text of each (as generate.py does) cannot fit in this machine's memory: said before
+    the engine allocates every sequence's cache at once, or the text grows until the machine runs out."""
+    have = machine_memory()
+    model = memory_needed(config) - sequence_memory(config)  # the weights, rotary tables and mask
+    caches = samples * sequence_memory(config)
+    need = model + caches + samples * new_tokens * TEXT_BYTES_PER_TOKEN
+    if have is None or need <= have:
+        return
+    shown = f"about {need / 1e9:,.1f} GB" if need < 10**18 else "over a billion GB"
+    asked = f"1 sample of {new_tokens:,} new tokens needs" if samples == 1 else f"{samples:,} samples of {new_tokens:,} new tokens need"
+    most_tokens = (have - model - caches) // (samples * TEXT_BYTES_PER_TOKEN)  # each, for this many samples
+    most_samples = (have - model) // (sequence_memory(config) + new_tokens * TEXT_BYTES_PER_TOKEN)  # of this length
+    if most_tokens >= 1:
+        most = f"{most_tokens:,} new tokens"
+    elif most_samples >= 1:
+        most = f"{most_samples:,} samples"
+    else:
+        most = f"{(have - model - sequence_memory(config)) // TEXT_BYTES_PER_TOKEN:,} new tokens with 1 sample"
+    raise ValueError(f"{asked} {shown} of memory, more than this machine's {have / 1e9:,.1f} GB: ask for at most {most}.")

@@ -1,10 +1,12 @@
-"""What stands at a path that should be a file or a folder, said in words, for errors that name the real problem."""
+"""What stands at a path that should be a file or a folder, and whether a folder can be written, said in words, for
+errors that name the real problem."""
 
 from __future__ import annotations
 
 import errno
 import os
 import stat
+import tempfile
 from pathlib import Path
 
 
@@ -31,3 +33,23 @@ def what_is(path: str | os.PathLike, want: str = "file") -> str | None:
     if stat.S_ISREG(mode):
         return "is a file, not a folder"
     return f"is not a regular {want} (a device, socket or pipe)"
+
+
+def cannot_write(folder: str | os.PathLike) -> str | None:
+    """None when files can be made in folder, or, if it does not exist yet, in the nearest folder above it (so it can be
+    created); else why not, as the rest of a sentence that starts with the path: "does not take new files (Permission
+    denied)", "cannot be created: /proc does not take new files (No such file or directory)". Tried by making and
+    removing an empty file there, as modes cannot tell (root ignores them; /proc and /sys refuse whatever they say)."""
+    folder = Path(folder)
+    existing = next((p for p in (folder, *folder.parents) if os.path.lexists(p)), Path("."))
+    problem = what_is(existing, "folder")
+    if problem is None:
+        try:
+            fd, probe = tempfile.mkstemp(prefix=".write-test-", dir=existing)
+        except OSError as e:
+            problem = f"does not take new files ({e.strerror or type(e).__name__})"
+        else:
+            os.close(fd)
+            os.unlink(probe)
+            return None
+    return problem if existing == folder else f"cannot be created: {existing} {problem}"

@@ -162,7 +162,7 @@ def test_bad_upload_and_no_model_yet_get_one_message(app, tmp_path):
     page = open_train_tab(app)
     upload(page, tmp_path / "photo.txt")
     page.locator("#train-start").click()
-    expect(page.get_by_text("This looks like a binary file, not text")).to_have_count(1, timeout=10_000)
+    expect(page.get_by_text("The text looks like a binary file, not text")).to_have_count(1, timeout=10_000)
     expect(page.locator("#train-status")).to_contain_text("No training in this session yet.")
     expect(page.locator("#train-status").get_by_text("Error", exact=True)).to_have_count(0)
     assert training.slot.current() is None

@@ -17,6 +17,7 @@ from model.training.data import (
     read_text,
     split_text,
     sure_length,
+    too_short,
     val_windows,
 )
 from model.training.plan import resolve
@@ -30,11 +31,15 @@ def test_split_is_last_tenth():
 
 
 def test_missing_empty_and_non_utf8_text(tmp_path):
-    with pytest.raises(DataError, match="No training text at .*curl -o input.txt https://"):
+    with pytest.raises(DataError) as missing:
         read_text(tmp_path / "input.txt")
+    assert str(missing.value) == (f"No training text at {tmp_path / 'input.txt'}: pass --data PATH of a UTF-8 text file, "
+                                  "or train on the bundled Tiny Shakespeare (input.txt).")
     (tmp_path / "empty.txt").write_text("  \n")
-    with pytest.raises(DataError, match="is empty"):
+    with pytest.raises(DataError) as empty:
         read_text(tmp_path / "empty.txt")
+    assert str(empty.value) == (f"{tmp_path / 'empty.txt'} is empty: put some text in it, or train on the bundled Tiny "
+                                "Shakespeare (input.txt).")  # no address to fetch it from: it ships with the project
     with pytest.raises(DataError, match="byte 0xff at offset 3 cannot be decoded"):
         decode_text(b"abc\xffdef", "x.txt")
 
@@ -56,27 +61,37 @@ def test_prepare_caches_tokens_and_reuses_them(tmp_path):
 def test_splits_too_short(tmp_path):
     (tmp_path / "t.txt").write_text("x" * 50)
     data = prepare(tmp_path / "t.txt", tmp_path / "c1", byte_tokenizer())
-    with pytest.raises(DataError, match="50 characters, too few to train on: use at least 3,900 .* must hold a 64-token window plus "
-                                        "one token, 65, and holds 5"):
+    with pytest.raises(DataError) as short:
         data.check(64)
+    assert str(short.value) == "The text has 50 characters, too few to train on: add 3,850 more characters (about 3.9 KB) of text."
     data.check(4)  # the validation split holds one window of 4 plus one token
 
 
 def test_one_rule_for_what_text_is_trainable():
     """Binary (NUL bytes, over 1% control characters) is refused; text is refused below the length whose validation split
     holds a window plus one token, in tokens of the run's tokenizer: the app's early check says what the trainer would."""
-    with pytest.raises(DataError, match="This looks like a binary file, not text: x.txt holds NUL bytes"):
+    with pytest.raises(DataError) as nul:
         decode_text(b"abc\x00" * 1000, "x.txt")
-    with pytest.raises(DataError, match="binary file, not text: x.txt holds 2,000 control characters in 5,000"):
+    assert str(nul.value) == ("x.txt looks like a binary file, not text (it holds NUL bytes): use a plain-text (.txt) file "
+                              "saved as UTF-8.")
+    with pytest.raises(DataError, match=r"^x.txt looks like a binary file, not text \(it holds 2,000 control characters in "
+                                        r"5,000\): use a plain-text"):
         decode_text(b"\x01\x1babc" * 1000, "x.txt")
     assert decode_text(b"\t\f\x1b" + b"a" * 300, "x.txt")  # tabs, form feeds and a rare escape are text
     assert sure_length(128) == 7_740 and sure_length(16) == 1_020
-    with pytest.raises(DataError, match="The text has 300 characters, too few to train on: use at least 7,740"):
+    with pytest.raises(DataError, match=r"^The text has 300 characters, too few to train on: add 7,440 more characters \(about "
+                                        r"7.4 KB\) of text.$"):  # 7,740 in all: enough for any text of usual tokens
         check_length(TEXT[:300], 128, "bytes", 1)
     check_length(TEXT[:300], 16, "bytes", 1)  # 30 validation bytes hold a window of 16 plus one
-    with pytest.raises(DataError, match="window plus one token, 17, and holds 10"):
+    with pytest.raises(DataError, match="The text has 100 characters, too few to train on: add 920 more characters"):
         check_length(TEXT[:100], 16, "bytes", 1)
     check_length("\x01" * 7_740, 128, "bytes", 1)  # long enough: not tokenised (decode_text refuses it as binary)
+
+
+def test_a_text_of_unusually_long_tokens_is_told_to_grow_by_its_own_measure():
+    """Past sure_length the text's own characters per validation token say how much more it needs: never 0 or less."""
+    assert "add 12,640 more characters (about 12.6 KB)" in str(too_short(8_000, 50, 128))  # 8,000 x 129 / 50 in all
+    assert "add 1,016,000 more characters (about 1.0 MB)" in str(too_short(8_000, 0, 127))  # no validation token: 128 times as much
 
 
 def test_batches_are_next_token_windows():
@@ -113,11 +128,11 @@ def test_train_py_and_the_app_agree_on_what_text_is_trainable(size, damage, shak
         check_text(text.encode("utf-8"))
         answers.append(None)
     except JobError as e:
-        answers.append(str(e).replace("The text holds", "PATH holds"))
+        answers.append(str(e).replace("The text looks", "PATH looks"))
     try:
         resolve({"data": str(path), "out_dir": str(tmp_path / "out"), "device": "cpu"})
         answers.append(None)
     except DataError as e:
-        answers.append(str(e).replace(f"{path} holds", "PATH holds"))
+        answers.append(str(e).replace(f"{path} looks", "PATH looks"))
     assert answers[0] == answers[1], answers
     assert (answers[0] is None) == (size >= 2000 and not damage), answers

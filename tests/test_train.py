@@ -26,9 +26,11 @@ import train
 from model.formats import checkpoint
 from model.generation.trace import traces
 from model.gpt import GPT
+from model.training.budget import minutes_text
 from model.training.data import DataError
 from model.training.optim import clip_grads, lr_at, make_optimizer, set_lr, warmup_frac
 from model.training.plan import resolve
+from model.training.rounds import whole_seconds
 from model.training.trainer import Trainer
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -232,12 +234,12 @@ def test_init_from_finetunes_with_a_shorter_window(tmp_path, text, bytes_tok):
 
 
 BAD = [  # (flags, text bytes or None for no file, expected message)
-    ([], None, "No training text at .*curl -o input.txt"),
+    ([], None, r"No training text at .*: pass --data PATH of a UTF-8 text file, or train on the bundled Tiny Shakespeare \(input.txt\)\.$"),
     ([], b" \n", "is empty"),
     ([], b"abc\xe9def", "not valid UTF-8: byte 0xe9 at offset 3"),
-    ([], b"x" * 50, "50 characters, too few to train on: .* must hold a 64-token window plus one token, 65, and holds 5"),
-    (["--block-size", "4"], b"y" * 10, "10 characters, too few to train on: use at least 300"),
-    ([], b"x" * 700 + b"\0", "This looks like a binary file, not text: .* holds NUL bytes"),
+    ([], b"x" * 50, r"The text has 50 characters, too few to train on: add 3,850 more characters \(about 3.9 KB\) of text\.$"),
+    (["--block-size", "4"], b"y" * 10, "10 characters, too few to train on: add 290 more characters"),
+    ([], b"x" * 700 + b"\0", r"input.txt looks like a binary file, not text \(it holds NUL bytes\): use a plain-text"),
     (["--n-embd", "33"], TEXT.encode(), r"n_embd \(33\) must be divisible by n_head \(2\)"),
     (["--block-size", "0"], TEXT.encode(), "--block-size must be at least 1, got 0"),
     (["--min-lr", "1"], TEXT.encode(), r"--min-lr \(1.0\) must not exceed --lr"),
@@ -401,7 +403,7 @@ def test_progress_bar_total_never_changes(tmp_path, text, bytes_tok, monkeypatch
 def test_a_validation_split_shorter_than_one_window_is_refused(tmp_path, text, capsys, bytes_tok):
     model.training.trainer.train({**SMALL, "data": str(text), "out_dir": str(tmp_path / "a"), "max_iters": 2})  # windows of 16
     assert "warning" not in capsys.readouterr().err
-    with pytest.raises(DataError, match="must hold a 64-token window plus one token, 65, and holds 55"):
+    with pytest.raises(DataError, match=r"^The text has 546 characters, too few to train on: add 3,354 more characters"):
         model.training.trainer.train({**SMALL, "block_size": None, "data": str(text), "out_dir": str(tmp_path / "b"), "max_iters": 2})
     assert not (tmp_path / "b").exists()
 
@@ -580,3 +582,37 @@ def test_the_run_state_is_saved_and_restored_from_one_field_list(tmp_path, text,
     err = capsys.readouterr().err
     assert err.startswith("error: Cannot resume: ") and "is incomplete or from another setup (KeyError: 'best_step')" in err
     assert err.count("\n") == 1
+
+
+def test_a_rounds_budget_of_whole_seconds_is_announced_in_minutes_and_seconds(tmp_path, text, bytes_tok, capsys):
+    minutes = whole_seconds(1796.4) / 60  # a round's budget (model/training/rounds.py): 29.9333... minutes
+    trainer = Trainer(resolve({**SMALL, "data": str(text), "out_dir": str(tmp_path / "out"), "max_minutes": minutes}))
+    trainer.announce()
+    assert "time budget: 29 min 56 s in total" in capsys.readouterr().out
+    assert [minutes_text(m) for m in (9.5, 0.1, 30, 50 / 60, 61 / 60)] == ["9.5 min", "0.1 min", "30 min", "50 s", "1 min 1 s"]
+
+
+def earlier_session_took(out: Path, seconds: float) -> None:
+    """Make the resume state of out say that the run's earlier sessions took this long."""
+    state = checkpoint.load_train_state(out / checkpoint.TRAIN_STATE)
+    checkpoint.save_train_state(out / checkpoint.TRAIN_STATE, {**state, "elapsed": seconds})
+
+
+def test_resuming_a_finished_run_says_it_only_evaluated_again_not_the_runs_time(tmp_path, text, bytes_tok, capsys):
+    out = tmp_path / "out"
+    model.training.trainer.train({**SMALL, "data": str(text), "out_dir": str(out), "max_iters": 2})
+    earlier_session_took(out, 104.0)
+    capsys.readouterr()
+    assert model.training.trainer.train({"resume": True, "out_dir": str(out)}).step == 2
+    last = capsys.readouterr().out.strip().splitlines()[-1]
+    assert re.match(r"nothing left to train \(the run had finished at step 2\); evaluated again in \d s: val ", last), last
+
+
+def test_a_resumed_run_says_its_time_and_this_sessions(tmp_path, text, bytes_tok, capsys):
+    out = tmp_path / "out"
+    model.training.trainer.train({**SMALL, "data": str(text), "out_dir": str(out), "max_iters": 3}, stop_after=1)
+    earlier_session_took(out, 104.0)
+    capsys.readouterr()
+    assert model.training.trainer.train({"resume": True, "out_dir": str(out)}).step == 3
+    last = capsys.readouterr().out.strip().splitlines()[-1]
+    assert re.match(r"done in 10\d s, \d s of them in this session: val ", last), last

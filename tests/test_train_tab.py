@@ -125,9 +125,9 @@ def test_train_poll_generate_and_download_through_the_api(server, client, tmp_pa
     (dict(source="upload"), "Choose a .txt file to upload first."),
     (dict(source="paste", text=""), "The text is empty"),
     (dict(source="paste", text=" \n\t "), "The text is empty"),
-    (dict(source="paste", text="To be, or not to be"), f"19 characters, too few to train on: use at least {MIN_CHARS:,}"),
+    (dict(source="paste", text="To be, or not to be"), f"19 characters, too few to train on: add {MIN_CHARS - 19:,} more characters"),
     (dict(source="paste", text="a" * (10 * 2**20 + 1)), "The text is 10.0 MB, over the limit of 10 MB"),
-    (dict(source="paste", text="\x01\x02\x1babc" * 1000), "This looks like a binary file"),
+    (dict(source="paste", text="\x01\x02\x1babc" * 1000), "The text looks like a binary file"),
     (dict(source="paste", text=LONG, minutes=0), "Choose between 1 and 10 minutes of training, not 0."),
     (dict(source="paste", text=LONG, minutes=11), "Choose between 1 and 10 minutes of training, not 11."),
     (dict(source="paste", text=LONG, minutes="3"), 'minutes must be a number from 1 to 10, got "3".'),
@@ -143,7 +143,7 @@ def test_bad_input_gets_one_clear_message_and_starts_nothing(server, client, kw,
 
 
 @pytest.mark.parametrize("name, data, message", [
-    ("binary.txt", b"\x89PNG\r\n\x1a\n" + b"\x00\xff" * 500, "This looks like a binary file, not text"),
+    ("binary.txt", b"\x89PNG\r\n\x1a\n" + b"\x00\xff" * 500, r"The text looks like a binary file, not text \(it holds NUL bytes\)"),
     ("latin1.txt", "café ".encode("latin-1") * 1000, "The text is not valid UTF-8: byte 0xe9 at offset 3"),
     ("empty.txt", b"", "The text is empty"),
 ])

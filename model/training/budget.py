@@ -15,6 +15,15 @@ WARMUP_BUDGET_SHARE = 0.05  # with a time budget, warmup ends after this share o
 CURVE_POINTS = 16  # a budgeted run scores validation at least this often over its budget, so even 1 minute draws a curve
 
 
+def minutes_text(minutes: float) -> str:
+    """A budget as a person reads it: "9.5 min" as given, and one of whole seconds that is no round number of minutes
+    (a round's, see model/training/rounds.py) as "29 min 56 s" rather than "29.9333 min"."""
+    if minutes == round(minutes, 2):
+        return f"{minutes:g} min"
+    whole, seconds = divmod(round(minutes * 60), 60)
+    return f"{whole} min {seconds} s" if whole else f"{seconds} s"
+
+
 class Budget:
     """The clock of one run (earlier sessions of a resumed run included) and its schedule's fractions."""
 

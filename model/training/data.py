@@ -21,7 +21,7 @@ from model import atomic
 from model.paths import what_is
 from model.tokenizer import Tokenizer, build_tokenizer, load_tokenizer
 
-TINY_SHAKESPEARE_URL = "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt"
+BUNDLED = "the bundled Tiny Shakespeare (input.txt)"  # what to train on instead: offline, and one click in the app
 VAL_FRACTION = 0.1  # the last 10% of the text is the validation split, as in nanoGPT
 CONTROL = re.compile(r"[\x00-\x08\x0b\x0e-\x1f\x7f-\x9f]")  # control characters other than tab, newlines and form feed
 MAX_CONTROL_SHARE = 0.01  # text with more of them than this is taken for a binary file
@@ -37,22 +37,19 @@ def read_text(path: str | Path) -> str:
     path = Path(path)
     problem = what_is(path)
     if problem == "does not exist":
-        raise DataError(
-            f"No training text at {path}: put your text there, e.g. Tiny Shakespeare "
-            f"(curl -o input.txt {TINY_SHAKESPEARE_URL}), or pass --data PATH."
-        )
+        raise DataError(f"No training text at {path}: pass --data PATH of a UTF-8 text file, or train on {BUNDLED}.")
     if problem:
         raise DataError(f"The training text {path} {problem}: pass --data PATH of a UTF-8 text file.")
     raw = path.read_bytes()
     return decode_text(raw, str(path))
 
 
-def decode_text(raw: bytes, where: str = "the text") -> str:
+def decode_text(raw: bytes, where: str = "The text") -> str:
     """Decode UTF-8 bytes, or raise a DataError: not UTF-8 (giving the offset of the first bad byte), empty, or
     binary (NUL bytes, or more than 1% control characters)."""
-    binary = "This looks like a binary file, not text: {} {}; use a plain-text (.txt) file saved as UTF-8."
+    binary = "{} looks like a binary file, not text (it holds {}): use a plain-text (.txt) file saved as UTF-8."
     if b"\x00" in raw:
-        raise DataError(binary.format(where, "holds NUL bytes"))
+        raise DataError(binary.format(where, "NUL bytes"))
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as e:
@@ -61,10 +58,10 @@ def decode_text(raw: bytes, where: str = "the text") -> str:
             "convert the file to UTF-8 (e.g. iconv -t UTF-8)."
         ) from None
     if not text.strip():
-        raise DataError(f"{where} is empty: put some text in it (Tiny Shakespeare works well: {TINY_SHAKESPEARE_URL}).")
+        raise DataError(f"{where} is empty: put some text in it, or train on {BUNDLED}.")
     controls = len(CONTROL.findall(text))
     if controls > MAX_CONTROL_SHARE * len(text):
-        raise DataError(binary.format(where, f"holds {controls:,} control characters in {len(text):,}"))
+        raise DataError(binary.format(where, f"{controls:,} control characters in {len(text):,}"))
     return text
 
 
@@ -74,10 +71,13 @@ def sure_length(window: int) -> int:
 
 
 def too_short(chars: int, val_tokens: int, window: int) -> DataError:
-    """The error of a text whose validation split holds fewer than window + 1 tokens, saying the rule."""
-    return DataError(f"The text has {chars:,} characters, too few to train on: use at least {sure_length(window):,} (its last "
-                     f"{VAL_FRACTION:.0%}, the validation split, must hold a {window}-token window plus one token, "
-                     f"{window + 1}, and holds {val_tokens}).")
+    """The error of a text whose validation split holds fewer than window + 1 tokens, saying how much more text to add:
+    enough for sure_length(window) characters, or more where this text's own tokens are longer than usual."""
+    need = max(sure_length(window), math.ceil(chars * (window + 1) / max(val_tokens, 1)))
+    more = need - chars
+    size = f"{more / 1000:.1f} KB" if more < 1_000_000 else f"{more / 1_000_000:.1f} MB"  # a character of plain text: a byte
+    return DataError(f"The text has {chars:,} characters, too few to train on: add {more:,} more characters "
+                     f"(about {size}) of text.")
 
 
 def check_length(text: str, window: int, tokenizer: str, min_count: int) -> None:

@@ -26,13 +26,13 @@ from model.training.settings import (
     CPU_EVAL_INTERVAL,
     FINETUNE_BLOCK_SIZE,
     SHAPE,
+    TOKENS,
     ArgError,
     TrainSettings,
     check,
     layered,
 )
 
-TOKENS = "tokens"  # the token cache inside --out-dir
 STATE_VERSION = 1
 # Settings a resumed run keeps: the architecture (the shape but dropout, which may change) and what the optimizer state
 # was made for.

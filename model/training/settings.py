@@ -13,13 +13,14 @@ from typing import Any
 
 from model.config import MLP_KINDS, PRESET_SHAPES
 from model.generation.sampling import SEED_MAX
-from model.paths import what_is
+from model.paths import cannot_write, what_is
 from model.training import distributed
 from model.training.optim import OPTIMIZERS
 
 DATA, MODEL, SCHEDULE, EVAL, RUN = "data and output", "model (a new model; --init-from and --resume take the checkpoint's shape)", \
     "schedule and optimizer", "evaluation and logging", "run"
 SHAPE = ("n_layer", "n_head", "n_embd", "block_size", "dropout", "rotary", "mlp", "qk_norm")  # fields that are GPTConfig's
+TOKENS = "tokens"  # the token cache inside --out-dir
 FINETUNE_BLOCK_SIZE = 256  # --init-from trains on windows of at most this many tokens unless --block-size says otherwise
 
 
@@ -133,7 +134,8 @@ def layered(given: dict[str, Any], saved: dict[str, Any] | None = None) -> Train
 
 
 def check(s: TrainSettings) -> None:
-    """Raise an ArgError, in one sentence, for settings that cannot work, before anything is read or written."""
+    """Raise an ArgError, in one sentence, for settings that cannot work, before anything is read or written (whether
+    --out-dir can be written is tried with an empty file, removed at once)."""
     def flag(name: str) -> str:
         return "--" + name.replace("_", "-")
     for f in dataclasses.fields(TrainSettings):
@@ -172,6 +174,12 @@ def check(s: TrainSettings) -> None:
     if not existing.is_dir():
         what = f"--out-dir {out} is a file" if existing == out else f"--out-dir {out} cannot be created: {existing} is a file"
         raise ArgError(f"{what}, not a directory; pass the path of a directory (it is created if missing).")
+    problem = cannot_write(out)
+    if problem:
+        raise ArgError(f"--out-dir {out} {problem}; pass a directory you can write to.")
+    problem = cannot_write(out / TOKENS)  # a token cache already there (made by another user's run, say)
+    if problem:
+        raise ArgError(f"The token cache {out / TOKENS} {problem}; delete it (train.py makes it again) or pass another --out-dir.")
     world = distributed.launched_world_size()
     if s.grad_accum is not None and s.grad_accum % world:
         raise ArgError(f"--grad-accum {s.grad_accum} (micro-batches per optimizer step, all processes together) cannot be "

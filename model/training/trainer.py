@@ -32,7 +32,7 @@ from model.plot import plot_losses
 from model.progress import Progress
 from model.tokenizer import Tokenizer
 from model.training import distributed
-from model.training.budget import Budget
+from model.training.budget import Budget, minutes_text
 from model.training.data import batch_starts, get_batch, val_windows
 from model.training.distill import SoftTargets, distill_loss, load_teachers, teach
 from model.training.evaluate import evaluate
@@ -162,9 +162,10 @@ class Trainer:
         self.failure: str | None = None  # why a loss went non-finite; training stops at the next step
         self.stopped_early: str | None = None  # why validation ended the run before its budget
         self.last_eval_step = -1  # the step of the last evaluation (not counting curve estimates)
+        self.resumed_at: int | None = None  # the step a resumed run (--resume) started this session from
         if plan.state is not None:
             self.restore(plan.state)
-            self.last_eval_step = self.state.step
+            self.last_eval_step = self.resumed_at = self.state.step
         self.expect_after_training()
 
     # ---- the step loop ------------------------------------------------------------------------------------
@@ -422,9 +423,19 @@ class Trainer:
         self.files.records.append({"step": st.step, "final": True, "best_step": st.best_step, **val,
                                    "tokens_seen": st.tokens_seen, "elapsed": round(elapsed, 2)})
         self.files.write_log()
-        print(f"done in {elapsed:.0f} s: val {val['val_nats_per_token']:.4f} nats/token, "
+        print(f"{self.time_done(elapsed)}: val {val['val_nats_per_token']:.4f} nats/token, "
               f"{val['val_nats_per_char']:.4f} nats/char; checkpoint in {out}/")
         return metrics
+
+    def time_done(self, elapsed: float) -> str:
+        """What the end of a run took: the run's time; for a resumed run also this session's, and for a finished run
+        resumed (nothing left to train) only this session's, which was its final evaluation."""
+        session = time.perf_counter() - self.budget.t_start
+        if self.resumed_at is None:
+            return f"done in {elapsed:.0f} s"
+        if self.resumed_at == self.state.step:
+            return f"nothing left to train (the run had finished at step {self.state.step}); evaluated again in {session:.0f} s"
+        return f"done in {elapsed:.0f} s, {session:.0f} s of them in this session"
 
     def fail(self) -> NoReturn:
         """End a run whose loss went non-finite, keeping the last good checkpoint, or writing nothing if there is none."""
@@ -497,7 +508,7 @@ class Trainer:
             print(f"data-parallel: {self.dist.world_size} processes x batch {s.batch_size} x {self.micro_steps} micro-steps x "
                   f"{s.block_size} tokens = global batch of {self.tokens_per_step:,} tokens per step")
         if self.budget.limited:
-            print(f"time budget: {self.budget.minutes:g} min in total (training stops early enough for the final evaluation)")
+            print(f"time budget: {minutes_text(self.budget.minutes)} in total (training stops early enough for the final evaluation)")
 
 
 def train(given: dict[str, Any], stop_after: int | None = None, t_start: float | None = None) -> TrainResult:
