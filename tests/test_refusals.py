@@ -5,7 +5,11 @@ from __future__ import annotations
 
 import io
 import json
+import os
 import re
+import shlex
+import shutil
+import subprocess
 import sys
 from pathlib import Path
 
@@ -20,6 +24,8 @@ import train as train_cli
 from model.config import check_generation, memory_needed, sequence_memory
 from model.formats import checkpoint
 from model.gpt import GPT
+
+ROOT = Path(__file__).resolve().parent.parent
 
 SMALL_RUN = ["--preset", "tiny", "--tokenizer", "bytes", "--n-embd", "32", "--block-size", "16", "--batch-size", "4",
              "--dtype", "fp32", "--device", "cpu", "--max-minutes", "0", "--max-iters", "2", "--threads", "1"]
@@ -237,18 +243,23 @@ def test_interactive_set_refuses_what_cannot_fit_and_keeps_the_setting(fp32, cap
     assert "num_samples = 1\n" in out and "max_new_tokens = 200\n" in out
 
 
-def test_quantize_names_an_earlier_out_in_a_folder_it_cannot_write(fp32, tmp_path, capsys):
+def without_root_override(cmd: list[str]) -> list[str]:
+    """cmd as a process that file modes bind: as root, run through capsh without CAP_DAC_OVERRIDE (Debian's libcap2-bin)."""
+    if os.geteuid() != 0:
+        return cmd
+    capsh = shutil.which("capsh") or "/usr/sbin/capsh"
+    assert Path(capsh).is_file(), "as root this test needs capsh (Debian's libcap2-bin) to drop CAP_DAC_OVERRIDE"
+    return [capsh, "--drop=cap_dac_override,cap_dac_read_search", "--", "-c", shlex.join(cmd)]
+
+
+def test_quantize_names_an_earlier_out_in_a_folder_it_cannot_write(fp32, tmp_path):
     """An int8 folder quantize.py would replace, in a read-only folder: its new copy cannot be built beside it."""
     folder, out = tmp_path / "read-only", tmp_path / "read-only" / "int8"
     out.mkdir(parents=True)
     (out / checkpoint.CONFIG).write_text(json.dumps({"kind": "int8"}))  # an earlier quantize.py output, as check_out sees it
     folder.chmod(0o555)
-    try:
-        (folder / "probe").touch()
-    except OSError:
-        pass
-    else:
-        pytest.skip("modes do not bind this process (root with CAP_DAC_OVERRIDE)")
-    assert quantize_cli.main(["--ckpt", str(fp32), "--out", str(out), "--gen-tokens", "2", "--repeats", "1"]) == 2
-    assert one_error(capsys).startswith(f"error: --out {out} cannot be replaced: {folder} does not take new files (")
+    cmd = [sys.executable, str(ROOT / "quantize.py"), "--ckpt", str(fp32), "--out", str(out), "--gen-tokens", "2", "--repeats", "1"]
+    done = subprocess.run(without_root_override(cmd), capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2, done.stderr
+    assert done.stderr.strip().splitlines()[-1].startswith(f"error: --out {out} cannot be replaced: {folder} does not take new files (")
     assert [p.name for p in folder.iterdir()] == ["int8"]
