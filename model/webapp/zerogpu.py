@@ -241,7 +241,7 @@ class GpuTrainer:
         try:
             rc = train_on_gpu(*args)
         except Exception as e:  # ZeroGPU said no (quota, no GPU free) or killed the worker: the job's error says which
-            message = " ".join(str(e).split()) or type(e).__name__
+            message = " ".join(str(getattr(e, "message", None) or e).split()) or type(e).__name__  # gr.Error's str is a repr
             with self._lock:
                 self.aborted = ABORTED in message
             with contextlib.suppress(OSError), open(self.log_path, "a", encoding="utf-8") as log:
