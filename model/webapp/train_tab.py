@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import gradio as gr
-from gradio.context import Context
+from gradio.context import Context, get_render_context, set_render_context
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
@@ -225,6 +225,18 @@ def status_dict(st: Status | None) -> dict[str, Any]:
             "report": st.report}
 
 
+def _at_page_level(component: gr.components.Component) -> gr.components.Component:
+    """component rendered at the page's top level, outside the tabs. Gradio mounts a tab's components in the browser only
+    once the tab is opened, and a gr.BrowserState saves a value to the browser only when mounted as the value arrives:
+    the owner key that the page's load event sets must be kept even if the Train tab is never opened."""
+    here = get_render_context()
+    set_render_context(Context.root_block)
+    try:
+        return component.render()
+    finally:
+        set_render_context(here)
+
+
 def build_train_tab(visitors: Visitors) -> None:
     """The tab's components and events, inside the enclosing gr.Blocks and gr.Tab."""
 
@@ -330,7 +342,7 @@ def build_train_tab(visitors: Visitors) -> None:
             sample = gr.Textbox(label="Latest sample (the model writing, at the last evaluation)", lines=6, max_lines=8,
                                 interactive=False, placeholder=SAMPLE_PLACEHOLDER, elem_id="train-sample")
     timer = gr.Timer(TICK_S, active=False)
-    owner_key = gr.BrowserState(None, storage_key="smallgpt-owner")  # the page's owner key, kept across reloads
+    owner_key = _at_page_level(gr.BrowserState(None, storage_key="smallgpt-owner", render=False))  # the page's owner key
     api_status, api_zip = gr.JSON(visible=False), gr.File(visible=False)  # the outputs of the API endpoints
 
     inputs = [source, text, file, minutes]
