@@ -259,11 +259,11 @@ class TrainingJob:
                       seconds_left=self.seconds_left(), records=records, train_curve=train, val_curve=val, sample=sample,
                       error=error, report=report, model_dir=self.int8_dir if report is not None else None,
                       zip_folder=zip_folder(self.run_dir) if report is not None else None, gpu_request_s=self.gpu_request_s,
-                      at_limit=at_limit, expected_steps=self._expected_steps(records, elapsed))
+                      at_limit=at_limit, expected_steps=self._expected_steps(records, elapsed) if state in ACTIVE else None)
 
     def _expected_steps(self, records: list[dict[str, Any]], elapsed: float) -> int | None:
         """The steps the run will reach, for the curve's axis from its first frame: the size's cap when the trainer said
-        it (or on ZeroGPU, where the text decides it), else the steps so far at their pace over the whole budget."""
+        it, else the steps so far at their pace over the whole budget (once over, the curve spans what was reached)."""
         if (capped := _said_steps(self.run_dir / TRAIN_LOG)) is not None:
             return capped
         last = next((r for r in reversed(records) if "train_loss" in r and r.get("step", 0) > 0 and r.get("elapsed")), None)
