@@ -1,7 +1,8 @@
 """The Train tab in a real browser (Debian's chromium via Playwright), with the app's default trainer on 100 kB of Tiny
 Shakespeare for the shortest budget, 1 minute: upload, Start (and Start again, which says why not), the live status and
-curve, the int8 report, the zip, Generate with "yours", then a second run stopped early. SMALLGPT_SCREENSHOTS=1 also
-saves the tab after the 1-minute run to docs/train-tab.png."""
+curve, the int8 report, the zip, Generate with "yours", then a second run stopped early, and a reload, at 1280 and at
+390 px, that keeps the model. SMALLGPT_SCREENSHOTS=1 also saves the tab after the 1-minute run to docs/train-tab.png,
+and after the reload at 390 px to docs/train-tab-390.png."""
 
 from __future__ import annotations
 
@@ -13,11 +14,14 @@ from pathlib import Path
 import pytest
 from app_support import BROWSER_TEST, CHROMIUM, CHROMIUM_ARGS, served, tiny_checkpoint
 
+from model.webapp.train_tab import CURVE_DPI, CURVE_FONT_PT
 from model.webapp.training_job import TrainingSlot
 from model.webapp.visitors import KEPT, Visitors
 
 ROOT = Path(__file__).resolve().parents[1]
 SCREENSHOT = ROOT / "docs" / "train-tab.png"
+SCREENSHOT_PHONE = ROOT / "docs" / "train-tab-390.png"
+PHONE = {"width": 390, "height": 844}
 BUDGET_MINUTES = 1  # the tab's minimum
 # The second run, stopped early, evaluates (and saves its best weights) every 20 steps, so that Stop finds weights to
 # keep; the first runs with the app's defaults, as a visitor's does.
@@ -151,6 +155,29 @@ def test_train_watch_try_download_and_stop(app, tmp_path, shakespeare_path):
     expect(status).to_contain_text("the best weights so far were kept and quantized to int8", timeout=120_000)
     expect(status).to_contain_text("Stopped after")
     expect(stop).to_be_disabled()
+    expect(report).to_contain_text("Your model and its zip are deleted at ", timeout=10_000)
+
+    # A reload, at 1280 px and then at 390 px: the model, its report and its zip are still there, and so is "yours".
+    for viewport in ({"width": 1280, "height": 1000}, PHONE):
+        page.set_viewport_size(viewport)
+        page.reload()
+        expect(page.locator("#model-card")).to_contain_text("nats/char", timeout=30_000)
+        page.get_by_role("tab", name="Train").click()
+        expect(status).to_contain_text("the best weights so far were kept and quantized to int8", timeout=15_000)
+        expect(report).to_contain_text(re.compile(r"Your model and its zip are deleted at \d\d:\d\d UTC, in \d+ minutes"))
+        expect(page.locator("#train-download")).to_be_visible()
+        curve = page.locator("#train-curve img")
+        expect(curve).to_be_visible(timeout=10_000)
+        shown, natural = curve.evaluate("img => [img.getBoundingClientRect().width, img.naturalWidth]")
+        assert CURVE_FONT_PT * CURVE_DPI / 72 * shown / natural >= 10, (viewport, shown, natural)  # its smallest text, in px
+        if viewport == PHONE and os.environ.get("SMALLGPT_SCREENSHOTS") == "1":
+            page.screenshot(path=str(SCREENSHOT_PHONE), full_page=True)
+        page.get_by_role("tab", name="Generate").click()
+        page.locator("#model-choice").get_by_text("yours", exact=True).click()
+        expect(page.locator("#model-card")).to_contain_text("Your model", timeout=30_000)
+        page.locator("#prompt textarea").fill("ROMEO:\n")
+        page.locator("#generate").click()
+        expect(page.locator("#seq-1 textarea")).not_to_have_value("", timeout=30_000)
 
 
 def test_bad_upload_and_no_model_yet_get_one_message(app, tmp_path):

@@ -20,7 +20,7 @@ from model.webapp import train_tab
 from model.webapp.pool import TRAIN_THREADS
 from model.webapp.server import build_demo
 from model.webapp.training_job import MIN_CHARS, TrainingSlot
-from model.webapp.visitors import Visitors
+from model.webapp.visitors import OWNER_KEY, Visitors
 
 LONG = TEXT * (MIN_CHARS // len(TEXT) + 1)  # just above the shortest text accepted
 ACTIVE = ("running", "quantizing")
@@ -343,3 +343,95 @@ def test_closing_the_server_during_a_training_leaves_no_folder(tmp_path):
     assert job.state == "running" and job.run_dir.exists()
     training.close()
     assert not (tmp_path / "runs").exists()
+
+
+def _status(**kw):
+    from model.webapp.training_job import Status
+
+    base = dict(state="running", elapsed_s=1.0, budget_s=60.0, seconds_left=59.0, records=[], train_curve=[], val_curve=[],
+                sample=None, error=None, report=None, model_dir=None)
+    return Status(**{**base, **kw})
+
+
+def test_the_first_frame_spans_the_expected_steps():
+    """One point at step 0: the step axis already runs to the steps the run is expected to reach, not -0.04 to 0.04."""
+    ax = train_tab.curve_figure(_status(val_curve=[(0, 5.0)], expected_steps=1026)).axes[0]
+    assert ax.get_xlim() == (0, 1026)
+    ax = train_tab.curve_figure(_status(train_curve=[(0, 5.5)], val_curve=[(0, 5.0)])).axes[0]  # not known yet
+    assert ax.get_xlim()[0] == 0 and ax.get_xlim()[1] > 0
+    assert train_tab.curve_figure(_status(train_curve=[(5, 4.0), (900, 2.0)], expected_steps=800)).axes[0].get_xlim() == (0, 900)
+
+
+def test_the_curves_text_stays_readable_at_a_phones_width():
+    """At 390 px the page shows the picture about 326 px wide (measured in tests/test_browser_train.py): its smallest
+    text, the tick labels and the legend, is still 10 px or more there."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    fig = train_tab.curve_figure(_status(train_curve=[(5, 4.0), (10, 3.8)], val_curve=[(0, 5.0), (10, 3.9)], expected_steps=100))
+    FigureCanvasAgg(fig).draw()
+    width_px = fig.get_size_inches()[0] * fig.dpi
+    ax = fig.axes[0]
+    texts = [*ax.get_xticklabels(), *ax.get_yticklabels(), *ax.get_legend().get_texts(), ax.xaxis.label, ax.yaxis.label]
+    smallest_px = min(t.get_fontsize() for t in texts) * fig.dpi / 72
+    assert width_px >= 500 and smallest_px * 326 / width_px >= 10, (width_px, smallest_px)
+
+
+def test_waiting_and_time_limit_sentences_and_when_a_model_goes():
+    assert train_tab.status_text(_status(state="waiting", elapsed_s=0.0, gpu_request_s=75)) == (
+        "Waiting for a ZeroGPU GPU: this run asks for 75 s of GPU time; training starts as soon as ZeroGPU gives it one.")
+    assert train_tab.status_text(_status(state="stopped", report={}, at_limit=True, elapsed_s=58.2)) == (
+        "Stopped at the GPU time limit after 58 s: the best weights saved by then were kept and quantized to int8.")
+    assert "<progress></progress>" in train_tab.status_html(_status(state="waiting"))  # busy, no value yet
+    noon = 1_800_000_000 - 1_800_000_000 % 86400 + 12 * 3600  # 12:00 UTC
+    assert train_tab.deletion_text(3480.0, now=noon) == (
+        "Your model and its zip are deleted at 12:58 UTC, in 58 minutes (an hour after its training started; reloading "
+        "this page keeps them until then).")
+    md = train_tab.report_markdown(_status(state="done", report={}), expires_in=3480.0)
+    assert "Your model and its zip are deleted at " in md and "in 58 minutes" in md
+    assert train_tab.deletion_text(None) == ""
+
+
+def test_the_gpu_time_start_asks_for_is_shown_before_start():
+    from model.webapp import zerogpu
+
+    request = zerogpu.request_seconds(zerogpu.train_tokens(LONG), 0.75)
+    note = train_tab.gpu_note("paste", LONG, None, 0.75)
+    assert note.startswith(f"Start asks ZeroGPU for {request} s of GPU time (")
+    assert f"up to {zerogpu.charged(request, 1.5)} s against your quota" in note
+    assert train_tab.gpu_note("upload", None, None, 0.75).startswith(
+        f"Start asks ZeroGPU for at most {zerogpu.request_seconds(0, 0.75)} s of GPU time")
+
+
+def test_a_pages_owner_key_keeps_its_model_across_a_reload(tmp_path, gpt2_tokenizer):
+    """The page links each new session to the key its browser keeps (gr.BrowserState): closing or reloading the page
+    lets go of the session, not of the model; "yours" works from the new session; an API client's session is its owner
+    and takes its model with it. A key that is not one the server makes (an API client's session id, say) is replaced."""
+    ckpt = tiny_checkpoint(tmp_path, gpt2_tokenizer)
+
+    class Finished:
+        active, discarded = False, False
+
+        def status(self):
+            return type("S", (), {"model_dir": ckpt})()
+
+        def discard(self):
+            self.discarded = True
+
+    now = [100.0]
+    visitors = Visitors(TrainingSlot(tmp_path / "runs"), clock=lambda: now[0])
+    first, second, api = (type("R", (), {"session_hash": name})() for name in ("page-1", "page-2", "api-session"))
+    key = visitors.link(first, None)
+    assert OWNER_KEY.fullmatch(key) and visitors.owner(first) == key
+    visitors.add(visitors.owner(first), job := Finished())
+    now[0] += 120
+    visitors.forget(first)  # the reload's unload event
+    assert visitors.get(key) is job and not job.discarded
+    assert visitors.link(second, key) == key and visitors.owner(second) == key
+    assert "**Your model**" in visitors.chooser(object())("yours", second)
+    assert visitors.expires_in(key) == pytest.approx(3600 - 120)
+    visitors.add("api-session", api_job := Finished())
+    assert visitors.link(type("R", (), {"session_hash": "page-3"})(), "api-session") != "api-session"  # not adopted
+    visitors.forget(api)
+    assert api_job.discarded and visitors.get("api-session") is None
+    assert visitors.link(first, "k-short") != "k-short"
+    visitors.close()

@@ -290,3 +290,66 @@ def test_remove_tree_is_one_rename_then_gone(tmp_path):
     tj.remove_tree(tmp_path / "run")
     tj.remove_tree(tmp_path / "run")  # twice is fine
     assert list(tmp_path.iterdir()) == []
+
+
+# ---- on ZeroGPU: the job around a @spaces.GPU call (train_on_gpu replaced; the real call is tests/test_space.py's) ----
+
+@pytest.fixture
+def on_zerogpu(monkeypatch):
+    """The job as on a ZeroGPU Space, train_on_gpu a stand-in set per test through the returned dict's "call"."""
+    calls = {}
+    monkeypatch.setattr(tj.zerogpu, "ACTIVE", True)
+    monkeypatch.setattr(tj.zerogpu, "train_on_gpu", lambda *args: calls["call"](*args))
+    return calls
+
+
+def test_a_zerogpu_refusal_fails_the_job_with_what_to_do(tmp_path, jobs, on_zerogpu):
+    import gradio as gr
+
+    def refuse(script, argv, log_path, request_s):  # what spaces' schedule() raises, before any worker starts
+        raise gr.Error(f"You have exceeded your free ZeroGPU quota ({request_s}s requested vs. 30s left). Try again in 1:12:00. ")
+
+    on_zerogpu["call"] = refuse
+    jobs.append(job := TrainingJob(tmp_path / "runs", LONG, 0.75, train_args=TINY))
+    st = wait_until_over(job, timeout=30)
+    assert st.state == "failed" and st.report is None
+    assert st.error == (f"ZeroGPU refused: this run asks for {job.gpu_request_s} s of GPU time and your daily quota has 30 s "
+                        "left; choose fewer minutes, log in to Hugging Face for a larger quota, or try again in 1:12:00.")
+    from model.webapp.train_tab import status_text
+    assert status_text(st) == st.error  # the sentence alone, not "Failed: ZeroGPU ..."
+
+
+@pytest.mark.slow
+def test_on_zerogpu_the_clock_waits_for_the_gpu_and_a_run_killed_at_its_limit_is_kept(tmp_path, jobs, on_zerogpu):
+    """While the call waits in ZeroGPU's queue the job is "waiting" and its clock stands at 0; the worker then trains
+    (train.py in this process, as in ZeroGPU's worker) and is killed at its duration after saving weights: spaces raises
+    "GPU task aborted", and the weights saved are quantized and served, "stopped at the GPU time limit"."""
+    import gradio as gr
+
+    gpu_free = threading.Event()
+
+    def queued_then_killed(script, argv, log_path, request_s):
+        assert gpu_free.wait(30)
+        tj.zerogpu._train_in_worker(script, argv, log_path, request_s)
+        raise gr.Error("GPU task aborted")
+
+    on_zerogpu["call"] = queued_then_killed
+    jobs.append(job := TrainingJob(tmp_path / "runs", LONG, 0.75, train_args=(*TINY, "--max-iters", "20")))
+    assert job.gpu_request_s == tj.zerogpu.request_seconds(tj.zerogpu.train_tokens(LONG), 0.75)
+    assert job.budget_s == tj.zerogpu.train_budget_s(job.gpu_request_s)
+    time.sleep(1.5)
+    st = job.status()
+    assert st.state == "waiting" and st.elapsed_s == 0 and st.gpu_request_s == job.gpu_request_s, st
+    from model.webapp.train_tab import status_text
+    assert status_text(st).startswith(f"Waiting for a ZeroGPU GPU: this run asks for {job.gpu_request_s} s of GPU time")
+    gpu_free.set()
+    st = wait_until_over(job, timeout=120)
+    assert st.state == "stopped" and st.at_limit and st.report is not None, st
+    assert load(st.model_dir).kind == "int8"
+    assert 0 < st.elapsed_s < 60  # from the worker's start, not the call's
+    assert status_text(st).startswith("Stopped at the GPU time limit after ")
+    assert "GPU task aborted" in (job.run_dir / tj.TRAIN_LOG).read_text(encoding="utf-8")
+
+
+def test_samples_lose_their_control_characters():
+    assert tj.printable("ROMEO:\x1c\tO\x00 Juliet\r\n\x7f") == "ROMEO:\tO Juliet\r\n"

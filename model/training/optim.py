@@ -50,6 +50,9 @@ def make_optimizer(model: torch.nn.Module, lr: float, weight_decay: float, betas
     kind "muon": Muon (orthogonalised momentum) for the 2-D matrices inside the blocks, at the learning rate AdamW's
     update size would have, times muon_lr_scale; AdamW for the embeddings, biases and gains, as modded-nanogpt does.
     """
+    if kind == "muon" and not hasattr(torch.optim, "Muon"):  # e.g. the torch a ZeroGPU Space is given
+        print(f"torch {torch.__version__} has no torch.optim.Muon (torch 2.9 and later): training with AdamW instead", flush=True)
+        kind = "adamw"
     params = [p for p in model.parameters() if p.requires_grad]  # parameters() yields the tied weight once
     hidden = {id(p) for name, p in model.named_parameters() if kind == "muon" and ".h." in f".{name}" and p.dim() == 2}
     decay = [p for p in params if p.dim() >= 2 and id(p) not in hidden]

@@ -24,15 +24,21 @@ HARDWARE = ("zero-gpu", "cpu-basic")  # --space-hardware: what the Space asks fo
 DEFAULT_HARDWARE = "zero-gpu"
 FLAVOR = {"zero-gpu": "zero-a10g", "cpu-basic": "cpu-basic"}  # the hub's hardware flavour names (README's suggested_hardware)
 PYTHON = {"zero-gpu": "3.12", "cpu-basic": "3.11"}  # ZeroGPU runs Python 3.12 or 3.10 only (the hub's ZeroGPU page)
-SPACES_PACKAGE = "spaces>=0.51.3"  # the ZeroGPU client read for model/webapp/zerogpu.py
+SPACES_PACKAGE = "spaces"  # ZeroGPU installs its own; no bound, which could exclude it (zerogpu.py was read against 0.51.3)
+# ZeroGPU installs torch from its own list of versions, so the zero-gpu export asks only for the lowest the app runs on.
+# 2.5: torch.OutOfMemoryError (model/training/distributed.py); below it, fused AdamW on the CPU (2.4) and
+# torch.amp.GradScaler (2.3); ZeroGPU offers no 2.3. Read from the code, not run on 2.5 here. Newer features fall back:
+# torch.optim.Muon (2.9) gives way to AdamW, which the training log says (model/training/optim.py).
+LOWEST_TORCH = "2.5"
 
 # cpu-basic: the extra index serves CPU-only torch wheels (about 200 MB instead of a multi-GB CUDA build); pip takes
 # 2.x.y+cpu from it, since a local version sorts above the plain one on PyPI.
-# zero-gpu: torch from PyPI, its CUDA build: spaces reads torch.version.cuda at import (spaces/zero/torch/static.py),
-# which the CPU build has as None; and the Train tab trains on the GPU.
+# zero-gpu: torch's CUDA build, chosen by ZeroGPU from its supported versions (an exact pin outside its list fails the build:
+# "No candidate PyTorch version found for ZeroGPU"): spaces reads torch.version.cuda at import
+# (spaces/zero/torch/static.py), which the CPU build has as None; and the Train tab trains on the GPU.
 REQUIREMENTS = {
     "cpu-basic": "--extra-index-url https://download.pytorch.org/whl/cpu\ntorch=={torch}\n",
-    "zero-gpu": f"torch=={{torch}}\n{SPACES_PACKAGE}\n",
+    "zero-gpu": f"torch>={LOWEST_TORCH}\n{SPACES_PACKAGE}\n",
 }
 REQUIREMENTS_REST = """\
 gradio=={gradio}
@@ -47,9 +53,9 @@ matplotlib>=3.8
 ABOUT_HARDWARE = {
     "cpu-basic": "The Train tab trains a model of your own on a text you bring (1 to {max_minutes} minutes) on this Space's CPU, "
                  "then you generate from it and download it.",
-    "zero-gpu": "The Train tab trains a model of your own on a text you bring (1 to {max_minutes} minutes) on a ZeroGPU GPU, "
-                "out of your daily ZeroGPU quota; then it is quantized to int8, you generate from it on the CPU and "
-                "download it. Generating costs no GPU quota.",
+    "zero-gpu": "The Train tab trains a model of your own on a text you bring on a ZeroGPU GPU, for at most {max_minutes} "
+                "minutes and less when your text needs less, out of your daily ZeroGPU quota; then it is quantized to int8, "
+                "you generate from it on the CPU and download it. Generating costs no GPU quota.",
 }
 
 README = """\

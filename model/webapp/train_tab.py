@@ -6,14 +6,18 @@ Endpoints: /train_start, /train_status, /train_stop, /train_zip (and /use_model,
 from __future__ import annotations
 
 import contextlib
+import functools
 import html
 import math
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import gradio as gr
+from gradio.context import Context, get_render_context, set_render_context
 from matplotlib.figure import Figure
+from matplotlib.ticker import MaxNLocator
 
 from model.webapp import zerogpu
 from model.webapp.checks import InputError, shown
@@ -22,18 +26,23 @@ from model.webapp.training_job import (
     MAX_BYTES,
     MAX_MINUTES,
     MIN_MINUTES,
+    MINUTES_STEP,
     PROJECT,
     JobError,
     Status,
     TrainingJob,
+    check_text,
 )
-from model.webapp.visitors import KEPT, Visitors, owner_of
+from model.webapp.visitors import KEPT, Visitors
 
 SHAKESPEARE = PROJECT / "input.txt"  # the bundled Tiny Shakespeare; the choice shows only where the file is (a Space folder must carry it)
 SOURCES = {"upload": "Upload a .txt file", "paste": "Paste text", "shakespeare": "Tiny Shakespeare (bundled)"}
 TICK_S = 3.0  # the live view refreshes this often while the visitor's job trains or quantizes
 CURVE_COLORS = {"train": "#1f77b4", "validation": "#ff7f0e"}
 SAMPLE_PLACEHOLDER = "(a sample appears at each evaluation)"
+# The loss curve: 640 x 448 pixels whose text is CURVE_FONT_PT (22 px); a 390-px phone shows it about 326 px wide, where
+# that text is still 11 px.
+CURVE_INCHES, CURVE_DPI, CURVE_FONT_PT = (4.0, 2.8), 160, 10
 
 
 @contextlib.contextmanager
@@ -89,6 +98,9 @@ def status_text(st: Status | None) -> str:
     """One sentence on where the visitor's training stands; its clock never runs past the budget."""
     if st is None:
         return "No training in this session yet."
+    if st.state == "waiting":
+        return (f"Waiting for a ZeroGPU GPU: this run asks for {st.gpu_request_s} s of GPU time; training starts as soon as "
+                "ZeroGPU gives it one.")
     if st.state == "running":
         if st.elapsed_s >= st.budget_s:
             return (f"Training: {st.budget_s:.0f} s of {st.budget_s:.0f} s, time is up: the trainer is saving its best "
@@ -99,9 +111,14 @@ def status_text(st: Status | None) -> str:
         left = f"about {_duration(st.seconds_left)} left" if st.seconds_left >= 1 else "a few more seconds"
         return f"Trained for {st.elapsed_s:.0f} s; now making the int8 copy and scoring it on the validation text ({left})."
     if st.report is not None:
+        if st.at_limit:
+            return (f"Stopped at the GPU time limit after {st.elapsed_s:.0f} s: the best weights saved by then were kept and "
+                    "quantized to int8.")
         if st.state == "stopped":
             return f"Stopped after {st.elapsed_s:.0f} s: the best weights so far were kept and quantized to int8."
         return f"Done: trained for {st.elapsed_s:.0f} s, then quantized to int8."
+    if st.error and st.error.startswith("ZeroGPU"):  # a refusal: its sentence says what to do
+        return st.error
     return f"{'Stopped' if st.state == 'stopped' else 'Failed'}: {st.error}"
 
 
@@ -110,7 +127,7 @@ def status_html(st: Status | None) -> str:
     bar = ""
     if st is not None and st.state == "running":
         bar = f'<progress max="{st.budget_s:.0f}" value="{min(st.elapsed_s, st.budget_s):.0f}"></progress>'
-    elif st is not None and st.state == "quantizing":
+    elif st is not None and st.state in ("waiting", "quantizing"):
         bar = "<progress></progress>"  # no value: the browser shows it as busy
     elif st is not None and st.report is not None:
         bar = '<progress max="1" value="1"></progress>'
@@ -120,24 +137,65 @@ def status_html(st: Status | None) -> str:
 
 def curve_figure(st: Status | None) -> Figure | None:
     """The loss curves, train and validation in nats per character against the step, with a legend; None before the
-    first point. Every point of the trainer's log is drawn; a lone validation point is a marker."""
+    first point. Every point of the trainer's log is drawn; a lone validation point is a marker. The step axis spans the
+    steps the run is expected to reach from the first frame on. Small in inches at a high dpi, so that its text stays
+    readable where the picture is shrunk to a phone's width (CURVE_DPI, CURVE_FONT_PT)."""
     if st is None or not (st.train_curve or st.val_curve):
         return None
-    fig = Figure(figsize=(6.4, 3.4), dpi=100, layout="constrained")
+    fig = Figure(figsize=CURVE_INCHES, dpi=CURVE_DPI, layout="constrained")
     ax = fig.add_subplot()
     for split, curve in (("train", st.train_curve), ("validation", st.val_curve)):
         if curve:
             steps, losses = zip(*curve, strict=True)
-            ax.plot(steps, losses, "-" if split == "train" else "o-", ms=4, color=CURVE_COLORS[split], label=split)
-    ax.set(title="Loss per character", xlabel="step", ylabel="nats/char")
+            ax.plot(steps, losses, "-" if split == "train" and len(curve) > 1 else "o-", ms=4, color=CURVE_COLORS[split],
+                    label=split)
+    last = max(step for curve in (st.train_curve, st.val_curve) for step, _ in curve)
+    ax.set_xlim(0, max(st.expected_steps or 0, last, 1))
+    ax.set_title("Loss per character", fontsize=CURVE_FONT_PT + 1)
+    ax.set_xlabel("step", fontsize=CURVE_FONT_PT)
+    ax.set_ylabel("nats/char", fontsize=CURVE_FONT_PT)
+    ax.tick_params(labelsize=CURVE_FONT_PT)
+    ax.xaxis.set_major_locator(MaxNLocator(4, integer=True))
+    ax.yaxis.set_major_locator(MaxNLocator(4))
     ax.grid(alpha=0.3)
-    ax.legend(loc="upper right", frameon=True)
+    ax.legend(loc="upper right", frameon=True, fontsize=CURVE_FONT_PT)
     return fig
 
 
-def report_markdown(st: Status | None) -> str:
-    """quantize.py's report of the finished model: size and validation loss of the fp32 and int8 weights, and how to
-    run the download (DIR: the folder the zip unpacks to)."""
+def gpu_note(source: Any, text: Any, file: Any, minutes: Any) -> str:
+    """On ZeroGPU, before Start: the GPU time the run will ask for with this text and these minutes, and what the quota
+    check counts it as on a GPU of the largest duration factor."""
+    try:
+        tokens = _tokens(check_text(_text_bytes(source, text, file)))
+        request = zerogpu.request_seconds(tokens, _checked_minutes(minutes))
+        what = f"Start asks ZeroGPU for {request} s of GPU time"
+    except JobError:  # no text chosen yet, or one that Start will refuse: the most these minutes can ask for
+        request = zerogpu.request_seconds(0, minutes if isinstance(minutes, int | float) else DEFAULT_MINUTES)
+        what = f"Start asks ZeroGPU for at most {request} s of GPU time"
+    counted = zerogpu.charged(request, zerogpu.DURATION_FACTOR_MAX)
+    return (f"{what} (your text's training plus {zerogpu.OVERHEAD_S} s to start and save; ZeroGPU checks up to {counted} s "
+            "against your quota on GPUs that count time 1.5x); you are charged only the time it uses.")
+
+
+@functools.lru_cache(maxsize=4)
+def _tokens(text: str) -> int:
+    """zerogpu.train_tokens, remembered for the last few texts (the note is redrawn as the minutes change)."""
+    return zerogpu.train_tokens(text)
+
+
+def deletion_text(expires_in: float | None, now: float | None = None) -> str:
+    """When a model and its zip go: a UTC time of day and the minutes until then."""
+    if expires_in is None:
+        return ""
+    at = time.strftime("%H:%M", time.gmtime((time.time() if now is None else now) + expires_in))
+    minutes = max(1, round(expires_in / 60))
+    return (f"Your model and its zip are deleted at {at} UTC, in {minutes} minute{'s' * (minutes != 1)} (an hour after "
+            "its training started; reloading this page keeps them until then).")
+
+
+def report_markdown(st: Status | None, expires_in: float | None = None) -> str:
+    """quantize.py's report of the finished model: size and validation loss of the fp32 and int8 weights, how to run the
+    download (DIR: the folder the zip unpacks to), and when the model is deleted (expires_in seconds from now)."""
     if st is None or st.report is None:
         return ""
     r = st.report
@@ -153,7 +211,8 @@ def report_markdown(st: Status | None) -> str:
             f"| int8 | {num('size_int8_bytes', 1e-6, '.1f')} MB | {num('val_nats_per_char_int8')} nats/char |\n\n"
             "Try it: choose **Model: yours** in the Generate tab. Or download it: the zip unpacks to "
             f"{folder} (DIR below), the fp32 checkpoint in DIR and the int8 one in DIR/int8; then run "
-            "`python generate.py --ckpt DIR/int8` or `python app.py --ckpt DIR/int8` in a clone of smallgpt.")
+            "`python generate.py --ckpt DIR/int8` or `python app.py --ckpt DIR/int8` in a clone of smallgpt.\n\n"
+            f"{deletion_text(expires_in)}")
 
 
 def status_dict(st: Status | None) -> dict[str, Any]:
@@ -166,14 +225,26 @@ def status_dict(st: Status | None) -> dict[str, Any]:
             "report": st.report}
 
 
+def _at_page_level(component: gr.components.Component) -> gr.components.Component:
+    """component rendered at the page's top level, outside the tabs. Gradio mounts a tab's components in the browser only
+    once the tab is opened, and a gr.BrowserState saves a value to the browser only when mounted as the value arrives:
+    the owner key that the page's load event sets must be kept even if the Train tab is never opened."""
+    here = get_render_context()
+    set_render_context(Context.root_block)
+    try:
+        return component.render()
+    finally:
+        set_render_context(here)
+
+
 def build_train_tab(visitors: Visitors) -> None:
     """The tab's components and events, inside the enclosing gr.Blocks and gr.Tab."""
 
     def start_job(source: Any, text: Any, file: Any, minutes: Any, request: gr.Request | None) -> TrainingJob:
-        return visitors.start(owner_of(request), _text_bytes(source, text, file), _checked_minutes(minutes))
+        return visitors.start(visitors.owner(request), _text_bytes(source, text, file), _checked_minutes(minutes))
 
     def stop_job(request: gr.Request | None) -> TrainingJob:
-        job = visitors.get(owner_of(request))
+        job = visitors.get(visitors.owner(request))
         if job is None or job.state != "running":
             raise JobError("Nothing of yours is training: there is nothing to stop (the int8 copy, once started, "
                            "takes a few seconds).")
@@ -189,7 +260,7 @@ def build_train_tab(visitors: Visitors) -> None:
 
     def train_status(request: gr.Request | None = None) -> dict[str, Any]:
         with _api_errors():
-            job = visitors.get(owner_of(request))
+            job = visitors.get(visitors.owner(request))
         return status_dict(job.status() if job is not None else None)
 
     def train_stop(request: gr.Request | None = None) -> dict[str, Any]:
@@ -198,7 +269,7 @@ def build_train_tab(visitors: Visitors) -> None:
 
     def train_zip(request: gr.Request | None = None) -> str:
         with _api_errors():
-            return visitors.served_zip(owner_of(request))
+            return visitors.served_zip(visitors.owner(request))
 
     # ---- the page: a JobError is a warning that leaves the outputs as they were ----
 
@@ -210,7 +281,8 @@ def build_train_tab(visitors: Visitors) -> None:
             with contextlib.suppress(JobError):  # deleted meanwhile
                 download = gr.DownloadButton(value=visitors.served_zip(owner), visible=True)
         running = st is not None and st.state == "running"
-        return (status_html(st), curve_figure(st), (st.sample or "") if st else "", report_markdown(st), download,
+        return (status_html(st), curve_figure(st), (st.sample or "") if st else "",
+                report_markdown(st, visitors.expires_in(owner)), download,
                 gr.Button(interactive=running), gr.Timer(active=st is not None and st.active))
 
     def start_on_page(source: Any, text: Any, file: Any, minutes: Any, request: gr.Request) -> tuple[Any, ...]:
@@ -220,7 +292,7 @@ def build_train_tab(visitors: Visitors) -> None:
             gr.Warning(str(e))
             return tuple(gr.skip() for _ in outputs)
         gr.Info(f"Training started: {_duration(job.budget_s)}, then the int8 copy.")
-        return view(owner_of(request))
+        return view(visitors.owner(request))
 
     def stop_on_page(request: gr.Request) -> tuple[Any, ...]:
         try:
@@ -229,10 +301,15 @@ def build_train_tab(visitors: Visitors) -> None:
             gr.Warning(str(e))
             return tuple(gr.skip() for _ in outputs)
         gr.Info("Stopping: the best weights so far are kept, then quantized.")
-        return view(owner_of(request))
+        return view(visitors.owner(request))
 
     def refresh(request: gr.Request) -> tuple[Any, ...]:
-        return view(owner_of(request))
+        return view(visitors.owner(request))
+
+    def on_load(key: Any, request: gr.Request) -> tuple[Any, ...]:
+        """The page (re)loaded: link its session to the owner key the browser keeps, and show that owner's model."""
+        key = visitors.link(request, key)
+        return (key, *view(key))
 
     def show_source(source: str) -> tuple[Any, Any]:
         return gr.update(visible=source == "upload"), gr.update(visible=source == "paste")
@@ -250,8 +327,10 @@ def build_train_tab(visitors: Visitors) -> None:
                            elem_id="train-file")
             text = gr.Textbox(label="Your text", lines=8, visible=False, elem_id="train-text",
                               placeholder="Paste a few pages of text (thousands of characters) here")
-            minutes = gr.Slider(MIN_MINUTES, MAX_MINUTES, value=DEFAULT_MINUTES, step=1, label="Minutes of training",
+            minutes = gr.Slider(MIN_MINUTES, MAX_MINUTES, value=DEFAULT_MINUTES, step=MINUTES_STEP,
+                                label="Minutes of training" + (" on the GPU, at most" if zerogpu.ACTIVE else ""),
                                 elem_id="train-minutes")
+            gpu = gr.Markdown(gpu_note("upload", None, None, DEFAULT_MINUTES), visible=zerogpu.ACTIVE, elem_id="train-gpu")
             with gr.Row():
                 start = gr.Button("Start", variant="primary", elem_id="train-start")
                 stop = gr.Button("Stop", variant="secondary", interactive=False, elem_id="train-stop")
@@ -263,6 +342,7 @@ def build_train_tab(visitors: Visitors) -> None:
             sample = gr.Textbox(label="Latest sample (the model writing, at the last evaluation)", lines=6, max_lines=8,
                                 interactive=False, placeholder=SAMPLE_PLACEHOLDER, elem_id="train-sample")
     timer = gr.Timer(TICK_S, active=False)
+    owner_key = _at_page_level(gr.BrowserState(None, storage_key="smallgpt-owner", render=False))  # the page's owner key
     api_status, api_zip = gr.JSON(visible=False), gr.File(visible=False)  # the outputs of the API endpoints
 
     inputs = [source, text, file, minutes]
@@ -278,3 +358,9 @@ def build_train_tab(visitors: Visitors) -> None:
     stop.click(stop_on_page, [], outputs, api_visibility="private", concurrency_limit=None, show_progress="hidden")
     timer.tick(refresh, [], outputs, api_visibility="private", concurrency_limit=None, show_progress="hidden")
     source.change(show_source, [source], [file, text], api_visibility="private", queue=False)
+    Context.root_block.load(on_load, [owner_key], [owner_key, *outputs], api_visibility="private", concurrency_limit=None,
+                            show_progress="hidden")
+    if zerogpu.ACTIVE:  # the GPU time Start will ask for, redrawn as the text and the minutes change
+        for event in (source.change, file.change, text.blur, minutes.release):
+            event(gpu_note, inputs, gpu, api_visibility="private", preprocess=False, concurrency_limit=None,
+                  show_progress="hidden")

@@ -16,6 +16,7 @@ import contextlib
 import logging
 import math
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -31,7 +32,7 @@ from typing import Any, Literal
 
 from model import atomic
 from model.formats.checkpoint import CONFIG, LOG, METRICS, PLOT, WEIGHTS, read_json, read_log
-from model.training.data import DataError, check_length, decode_text, sure_length
+from model.training.data import CONTROL, DataError, check_length, decode_text, sure_length
 from model.training.settings import PRESETS, TrainSettings
 from model.webapp import zerogpu
 
@@ -43,7 +44,9 @@ MAX_BYTES = 10 * 2**20  # uploads and pastes above 10 MB are refused
 # What text is trainable is model/training/data.py's rule, the CLI's too. From this length on a text surely passes it;
 # a shorter one is tokenised here, as train.py's default run will.
 MIN_CHARS = sure_length(PRESETS["cpu"]["block_size"])
-MIN_MINUTES, MAX_MINUTES, DEFAULT_MINUTES = 1, (zerogpu.MAX_MINUTES if zerogpu.ACTIVE else 10), 3
+# The training a visitor may choose; on ZeroGPU much shorter (model/webapp/zerogpu.py: a GPU, and a quota of minutes a day).
+MIN_MINUTES, MAX_MINUTES, DEFAULT_MINUTES, MINUTES_STEP = ((zerogpu.MIN_MINUTES, zerogpu.MAX_MINUTES, zerogpu.DEFAULT_MINUTES,
+                                                            zerogpu.MINUTES_STEP) if zerogpu.ACTIVE else (1, 10, 3, 1))
 DEFAULT_THREADS = 1  # trainer threads: on a 2-vCPU Space the other CPU keeps serving generation requests
 STOP_GRACE_S = 30.0  # after a stop, the trainer gets this long to save and exit before it is killed
 OVERTIME_S = 120.0  # a trainer still running this long past its budget is stopped as if the visitor had pressed Stop
@@ -59,8 +62,8 @@ TRAIN_LOG = "train.log"
 QUANTIZE_LOG = "quantize.log"
 ZIP_FP32_FILES = (WEIGHTS, CONFIG, METRICS, LOG, PLOT)  # train_state.pt (3x the weights) and the token cache stay out
 
-State = Literal["running", "quantizing", "done", "stopped", "failed"]
-ACTIVE: tuple[State, ...] = ("running", "quantizing")
+State = Literal["waiting", "running", "quantizing", "done", "stopped", "failed"]
+ACTIVE: tuple[State, ...] = ("waiting", "running", "quantizing")  # waiting: for a ZeroGPU GPU
 
 log = logging.getLogger(__name__)
 
@@ -101,6 +104,23 @@ def _signal(proc: subprocess.Popen | zerogpu.GpuTrainer, sig: int) -> None:
             os.killpg(proc.pid, sig)
 
 
+def _said_steps(log_path: Path) -> int | None:
+    """The steps train.py said its run takes at most when the size's passes cap sets them ("steps: at most N, ..."), in the
+    first lines of its log."""
+    try:
+        with open(log_path, "rb") as f:
+            head = f.read(65536).decode("utf-8", errors="replace")
+    except OSError:
+        return None
+    m = re.search(r"^steps: at most ([\d,]+),", head, re.MULTILINE)
+    return int(m.group(1).replace(",", "")) if m else None
+
+
+def printable(text: str) -> str:
+    """text without control characters (tab and newlines stay): an early sample may hold some, which a page shows as boxes."""
+    return CONTROL.sub("", text)
+
+
 def _log_tail(path: Path, n_bytes: int = 65536) -> str:
     """The end of a child's log (empty when there is none)."""
     try:
@@ -137,6 +157,9 @@ class Status:
     report: dict[str, Any] | None  # quantize.py's report.json once the int8 model is ready
     model_dir: Path | None  # the int8 checkpoint once ready (model.load reads it), else None
     zip_folder: str | None = None  # once ready: the folder the download zip unpacks to
+    gpu_request_s: int | None = None  # on ZeroGPU: the GPU seconds the run asked for
+    at_limit: bool = False  # ZeroGPU ended the run at its GPU time limit; the weights saved by then were kept
+    expected_steps: int | None = None  # the steps the run is expected to reach, for the curve's axis (None: not known yet)
 
     @property
     def active(self) -> bool:
@@ -155,8 +178,11 @@ class TrainingJob:
     """
 
     def __init__(self, root: str | Path, text: str, minutes: float, threads: int = DEFAULT_THREADS, train_args: Sequence[str] = ()):
-        """Write text into a new folder under root and start training on it for `minutes` (train_args: extra train.py flags)."""
-        self.budget_s = minutes * 60.0
+        """Write text into a new folder under root and start training on it for `minutes` (train_args: extra train.py flags).
+        On ZeroGPU the run asks for the GPU time its text needs, at most those minutes (zerogpu.request_seconds), and
+        trains for what that leaves (zerogpu.train_budget_s)."""
+        self.gpu_request_s = zerogpu.request_seconds(zerogpu.train_tokens(text), minutes) if zerogpu.ACTIVE else None
+        self.budget_s = zerogpu.train_budget_s(self.gpu_request_s) if self.gpu_request_s else minutes * 60.0
         self.threads = threads
         self._lock = threading.Lock()
         self._state: State = "running"
@@ -164,6 +190,7 @@ class TrainingJob:
         self._report: dict[str, Any] | None = None
         self._final_records: list[dict[str, Any]] = []
         self._stop_at: float | None = None  # when stop() was called
+        self._at_limit = False  # ZeroGPU killed the trainer at its GPU time limit
         self._discarded = False
         self._t0 = time.monotonic()
         self._t_end: float | None = None  # when the trainer exited
@@ -177,7 +204,8 @@ class TrainingJob:
             # Paths relative to the job folder (the children's working directory): what they record (config.json's
             # training data, report.json's checkpoints) names the model's files, never the server's folders.
             self._proc = self._launch(TRAIN_PY, ["--data", TEXT_FILE, "--out-dir", FP32_DIR,
-                                                 "--max-minutes", f"{minutes:g}", "--threads", str(threads), *train_args], TRAIN_LOG)
+                                                 "--max-minutes", f"{self.budget_s / 60:.6g}", "--threads", str(threads),
+                                                 *train_args], TRAIN_LOG)
         except OSError as e:  # disk full, no permission: nothing a visitor did, and nothing left behind
             if run_dir is not None:
                 remove_tree(run_dir)
@@ -189,7 +217,14 @@ class TrainingJob:
     @property
     def state(self) -> State:
         with self._lock:
-            return self._state
+            return "waiting" if self._state == "running" and self._t_train() is None else self._state
+
+    def _t_train(self) -> float | None:
+        """When training began (time.monotonic()): at the launch for a child process; on ZeroGPU once the GPU call's worker
+        started (None while it waits for a GPU)."""
+        if isinstance(self._proc, zerogpu.GpuTrainer):
+            return self._proc.started()
+        return self._t0
 
     @property
     def active(self) -> bool:
@@ -205,22 +240,36 @@ class TrainingJob:
                 return 0.0
             now = time.monotonic()
             if self._t_end is None:
-                return max(0.0, self._t0 + self.budget_s - now) + QUANTIZE_ESTIMATE_S
+                t_train = self._t_train()
+                return max(0.0, (now if t_train is None else t_train) + self.budget_s - now) + QUANTIZE_ESTIMATE_S
             return max(0.0, self._t_end + QUANTIZE_ESTIMATE_S - now)
 
     def status(self) -> Status:
         """Where the job stands, read from its files: cheap enough to call every few seconds."""
+        state = self.state
         with self._lock:
-            state, error, report, t_end = self._state, self._error, self._report, self._t_end
+            error, report, t_end, at_limit = self._error, self._report, self._t_end, self._at_limit
         records = self._final_records if state not in ACTIVE else self._read_records()
         train = [(r["step"], r["train_nats_per_char"]) for r in records if "train_nats_per_char" in r]
         val = [(r["step"], r["val_nats_per_char"]) for r in records if "val_nats_per_char" in r and not r.get("final")]
-        sample = next((r["sample"] for r in reversed(records) if isinstance(r.get("sample"), str)), None)
-        elapsed = (t_end if t_end is not None else time.monotonic()) - self._t0
+        sample = next((printable(r["sample"]) for r in reversed(records) if isinstance(r.get("sample"), str)), None)
+        t_train = self._t_train()
+        elapsed = 0.0 if t_train is None else max(0.0, (t_end if t_end is not None else time.monotonic()) - t_train)
         return Status(state=state, elapsed_s=elapsed, budget_s=self.budget_s,
                       seconds_left=self.seconds_left(), records=records, train_curve=train, val_curve=val, sample=sample,
                       error=error, report=report, model_dir=self.int8_dir if report is not None else None,
-                      zip_folder=zip_folder(self.run_dir) if report is not None else None)
+                      zip_folder=zip_folder(self.run_dir) if report is not None else None, gpu_request_s=self.gpu_request_s,
+                      at_limit=at_limit, expected_steps=self._expected_steps(records, elapsed) if state in ACTIVE else None)
+
+    def _expected_steps(self, records: list[dict[str, Any]], elapsed: float) -> int | None:
+        """The steps the run will reach, for the curve's axis from its first frame: the size's cap when the trainer said
+        it, else the steps so far at their pace over the whole budget (once over, the curve spans what was reached)."""
+        if (capped := _said_steps(self.run_dir / TRAIN_LOG)) is not None:
+            return capped
+        last = next((r for r in reversed(records) if "train_loss" in r and r.get("step", 0) > 0 and r.get("elapsed")), None)
+        if last is not None:
+            return max(last["step"], round(last["step"] / last["elapsed"] * self.budget_s))
+        return None
 
     def stop(self) -> None:
         """Ask the trainer to stop (SIGINT): it keeps the best weights so far, which are then quantized. A no-op once training is over."""
@@ -245,7 +294,7 @@ class TrainingJob:
         """Start a project script in its own process group, stdout and stderr to a log file in the job folder. On a ZeroGPU
         Space, train.py runs inside a @spaces.GPU call instead (model/webapp/zerogpu.py says why), its output to the same log."""
         if zerogpu.ACTIVE and script == TRAIN_PY:
-            return zerogpu.GpuTrainer(script, args, self.run_dir / log_name, self.budget_s / 60)
+            return zerogpu.GpuTrainer(script, args, self.run_dir / log_name, self.gpu_request_s)
         env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": str(self.threads)}
         with open(self.run_dir / log_name, "wb") as out:
             return subprocess.Popen([sys.executable, str(script), *args], cwd=self.run_dir, env=env, stdin=subprocess.DEVNULL,
@@ -271,6 +320,10 @@ class TrainingJob:
             stopped = self._stop_at is not None
         if self._discarded:
             return "failed", "This model was deleted.", None
+        saved = (self.fp32_dir / WEIGHTS).is_file() and (self.fp32_dir / CONFIG).is_file()
+        if rc != 0 and not stopped and saved and getattr(self._proc, "aborted", False):
+            with self._lock:  # ZeroGPU's time ran out: the best weights saved by then are the model
+                self._at_limit = stopped = True
         if rc != 0 and not stopped:
             return "failed", self._failed(TRAIN_LOG, rc, "Training"), None
         if not ((self.fp32_dir / WEIGHTS).is_file() and (self.fp32_dir / CONFIG).is_file()):
@@ -303,8 +356,8 @@ class TrainingJob:
                 return self._proc.wait(timeout=1.0)
             except subprocess.TimeoutExpired:
                 pass
-            now = time.monotonic()
-            if self._stop_at is None and now - self._t0 > self.budget_s + OVERTIME_S:
+            now, t_train = time.monotonic(), self._t_train()
+            if self._stop_at is None and t_train is not None and now - t_train > self.budget_s + OVERTIME_S:
                 log.warning("training job %s overran its budget; stopping it", self.run_dir.name)
                 self.stop()
             with self._lock:

@@ -1,13 +1,17 @@
-"""Every visitor's state in one store, keyed by owner (their browser session): their training job and its model (one each,
-at most MAX_MODELS on the server), that model loaded for generation, the copy of its zip that Gradio serves, and whether
-their Generate requests use it. A model is deleted when its owner's page closes, MAX_AGE_S after its training started,
-when its owner trains again, or when a newer visitor's model pushes it out; every deletion takes one path (_let_go).
+"""Every visitor's state in one store, keyed by owner: their training job and its model (one each, at most MAX_MODELS on
+the server), that model loaded for generation, the copy of its zip that Gradio serves, and whether their Generate requests
+use it. A page's owner is a random key that the browser keeps (the Train tab's gr.BrowserState, linked to each page
+session on load), so a reload keeps the model; an API client's owner is its session (gradio_client keeps one per Client),
+whose end deletes its model. A model is deleted MAX_AGE_S after its training started, when its owner trains again, or
+when a newer visitor's model pushes it out; every deletion takes one path (_let_go).
 The tabs only show this state (model/webapp/train_tab.py, generate_tab.py)."""
 
 from __future__ import annotations
 
 import contextlib
 import logging
+import re
+import secrets
 import threading
 import time
 from collections.abc import Callable
@@ -30,8 +34,9 @@ MAX_AGE_S = 3600.0  # a model is deleted this long after its training started
 SWEEP_INTERVAL_S = 60.0  # how often models past their hour are looked for
 MODEL_CHOICES = ("bundled", "yours")  # which model serves a visitor's Generate requests
 YOURS_GONE = "Your model is not ready, or was deleted (models are kept for an hour): the bundled model answered."
-KEPT = (f"Your model is deleted when you close this page, an hour after its training started, when you train again, or "
-        f"when a newer visitor's model pushes it out (the server keeps the {MAX_MODELS} newest).")
+KEPT = (f"Your model is kept for an hour after its training started, across reloads of this page; it is deleted sooner when "
+        f"you train again, or when a newer visitor's model pushes it out (the server keeps the {MAX_MODELS} newest).")
+OWNER_KEY = re.compile(r"k-[A-Za-z0-9_-]{32}")  # a page's owner key, as new_owner_key makes them
 
 PoolFor = Callable[[gr.Request | None], ModelPool]  # the model that serves one request (Gradio passes the request)
 # (choice, request) -> the model card of the chosen model, or an InputError (e.g. "yours" before any was trained)
@@ -40,12 +45,9 @@ ChooseModel = Callable[[Any, gr.Request | None], str]
 log = logging.getLogger(__name__)
 
 
-def owner_of(request: gr.Request | None) -> str:
-    """Whose state a request is about: its browser session (gradio_client keeps one per Client), or a JobError."""
-    owner = getattr(request, "session_hash", None)
-    if not owner:
-        raise JobError("This request has no session: use the page, or gradio_client (it keeps one session per Client).")
-    return owner
+def new_owner_key() -> str:
+    """A page's owner key: random, so that only the browser that holds it reaches its model."""
+    return "k-" + secrets.token_urlsafe(24)
 
 
 @dataclass
@@ -78,12 +80,41 @@ class Visitors:
         self.clock = clock
         self._lock = threading.Lock()
         self._visitors: dict[str, _Visitor] = {}  # in the order their jobs started, oldest first
+        self._keys: dict[str, str] = {}  # a page session -> the owner key its browser holds
         self._closed = threading.Event()
 
     @staticmethod
     def available() -> bool:
         """Whether this install can train (a Space folder without train.py and quantize.py cannot)."""
         return TRAIN_PY.is_file() and QUANTIZE_PY.is_file()
+
+    # ---- owners ----------------------------------------------------------------------------------------------------
+
+    def owner(self, request: gr.Request | None) -> str:
+        """Whose state a request is about: the owner key its page linked (link), else its session, or a JobError."""
+        session = getattr(request, "session_hash", None)
+        if not session or not isinstance(session, str):
+            raise JobError("This request has no session: use the page, or gradio_client (it keeps one session per Client).")
+        with self._lock:
+            return self._keys.get(session, session)
+
+    def link(self, request: gr.Request | None, key: Any) -> str:
+        """A page has loaded: its session acts for the owner key its browser keeps (a new key when it holds none, or not
+        one of ours). Returns the key, for the browser to keep."""
+        key = key if isinstance(key, str) and OWNER_KEY.fullmatch(key) else new_owner_key()
+        session = getattr(request, "session_hash", None)
+        if session and isinstance(session, str):
+            with self._lock:
+                self._keys[session] = key
+        return key
+
+    def expires_in(self, owner: str) -> float | None:
+        """The seconds until owner's model goes at the latest (MAX_AGE_S after its training started); None: no model."""
+        with self._lock:
+            visitor = self._visitors.get(owner)
+            if visitor is None or visitor.job is None:
+                return None
+            return max(0.0, visitor.started + self.max_age_s - self.clock())
 
     # ---- jobs ------------------------------------------------------------------------------------------------------
 
@@ -122,10 +153,15 @@ class Visitors:
         _let_go(gone)
 
     def forget(self, request: gr.Request) -> None:
-        """The page's unload event: the visitor closed or reloaded the page."""
-        owner = getattr(request, "session_hash", None)
-        if owner:
-            self.drop(owner)
+        """A session ended (the page's unload event, or an API client's end). A page's model stays with its owner key,
+        for a reload; an API client's session was its owner, so its model goes."""
+        session = getattr(request, "session_hash", None)
+        if not session:
+            return
+        with self._lock:
+            linked = self._keys.pop(session, None)
+        if linked is None:
+            self.drop(session)
 
     def sweep(self) -> int:
         """Delete the models whose training started more than max_age_s ago; returns how many went. The owners' choice
@@ -233,7 +269,10 @@ class Visitors:
     def pool_for(self, bundled: ModelPool) -> PoolFor:
         """For the Generate tab: the model of each request, the visitor's own if they chose it and it exists."""
         def pick(request: gr.Request | None) -> ModelPool:
-            owner = getattr(request, "session_hash", None)
+            try:
+                owner = self.owner(request)
+            except JobError:
+                return bundled
             with self._lock:
                 visitor = self._visitors.get(owner)
                 chose_yours = visitor is not None and visitor.uses_own
@@ -252,7 +291,7 @@ class Visitors:
             if model not in MODEL_CHOICES:
                 raise InputError(f"model must be one of {', '.join(map(repr, MODEL_CHOICES))}, got {shown(model)}.")
             try:
-                owner = owner_of(request)
+                owner = self.owner(request)
             except JobError as e:
                 raise InputError(str(e)) from None
             pool = self.own_pool(owner) if model == "yours" else None
