@@ -43,11 +43,13 @@ def output_names(n_layer: int) -> list[str]:
     return ["logits"] + [f"present.{i}.{kv}" for i in range(n_layer) for kv in ("key", "value")]
 
 
-class ConcatCache:
+class ConcatCache(nn.Module):
     """A layer's cache for export: update() returns the past keys and values with this call's appended (the interface of
-    model.gpt.KVCache, over tensors that are the graph's inputs and outputs instead of a buffer)."""
+    model.gpt.KVCache, over tensors that are the graph's inputs and outputs instead of a buffer). A module, as the
+    KVCache it stands in for, so that it can take that one's place."""
 
     def __init__(self) -> None:
+        super().__init__()
         self.past: tuple[torch.Tensor, torch.Tensor] | None = None
         self.present: tuple[torch.Tensor, torch.Tensor] | None = None
 

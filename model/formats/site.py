@@ -79,8 +79,9 @@ class Site:
     warning: str | None = None
 
 
-def vendor_sources(web: Path = WEB) -> list[tuple[Path, str]]:
+def vendor_sources() -> list[tuple[Path, str]]:
     """The runtime files to copy (source, name in vendor/); CheckpointError when `npm ci --prefix web` has not run."""
+    web = WEB
     sources = [(web / "node_modules" / package / file, name) for package, file, name in VENDOR]
     missing = [str(src) for src, _ in sources if not src.is_file()]
     if missing:
@@ -88,8 +89,9 @@ def vendor_sources(web: Path = WEB) -> list[tuple[Path, str]]:
     return sources
 
 
-def versions(web: Path = WEB) -> str:
+def versions() -> str:
     """vendor/VERSIONS.txt: each copied package's name, version and licence, from its package.json."""
+    web = WEB
     lines = []
     for package in dict.fromkeys(package for package, _, _ in VENDOR):
         meta = json.loads((web / "node_modules" / package / "package.json").read_text(encoding="utf-8"))
