@@ -42,7 +42,7 @@ def site(tmp_path_factory, shakespeare_path):
     tokenizer = text_tokenizer("gpt2-compact", text, 5)  # the default run's tokenizer
     root = tmp_path_factory.mktemp("site")
     model = train_small(tokenizer, tokenizer.encode(split_text(text)[0][:200_000]), root / "ckpt")
-    export_site(root / "ckpt", root / "site", title="smallgpt test")
+    export_site(root / "ckpt", root / "site", title="smallgpt (a test model)")
     with serve(root / "site") as url, sync_playwright() as p:
         browser = p.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
         try:
@@ -178,7 +178,7 @@ def test_the_page_generates_streams_stops_and_charts(site, tmp_path):
     for width, name in ((1280, "site-desktop.png"), (390, "site-390.png")):
         w = Watched(browser, url, width)
         page = w.page
-        expect(page.locator("#title")).to_have_text("smallgpt test")
+        expect(page.locator("#title")).to_have_text("smallgpt (a test model)")
         page.locator("#prompt").fill("ROMEO:\nWhat light through yonder window")
         page.locator("#generate").click()
         for i in (1, 2, 3):
