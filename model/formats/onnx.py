@@ -112,8 +112,10 @@ def export_onnx(model: GPT, path: str | Path) -> Path:
     config = model.config
     model = model.float().eval()
     n = config.n_layer
-    batch, steps, past = torch.export.Dim("batch", min=1, max=64), torch.export.Dim("steps", min=1, max=config.block_size), \
-        torch.export.Dim("past", min=0, max=config.block_size)
+    # optimum's names: transformers.js sizes an empty past from the inputs' metadata, "batch_size" by the batch, other names 0
+    batch = torch.export.Dim("batch_size", min=1, max=64)
+    steps = torch.export.Dim("sequence_length", min=1, max=config.block_size)
+    past = torch.export.Dim("past_sequence_length", min=0, max=config.block_size)
     example_t, example_past = min(2, config.block_size), 2
     ids = torch.zeros(2, example_t, dtype=torch.long)
     pos = torch.arange(example_past, example_past + example_t).expand(2, -1)
@@ -132,12 +134,14 @@ def export_onnx(model: GPT, path: str | Path) -> Path:
 
 
 def quantize_onnx(fp32_path: str | Path, int8_path: str | Path) -> Path:
-    """The int8 file of an fp32 ONNX file: onnxruntime's dynamic quantization of its MatMul weights (per tensor, int8)."""
+    """The int8 file of an fp32 ONNX file: onnxruntime's dynamic quantization (int8, one scale per tensor) of its MatMul
+    weights and of the embedding its Gather reads (stored int8, dequantized after the lookup), as our int8 checkpoint
+    stores the embedding int8 too."""
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
     int8_path = Path(int8_path)
     with atomic.atomic_path(int8_path) as tmp, contextlib.redirect_stdout(io.StringIO()):
-        quantize_dynamic(str(fp32_path), str(tmp), weight_type=QuantType.QInt8, op_types_to_quantize=["MatMul"])
+        quantize_dynamic(str(fp32_path), str(tmp), weight_type=QuantType.QInt8, op_types_to_quantize=["MatMul", "Gather"])
     return int8_path
 
 

@@ -60,7 +60,7 @@ A small GPT trained with smallgpt on one text file, quantized to int8 and run in
 (WebAssembly): nothing you type leaves your computer, and once loaded the page works offline.
 Type the start of a text; the model writes up to five continuations, streamed token by token.
 
-Model: {card}
+{card}
 Files: `onnx/model_quantized.onnx` (int8, what the page runs, {int8_mb:.1f} MB), `onnx/model.onnx` (fp32,
 {fp32_mb:.1f} MB), `tokenizer.json`, `config.json`.
 
@@ -131,7 +131,7 @@ def export_site(ckpt: str | Path, out_dir: str | Path, title: str = "smallgpt") 
         checks = onnx.check_onnx(model, fp32_path, int8_path)
         fp32_bytes, int8_bytes = fp32_path.stat().st_size, int8_path.stat().st_size
         params = model.num_params(non_embedding=False)
-        card = (f"a {params / 1e6:.2f}M-parameter GPT, context {model.config.block_size} tokens, tokenizer "
+        card = (f"A {params / 1e6:.2f}M-parameter GPT, context {model.config.block_size} tokens, tokenizer "
                 f"{tokenizer.name} ({tokenizer.n_vocab} tokens), int8 {int8_bytes / 1e6:.1f} MB.")
         sizes = {"onnx/model.onnx": fp32_bytes, "onnx/model_quantized.onnx": int8_bytes}
         (tmp / SETTINGS).write_text(json.dumps(settings(model.config, tokenizer, title, card, sizes), indent=2) + "\n",
@@ -139,8 +139,10 @@ def export_site(ckpt: str | Path, out_dir: str | Path, title: str = "smallgpt") 
         (tmp / TOKENIZER_JSON).write_text(tokenizer_json(tokenizer, model.config.vocab_size), encoding="utf-8")
         (tmp / TOKENIZER_CONFIG).write_text(json.dumps(tokenizer_config(tokenizer, model.config.block_size), indent=2) + "\n",
                                             encoding="utf-8")
-        try:  # transformers.js reads config.json; no transformers class computes qk_norm, so that variant has none
+        try:  # transformers.js reads config.json and generation_config.json; no transformers class computes qk_norm
             (tmp / "config.json").write_text(json.dumps(hf_config(model.config, tokenizer), indent=2) + "\n", encoding="utf-8")
+            generation = {"bos_token_id": tokenizer.eot_token, "eos_token_id": tokenizer.eot_token}
+            (tmp / "generation_config.json").write_text(json.dumps(generation, indent=2) + "\n", encoding="utf-8")
         except CheckpointError:
             pass
         for name in PAGE_FILES:
