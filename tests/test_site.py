@@ -65,8 +65,10 @@ def test_every_block_variant_exports_and_onnxruntime_agrees(tmp_path, variant):
     checks = onnx.check_onnx(model, fp32, int8)
     assert checks["fp32_max_abs"] < 1e-4
     assert checks["int8_mean_abs_logprob"] <= 2 * checks["torch_int8_mean_abs_logprob"] + onnx.INT8_SLACK
-    names = [i.name for i in onnx.session(int8).get_inputs()]
-    assert names == onnx.input_names(model.config.n_layer)  # transformers.js's names
+    inputs = onnx.session(int8).get_inputs()
+    assert [i.name for i in inputs] == onnx.input_names(model.config.n_layer)  # transformers.js's names
+    # transformers.js sizes an empty past from these: "batch_size" is the batch, any other name 0
+    assert inputs[2].shape == ["batch_size", 2, "past_sequence_length", 16]
 
 
 @pytest.mark.slow
