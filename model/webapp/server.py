@@ -5,10 +5,14 @@ from __future__ import annotations
 import atexit
 import contextlib
 import io
+import json
 import logging
 import os
 
 import gradio as gr
+from fastapi import HTTPException
+from starlette.middleware import Middleware
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from model.cpus import set_threads
 from model.webapp import zerogpu
@@ -25,6 +29,42 @@ SHARE_NO_SERVER = "the tunnel could not reach Gradio's share server (offline or 
 CACHE_CLEANUP = (1800, 3600)  # every 30 minutes, Gradio deletes uploads and download copies older than an hour
 
 log = logging.getLogger(__name__)
+
+
+SESSION_ENDED = ("This call's session ended while it waited: another request with the same session_hash closed its "
+                 "stream, which cancels the session's calls; give concurrent calls their own session_hash.")
+
+
+class EndedStreams:
+    """ASGI middleware for a stream whose session ended under it. When a client closes one stream of a session, Gradio
+    deletes the session's messages and cancels its calls; another stream still open on the same session (API calls
+    sharing a session_hash) then raises a 404 after its response started, which the server logs as a traceback and
+    answers by dropping the connection. Here that stream ends with an error event saying why, and nothing is logged
+    as a crash."""
+
+    def __init__(self, app: ASGIApp):
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        started = False
+
+        async def sending(message: Message) -> None:
+            nonlocal started
+            started = started or message["type"] == "http.response.start"
+            await send(message)
+
+        try:
+            await self.app(scope, receive, sending)
+        except RuntimeError as e:  # Starlette's "Caught handled exception, but response already started"
+            if not (started and isinstance(e.__cause__, HTTPException)):
+                raise
+            log.info("A stream of session that had ended was closed: %s", scope.get("path"))
+            body = f"event: error\ndata: {json.dumps(SESSION_ENDED)}\n\n" if "/call/" in scope.get("path", "") else ""
+            with contextlib.suppress(OSError, RuntimeError):  # the client may be gone too
+                await send({"type": "http.response.body", "body": body.encode(), "more_body": False})
 
 
 def build_demo(pool: ModelPool, visitors: Visitors | None = None) -> gr.Blocks:
@@ -72,7 +112,7 @@ def launch(pool: ModelPool, host: str | None = None, port: int | None = None, sh
     demo = build_demo(pool, visitors)
     demo.queue(default_concurrency_limit=REQUESTS_AT_ONCE, max_size=64)
     launch_args = dict(server_name=host, server_port=port, footer_links=["api", "gradio"], ssr_mode=False,
-                       max_file_size=MAX_UPLOAD)
+                       max_file_size=MAX_UPLOAD, app_kwargs={"middleware": [Middleware(EndedStreams)]})
     if not share:
         demo.launch(prevent_thread_lock=prevent_thread_lock, **launch_args)
         return demo
