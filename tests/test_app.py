@@ -346,12 +346,15 @@ def test_long_prompt_is_cropped_with_a_note(server):
 
 
 @pytest.mark.slow
-def test_concurrent_clients_get_their_own_text(tmp_path, gpt2_tokenizer):
-    """8 clients x 5 requests at once, decoded together: each gets exactly what it gets alone. Served fp32, whose rows
-    do not touch each other (int8 quantizes a step's activations over all its rows: tests/test_batching.py)."""
-    fp32 = tiny_checkpoint(tmp_path, gpt2_tokenizer).parent / "fp32"
+@pytest.mark.parametrize("weights, seeded_alone", [("fp32", False), ("int8", True)])
+def test_concurrent_clients_get_their_own_text(tmp_path, gpt2_tokenizer, weights, seeded_alone):
+    """8 clients x 5 seeded requests at once: each gets exactly what it gets alone. fp32 rows decoded together do not
+    touch each other; int8 rows would (a step's activations share one scale over all its rows), so a seeded request
+    is decoded alone on its copy, whoever else is served."""
+    int8 = tiny_checkpoint(tmp_path, gpt2_tokenizer)
+    ckpt = int8 if weights == "int8" else int8.parent / "fp32"
     jobs = [[(f"Client {c} asks {r}:", 100 * c + r) for r in range(5)] for c in range(8)]
-    with served(fp32) as (url, pool):
+    with served(ckpt, seeded_alone=seeded_alone) as (url, pool):
         expected = {}
         for prompt, seed in (job for client_jobs in jobs for job in client_jobs):
             p, n, sampling, _ = check_request(prompt, 10, 2, 0.8, 50, 1.0, seed, pool)

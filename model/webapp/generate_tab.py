@@ -51,7 +51,7 @@ def build_generate_tab(pool: ModelPool, pool_for: PoolFor | None = None, choose_
         prompt, n, sampling, notes = check_request(prompt, max_new_tokens, num_sequences, temperature, top_k, top_p, seed, served)
         for note in notes:
             gr.Warning(note)
-        for texts in stream_sequences(served, prompt, n, sampling):
+        for texts in stream_sequences(served, prompt, n, sampling, seeded=seed >= 0):  # seed: a number, checked
             yield tuple(texts)
 
     def next_tokens(prompt: str, request: gr.Request | None = None) -> pd.DataFrame:
@@ -103,7 +103,8 @@ def build_generate_tab(pool: ModelPool, pool_for: PoolFor | None = None, choose_
             temperature = gr.Slider(0, 2, value=DEFAULT_TEMPERATURE, step=0.05, label="temperature", info="0 = greedy")
             top_k = gr.Slider(0, 200, value=DEFAULT_TOP_K, step=1, label="top-k", info="0 = off")
             top_p = gr.Slider(0.05, 1, value=DEFAULT_TOP_P, step=0.05, label="top-p")
-            seed = gr.Number(value=-1, precision=0, label="seed", info="-1 = random; same seed, same text")
+            seed = gr.Number(value=-1, precision=0, label="seed", elem_id="seed",
+                             info="-1 = random; the same seed, prompt and settings give the same text")
     boxes = [gr.Textbox(label=f"Sequence {i + 1}", lines=6, visible=i < DEFAULT_SEQUENCES, elem_id=f"seq-{i + 1}")
              for i in range(MAX_SEQUENCES)]
     with gr.Accordion("Under the hood: what the model expects next", open=False, elem_id="under-the-hood"):
