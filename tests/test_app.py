@@ -44,6 +44,18 @@ def test_returns_one_string_per_box_with_n_sequences(server):
     assert out == ask(client, "ROMEO:", max_new_tokens=8, num_sequences=2, seed=1)  # same seed, same text
 
 
+def test_each_sequence_starts_with_the_prompt_as_the_cli_prints_it(server):
+    """One convention for the CLI, the page and the API: a sequence is the prompt, then what the model wrote; a
+    prompt longer than the context shows the part the model saw."""
+    _, pool, client = server
+    out = ask(client, "ROMEO:\nWhat light", max_new_tokens=6, num_sequences=2, seed=3)
+    assert all(s.startswith("ROMEO:\nWhat light") and len(s) > len("ROMEO:\nWhat light") for s in out[:2]), out
+    long = " ".join(f"w{i}" for i in range(200))
+    seen = pool.first.tokenizer.decode(pool.first.tokenizer.encode(long)[-pool.first.config.block_size:])
+    out = ask(client, long, max_new_tokens=3, num_sequences=1, seed=3)
+    assert out[0].startswith(seen) and long.endswith(seen) and len(seen) < len(long), (out[0], seen)
+
+
 def test_defaults_give_three_sequences(server):
     _, _, client = server
     out = ask(client, "To be, or not to be", max_new_tokens=6)  # everything but prompt and length defaulted
@@ -471,6 +483,14 @@ def test_model_card_reads_the_report(server):
     card = model_card(pool)
     assert "3.30 M" in card and "int8, 3.4 MB" in card and f"{REPORT['val_nats_per_char_int8']:.3f} nats/char" in card
     assert "gpt2" in card and "context 64 tokens" in card
+
+
+def test_start_up_names_the_kits_share_flag(tmp_path, gpt2_tokenizer, capfd):
+    """At start-up the terminal says how to get a public link with this kit (--share), not Gradio's launch() advice."""
+    with served(tiny_checkpoint(tmp_path, gpt2_tokenizer)) as (url, _):
+        out, err = capfd.readouterr()
+    assert f"Running on local URL:  {url.rstrip('/')}" in out, out
+    assert "python app.py --share" in out and "share=True" not in out + err, out
 
 
 def test_missing_checkpoint_says_what_to_run(tmp_path, monkeypatch, capsys):

@@ -24,6 +24,8 @@ from model.webapp.visitors import Visitors
 
 MAX_UPLOAD = "10mb"  # Gradio refuses larger uploads; the Train tab's own limit (training_job.MAX_BYTES) says the same
 SHARE_FAILED = "\nCould not create share link"  # how Gradio's advice on a failed share link starts
+GRADIO_SHARE_HINT = "* To create a public link, set `share=True` in `launch()`."  # Gradio's, for its Python API
+SHARE_HINT = "* To create a public link, run python app.py --share (docs/app.md, Deploy)."
 SHARE_NO_PROGRAM = "Gradio's tunnel program (frpc) is not on this machine and could not be downloaded (offline or firewalled?)"
 SHARE_NO_SERVER = "the tunnel could not reach Gradio's share server (offline or firewalled?)"
 CACHE_CLEANUP = (1800, 3600)  # every 30 minutes, Gradio deletes uploads and download copies older than an hour
@@ -113,18 +115,17 @@ def launch(pool: ModelPool, host: str | None = None, port: int | None = None, sh
     demo.queue(default_concurrency_limit=REQUESTS_AT_ONCE, max_size=64)
     launch_args = dict(server_name=host, server_port=port, footer_links=["api", "gradio"], ssr_mode=False,
                        max_file_size=MAX_UPLOAD, app_kwargs={"middleware": [Middleware(EndedStreams)]})
-    if not share:
-        demo.launch(prevent_thread_lock=prevent_thread_lock, **launch_args)
-        return demo
-    # Gradio downloads a tunnel program on first use; where that or the tunnel fails it prints a page of advice. Say it in
-    # one sentence instead, and keep serving locally.
+    # Gradio prints advice meant for its Python API (share=True in launch()), and where a share link fails, a page of
+    # it: say the kit's own words instead (--share; one sentence on a failed link), and keep serving locally.
     out = io.StringIO()
-    with contextlib.redirect_stdout(out):
-        demo.launch(share=True, prevent_thread_lock=True, **launch_args)
-    printed = out.getvalue()
-    print(printed.split(SHARE_FAILED)[0].rstrip("\n"), flush=True)
-    if demo.share_url is None:
-        why = (SHARE_NO_PROGRAM if "Missing file" in printed else SHARE_NO_SERVER)
+    try:
+        with contextlib.redirect_stdout(out):
+            demo.launch(share=share, prevent_thread_lock=True, **launch_args)
+    finally:
+        printed = out.getvalue().split(SHARE_FAILED)[0].replace(GRADIO_SHARE_HINT, SHARE_HINT)
+        print(printed.rstrip("\n"), flush=True)
+    if share and demo.share_url is None:
+        why = (SHARE_NO_PROGRAM if "Missing file" in out.getvalue() else SHARE_NO_SERVER)
         print(f"No share link: {why}; the app is still served locally at {demo.local_url}.", flush=True)
     if not prevent_thread_lock:
         demo.block_thread()
