@@ -56,6 +56,20 @@ def test_each_sequence_starts_with_the_prompt_as_the_cli_prints_it(server):
     assert out[0].startswith(seen) and long.endswith(seen) and len(seen) < len(long), (out[0], seen)
 
 
+def test_a_visitors_own_text_offers_its_first_lines_as_prompts():
+    """Choosing "yours" offers the starts of the visitor's text's first lines: whole short lines with their newline (the
+    model writes the next line), long ones cut after a word; a text without a line gets the bundled examples."""
+    from model.webapp.generate_tab import EXAMPLES, OFFER_CHARS, OFFER_EXAMPLES, offers_from
+
+    licence = ("MIT License\n\nCopyright (c) 2026 Someone\n\nPermission is hereby granted, free of charge, to any person "
+               "obtaining a copy\nMIT License\nTHE SOFTWARE IS PROVIDED \"AS IS\"\nmore\n")
+    offers = offers_from(licence)
+    assert offers[:2] == ["MIT License\n", "Copyright (c) 2026 Someone\n"] and len(offers) == OFFER_EXAMPLES
+    assert offers[2] == "Permission is hereby granted, free of charge, to any person"  # 76 characters, cut at 60
+    assert offers[3] == 'THE SOFTWARE IS PROVIDED "AS IS"\n'  # the repeated first line is offered once
+    assert offers_from("  \n\n") == EXAMPLES and offers_from("x" * 100) == ["x" * OFFER_CHARS]
+
+
 def test_defaults_give_three_sequences(server):
     _, _, client = server
     out = ask(client, "To be, or not to be", max_new_tokens=6)  # everything but prompt and length defaulted

@@ -17,6 +17,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from model.cpus import set_threads
 from model.webapp import zerogpu
 from model.webapp.checks import CheckedBlocks
+from model.webapp.generate_tab import CSS as GENERATE_CSS
 from model.webapp.generate_tab import build_generate_tab
 from model.webapp.pool import REQUESTS_AT_ONCE, ModelPool
 from model.webapp.train_tab import build_train_tab
@@ -28,6 +29,7 @@ GRADIO_SHARE_HINT = "* To create a public link, set `share=True` in `launch()`."
 SHARE_HINT = "* To create a public link, run python app.py --share (docs/app.md, Deploy)."
 SHARE_NO_PROGRAM = "Gradio's tunnel program (frpc) is not on this machine and could not be downloaded (offline or firewalled?)"
 SHARE_NO_SERVER = "the tunnel could not reach Gradio's share server (offline or firewalled?)"
+OFFER_TEXT_CHARS = 4000  # the start of a visitor's text that the Generate tab reads its offered prompts from
 CACHE_CLEANUP = (1800, 3600)  # every 30 minutes, Gradio deletes uploads and download copies older than an hour
 
 log = logging.getLogger(__name__)
@@ -81,7 +83,8 @@ def build_demo(pool: ModelPool, visitors: Visitors | None = None) -> gr.Blocks:
                 if visitors is None:
                     build_generate_tab(pool)
                 else:
-                    build_generate_tab(pool, visitors.pool_for(pool), visitors.chooser(pool))
+                    build_generate_tab(pool, visitors.pool_for(pool), visitors.chooser(pool),
+                                       lambda request: visitors.text_start(request.session_hash, OFFER_TEXT_CHARS))
             if visitors is not None:
                 with gr.Tab("Train", id="train"):
                     build_train_tab(visitors)
@@ -114,7 +117,7 @@ def launch(pool: ModelPool, host: str | None = None, port: int | None = None, sh
     demo = build_demo(pool, visitors)
     demo.queue(default_concurrency_limit=REQUESTS_AT_ONCE, max_size=64)
     launch_args = dict(server_name=host, server_port=port, footer_links=["api", "gradio"], ssr_mode=False,
-                       max_file_size=MAX_UPLOAD, app_kwargs={"middleware": [Middleware(EndedStreams)]})
+                       max_file_size=MAX_UPLOAD, app_kwargs={"middleware": [Middleware(EndedStreams)]}, css=GENERATE_CSS)
     # Gradio prints advice meant for its Python API (share=True in launch()), and where a share link fails, a page of
     # it: say the kit's own words instead (--share; one sentence on a failed link), and keep serving locally.
     out = io.StringIO()
