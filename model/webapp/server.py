@@ -65,7 +65,7 @@ class EndedStreams:
         except RuntimeError as e:  # Starlette's "Caught handled exception, but response already started"
             if not (started and isinstance(e.__cause__, HTTPException)):
                 raise
-            log.info("A stream of session that had ended was closed: %s", scope.get("path"))
+            log.info("A stream whose session had ended was closed: %s", scope.get("path"))
             body = f"event: error\ndata: {json.dumps(SESSION_ENDED)}\n\n" if "/call/" in scope.get("path", "") else ""
             with contextlib.suppress(OSError, RuntimeError):  # the client may be gone too
                 await send({"type": "http.response.body", "body": body.encode(), "more_body": False})
