@@ -31,12 +31,10 @@ SHARE_NO_PROGRAM = "Gradio's tunnel program (frpc) is not on this machine and co
 SHARE_NO_SERVER = "the tunnel could not reach Gradio's share server (offline or firewalled?)"
 OFFER_TEXT_CHARS = 4000  # the start of a visitor's text that the Generate tab reads its offered prompts from
 CACHE_CLEANUP = (1800, 3600)  # every 30 minutes, Gradio deletes uploads and download copies older than an hour
-
-log = logging.getLogger(__name__)
-
-
 SESSION_ENDED = ("This call's session ended while it waited: another request with the same session_hash closed its "
                  "stream, which cancels the session's calls; give concurrent calls their own session_hash.")
+
+log = logging.getLogger(__name__)
 
 
 class EndedStreams:
