@@ -82,12 +82,12 @@ def build_demo(pool: ModelPool, visitors: Visitors | None = None) -> gr.Blocks:
                     build_generate_tab(pool)
                 else:
                     build_generate_tab(pool, visitors.pool_for(pool), visitors.chooser(pool),
-                                       lambda request: visitors.text_start(request.session_hash, OFFER_TEXT_CHARS))
+                                       lambda request: visitors.text_start(request, OFFER_TEXT_CHARS))
             if visitors is not None:
                 with gr.Tab("Train", id="train"):
                     build_train_tab(visitors)
         if visitors is not None:
-            demo.unload(visitors.forget)  # the visitor closed or reloaded the page: their model goes
+            demo.unload(visitors.forget)  # a session ended: an API client's model goes; a page's stays with its owner key
     return demo
 
 

@@ -265,10 +265,13 @@ class Visitors:
             visitor.pool = visitor.pool or pool
             return visitor.pool
 
-    def text_start(self, owner: str, chars: int) -> str | None:
-        """The first chars characters of the text owner's model trained on, or None without a model: the Generate tab
-        offers its start as the prompt when they choose their model."""
-        job = self.get(owner)
+    def text_start(self, request: gr.Request | None, chars: int) -> str | None:
+        """The first chars characters of the text the requesting visitor's model trained on (their owner key's, after a
+        reload too), or None without a model: the Generate tab offers its start as the prompt when they choose it."""
+        try:
+            job = self.get(self.owner(request))
+        except JobError:
+            return None
         if job is None:
             return None
         try:
