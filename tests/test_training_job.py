@@ -14,6 +14,7 @@ import zipfile
 from pathlib import Path
 
 import pytest
+from site_support import check_site_folder
 from train_support import TEXT
 
 from model.formats.load import load
@@ -130,6 +131,50 @@ def test_a_run_trains_quantizes_and_zips_into_loadable_checkpoints(tmp_path, job
                          cwd=ROOT, capture_output=True, text=True, timeout=120, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert gen.returncode == 0 and gen.stdout.startswith("hi"), gen.stderr[-2000:]
 
+    # The static web site, written by export_web.py from the visitor's fp32 weights, zipped in its own folder.
+    assert st.site_folder == f"{top}-site" and st.site_error is None and not st.writing_site
+    site_zip = make_zip(job.run_dir, "site")
+    assert site_zip == job.run_dir / f"{top}-site.zip" and make_zip(job.run_dir, "site") == site_zip
+    with zipfile.ZipFile(site_zip) as zf:
+        assert {n.split("/")[0] for n in zf.namelist()} == {f"{top}-site"}
+        zf.extractall(tmp_path / "site")
+    check_site_folder(tmp_path / "site" / f"{top}-site")
+    assert "site" not in "".join(names)  # the model's zip is as before
+
+
+@pytest.mark.slow
+def test_a_failed_site_export_keeps_the_model_and_says_why(tmp_path, jobs, monkeypatch):
+    """export_web.py fails: the job is still done, its model zip downloads, and the site's absence is one sentence, the
+    export's own error line; the site's zip is refused with that sentence, through the store as on the page."""
+    failing = tmp_path / "export_web.py"
+    failing.write_text("import sys\nprint('error: The exported model.onnx differs from the model.', file=sys.stderr)\n"
+                       "sys.exit(2)\n", encoding="utf-8")
+    monkeypatch.setattr(tj, "EXPORT_WEB_PY", failing)
+    store = Visitors(TrainingSlot(tmp_path / "runs", train_args=(*TINY, "--max-iters", "10")))
+    jobs.append(job := store.start("owner", LONG.encode(), 1))
+    st = wait_until_over(job)
+    assert st.state == "done" and st.report is not None and st.site_folder is None, st
+    assert st.site_error == "There is no web-site download: the exported model.onnx differs from the model."
+    assert zipfile.ZipFile(make_zip(job.run_dir)).testzip() is None
+    with pytest.raises(JobError, match="^There is no web-site download: the exported model.onnx differs"):
+        store.served_zip("owner", "site")
+    store.close()
+
+
+def test_site_unavailable_says_what_the_server_lacks(tmp_path, monkeypatch):
+    assert tj.site_unavailable() is None  # this checkout: export_web.py, onnx packages, npm ci --prefix web
+    def no_runtime_files():
+        raise tj.CheckpointError("The page's runtime files are missing")
+
+    monkeypatch.setattr(tj, "vendor_sources", no_runtime_files)
+    assert tj.site_unavailable() == "this server lacks the page's runtime files (npm ci --prefix web installs them)."
+    real_find_spec = tj.importlib.util.find_spec
+    monkeypatch.setattr(tj.importlib.util, "find_spec", lambda name: None if name == "onnxscript" else real_find_spec(name))
+    assert tj.site_unavailable().startswith("this server lacks the Python package onnxscript")
+    monkeypatch.setattr(tj, "EXPORT_WEB_PY", tmp_path / "export_web.py")
+    assert tj.site_unavailable() == "this server has no export_web.py."
+    assert tj.no_site(tj.site_unavailable()) == "There is no web-site download: this server has no export_web.py."
+
 
 @pytest.mark.slow
 def test_stop_keeps_the_best_weights_and_still_quantizes(tmp_path, jobs):
@@ -205,11 +250,14 @@ def test_a_trainer_error_becomes_its_sentence(tmp_path, jobs):
 def test_the_time_left_counts_down_while_the_int8_copy_is_made():
     """Once the trainer has exited, "ready in about N s" counts down from the int8 step's estimate, never frozen."""
     job = object.__new__(TrainingJob)  # the clock alone, no child process
-    job._lock, job.budget_s, job._state = threading.Lock(), 60.0, "quantizing"
+    job._lock, job.budget_s, job._state, job.site = threading.Lock(), 60.0, "quantizing", False
     now = time.monotonic()
     job._t0, job._t_end = now - 70, now - 10
     assert tj.QUANTIZE_ESTIMATE_S - 11 <= job.seconds_left() <= tj.QUANTIZE_ESTIMATE_S - 10
-    job._t_end = now - tj.QUANTIZE_ESTIMATE_S - 5  # slower than the estimate: 0, not below
+    job.site = True  # the static site's export follows the int8 step
+    after = tj.QUANTIZE_ESTIMATE_S + tj.SITE_ESTIMATE_S
+    assert after - 11 <= job.seconds_left() <= after - 10
+    job._t_end = now - after - 5  # slower than the estimate: 0, not below
     assert job.seconds_left() == 0.0
     job._state = "done"
     assert job.seconds_left() == 0.0
@@ -281,7 +329,27 @@ def test_zip_of_an_unfinished_run_is_refused(tmp_path):
     (tmp_path / "model").mkdir()
     with pytest.raises(JobError, match="not ready to download"):
         make_zip(tmp_path)
+    with pytest.raises(JobError, match="web site is not ready to download"):
+        make_zip(tmp_path, "site")
     assert list(tmp_path.iterdir()) == [tmp_path / "model"]
+
+
+def test_a_site_zip_of_a_model_deleted_meanwhile_leaves_nothing(tmp_path, monkeypatch):
+    """The model's folder goes (its hour is up) while its site's zip is being written: a JobError, and no zip left in
+    a folder made again."""
+    run = tmp_path / "model-abc"
+    (run / tj.SITE_DIR).mkdir(parents=True)
+    (run / tj.SITE_DIR / "index.html").write_text("<html></html>", encoding="utf-8")
+    real_rglob = Path.rglob
+
+    def deleted_meanwhile(self, pattern):
+        tj.remove_tree(run)
+        return real_rglob(self, pattern)
+
+    monkeypatch.setattr(Path, "rglob", deleted_meanwhile)
+    with pytest.raises(JobError, match="This model has been deleted"):
+        make_zip(run, "site")
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_remove_tree_is_one_rename_then_gone(tmp_path):

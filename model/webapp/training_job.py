@@ -517,12 +517,10 @@ def make_zip(run_dir: str | Path, what: Download = "model") -> Path:
         raise JobError("This model's web site is not ready to download: wait until the Train tab offers it.")
 
     def files() -> Iterator[tuple[Path, str]]:
-        """(file, name in the zip), read as the zip is written: a folder deleted meanwhile raises FileNotFoundError."""
+        """(file, name in the zip), listed as the zip is written into run_dir: if run_dir is deleted meanwhile, the
+        zip's temporary file goes with it, and renaming it into place raises FileNotFoundError."""
         if what == "site":
-            found = [f for f in sorted(site.rglob("*")) if f.is_file()]
-            if not found:  # rglob finds nothing in a folder that is gone
-                raise FileNotFoundError(site)
-            yield from ((f, f"{top}/{f.relative_to(site).as_posix()}") for f in found)
+            yield from ((f, f"{top}/{f.relative_to(site).as_posix()}") for f in sorted(site.rglob("*")) if f.is_file())
             return
         yield from ((fp32 / name, f"{top}/{name}") for name in ZIP_FP32_FILES if (fp32 / name).is_file())
         yield from ((f, f"{top}/{INT8_DIR}/{f.name}") for f in sorted(int8.iterdir()) if f.is_file())
