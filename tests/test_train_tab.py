@@ -119,7 +119,9 @@ def test_train_poll_generate_and_download_through_the_api(server, client, tmp_pa
     with zipfile.ZipFile(site_path) as zf:
         assert zf.testzip() is None
         assert {n.split("/")[0] for n in zf.namelist()} == {f"{top}-site"}
+        texts = {name: zf.read(name).decode() for name in zf.namelist() if name.endswith((".json", ".md"))}
         zf.extractall(tmp_path / "site")
+    assert texts and all(str(runs) not in text and "smallgpt-train-" not in text for text in texts.values()), texts
     check_site_folder(tmp_path / "site" / f"{top}-site")
     other = Client(url, verbose=False)  # another visitor cannot reach it
     with pytest.raises(AppError, match="You have no trained model in this session"):
