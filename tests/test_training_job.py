@@ -161,6 +161,28 @@ def test_a_failed_site_export_keeps_the_model_and_says_why(tmp_path, jobs, monke
     store.close()
 
 
+@pytest.mark.slow
+def test_a_model_deleted_while_its_site_is_written_goes_with_its_export(tmp_path, jobs, monkeypatch):
+    """The site is written while the state is still "quantizing" (writing_site); deleting the model then kills the
+    export and removes the folder, as for the int8 step."""
+    slow = tmp_path / "export_web.py"
+    slow.write_text("import time\ntime.sleep(600)\n", encoding="utf-8")
+    monkeypatch.setattr(tj, "EXPORT_WEB_PY", slow)
+    jobs.append(job := TrainingJob(tmp_path / "runs", LONG, 1, train_args=(*TINY, "--max-iters", "10")))
+    deadline = time.monotonic() + 120
+    while not (st := job.status()).writing_site:
+        assert job.active and time.monotonic() < deadline, st
+        time.sleep(0.1)
+    assert st.state == "quantizing" and st.report is None and st.model_dir is None
+    from model.webapp.train_tab import status_text
+    assert "now writing its web site" in status_text(st)
+    export = job._proc
+    job.discard()
+    st = wait_until_over(job, timeout=30)
+    assert st.state == "failed" and st.error == "This model was deleted." and export.poll() is not None
+    assert wait_gone(job.run_dir)
+
+
 def test_site_unavailable_says_what_the_server_lacks(tmp_path, monkeypatch):
     assert tj.site_unavailable() is None  # this checkout: export_web.py, onnx packages, npm ci --prefix web
     def no_runtime_files():
@@ -178,7 +200,7 @@ def test_site_unavailable_says_what_the_server_lacks(tmp_path, monkeypatch):
 
 @pytest.mark.slow
 def test_stop_keeps_the_best_weights_and_still_quantizes(tmp_path, jobs):
-    jobs.append(job := TrainingJob(tmp_path / "runs", LONG, 1, train_args=(*TINY, "--max-iters", "1000000")))
+    jobs.append(job := TrainingJob(tmp_path / "runs", LONG, 1, train_args=(*TINY, "--max-iters", "1000000"), site=False))
     wait_for_eval(job, 10)
     job.stop()
     st = wait_until_over(job)
@@ -194,7 +216,7 @@ def test_stop_keeps_the_best_weights_and_still_quantizes(tmp_path, jobs):
 def test_a_trainer_started_with_sigint_ignored_still_stops_cleanly(tmp_path, jobs):
     before = signal.signal(signal.SIGINT, signal.SIG_IGN)  # inherited by the child, as under `python app.py &` in a script
     try:
-        jobs.append(job := TrainingJob(tmp_path / "runs", LONG, 1, train_args=(*TINY, "--max-iters", "1000000")))
+        jobs.append(job := TrainingJob(tmp_path / "runs", LONG, 1, train_args=(*TINY, "--max-iters", "1000000"), site=False))
     finally:
         signal.signal(signal.SIGINT, before)
     wait_for_eval(job, 10)
@@ -207,7 +229,7 @@ def test_a_trainer_started_with_sigint_ignored_still_stops_cleanly(tmp_path, job
 @pytest.mark.slow
 def test_a_trainer_deaf_to_the_stop_is_killed_and_its_weights_kept(tmp_path, jobs, monkeypatch):
     monkeypatch.setattr(tj, "STOP_GRACE_S", 2.0)
-    jobs.append(job := TrainingJob(tmp_path / "runs", LONG, 1, train_args=(*TINY, "--max-iters", "1000000")))
+    jobs.append(job := TrainingJob(tmp_path / "runs", LONG, 1, train_args=(*TINY, "--max-iters", "1000000"), site=False))
     wait_for_eval(job, 10)
     os.kill(job._proc.pid, signal.SIGSTOP)  # a hung trainer: the SIGINT stays pending
     job.stop()
@@ -277,7 +299,7 @@ def test_failure_sentences_never_show_a_traceback():
 def test_the_default_settings_on_tiny_shakespeare(tmp_path, jobs, shakespeare_path, gpt2_tokenizer):
     """The real default preset and tokenizer (as the app runs them), on 100 kB for a 20 s budget."""
     text = shakespeare_path.read_text(encoding="utf-8")[:100_000]
-    jobs.append(job := TrainingJob(tmp_path / "runs", text, 1 / 3))
+    jobs.append(job := TrainingJob(tmp_path / "runs", text, 1 / 3, site=False))
     st = wait_until_over(job, timeout=180)
     assert st.state == "done", st
     assert st.elapsed_s < 20 + 15  # the trainer keeps to its budget (slack for a busy machine)
@@ -402,7 +424,7 @@ def test_on_zerogpu_the_clock_waits_for_the_gpu_and_a_run_killed_at_its_limit_is
         raise gr.Error("GPU task aborted")
 
     on_zerogpu["call"] = queued_then_killed
-    jobs.append(job := TrainingJob(tmp_path / "runs", LONG, 0.75, train_args=(*TINY, "--max-iters", "20")))
+    jobs.append(job := TrainingJob(tmp_path / "runs", LONG, 0.75, train_args=(*TINY, "--max-iters", "20"), site=False))
     assert job.gpu_request_s == tj.zerogpu.request_seconds(tj.zerogpu.train_tokens(LONG), 0.75)
     assert job.budget_s == tj.zerogpu.train_budget_s(job.gpu_request_s)
     time.sleep(1.5)
