@@ -205,8 +205,7 @@ def site_markdown(st: Status) -> str:
         return ""
     return (f"Or download it as a web site (the second button): its zip unpacks to `{st.site_folder}`, a static site whose "
             "page runs the int8 model in the browser, with no server. Serve it with `python -m http.server --directory "
-            f"{st.site_folder} 8000`, or host it for free as a Hugging Face static Space (`hf upload YOU/NAME "
-            f"{st.site_folder} --repo-type space`; smallgpt's docs/web.md says how).")
+            f"{st.site_folder} 8000`, or host it for free as a Hugging Face static Space (smallgpt's docs/web.md says how).")
 
 
 def report_markdown(st: Status | None, expires_in: float | None = None) -> str:
