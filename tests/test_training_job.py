@@ -17,6 +17,7 @@ import pytest
 from site_support import check_site_folder
 from train_support import TEXT
 
+from model.formats import site
 from model.formats.load import load
 from model.webapp import training_job as tj
 from model.webapp.training_job import JobError, TrainingJob, TrainingSlot, check_text, make_zip
@@ -143,21 +144,31 @@ def test_a_run_trains_quantizes_and_zips_into_loadable_checkpoints(tmp_path, job
 
 
 @pytest.mark.slow
-def test_a_failed_site_export_keeps_the_model_and_says_why(tmp_path, jobs, monkeypatch):
-    """export_web.py fails: the job is still done, its model zip downloads, and the site's absence is one sentence, the
-    export's own error line; the site's zip is refused with that sentence, through the store as on the page."""
-    failing = tmp_path / "export_web.py"
-    failing.write_text("import sys\nprint('error: The exported model.onnx differs from the model.', file=sys.stderr)\n"
-                       "sys.exit(2)\n", encoding="utf-8")
-    monkeypatch.setattr(tj, "EXPORT_WEB_PY", failing)
+@pytest.mark.parametrize("failure, sentence", [
+    ("export", "There is no web-site download: the exported model.onnx differs from the model."),
+    ("no npm ci", "There is no web-site download: this server lacks the page's runtime files (npm ci --prefix web installs them)."),
+])
+def test_a_failed_site_export_keeps_the_model_and_says_why(tmp_path, jobs, monkeypatch, failure, sentence):
+    """export_web.py fails, or cannot run (the page's runtime files are not installed): the job is still done, its model
+    zip downloads, and the site's absence is one sentence (the export's own error line, or what the server lacks); the
+    site's zip is refused with that sentence, through the store as on the page."""
+    if failure == "export":
+        failing = tmp_path / "export_web.py"
+        failing.write_text("import sys\nprint('error: The exported model.onnx differs from the model.', file=sys.stderr)\n"
+                           "sys.exit(2)\n", encoding="utf-8")
+        monkeypatch.setattr(tj, "EXPORT_WEB_PY", failing)
+    else:
+        monkeypatch.setattr(site, "WEB", tmp_path / "web")  # no web/node_modules
     store = Visitors(TrainingSlot(tmp_path / "runs", train_args=(*TINY, "--max-iters", "10")))
     jobs.append(job := store.start("owner", LONG.encode(), 1))
     st = wait_until_over(job)
     assert st.state == "done" and st.report is not None and st.site_folder is None, st
-    assert st.site_error == "There is no web-site download: the exported model.onnx differs from the model."
+    assert st.site_error == sentence
     assert zipfile.ZipFile(make_zip(job.run_dir)).testzip() is None
-    with pytest.raises(JobError, match="^There is no web-site download: the exported model.onnx differs"):
+    with pytest.raises(JobError) as refused:
         store.served_zip("owner", "site")
+    assert str(refused.value) == sentence
+    assert not (job.run_dir / tj.SITE_DIR).exists()
     store.close()
 
 
@@ -272,11 +283,13 @@ def test_a_trainer_error_becomes_its_sentence(tmp_path, jobs):
 def test_the_time_left_counts_down_while_the_int8_copy_is_made():
     """Once the trainer has exited, "ready in about N s" counts down from the int8 step's estimate, never frozen."""
     job = object.__new__(TrainingJob)  # the clock alone, no child process
-    job._lock, job.budget_s, job._state, job.site = threading.Lock(), 60.0, "quantizing", False
+    job._lock, job.budget_s, job._state, job.site, job._site_why = threading.Lock(), 60.0, "quantizing", False, None
     now = time.monotonic()
     job._t0, job._t_end = now - 70, now - 10
     assert tj.QUANTIZE_ESTIMATE_S - 11 <= job.seconds_left() <= tj.QUANTIZE_ESTIMATE_S - 10
-    job.site = True  # the static site's export follows the int8 step
+    job.site, job._site_why = True, "this server has no export_web.py."  # a site it cannot write counts no time
+    assert tj.QUANTIZE_ESTIMATE_S - 11 <= job.seconds_left() <= tj.QUANTIZE_ESTIMATE_S - 10
+    job._site_why = None  # the static site's export follows the int8 step
     after = tj.QUANTIZE_ESTIMATE_S + tj.SITE_ESTIMATE_S
     assert after - 11 <= job.seconds_left() <= after - 10
     job._t_end = now - after - 5  # slower than the estimate: 0, not below

@@ -217,6 +217,7 @@ class TrainingJob:
         On ZeroGPU the run asks for the GPU time its text needs, at most those minutes (zerogpu.request_seconds), and
         trains for what that leaves (zerogpu.train_budget_s). site: after the int8 copy, write the static web site too."""
         self.site = site
+        self._site_why = site_unavailable() if site else None  # why this server cannot write it, known before training
         self.gpu_request_s = zerogpu.request_seconds(zerogpu.train_tokens(text), minutes) if zerogpu.ACTIVE else None
         self.budget_s = zerogpu.train_budget_s(self.gpu_request_s) if self.gpu_request_s else minutes * 60.0
         self.threads = threads
@@ -274,7 +275,7 @@ class TrainingJob:
     def seconds_left(self) -> float:
         """Roughly how long until the model is ready: the rest of the training budget plus the int8 step (and the static
         site's), counting down to 0 (never below) while they run."""
-        after = QUANTIZE_ESTIMATE_S + (SITE_ESTIMATE_S if self.site else 0.0)
+        after = QUANTIZE_ESTIMATE_S + (SITE_ESTIMATE_S if self.site and self._site_why is None else 0.0)
         with self._lock:
             if self._state not in ACTIVE:
                 return 0.0
@@ -411,9 +412,8 @@ class TrainingJob:
         """export_web.py on the visitor's fp32 weights into the job's folder (atomically: export_site builds it beside
         and renames it in). None once the site is written, else why not, as the end of a sentence; the model stays
         ready either way."""
-        why = site_unavailable()
-        if why is not None:
-            return why
+        if self._site_why is not None:
+            return self._site_why
         with self._lock:
             if self._discarded:
                 return "this model was deleted."
