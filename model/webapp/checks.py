@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Any
 import gradio as gr
 from gradio.exceptions import InvalidPathError
 from gradio.queueing import Event, Queue
-from gradio.utils import get_function_params
+from gradio.utils import LRUCache, get_function_params
 from gradio_client.utils import is_file_obj_with_meta, traverse
 from pydantic import ValidationError
 
@@ -152,6 +152,17 @@ def _holds_file(value: Any) -> bool:
 EMPTY_SESSION = "session_hash must not be empty: leave it out, or send any non-empty text that names your session."
 
 
+class SessionMessages(LRUCache):
+    """Gradio's store of each session's messages, where deleting a session already gone does nothing. When two streams of
+    one session are abandoned (API calls sharing a session_hash), Gradio 6.31's stream handler (routes.py, its
+    CancelledError path) deletes the session's messages once for each: the second raises a KeyError, logged as a
+    traceback."""
+
+    def __delitem__(self, key: Any) -> None:
+        if key in self:
+            super().__delitem__(key)
+
+
 class GuardedQueue(Queue):
     """Gradio's queue, kept running whatever the API calls. Gradio 6.31 keeps each session's messages under the
     call's session_hash but sends them under the Event's, which is the event's own id when session_hash is "": the
@@ -180,7 +191,8 @@ class CheckedBlocks(gr.Blocks):
 
     def queue(self, *args: Any, **kwargs: Any) -> CheckedBlocks:
         super().queue(*args, **kwargs)
-        self._queue.__class__ = GuardedQueue  # Gradio makes its Queue inside queue(); the subclass adds no state
+        self._queue.__class__ = GuardedQueue  # Gradio makes its Queue inside queue(); the subclasses add no state
+        self._queue.pending_messages_per_session.__class__ = SessionMessages
         return self
 
     async def preprocess_data(self, block_fn: Any, inputs: list[Any], state: Any, explicit_call: bool = False) -> Any:
