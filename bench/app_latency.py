@@ -3,6 +3,10 @@
     python bench/app_latency.py --ckpt out/int8                        # 10 default requests (3 x 200 tokens, top-k 50)
     python bench/app_latency.py --ckpt out/int8 --users 16 --requests 3  # 16 users at once, 3 requests each
     python bench/app_latency.py --ckpt out/int8 --users 4 --requests 3 --concurrency 1 2 --rounds 2
+    python bench/app_latency.py --ckpt out/int8 --users 16 --requests 3 --seeded-batched  # seeded requests batched
+Every request carries a seed (the same numbers each run), and the app decodes a seeded request alone on its copy, so
+its text does not depend on the others'; --seeded-batched serves them batched like unseeded ones (the cost of
+decoding them alone is the difference), --random-seeds sends seed -1, as the page does by default.
 Compares the given numbers of model copies (each decodes its requests together; torch threads = cores / copies),
 alternating them round by round, then writes JSON and a PNG plot. The users run in this process, on the same CPUs.
 """
@@ -44,7 +48,7 @@ def one_request(client: Client, args: argparse.Namespace, seed: int) -> tuple[fl
     start = time.perf_counter()
     first = None
     job = client.submit(prompt=args.prompt, max_new_tokens=args.max_new_tokens, num_sequences=args.num_sequences,
-                        top_k=args.top_k, seed=seed, api_name="/generate")
+                        top_k=args.top_k, seed=-1 if args.random_seeds else seed, api_name="/generate")
     for update in job:
         if first is None and any(update):
             first = time.perf_counter() - start
@@ -56,7 +60,7 @@ def one_request(client: Client, args: argparse.Namespace, seed: int) -> tuple[fl
 def measure(ckpt: Path, copies: int, args: argparse.Namespace, bar: tqdm) -> dict:
     """Serve ckpt in this process on `copies` model copies, then run the users against it."""
     threads = torch.get_num_threads()
-    pool = ModelPool(ckpt, copies=copies)
+    pool = ModelPool(ckpt, copies=copies, seeded_alone=not args.seeded_batched)
     demo = launch(pool, host="127.0.0.1", port=None, prevent_thread_lock=True)
     try:
         used_threads = torch.get_num_threads()
@@ -121,12 +125,18 @@ def main() -> int:
     ap.add_argument("--num-sequences", type=int, default=DEFAULT_SEQUENCES)
     ap.add_argument("--top-k", type=int, default=DEFAULT_TOP_K)
     ap.add_argument("--prompt", default="ROMEO:\n")
+    seeds = ap.add_mutually_exclusive_group()
+    seeds.add_argument("--seeded-batched", action="store_true",
+                       help="serve seeded requests batched with the others, as unseeded ones (default: each alone)")
+    seeds.add_argument("--random-seeds", action="store_true", help="send seed -1 (random), as the page does by default")
     ap.add_argument("--url", help="measure an app already running there (python app.py in its own process, as deployed) "
                     "instead of serving --ckpt in this process; --concurrency is then the app's own")
     ap.add_argument("--out", type=Path, default=Path("bench/results/app_latency.json"), help="JSON to write (and .png beside)")
     args = ap.parse_args()
     if min(args.requests, args.users, args.rounds, *args.concurrency) < 1:
         ap.error("--requests, --users, --rounds and --concurrency must be at least 1.")
+    if args.url and args.seeded_batched:
+        ap.error("--seeded-batched applies to the app this benchmark serves; an app at --url decodes seeded requests alone.")
     ckpt = args.ckpt or default_checkpoint()
     runs = []
     try:
@@ -143,12 +153,13 @@ def main() -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     setup = {"ckpt": args.url or str(ckpt), "users": args.users, "requests_per_client": args.requests, "rounds": args.rounds,
-             "max_new_tokens": args.max_new_tokens, "num_sequences": args.num_sequences, "top_k": args.top_k, "cpus": available_cpus()}
+             "max_new_tokens": args.max_new_tokens, "num_sequences": args.num_sequences, "top_k": args.top_k, "cpus": available_cpus(),
+             "seeds": "random" if args.random_seeds else "seeded, batched" if args.seeded_batched else "seeded, each alone"}
     atomic.write_text(args.out, json.dumps({"setup": setup, "runs": runs}, indent=2) + "\n")
     plot(runs, args.out.with_suffix(".png"), f"{runs[0]['kind']} {ckpt}: {args.users} user(s), "
          f"{args.num_sequences} x {args.max_new_tokens} tokens, top-k {args.top_k}, {available_cpus()} CPUs")
     print(f"{args.users} user(s) x {args.requests} request(s) of {args.num_sequences} x {args.max_new_tokens} tokens, "
-          f"{available_cpus()} CPUs")
+          f"{available_cpus()} CPUs, seeds: {setup['seeds']}")
     print(f"{'copies':>6} {'threads':>7} {'p50 first token':>15} {'p50 request':>11} {'p95 request':>11} {'max request':>11} "
           f"{'tokens/s':>8}")
     for r in runs:

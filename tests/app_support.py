@@ -67,16 +67,16 @@ def free_port() -> int:
 
 
 @contextmanager
-def served(ckpt: Path, visitors=None) -> Iterator[tuple[str, object]]:
+def served(ckpt: Path, visitors=None, seeded_alone: bool = True) -> Iterator[tuple[str, object]]:
     """The app on a free localhost port, in this process, with a Train tab backed by visitors (default: Visitors with
-    the app's defaults, none started): yields (url, pool); after, deletes the trained models and restores torch's
-    thread count."""
+    the app's defaults, none started), seeded requests decoded alone unless seeded_alone is False: yields (url, pool);
+    after, deletes the trained models and restores torch's thread count."""
     from model.webapp.pool import ModelPool
     from model.webapp.server import launch
     from model.webapp.visitors import Visitors
 
     threads = torch.get_num_threads()
-    pool = ModelPool(ckpt)
+    pool = ModelPool(ckpt, seeded_alone=seeded_alone)
     visitors = visitors if visitors is not None else Visitors()
     port = free_port()
     demo = launch(pool, host="127.0.0.1", port=port, prevent_thread_lock=True, visitors=visitors)

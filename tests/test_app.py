@@ -44,6 +44,32 @@ def test_returns_one_string_per_box_with_n_sequences(server):
     assert out == ask(client, "ROMEO:", max_new_tokens=8, num_sequences=2, seed=1)  # same seed, same text
 
 
+def test_each_sequence_starts_with_the_prompt_as_the_cli_prints_it(server):
+    """One convention for the CLI, the page and the API: a sequence is the prompt, then what the model wrote; a
+    prompt longer than the context shows the part the model saw."""
+    _, pool, client = server
+    out = ask(client, "ROMEO:\nWhat light", max_new_tokens=6, num_sequences=2, seed=3)
+    assert all(s.startswith("ROMEO:\nWhat light") and len(s) > len("ROMEO:\nWhat light") for s in out[:2]), out
+    long = " ".join(f"w{i}" for i in range(200))
+    seen = pool.first.tokenizer.decode(pool.first.tokenizer.encode(long)[-pool.first.config.block_size:])
+    out = ask(client, long, max_new_tokens=3, num_sequences=1, seed=3)
+    assert out[0].startswith(seen) and long.endswith(seen) and len(seen) < len(long), (out[0], seen)
+
+
+def test_a_visitors_own_text_offers_its_first_lines_as_prompts():
+    """Choosing "yours" offers the starts of the visitor's text's first lines: whole short lines with their newline (the
+    model writes the next line), long ones cut after a word; a text without a line gets the bundled examples."""
+    from model.webapp.generate_tab import EXAMPLES, OFFER_CHARS, OFFER_EXAMPLES, offers_from
+
+    licence = ("MIT License\n\nCopyright (c) 2026 Someone\n\nPermission is hereby granted, free of charge, to any person "
+               "obtaining a copy\nMIT License\nTHE SOFTWARE IS PROVIDED \"AS IS\"\nmore\n")
+    offers = offers_from(licence)
+    assert offers[:2] == ["MIT License\n", "Copyright (c) 2026 Someone\n"] and len(offers) == OFFER_EXAMPLES
+    assert offers[2] == "Permission is hereby granted, free of charge, to any person"  # 76 characters, cut at 60
+    assert offers[3] == 'THE SOFTWARE IS PROVIDED "AS IS"\n'  # the repeated first line is offered once
+    assert offers_from("  \n\n") == EXAMPLES and offers_from("x" * 100) == ["x" * OFFER_CHARS]
+
+
 def test_defaults_give_three_sequences(server):
     _, _, client = server
     out = ask(client, "To be, or not to be", max_new_tokens=6)  # everything but prompt and length defaulted
@@ -230,6 +256,105 @@ def test_a_fuzz_of_every_endpoint_gets_a_message_for_every_error_and_no_tracebac
     assert events.count("event: error") > len(events) // 2 and "event: complete" in events  # both kinds were tried
 
 
+ODD_SESSIONS = ["", "abc", "x" * 5000, 12345, None, "\u00e9\u00e9"]  # the issue's odd session_hash values, and a normal one
+
+
+def burst_call(url: str, call: dict) -> str:
+    """One call of the burst: post it, then read its stream to the end, open it and abandon it, or never open it. What
+    the server answered: "refused NNN" (a 4xx before the queue), or how the stream went."""
+    body = {"data": call["data"], **({"session_hash": call["session"]} if "session" in call else {})}
+    r = httpx.post(f"{url}gradio_api/call/{call['api']}", content=json.dumps(body),
+                   headers={"content-type": "application/json"}, timeout=30)
+    if r.status_code != 200:
+        assert 400 <= r.status_code < 500 and r.json().get("detail"), (call["api"], body.get("session_hash"), r.status_code, r.text)
+        return f"refused {r.status_code}"
+    stream_url = f"{url}gradio_api/call/{call['api']}/{r.json()['event_id']}"
+    if call["stream"] == "never":
+        return "never read"
+    abandon = call["stream"] == "abandon"  # left at its first line, or after patience seconds, whichever comes first
+    try:
+        with httpx.stream("GET", stream_url, timeout=httpx.Timeout(30, read=call["patience"])) as events:
+            for line in events.iter_lines():
+                if abandon:
+                    return "abandoned"
+                if line.startswith(("event: complete", "event: error")):
+                    return line
+    except httpx.ReadTimeout:  # a stream shared by an odd session can wait for its other calls: left, as a client would
+        return "abandoned" if abandon else "gave up"
+    return "ended"
+
+
+@pytest.mark.slow
+def test_a_burst_of_api_calls_with_odd_sessions_leaves_the_app_serving(tmp_path, gpt2_tokenizer, capfd):
+    """The issue's burst: several hundred calls, a few at a time, to every endpoint with values of random types and
+    counts, some with an odd session_hash (empty, one shared by many calls, 5,000 characters, a number), some streams
+    abandoned while their events wait or run, some never read. No call gets a 5xx, a normal request is answered
+    after it, and nothing logs a traceback. Gradio's queue stopped for good at an empty session_hash (docs/app.md)."""
+    rng = random.Random(33)
+    calls = []
+    for _ in range(int(os.environ.get("SMALLGPT_BURST_CALLS", "400"))):
+        api = rng.choice(list(ENDPOINTS))
+        call = {"api": api, "data": [random_value(rng) for _ in range(rng.randrange(ENDPOINTS[api] + 2))],
+                "stream": rng.choice(["read", "read", "abandon", "never"]), "patience": rng.choice([0.2, 1.0, 5.0])}
+        if rng.random() < 0.6:
+            call["session"] = rng.choice(ODD_SESSIONS)
+        if api == "generate" and rng.random() < 0.3:  # real work, so that calls wait in the queue behind others
+            call["data"] = ["ROMEO:", rng.choice([20, 60]), rng.choice([1, 3, 5])]
+        calls.append(call)
+    fp32 = tiny_checkpoint(tmp_path, gpt2_tokenizer).parent / "fp32"
+    with served(fp32) as (url, _):
+        with ThreadPoolExecutor(4) as ex:
+            outcomes = list(ex.map(lambda call: burst_call(url, call), calls))
+        out = Client(url, verbose=False).predict(prompt="ROMEO:", max_new_tokens=4, api_name="/generate")
+        assert sum(bool(s) for s in out) == 3
+    logged = "".join(capfd.readouterr())
+    assert "Traceback" not in logged, logged[-3000:]
+    assert outcomes.count("abandoned") > 20 and outcomes.count("never read") > 20, outcomes  # the shapes were tried
+    assert "refused 400" in outcomes and "refused 422" in outcomes  # an empty session_hash, a number
+
+
+def test_a_message_to_a_session_no_longer_kept_does_not_stop_the_queue(capfd):
+    """The queue itself (CheckedBlocks' GuardedQueue): a call waits behind two others, and its session's messages
+    are let go meanwhile (as Gradio's cache of 2,000 sessions does to its oldest); when the next call starts, the
+    queue tells the waiting one its rank. Gradio's own queue stops there for good; ours drops the message and serves
+    the next call. An empty session_hash is refused with a sentence."""
+    import threading
+    import time
+
+    import gradio as gr
+
+    from model.webapp.checks import EMPTY_SESSION, CheckedBlocks
+
+    release = threading.Event()
+
+    def held(text):
+        release.wait(10)
+        return text
+
+    with CheckedBlocks() as demo:
+        box = gr.Textbox()
+        box.submit(held, box, box, api_name="held")
+    demo.queue(default_concurrency_limit=1).launch(server_port=free_port(), prevent_thread_lock=True)
+    call = f"{demo.local_url}gradio_api/call/held"
+    try:
+        r = httpx.post(call, json={"data": ["x"], "session_hash": ""})
+        assert r.status_code == 400 and r.json()["detail"] == EMPTY_SESSION
+        for text in ("running", "next"):
+            assert httpx.post(call, json={"data": [text]}).status_code == 200
+        waiting = httpx.post(call, json={"data": ["waiting"], "session_hash": "let-go"})
+        assert waiting.status_code == 200
+        del demo._queue.pending_messages_per_session["let-go"]
+        release.set()
+        time.sleep(1)  # the first call ends, the next one starts, and the queue broadcasts ranks
+        event, data = call_raw(demo.local_url, ["after"], api="held")
+        assert (event, data) == ("complete", ["after"])
+    finally:
+        release.set()
+        demo.close()
+    out, err = capfd.readouterr()
+    assert "Traceback" not in out + err, err
+
+
 @pytest.mark.parametrize("prompt", ["Héllo wörld 🤖👋🏽 你好", "<|endoftext|>", "a<|endoftext|>b", "🙂" * 3, "word " * 300])
 def test_any_unicode_and_long_prompts_are_served(server, prompt):
     _, _, client = server
@@ -247,12 +372,15 @@ def test_long_prompt_is_cropped_with_a_note(server):
 
 
 @pytest.mark.slow
-def test_concurrent_clients_get_their_own_text(tmp_path, gpt2_tokenizer):
-    """8 clients x 5 requests at once, decoded together: each gets exactly what it gets alone. Served fp32, whose rows
-    do not touch each other (int8 quantizes a step's activations over all its rows: tests/test_batching.py)."""
-    fp32 = tiny_checkpoint(tmp_path, gpt2_tokenizer).parent / "fp32"
+@pytest.mark.parametrize("weights, seeded_alone", [("fp32", False), ("int8", True)])
+def test_concurrent_clients_get_their_own_text(tmp_path, gpt2_tokenizer, weights, seeded_alone):
+    """8 clients x 5 seeded requests at once: each gets exactly what it gets alone. fp32 rows decoded together do not
+    touch each other; int8 rows would (a step's activations share one scale over all its rows), so a seeded request
+    is decoded alone on its copy, whoever else is served."""
+    int8 = tiny_checkpoint(tmp_path, gpt2_tokenizer)
+    ckpt = int8 if weights == "int8" else int8.parent / "fp32"
     jobs = [[(f"Client {c} asks {r}:", 100 * c + r) for r in range(5)] for c in range(8)]
-    with served(fp32) as (url, pool):
+    with served(ckpt, seeded_alone=seeded_alone) as (url, pool):
         expected = {}
         for prompt, seed in (job for client_jobs in jobs for job in client_jobs):
             p, n, sampling, _ = check_request(prompt, 10, 2, 0.8, 50, 1.0, seed, pool)
@@ -369,6 +497,14 @@ def test_model_card_reads_the_report(server):
     card = model_card(pool)
     assert "3.30 M" in card and "int8, 3.4 MB" in card and f"{REPORT['val_nats_per_char_int8']:.3f} nats/char" in card
     assert "gpt2" in card and "context 64 tokens" in card
+
+
+def test_start_up_names_the_kits_share_flag(tmp_path, gpt2_tokenizer, capfd):
+    """At start-up the terminal says how to get a public link with this kit (--share), not Gradio's launch() advice."""
+    with served(tiny_checkpoint(tmp_path, gpt2_tokenizer)) as (url, _):
+        out, err = capfd.readouterr()
+    assert f"Running on local URL:  {url.rstrip('/')}" in out, out
+    assert "python app.py --share" in out and "share=True" not in out + err, out
 
 
 def test_missing_checkpoint_says_what_to_run(tmp_path, monkeypatch, capsys):

@@ -21,8 +21,10 @@ def alone(model, prompt: list[int], n: int, sampling: SamplingConfig) -> list[li
     return torch.stack(list(decode_tokens(model, prompt, n, sampling, VOCAB)), dim=1).tolist()
 
 
-def together(batcher: Batcher, requests: list[tuple[list[int], int, SamplingConfig]]) -> list[list[list[int]]]:
-    """Every request from its own thread, all at once."""
+def together(batcher: Batcher, requests: list[tuple[list[int], int, SamplingConfig]],
+             decoded_alone: list[bool] | None = None) -> list[list[list[int]]]:
+    """Every request from its own thread, all at once; those marked in decoded_alone ask to be decoded alone."""
+    decoded_alone = decoded_alone or [False] * len(requests)
     out: list = [None] * len(requests)
     start = threading.Barrier(len(requests))
 
@@ -30,7 +32,7 @@ def together(batcher: Batcher, requests: list[tuple[list[int], int, SamplingConf
         prompt, n, sampling = requests[i]
         prompt = prompt[-batcher.model.config.block_size:]
         start.wait()
-        out[i] = torch.stack(list(batcher.decode(prompt, n, sampling, VOCAB)), dim=1).tolist()
+        out[i] = torch.stack(list(batcher.decode(prompt, n, sampling, VOCAB, alone=decoded_alone[i])), dim=1).tolist()
 
     threads = [threading.Thread(target=run, args=(i,)) for i in range(len(requests))]
     for t in threads:
@@ -81,6 +83,21 @@ def test_int8_rows_decode_together() -> None:
     requests = [([i + 1] * (i + 1), 3, SamplingConfig(max_new_tokens=40, seed=i)) for i in range(4)]
     for (_, n, s), tokens in zip(requests, together(batcher, requests), strict=True):
         assert len(tokens) == n and all(len(row) == s.max_new_tokens and 0 <= min(row) and max(row) < VOCAB for row in tokens)
+
+
+def test_int8_requests_decoded_alone_get_what_each_gets_alone() -> None:
+    """Requests decoded alone (a server's seeded requests) get exactly their tokens alone, also with int8 weights,
+    while other requests, decoded together, arrive at the same time; every request finishes."""
+    model = quantize_model(tiny_gpt(VOCAB, block=32))
+    batcher = Batcher(quantize_model(tiny_gpt(VOCAB, block=32)), max_rows=12)
+    requests = [([i + 1] * (i + 1), 1 + i % 3, SamplingConfig(max_new_tokens=40, seed=i)) for i in range(8)]
+    decoded_alone = [i % 2 == 0 for i in range(8)]
+    got = together(batcher, requests, decoded_alone)
+    for (prompt, n, sampling), tokens, by_itself in zip(requests, got, decoded_alone, strict=True):
+        assert len(tokens) == n and all(len(row) == sampling.max_new_tokens for row in tokens)
+        if by_itself:
+            assert tokens == alone(model, prompt, n, sampling)
+    assert batcher.rows_in_use == 0 and not batcher._alone
 
 
 def test_bad_requests_are_refused_in_one_sentence() -> None:

@@ -19,7 +19,7 @@ from train_support import TEXT
 from model.webapp import train_tab
 from model.webapp.pool import TRAIN_THREADS
 from model.webapp.server import build_demo
-from model.webapp.training_job import MIN_CHARS, TrainingSlot
+from model.webapp.training_job import MIN_CHARS, TEXT_FILE, TrainingSlot
 from model.webapp.visitors import OWNER_KEY, Visitors
 
 LONG = TEXT * (MIN_CHARS // len(TEXT) + 1)  # just above the shortest text accepted
@@ -409,7 +409,7 @@ def test_a_pages_owner_key_keeps_its_model_across_a_reload(tmp_path, gpt2_tokeni
     ckpt = tiny_checkpoint(tmp_path, gpt2_tokenizer)
 
     class Finished:
-        active, discarded = False, False
+        active, discarded, run_dir = False, False, tmp_path
 
         def status(self):
             return type("S", (), {"model_dir": ckpt})()
@@ -428,6 +428,8 @@ def test_a_pages_owner_key_keeps_its_model_across_a_reload(tmp_path, gpt2_tokeni
     assert visitors.get(key) is job and not job.discarded
     assert visitors.link(second, key) == key and visitors.owner(second) == key
     assert "**Your model**" in visitors.chooser(object())("yours", second)
+    (tmp_path / TEXT_FILE).write_text("Licensed under the terms below.", encoding="utf-8")
+    assert visitors.text_start(second, 8) == "Licensed"  # the Generate tab's offered prompt, from the new session
     assert visitors.expires_in(key) == pytest.approx(3600 - 120)
     visitors.add("api-session", api_job := Finished())
     assert visitors.link(type("R", (), {"session_hash": "page-3"})(), "api-session") != "api-session"  # not adopted

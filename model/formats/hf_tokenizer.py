@@ -18,6 +18,7 @@ EOT_TEXT = "<|endoftext|>"
 VOCAB = "vocab.json"
 MERGES = "merges.txt"
 TOKENIZER_CONFIG = "tokenizer_config.json"
+TOKENIZER_JSON = "tokenizer.json"  # the tokenizers library's one-file format (transformers, transformers.js, tokenizers.js)
 PLACEHOLDER = "<|unused_{}|>"  # vocab.json's name for an embedding row past the tokenizer's tokens
 
 
@@ -66,19 +67,40 @@ def padded_vocab(vocab_json: str, size: int) -> str:
     return json.dumps(vocab, ensure_ascii=False)
 
 
+def tokenizer_json(tokenizer: Tokenizer, vocab_size: int) -> str:
+    """tokenizer.json (the tokenizers library's format) that encodes as tokenizer.encode does: GPT-2's byte-level
+    pre-tokenizer (its regex matches tiktoken's pattern piece for piece), a BPE over vocab.json's tokens and merges.txt's
+    merges. <|endoftext|> has its id in the vocabulary but is no added token, so that text in a prompt is plain text,
+    as in tiktoken's encode_ordinary."""
+    vocab, merges = vocab_and_merges(json.dumps(tokenizer.spec, sort_keys=True))
+    byte_level = {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": True}
+    model = {"type": "BPE", "dropout": None, "unk_token": None, "continuing_subword_prefix": "", "end_of_word_suffix": "",
+             "fuse_unk": False, "byte_fallback": False, "ignore_merges": False,
+             "vocab": json.loads(padded_vocab(vocab, vocab_size)), "merges": merges.splitlines()[1:]}
+    spec = {"version": "1.0", "truncation": None, "padding": None, "added_tokens": [], "normalizer": None,
+            "pre_tokenizer": byte_level, "post_processor": {**byte_level, "trim_offsets": False}, "decoder": byte_level,
+            "model": model}
+    return json.dumps(spec, ensure_ascii=False)
+
+
 def write_tokenizer_files(tokenizer: Tokenizer, out_dir: str | Path, max_length: int, vocab_size: int) -> None:
-    """Write vocab.json (vocab_size entries, one per embedding row), merges.txt and tokenizer_config.json that make
-    transformers.GPT2Tokenizer(Fast) encode as ours."""
+    """Write vocab.json (vocab_size entries, one per embedding row), merges.txt, tokenizer.json and tokenizer_config.json
+    that make transformers.GPT2Tokenizer(Fast) (and transformers.js) encode as ours."""
     out_dir = Path(out_dir)
     vocab, merges = vocab_and_merges(json.dumps(tokenizer.spec, sort_keys=True))
     vocab = padded_vocab(vocab, vocab_size)
+    atomic.write_text(out_dir / VOCAB, vocab)
+    atomic.write_text(out_dir / MERGES, merges)
+    atomic.write_text(out_dir / TOKENIZER_JSON, tokenizer_json(tokenizer, vocab_size))
+    atomic.write_text(out_dir / TOKENIZER_CONFIG, json.dumps(tokenizer_config(tokenizer, max_length), indent=2) + "\n")
+
+
+def tokenizer_config(tokenizer: Tokenizer, max_length: int) -> dict:
+    """tokenizer_config.json: GPT-2's tokenizer class, the context length, <|endoftext|> as its special tokens."""
     specials = {}
     if tokenizer.eot_token is not None:
         specials = {"bos_token": EOT_TEXT, "eos_token": EOT_TEXT, "unk_token": EOT_TEXT}
-    atomic.write_text(out_dir / VOCAB, vocab)
-    atomic.write_text(out_dir / MERGES, merges)
-    config = {"tokenizer_class": "GPT2Tokenizer", "model_max_length": max_length, "add_prefix_space": False, **specials}
-    atomic.write_text(out_dir / TOKENIZER_CONFIG, json.dumps(config, indent=2) + "\n")
+    return {"tokenizer_class": "GPT2Tokenizer", "model_max_length": max_length, "add_prefix_space": False, **specials}
 
 
 def token_strings(hf_dir: str | Path) -> list[str]:

@@ -12,8 +12,8 @@ are many, stepped together in a worker thread. There is one of each operation:
 Rows of running requests are kept at the front of the cache, so a step runs over the first BUCKETS-sized block of rows:
 one trace per bucket. trace.forward_for alone decides when a forward runs traced.
 
-With int8 weights, activations are quantized per step over all its rows, so a seeded request's text can differ
-slightly from the same request decoded alone.
+With int8 weights, activations are quantized per step over all its rows, so a request's text can differ slightly
+from the same request decoded alone; a request that must not differ is decoded alone (batching.Batcher's alone).
 """
 
 from __future__ import annotations

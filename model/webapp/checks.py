@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING, Any
 
 import gradio as gr
 from gradio.exceptions import InvalidPathError
+from gradio.queueing import Event, Queue
 from gradio.utils import get_function_params
 from gradio_client.utils import is_file_obj_with_meta, traverse
 from pydantic import ValidationError
@@ -136,10 +137,39 @@ def _holds_file(value: Any) -> bool:
     return bool(found)
 
 
+EMPTY_SESSION = "session_hash must not be empty: leave it out, or send any non-empty text that names your session."
+
+
+class GuardedQueue(Queue):
+    """Gradio's queue, kept running whatever the API calls. Gradio 6.31 keeps each session's messages under the
+    call's session_hash but sends them under the Event's, which is the event's own id when session_hash is "": the
+    first message to such a call raises a KeyError, and when that happens in the queue's loop (telling the waiting
+    calls their rank) the loop ends and every later call gets 503 "Queue is stopped" (docs/app.md, "A burst of API
+    calls"). An empty session_hash is refused before it reaches the queue; and a message to a session whose messages
+    are no longer kept (its reader left, or Gradio's cache of 2,000 sessions let it go) is dropped, as Gradio already
+    drops those to an event whose reader left, instead of stopping the queue."""
+
+    async def push(self, body: Any, request: Any, username: str | None) -> tuple[bool, Any, Any]:
+        if body.session_hash == "":
+            return False, EMPTY_SESSION, "error"  # HTTP 400 with this detail
+        return await super().push(body, request, username)
+
+    def send_message(self, event: Event, event_message: Any) -> None:
+        if event.session_hash not in self.pending_messages_per_session:
+            return
+        super().send_message(event, event_message)
+
+
 class CheckedBlocks(gr.Blocks):
     """gr.Blocks that completes an API call sending fewer values than its event has inputs with the handler's defaults
     (Gradio itself logs a traceback and answers {"error": null}), refuses one sending more (Gradio drops them), and
-    answers one sending a value that is not valid file data with one sentence (Gradio: a traceback, {"error": null})."""
+    answers one sending a value that is not valid file data with one sentence (Gradio: a traceback, {"error": null}).
+    Its queue is a GuardedQueue, which no sequence of API calls stops."""
+
+    def queue(self, *args: Any, **kwargs: Any) -> CheckedBlocks:
+        super().queue(*args, **kwargs)
+        self._queue.__class__ = GuardedQueue  # Gradio makes its Queue inside queue(); the subclass adds no state
+        return self
 
     async def preprocess_data(self, block_fn: Any, inputs: list[Any], state: Any, explicit_call: bool = False) -> Any:
         if len(inputs) != len(block_fn.inputs):  # never from the page: only from a raw API call

@@ -31,15 +31,19 @@ TRAIN_THREADS = DEFAULT_THREADS  # 1: measured with bench/app_training.py (docs/
 
 
 class ModelPool:
-    """Copies of one checkpoint, each decoding its share of the requests together (a Batcher per copy)."""
+    """Copies of one checkpoint, each decoding its share of the requests together (a Batcher per copy). A seeded
+    request is decoded alone on its copy (seeded_alone, the default), so that its text is the same whoever else is
+    served: int8 rows decoded together share one activation scale. seeded_alone=False batches it like any other
+    (bench/app_latency.py --seeded-batched measures what decoding them alone costs)."""
 
-    def __init__(self, ckpt: str | Path, copies: int = CONCURRENCY):
+    def __init__(self, ckpt: str | Path, copies: int = CONCURRENCY, seeded_alone: bool = True):
         ckpt = Path(ckpt)
         if not ckpt.exists():
             raise CheckpointError(f"No checkpoint at {ckpt}: run python train.py then python quantize.py "
                                   f"(or pass --ckpt DIR, or set {CKPT_ENV}).")
         self.ckpt = ckpt
         self.size = max(1, copies)
+        self.seeded_alone = seeded_alone
         loaded = [load(ckpt, device="cpu") for _ in range(self.size)]
         self.first = loaded[0]  # its tokenizer and config serve request checks and the model card
         self.batchers = [Batcher(copy.model, max_rows=ROWS_PER_COPY) for copy in loaded]
@@ -55,11 +59,14 @@ class ModelPool:
         """Requests decoding now, on all copies."""
         return sum(b.requests_running for b in self.batchers)
 
-    def decode(self, prompt_ids: list[int], num_samples: int, sampling: SamplingConfig) -> Iterator[torch.Tensor]:
-        """A request's tokens, step by step (as generate.decode_tokens yields them), from the least busy copy.
-        prompt_ids: tokenized and cropped to the context (checks.check_request)."""
+    def decode(self, prompt_ids: list[int], num_samples: int, sampling: SamplingConfig,
+               seeded: bool = False) -> Iterator[torch.Tensor]:
+        """A request's tokens, step by step (as generate.decode_tokens yields them), from the least busy copy; a
+        seeded request (the caller chose the seed) decoded alone there, if seeded_alone. prompt_ids: tokenized and
+        cropped to the context (checks.check_request)."""
         batcher = min(self.batchers, key=lambda b: b.rows_in_use)
-        return batcher.decode(prompt_ids, num_samples, sampling, self.first.tokenizer.n_vocab)
+        return batcher.decode(prompt_ids, num_samples, sampling, self.first.tokenizer.n_vocab,
+                              alone=seeded and self.seeded_alone)
 
 
 def model_card(pool: ModelPool) -> str:

@@ -5,14 +5,19 @@ from __future__ import annotations
 import atexit
 import contextlib
 import io
+import json
 import logging
 import os
 
 import gradio as gr
+from fastapi import HTTPException
+from starlette.middleware import Middleware
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from model.cpus import set_threads
 from model.webapp import zerogpu
 from model.webapp.checks import CheckedBlocks
+from model.webapp.generate_tab import CSS as GENERATE_CSS
 from model.webapp.generate_tab import build_generate_tab
 from model.webapp.pool import REQUESTS_AT_ONCE, ModelPool
 from model.webapp.train_tab import build_train_tab
@@ -20,11 +25,48 @@ from model.webapp.visitors import Visitors
 
 MAX_UPLOAD = "10mb"  # Gradio refuses larger uploads; the Train tab's own limit (training_job.MAX_BYTES) says the same
 SHARE_FAILED = "\nCould not create share link"  # how Gradio's advice on a failed share link starts
+GRADIO_SHARE_HINT = "* To create a public link, set `share=True` in `launch()`."  # Gradio's, for its Python API
+SHARE_HINT = "* To create a public link, run python app.py --share (docs/app.md, Deploy)."
 SHARE_NO_PROGRAM = "Gradio's tunnel program (frpc) is not on this machine and could not be downloaded (offline or firewalled?)"
 SHARE_NO_SERVER = "the tunnel could not reach Gradio's share server (offline or firewalled?)"
+OFFER_TEXT_CHARS = 4000  # the start of a visitor's text that the Generate tab reads its offered prompts from
 CACHE_CLEANUP = (1800, 3600)  # every 30 minutes, Gradio deletes uploads and download copies older than an hour
+SESSION_ENDED = ("This call's session ended while it waited: another request with the same session_hash closed its "
+                 "stream, which cancels the session's calls; give concurrent calls their own session_hash.")
 
 log = logging.getLogger(__name__)
+
+
+class EndedStreams:
+    """ASGI middleware for a stream whose session ended under it. When a client closes one stream of a session, Gradio
+    deletes the session's messages and cancels its calls; another stream still open on the same session (API calls
+    sharing a session_hash) then raises a 404 after its response started, which the server logs as a traceback and
+    answers by dropping the connection. Here that stream ends with an error event saying why, and nothing is logged
+    as a crash."""
+
+    def __init__(self, app: ASGIApp):
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        started = False
+
+        async def sending(message: Message) -> None:
+            nonlocal started
+            started = started or message["type"] == "http.response.start"
+            await send(message)
+
+        try:
+            await self.app(scope, receive, sending)
+        except RuntimeError as e:  # Starlette's "Caught handled exception, but response already started"
+            if not (started and isinstance(e.__cause__, HTTPException)):
+                raise
+            log.info("A stream whose session had ended was closed: %s", scope.get("path"))
+            body = f"event: error\ndata: {json.dumps(SESSION_ENDED)}\n\n" if "/call/" in scope.get("path", "") else ""
+            with contextlib.suppress(OSError, RuntimeError):  # the client may be gone too
+                await send({"type": "http.response.body", "body": body.encode(), "more_body": False})
 
 
 def build_demo(pool: ModelPool, visitors: Visitors | None = None) -> gr.Blocks:
@@ -39,12 +81,13 @@ def build_demo(pool: ModelPool, visitors: Visitors | None = None) -> gr.Blocks:
                 if visitors is None:
                     build_generate_tab(pool)
                 else:
-                    build_generate_tab(pool, visitors.pool_for(pool), visitors.chooser(pool))
+                    build_generate_tab(pool, visitors.pool_for(pool), visitors.chooser(pool),
+                                       lambda request: visitors.text_start(request, OFFER_TEXT_CHARS))
             if visitors is not None:
                 with gr.Tab("Train", id="train"):
                     build_train_tab(visitors)
         if visitors is not None:
-            demo.unload(visitors.forget)  # the visitor closed or reloaded the page: their model goes
+            demo.unload(visitors.forget)  # a session ended: an API client's model goes; a page's stays with its owner key
     return demo
 
 
@@ -72,19 +115,18 @@ def launch(pool: ModelPool, host: str | None = None, port: int | None = None, sh
     demo = build_demo(pool, visitors)
     demo.queue(default_concurrency_limit=REQUESTS_AT_ONCE, max_size=64)
     launch_args = dict(server_name=host, server_port=port, footer_links=["api", "gradio"], ssr_mode=False,
-                       max_file_size=MAX_UPLOAD)
-    if not share:
-        demo.launch(prevent_thread_lock=prevent_thread_lock, **launch_args)
-        return demo
-    # Gradio downloads a tunnel program on first use; where that or the tunnel fails it prints a page of advice. Say it in
-    # one sentence instead, and keep serving locally.
+                       max_file_size=MAX_UPLOAD, app_kwargs={"middleware": [Middleware(EndedStreams)]}, css=GENERATE_CSS)
+    # Gradio prints advice meant for its Python API (share=True in launch()), and where a share link fails, a page of
+    # it: say the kit's own words instead (--share; one sentence on a failed link), and keep serving locally.
     out = io.StringIO()
-    with contextlib.redirect_stdout(out):
-        demo.launch(share=True, prevent_thread_lock=True, **launch_args)
-    printed = out.getvalue()
-    print(printed.split(SHARE_FAILED)[0].rstrip("\n"), flush=True)
-    if demo.share_url is None:
-        why = (SHARE_NO_PROGRAM if "Missing file" in printed else SHARE_NO_SERVER)
+    try:
+        with contextlib.redirect_stdout(out):
+            demo.launch(share=share, prevent_thread_lock=True, **launch_args)
+    finally:
+        printed = out.getvalue().split(SHARE_FAILED)[0].replace(GRADIO_SHARE_HINT, SHARE_HINT)
+        print(printed.rstrip("\n"), flush=True)
+    if share and demo.share_url is None:
+        why = (SHARE_NO_PROGRAM if "Missing file" in out.getvalue() else SHARE_NO_SERVER)
         print(f"No share link: {why}; the app is still served locally at {demo.local_url}.", flush=True)
     if not prevent_thread_lock:
         demo.block_thread()

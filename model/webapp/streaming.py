@@ -1,4 +1,5 @@
-"""Running the model for a request: the growing texts of a generation, throttled for the page, and the next-token table."""
+"""Running the model for a request: the growing texts of a generation (prompt, then continuation), throttled for the
+page, and the next-token table."""
 
 from __future__ import annotations
 
@@ -19,14 +20,16 @@ UPDATE_INTERVAL_S = 0.05
 
 
 def stream_sequences(pool: ModelPool, prompt_ids: list[int], num_sequences: int, sampling: SamplingConfig,
-                     interval: float | None = None) -> Iterator[list[str]]:
+                     interval: float | None = None, seeded: bool = False) -> Iterator[list[str]]:
     """The full text of every sequence so far (always MAX_SEQUENCES strings): at once after the first decode step, then
     at most once per interval seconds (default UPDATE_INTERVAL_S times the requests running), and at the end. Every
-    update costs Gradio a few ms, more than a decode step. prompt_ids: tokenized and cropped (checks.check_request)."""
+    update costs Gradio a few ms, more than a decode step. Each text starts with the prompt as the model saw it, then
+    what the model wrote, as generate.py prints a sample. prompt_ids: tokenized and cropped (checks.check_request);
+    seeded: the caller chose the seed, so the text must not depend on other requests (ModelPool.decode)."""
     interval = UPDATE_INTERVAL_S if interval is None else interval
-    sofar = [""] * num_sequences
+    sofar = [pool.first.tokenizer.decode(prompt_ids)] * num_sequences
     last, pending = -math.inf, False
-    steps = pool.decode(prompt_ids, num_sequences, sampling)
+    steps = pool.decode(prompt_ids, num_sequences, sampling, seeded=seeded)
     for new in texts(pool.first.tokenizer, steps, num_sequences, sampling):
         sofar = [t + piece for t, piece in zip(sofar, new, strict=True)]
         pending = True

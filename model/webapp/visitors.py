@@ -27,7 +27,16 @@ from model.formats.checkpoint import CheckpointError
 from model.tokenizer import TokenizerError
 from model.webapp.checks import InputError, shown
 from model.webapp.pool import OWN_MODEL_COPIES, TRAIN_THREADS, ModelPool, model_card
-from model.webapp.training_job import QUANTIZE_PY, TRAIN_PY, JobError, TrainingJob, TrainingSlot, make_zip, remove_tree
+from model.webapp.training_job import (
+    QUANTIZE_PY,
+    TEXT_FILE,
+    TRAIN_PY,
+    JobError,
+    TrainingJob,
+    TrainingSlot,
+    make_zip,
+    remove_tree,
+)
 
 MAX_MODELS = 4  # models kept per server, the oldest deleted first
 MAX_AGE_S = 3600.0  # a model is deleted this long after its training started
@@ -255,6 +264,21 @@ class Visitors:
                 return None
             visitor.pool = visitor.pool or pool
             return visitor.pool
+
+    def text_start(self, request: gr.Request | None, chars: int) -> str | None:
+        """The first chars characters of the text the requesting visitor's model trained on (their owner key's, after a
+        reload too), or None without a model: the Generate tab offers its start as the prompt when they choose it."""
+        try:
+            job = self.get(self.owner(request))
+        except JobError:
+            return None
+        if job is None:
+            return None
+        try:
+            with open(job.run_dir / TEXT_FILE, encoding="utf-8") as f:
+                return f.read(chars)
+        except OSError:  # deleted meanwhile
+            return None
 
     def __len__(self) -> int:
         """How many owners the store keeps state for (a model, or the choice of one)."""
