@@ -257,8 +257,9 @@ class GPT(nn.Module):
             raise RuntimeError("Call setup_caches() before passing input_pos.")
         else:  # after the tokens in the KV cache
             pos = input_pos
-        # The positions broadcast over the heads: (T,), the same for every row, as (1, 1, T); (B, T) as (B, 1, T).
-        head_pos = pos.view(-1, 1, T)
+        # The positions with a head axis, to broadcast over the heads: (T,), the same for every row, as (1, 1, T);
+        # (B, T), each row its own (the serving engine's rows of different requests), as (B, 1, T).
+        head_pos = torch.atleast_2d(pos).unsqueeze(1)
         # The causal mask: over a KV cache, its rows of these positions (1 or B, 1, T, L), a column per cached
         # position; for a whole text the fused attention kernel applies it itself, unless the weights are asked for.
         if input_pos is not None:
