@@ -1,4 +1,5 @@
-"""A GPT, read top to bottom: the decoder-only transformer of GPT-2 and nanoGPT, with two optional modern parts.
+"""A GPT, read top to bottom: the decoder-only transformer of GPT-2 and nanoGPT, with optional modern parts (rotary
+positions, a ReLU² MLP, QK-norm; model/config.py's GPTConfig chooses).
 
     token ids idx (B, T)
       -> token embeddings (B, T, C), plus learned position embeddings unless rotary turns q and k by position
@@ -177,6 +178,8 @@ class Block(nn.Module):
 
 
 class GPT(nn.Module):
+    """Token and position embeddings, n_layer Blocks, a final LayerNorm and the tied output head."""
+
     def __init__(self, config: GPTConfig, init_weights: bool = True):
         """init_weights=False skips GPT-2's initialisation, for a model whose weights are loaded next."""
         super().__init__()
