@@ -13,7 +13,6 @@ params["transformer.h.0.attn.c_attn.weight"] is the tensor gpt.py's model.transf
 
 from __future__ import annotations
 
-import json
 import math
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -25,7 +24,7 @@ from safetensors import SafetensorError
 from safetensors.numpy import load_file
 
 from model.config import GPTConfig
-from model.formats.errors import CheckpointError
+from model.formats.files import CheckpointError, read_json
 from model.formats.hf_config import config_from_hf
 from model.tokenizer import Tokenizer, load_tokenizer
 
@@ -250,19 +249,6 @@ def param_shapes(config: GPTConfig) -> dict[str, tuple[int, ...]]:
     if config.bias:
         shapes["transformer.ln_f.bias"] = (C,)
     return shapes
-
-
-def read_json(path: Path) -> dict[str, Any]:
-    """A JSON object from a file, or a CheckpointError saying what is wrong."""
-    if not path.is_file():
-        raise CheckpointError(f"{path} does not exist: pass a checkpoint folder train.py wrote (e.g. --ckpt out).")
-    try:
-        obj = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise CheckpointError(f"{path} is not valid JSON ({e}); the checkpoint is damaged, train or copy it again.") from None
-    if not isinstance(obj, dict):
-        raise CheckpointError(f"{path} does not hold a JSON object; the checkpoint is damaged, train or copy it again.")
-    return obj
 
 
 def read_weights(path: Path) -> Params:

@@ -225,11 +225,17 @@ def test_the_attention_view_follows_the_prompt_and_the_head_chosen(browser_page,
     assert (folder / f"attention-{width}.png").stat().st_size > 10_000
 
 
-def session_of(page) -> str:
-    """The page's Gradio session (its owner key on the server): read off a request the page sends."""
+def owner_of(page, visitors) -> str:
+    """The owner key the page's Gradio session acts for on the server (its gr.BrowserState key): the session is read off
+    a request the page sends."""
     with page.expect_request(lambda r: "queue/join" in r.url) as request:
         page.locator("#prompt textarea").fill("a change the page sends to the server")
-    return request.value.post_data_json["session_hash"]
+    session = request.value.post_data_json["session_hash"]
+    deadline = time.monotonic() + 30
+    while (owner := visitors.owner(type("Request", (), {"session_hash": session})())) == session:  # the page's load links it
+        assert time.monotonic() < deadline, "the page never linked its session to an owner key"
+        time.sleep(0.1)
+    return owner
 
 
 @pytest.mark.parametrize("width", WIDTHS)
@@ -243,7 +249,7 @@ def test_yours_offers_the_start_of_the_visitors_own_text(browser_page, tmp_path,
 
     _, _, visitors = browser_page
     page = open_app(browser_page, width)
-    job = visitors.start(session_of(page), LICENCE.encode(), 1)  # as the Train tab starts it, without its UI
+    job = visitors.start(owner_of(page, visitors), LICENCE.encode(), 1)  # as the Train tab starts it, without its UI
     deadline = time.monotonic() + 180
     while job.status().state in ("running", "quantizing"):
         assert time.monotonic() < deadline, job.status()
@@ -270,4 +276,4 @@ def test_yours_offers_the_start_of_the_visitors_own_text(browser_page, tmp_path,
     expect(page.locator("#prompt textarea")).to_have_value(FIRST_PROMPT, timeout=30_000)
     expect(examples.get_by_text(EXAMPLES[1].strip()[:20])).to_have_count(1)
     expect(examples.get_by_text("Copyright (c) 2026 A Visitor")).to_have_count(0)
-    visitors.drop(session_of(page))
+    visitors.drop(owner_of(page, visitors))

@@ -25,7 +25,7 @@ from safetensors.torch import save as serialize
 
 from model import atomic
 from model.config import GPTConfig
-from model.formats.errors import CheckpointError  # noqa: F401  (re-exported: every reader raises it)
+from model.formats.files import CheckpointError, check_file, read_json  # noqa: F401  (re-exported: every reader uses them)
 from model.gpt import GPT
 from model.paths import what_is
 
@@ -41,37 +41,15 @@ TIED_KEY = "lm_head.weight"
 STEP_KEY = "step"  # in model.safetensors' metadata: the training step of the weights (matched with metrics.json's best_step)
 
 
-
 def default_checkpoint() -> Path:
     """The checkpoint to serve when no --ckpt is given: $SMALLGPT_CKPT, else quantize.py's default output."""
     return Path(os.environ.get(CKPT_ENV) or SERVED_CKPT)
+
 
 def write_json(path: str | Path, obj: Any) -> None:
     """Atomically write a JSON file of a checkpoint folder, whose sole writer this process is (stale temps go)."""
     with atomic.atomic_path(path, sole_writer=True) as tmp:
         tmp.write_text(json.dumps(obj, indent=2, sort_keys=False) + "\n", encoding="utf-8")
-
-
-def check_file(path: Path) -> None:
-    """A CheckpointError unless path is a file: missing (an incomplete checkpoint), or something else (a damaged one)."""
-    problem = what_is(path)
-    if problem == "does not exist":
-        raise CheckpointError(f"{path} is missing: the directory is not a complete checkpoint; train one with python train.py.")
-    if problem:
-        raise CheckpointError(f"{path} {problem}; the checkpoint is damaged, train or copy it again.")
-
-
-def read_json(path: str | Path) -> dict[str, Any]:
-    """A JSON object of a checkpoint folder, or a CheckpointError saying what is wrong with the file."""
-    path = Path(path)
-    check_file(path)
-    try:
-        obj = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise CheckpointError(f"{path} is not valid JSON ({e}); the checkpoint is damaged, train or copy it again.") from None
-    if not isinstance(obj, dict):
-        raise CheckpointError(f"{path} does not hold a JSON object; the checkpoint is damaged, train or copy it again.")
-    return obj
 
 
 def save_tensors(path: str | Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> None:

@@ -6,7 +6,7 @@ from __future__ import annotations
 from typing import Any
 
 from model.config import GPTConfig
-from model.formats.errors import CheckpointError
+from model.formats.files import CheckpointError
 
 TANH_GELU = ("gelu_new", "gelu_pytorch_tanh")
 HF_ACT = {"gelu": "gelu_new", "relu2": "relu2"}  # our MLP kinds as transformers' ACT2FN names (gelu_new: tanh GELU)
