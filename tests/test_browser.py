@@ -199,7 +199,8 @@ def test_the_attention_view_follows_the_prompt_and_the_head_chosen(browser_page,
     expect(table.locator("thead th")).to_have_count(1 + 2, timeout=30_000)  # the token column, 2 layers
     expect(table.locator("tbody tr")).to_have_count(len(prompt_tokens(gpt2_tokenizer, FIRST_PROMPT)))  # ROM, EO, :, \n
     expect(table.locator("tr.last th")).to_have_text("\\n \u2192 next")
-    expect(table.locator("caption")).to_contain_text("averaged over the heads")
+    caption = page.locator("#attention-map .attention-caption")
+    expect(caption).to_contain_text("averaged over the heads")
 
     prompt = "To be, or not to be, that is"
     page.locator("#prompt textarea").fill(prompt)
@@ -208,7 +209,7 @@ def test_the_attention_view_follows_the_prompt_and_the_head_chosen(browser_page,
     mean = table.locator("tbody").inner_text()
     page.locator("#attention-head input").click()
     page.get_by_role("option", name="head 2").click()
-    expect(table.locator("caption")).to_contain_text("(head 2)", timeout=30_000)
+    expect(caption).to_contain_text("(head 2)", timeout=30_000)
     assert table.locator("tbody").inner_text() != mean  # that head's weights, not the mean's
 
     cells = label_boxes(page, "#attention-map td, #attention-map th")

@@ -19,14 +19,15 @@ MEAN = "all heads (mean)"  # the head choice that averages the heads
 SHOWN_TOKENS = 64  # rows drawn at most: the prompt's last tokens; the weight on earlier ones is summed in one row
 
 # The heatmap's look, in the page's CSS (server.py adds it). The table scrolls inside its box, which starts scrolled to
-# its end (column-reverse), where the last tokens are; the header stays on top; a phone's 390 px hold 4 layers.
+# its end (column-reverse), where the last tokens are; the header stays on top; a phone's 390 px hold 4 layers (L1..L4).
 CSS = """
 #attention-map .attention-scroll { max-height: 28rem; overflow: auto; display: flex; flex-direction: column-reverse; }
 #attention-map table { border-collapse: collapse; font-size: 0.8rem; margin: 0; width: auto; }
-#attention-map th, #attention-map td { border: 1px solid var(--border-color-primary); padding: 2px 6px; }
-#attention-map thead th { position: sticky; top: 0; background: var(--background-fill-primary); }
+#attention-map th, #attention-map td { border: 1px solid var(--border-color-primary); padding: 2px 5px; }
+#attention-map thead th { position: sticky; top: 0; z-index: 1; background: var(--background-fill-primary); }
+#attention-map .attention-caption { font-size: 0.8rem; margin: 0 0 4px 0; }
 #attention-map tbody th { text-align: right; font-weight: normal; white-space: pre; font-family: var(--font-mono); }
-#attention-map td { text-align: right; min-width: 2.6rem; font-variant-numeric: tabular-nums; }
+#attention-map td { text-align: right; min-width: 2rem; font-variant-numeric: tabular-nums; }
 #attention-map tr.last th { font-weight: bold; }
 """
 
@@ -81,16 +82,16 @@ def heatmap_html(view: Look, head: str = MEAN) -> str:
     w = chosen(view.weights, head)  # (n_layer, T)
     n_layer, t = w.shape
     cut = max(0, t - SHOWN_TOKENS)
-    head_row = "".join(f'<th scope="col">layer {layer + 1}</th>' for layer in range(n_layer))
+    head_row = "".join(f'<th scope="col" title="layer {layer + 1}">L{layer + 1}</th>' for layer in range(n_layer))
     rows = []
     if cut:
         rows.append(_row(f"{cut} earlier tokens", w[:, :cut].sum(dim=1), "earlier"))
     for i in range(cut, t):
         rows.append(_row(view.tokens[i] + (" \u2192 next" if i == t - 1 else ""), w[:, i], "last" if i == t - 1 else ""))
     which = "averaged over the heads" if head == MEAN or head not in head_choices(view.weights.shape[1]) else head
-    caption = (f"Where the last token looks ({which}): each column is a layer, each row a token of the prompt; a cell "
-               "is the share of the last token's attention on that token, in percent.")
-    return (f'<div class="attention-scroll"><table><caption>{html.escape(caption)}</caption>'
+    caption = (f"Where the last token looks ({which}): each column is a layer (L1 the first), each row a token of the "
+               "prompt; a cell is the share of the last token's attention on that token, in percent.")
+    return (f'<p class="attention-caption">{html.escape(caption)}</p><div class="attention-scroll"><table>'
             f'<thead><tr><th scope="col">token</th>{head_row}</tr></thead><tbody>{"".join(rows)}</tbody></table></div>')
 
 
