@@ -52,9 +52,9 @@ _TRACING = threading.Lock()  # torch.jit.trace and warnings.catch_warnings are n
 
 def last_logits(model: nn.Module, idx: torch.Tensor, at: torch.Tensor, kind: Kind) -> torch.Tensor:
     """The logits of each row's last position: the model's forward, as every engine call runs it (at: positions, or
-    rows to fill). Rows at their own positions take the forward's spelled-out attention (need_weights; the weights are
-    dropped): at 6 to 48 rows its plain matrix products beat SDPA's CPU kernel, a 24- or 48-row step 1.18x (at 3
-    rows SDPA is 1.09x, and a lone request's step keeps it)."""
+    rows to fill). Rows at their own positions (requests decoded together) take the forward's spelled-out attention
+    (need_weights; the weights are dropped): its plain matrix products beat SDPA's CPU kernel at 6 to 48 rows, a 24- or
+    48-row step 1.18x (at 3 rows SDPA is 1.09x). A lone request's step, at shared positions, keeps SDPA."""
     if kind == "fill":
         with filling(model, at):
             return model(idx, input_pos=torch.arange(idx.shape[1], device=idx.device), last_only=True)[0][:, -1]
@@ -144,7 +144,7 @@ def _trace(model: GPT, rows: int, tokens: int, kind: Kind) -> torch.jit.ScriptMo
     try:
         with warnings.catch_warnings():  # TorchScript announces its deprecation on every torch.jit.trace; torch is pinned
             warnings.filterwarnings("ignore", message=r"`torch\.jit\.\w+` is deprecated")
-            # KVCache branches on the batch size, which is fixed for a trace: the warning does not apply.
+            # RowCache.update branches on the batch size, which is fixed for a trace: the warning does not apply.
             warnings.filterwarnings("ignore", message=r"Converting a tensor to a Python boolean", category=torch.jit.TracerWarning)
             return torch.jit.trace(_LastLogits(model, kind), _example(model, rows, tokens, kind), check_trace=False)
     finally:
