@@ -41,11 +41,13 @@ def main() -> int:
     from model.webapp import ModelPool, launch  # gradio: seconds to import, so not before --help
     try:
         if args.export_space is not None:
-            from model.webapp.space import DEFAULT_HARDWARE, export_space
+            from model.webapp.space import DEFAULT_HARDWARE, export_space, site_note
 
             hardware = args.space_hardware or DEFAULT_HARDWARE
             out = export_space(ckpt, args.export_space, app_file=Path(__file__).resolve(), hardware=hardware)
             print(f"Space folder ({hardware}) written to {out}; upload it as described in docs/app.md, Deploy.")
+            if (note := site_note()) is not None:
+                print(f"note: {note}")
             return 0
         # SIGTERM (a stopped container, kill) exits through the atexit hooks: visitors' models and trainings go with it.
         signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))

@@ -1,7 +1,9 @@
-"""Helpers shared by the static-site tests: a small model trained in seconds, the texts the tokenizer parity is checked on."""
+"""Helpers shared by the static-site tests: a small model trained in seconds, the texts the tokenizer parity is checked on,
+what every exported site folder holds."""
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import torch
@@ -23,6 +25,23 @@ ODD_TEXTS = (
     "before<|endoftext|>after <|endoftext|> <|endoftext",
     "I'll we've they're it's DON'T 1234567 3.14159 $100",
 )
+
+
+# What every site folder holds: the page, its model, its tokenizer and the runtime copied in (the layout transformers.js loads).
+SITE_FILES = ("index.html", "app.js", "style.css", "tokenizer.json", "tokenizer_config.json", "smallgpt.json",
+              "onnx/model.onnx", "onnx/model_quantized.onnx", "vendor/ort.wasm.min.mjs", "vendor/ort-wasm-simd-threaded.wasm",
+              "vendor/ort-wasm-simd-threaded.mjs", "vendor/tokenizers.min.mjs", "vendor/VERSIONS.txt")
+
+
+def check_site_folder(folder: Path) -> None:
+    """Assert that folder is a whole site: a Hugging Face static Space's front matter, every file of SITE_FILES, and a
+    page that names no URL of another host."""
+    readme = (folder / "README.md").read_text(encoding="utf-8")
+    assert re.search(r"^---\n(.*\n)*sdk: static\n(.*\n)*app_file: index\.html\n(.*\n)*---\n", readme)
+    for name in SITE_FILES:
+        assert (folder / name).is_file(), name
+    page = (folder / "index.html").read_text(encoding="utf-8") + (folder / "app.js").read_text(encoding="utf-8")
+    assert not re.search(r"""(src|href)=["'](https?:)?//|fetch\(["']https?:|import .* from ["']https?:""", page)
 
 
 def train_small(tokenizer: Tokenizer, ids: list[int], out_dir: Path, steps: int = 100, seed: int = 0, **shape) -> GPT:

@@ -194,6 +194,10 @@ FILE = {"path": "/etc/passwd", "meta": {"_type": "gradio.FileData"}}  # a file o
     ("generate", ["x", [FILE]], "max_new_tokens cannot be a file, got"),
     ("next_tokens", [{"a": [FILE]}], "prompt cannot be a file, got"),
     ("use_model", [FILE], "model cannot be a file, got"),
+    # found by the fuzz with /train_site_zip added: a file object's meta that is not an object (Gradio: AttributeError)
+    ("train_start", [-1, {"path": "/etc/passwd"}, {"data": {"path": "", "meta": "../../etc/passwd"}},
+                     {"meta": {"_type": "gradio.FileData"}}], "holds a file object whose meta is not an object"),
+    ("generate", [{"path": "x", "meta": 3}], "prompt holds a file object whose meta is not an object"),
 ])
 def test_values_that_are_not_valid_file_data_get_one_message(server, capfd, api, data, message):
     """Gradio's own file checks (FileData's model, a path outside its upload folder) raise errors that it answers with
@@ -223,7 +227,7 @@ def random_value(rng, depth: int = 0):
 
 
 ENDPOINTS = {"generate": 7, "next_tokens": 1, "use_model": 1, "train_start": 4, "train_status": 0, "train_stop": 0,
-             "train_zip": 0}
+             "train_zip": 0, "train_site_zip": 0}
 
 
 def test_a_fuzz_of_every_endpoint_gets_a_message_for_every_error_and_no_traceback(server, capfd):

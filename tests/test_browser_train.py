@@ -1,8 +1,8 @@
 """The Train tab in a real browser (Debian's chromium via Playwright), with the app's default trainer on 100 kB of Tiny
 Shakespeare for the shortest budget, 1 minute: upload, Start (and Start again, which says why not), the live status and
-curve, the int8 report, the zip, Generate with "yours", then a second run stopped early, and a reload, at 1280 and at
-390 px, that keeps the model. SMALLGPT_SCREENSHOTS=1 also saves the tab after the 1-minute run to docs/train-tab.png,
-and after the reload at 390 px to docs/train-tab-390.png."""
+curve, the int8 report, the zip and the web site's zip, Generate with "yours", then a second run stopped early, and a
+reload, at 1280 and at 390 px, that keeps the model. SMALLGPT_SCREENSHOTS=1 also saves the tab after the 1-minute run
+to docs/train-tab.png, and after the reload at 390 px to docs/train-tab-390.png."""
 
 from __future__ import annotations
 
@@ -131,6 +131,14 @@ def test_train_watch_try_download_and_stop(app, tmp_path, shakespeare_path):
     with zipfile.ZipFile(path) as zf:
         assert zf.testzip() is None
         assert f"{folder}/int8/model.safetensors" in zf.namelist(), zf.namelist()  # DIR is the zip's one folder
+    # The second download: the model as a static web site (export_web.py's folder), which the report explains.
+    expect(report).to_contain_text(f"its zip unpacks to {folder}-site")
+    with page.expect_download() as download:
+        page.locator("#train-download-site").click()
+    download.value.save_as(tmp_path / "site.zip")
+    with zipfile.ZipFile(tmp_path / "site.zip") as zf:
+        assert zf.testzip() is None
+        assert {f"{folder}-site/index.html", f"{folder}-site/onnx/model_quantized.onnx"} <= set(zf.namelist())
 
     page.get_by_role("tab", name="Generate").click()
     page.locator("#model-choice").get_by_text("yours", exact=True).click()
@@ -155,7 +163,7 @@ def test_train_watch_try_download_and_stop(app, tmp_path, shakespeare_path):
     expect(status).to_contain_text("the best weights so far were kept and quantized to int8", timeout=120_000)
     expect(status).to_contain_text("Stopped after")
     expect(stop).to_be_disabled()
-    expect(report).to_contain_text("Your model and its zip are deleted at ", timeout=10_000)
+    expect(report).to_contain_text("Your model, its zip and its web site's zip are deleted at ", timeout=10_000)
 
     # A reload, at 1280 px and then at 390 px: the model, its report and its zip are still there, and so is "yours".
     for viewport in ({"width": 1280, "height": 1000}, PHONE):
@@ -164,8 +172,10 @@ def test_train_watch_try_download_and_stop(app, tmp_path, shakespeare_path):
         expect(page.locator("#model-card")).to_contain_text("nats/char", timeout=30_000)
         page.get_by_role("tab", name="Train").click()
         expect(status).to_contain_text("the best weights so far were kept and quantized to int8", timeout=15_000)
-        expect(report).to_contain_text(re.compile(r"Your model and its zip are deleted at \d\d:\d\d UTC, in \d+ minutes"))
+        expect(report).to_contain_text(re.compile(r"Your model, its zip and its web site's zip are deleted at \d\d:\d\d UTC, "
+                                                  r"in \d+ minutes"))
         expect(page.locator("#train-download")).to_be_visible()
+        expect(page.locator("#train-download-site")).to_be_visible()
         curve = page.locator("#train-curve img")
         expect(curve).to_be_visible(timeout=10_000)
         shown, natural = curve.evaluate("img => [img.getBoundingClientRect().width, img.naturalWidth]")

@@ -10,18 +10,30 @@ import signal
 import subprocess
 import sys
 import time
+from importlib.metadata import version
 from pathlib import Path
 
 import gradio
 import pytest
 from app_support import free_port, stop, tiny_checkpoint
 from gradio_client import Client
+from site_support import check_site_folder
 from train_support import TEXT
 from zerogpu_support import BLACKWELL, QUOTA_LEFT_S, SHIM, control_endpoint
 
+from model.formats import site
 from model.formats.checkpoint import CheckpointError
 from model.webapp import zerogpu
-from model.webapp.space import DEFAULT_HARDWARE, LOWEST_TORCH, MARKER, PACKAGE, SPACES_PACKAGE, export_space, torch_version
+from model.webapp.space import (
+    DEFAULT_HARDWARE,
+    LOWEST_TORCH,
+    MARKER,
+    PACKAGE,
+    SPACES_PACKAGE,
+    export_space,
+    site_note,
+    torch_version,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 FRONT_MATTER = {"zero-gpu": ["suggested_hardware: zero-a10g", 'python_version: "3.12"'],
@@ -48,6 +60,8 @@ def test_bundle_holds_everything_it_needs(space):
     names = {p.relative_to(space).as_posix() for p in space.rglob("*") if p.is_file()}
     assert {"app.py", "README.md", "requirements.txt", "model/gpt2.tiktoken",  # GPT-2's vocabulary: the Space starts offline
             "train.py", "quantize.py", "input.txt",  # what the Train tab runs, and its bundled text
+            "export_web.py", "web/index.html", "web/app.js", "web/style.css",  # the visitor's model as a static site
+            *(f"web/node_modules/{package}/{file}" for package, file, _ in site.VENDOR),
             "out/int8/config.json", "out/int8/model.safetensors", "out/int8/report.json"} <= names
     assert {f"model/{p.relative_to(PACKAGE).as_posix()}" for p in PACKAGE.rglob("*.py")} <= names  # the whole package
     assert not any("__pycache__" in n for n in names)
@@ -58,6 +72,7 @@ def test_bundle_holds_everything_it_needs(space):
         assert line in front, line
     reqs = (space / "requirements.txt").read_text(encoding="utf-8").splitlines()
     assert f"gradio=={gradio.__version__}" in reqs
+    assert {f"{name}=={version(name)}" for name in ("onnx", "onnxruntime", "onnxscript")} <= set(reqs)  # export_web.py's
     if _hardware(space) == "zero-gpu":  # torch's CUDA build as ZeroGPU chooses it (no exact pin), and its own spaces
         assert CPU_INDEX not in reqs and "ZeroGPU" in readme
         torch_lines = [r for r in reqs if r.startswith("torch")]
@@ -65,6 +80,26 @@ def test_bundle_holds_everything_it_needs(space):
         assert [r for r in reqs if r.startswith("spaces")] == [SPACES_PACKAGE] == ["spaces"]  # no bound to break pip
     else:
         assert CPU_INDEX in reqs and f"torch=={torch_version()}" in reqs and not any(r.startswith("spaces") for r in reqs)
+
+
+@pytest.mark.slow
+def test_the_bundles_export_web_writes_a_whole_site(space, checkpoint, tmp_path):
+    """The Space's own export_web.py, run in its folder (its model/ package, its web/), writes a site that passes the
+    site checks: the Train tab's web-site download needs nothing else from the project."""
+    done = subprocess.run([sys.executable, "export_web.py", "--ckpt", str(checkpoint.parent / "fp32"), "--out",
+                           str(tmp_path / "site")], cwd=space, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    check_site_folder(tmp_path / "site")
+
+
+def test_without_the_runtime_files_the_space_says_it_has_no_site_download(checkpoint, tmp_path, monkeypatch):
+    assert site_note() is None  # this checkout ran npm ci --prefix web
+    monkeypatch.setattr(site, "WEB", tmp_path / "web")
+    assert site_note().startswith("the Space's Train tab will offer no web-site download: the page's runtime files are "
+                                  "missing (")
+    assert site_note().endswith("install them once with: npm ci --prefix web, then export again.")
+    out = export_space(checkpoint, tmp_path / "space", app_file=ROOT / "app.py")
+    assert (out / "export_web.py").is_file() and not (out / "web").exists()  # its Train tab then says why, per model
 
 
 def test_zero_gpu_is_the_default(checkpoint, tmp_path):
@@ -166,6 +201,7 @@ def _generate_then_train(client: Client) -> None:
     while (st := client.predict(api_name="/train_status"))["state"] in ("running", "quantizing"):
         time.sleep(1)
     assert st["state"] == "stopped" and st["report"], st
+    assert st["site_ready"] is True and st["site_error"] is None, st  # the web site was written in the Space too
     assert "Parameters" in client.predict(model="yours", api_name="/use_model")
     out = client.predict(prompt="ROMEO:", max_new_tokens=5, seed=1, api_name="/generate")
     assert sum(bool(s) for s in out) == 3

@@ -14,6 +14,7 @@ import pytest
 from app_support import TINY_TRAIN, served, tiny_checkpoint
 from gradio_client import Client, handle_file
 from gradio_client.exceptions import AppError
+from site_support import check_site_folder
 from train_support import TEXT
 
 from model.webapp import train_tab
@@ -112,9 +113,29 @@ def test_train_poll_generate_and_download_through_the_api(server, client, tmp_pa
     link = json.loads(stream.strip().split("\n\n")[-1].splitlines()[1].removeprefix("data: "))[0]["url"]
     assert link.endswith(f"{top}.zip") and httpx.get(link).status_code == 200
 
+    # The web site's zip: the same owner check, the same link, and deleted with the model too.
+    assert st["site_ready"] is True and st["site_error"] is None
+    site_path = client.predict(api_name="/train_site_zip")
+    with zipfile.ZipFile(site_path) as zf:
+        assert zf.testzip() is None
+        assert {n.split("/")[0] for n in zf.namelist()} == {f"{top}-site"}
+        texts = {name: zf.read(name).decode() for name in zf.namelist() if name.endswith((".json", ".md"))}
+        zf.extractall(tmp_path / "site")
+    assert texts and all(str(runs) not in text and "smallgpt-train-" not in text for text in texts.values()), texts
+    check_site_folder(tmp_path / "site" / f"{top}-site")
+    other = Client(url, verbose=False)  # another visitor cannot reach it
+    with pytest.raises(AppError, match="You have no trained model in this session"):
+        other.predict(api_name="/train_site_zip")
+    other.close()
+    r = httpx.post(f"{url}gradio_api/call/train_site_zip", json={"data": [], "session_hash": client.session_hash})
+    stream = httpx.get(f"{url}gradio_api/call/train_site_zip/{r.json()['event_id']}", timeout=30).text
+    site_link = json.loads(stream.strip().split("\n\n")[-1].splitlines()[1].removeprefix("data: "))[0]["url"]
+    assert site_link.endswith(f"{top}-site.zip") and httpx.get(site_link).status_code == 200
+
     training.drop(client.session_hash)  # as after an hour: Generate falls back to the bundled model
-    assert httpx.get(link).status_code != 200  # the served copy went with the model (Gradio: 403)
-    assert not Path(link.split("file=", 1)[1]).exists()
+    for each in (link, site_link):
+        assert httpx.get(each).status_code != 200  # the served copies went with the model (Gradio: 403)
+        assert not Path(each.split("file=", 1)[1]).exists()
     assert all(client.predict(prompt="First Citizen:", max_new_tokens=8, num_sequences=2, seed=1, api_name="/generate")[:2])
     with pytest.raises(AppError, match="You have no trained model yet"):
         client.predict(model="yours", api_name="/use_model")
@@ -274,7 +295,7 @@ def test_the_split_and_the_tab_switch(tmp_path, gpt2_tokenizer, monkeypatch):
     assert "generate" in apis and not {"train_start", "use_model"} & apis
     training = Visitors(TrainingSlot(tmp_path / "runs"))
     demo = build_demo(pool, training)
-    assert {"generate", "train_start", "train_status", "train_stop", "train_zip", "use_model"} <= {
+    assert {"generate", "train_start", "train_status", "train_stop", "train_zip", "train_site_zip", "use_model"} <= {
         fn.api_name for fn in demo.fns.values()}
     assert any(target[1] == "unload" for fn in demo.fns.values() for target in fn.targets)  # a closed page drops its model
     assert any("Or train your own model" in str(getattr(b, "value", "")) for b in demo.blocks.values())  # the header says so
@@ -389,6 +410,20 @@ def test_waiting_and_time_limit_sentences_and_when_a_model_goes():
     md = train_tab.report_markdown(_status(state="done", report={}), expires_in=3480.0)
     assert "Your model and its zip are deleted at " in md and "in 58 minutes" in md
     assert train_tab.deletion_text(None) == ""
+
+
+def test_the_report_offers_the_web_site_or_says_why_not_and_when_it_goes():
+    md = train_tab.report_markdown(_status(state="done", report={}, site_folder="smallgpt-model-abc-site"), expires_in=3480.0)
+    assert "its zip unpacks to `smallgpt-model-abc-site`" in md
+    assert "`python -m http.server --directory smallgpt-model-abc-site 8000`" in md
+    assert "Your model, its zip and its web site's zip are deleted at " in md and "in 58 minutes" in md
+    why = "There is no web-site download: this server lacks the page's runtime files (npm ci --prefix web installs them)."
+    md = train_tab.report_markdown(_status(state="done", report={}, site_error=why), expires_in=3480.0)
+    assert why in md and "Your model and its zip are deleted at " in md and "http.server" not in md
+    assert train_tab.status_text(_status(state="quantizing", elapsed_s=60.0, seconds_left=12.0, writing_site=True)) == (
+        "Trained for 60 s and quantized to int8; now writing its web site (about 12 s left).")
+    api = train_tab.status_dict(_status(state="done", report={}, site_folder="smallgpt-model-abc-site"))
+    assert api["site_ready"] is True and api["site_error"] is None
 
 
 def test_the_gpu_time_start_asks_for_is_shown_before_start():

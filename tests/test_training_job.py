@@ -14,8 +14,10 @@ import zipfile
 from pathlib import Path
 
 import pytest
+from site_support import check_site_folder
 from train_support import TEXT
 
+from model.formats import site
 from model.formats.load import load
 from model.webapp import training_job as tj
 from model.webapp.training_job import JobError, TrainingJob, TrainingSlot, check_text, make_zip
@@ -130,10 +132,86 @@ def test_a_run_trains_quantizes_and_zips_into_loadable_checkpoints(tmp_path, job
                          cwd=ROOT, capture_output=True, text=True, timeout=120, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert gen.returncode == 0 and gen.stdout.startswith("hi"), gen.stderr[-2000:]
 
+    # The static web site, written by export_web.py from the visitor's fp32 weights, zipped in its own folder.
+    assert st.site_folder == f"{top}-site" and st.site_error is None and not st.writing_site
+    site_zip = make_zip(job.run_dir, "site")
+    assert site_zip == job.run_dir / f"{top}-site.zip" and make_zip(job.run_dir, "site") == site_zip
+    with zipfile.ZipFile(site_zip) as zf:
+        assert {n.split("/")[0] for n in zf.namelist()} == {f"{top}-site"}
+        zf.extractall(tmp_path / "site")
+    check_site_folder(tmp_path / "site" / f"{top}-site")
+    assert "site" not in "".join(names)  # the model's zip is as before
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("failure, sentence", [
+    ("export", "There is no web-site download: the exported model.onnx differs from the model."),
+    ("no npm ci", "There is no web-site download: this server lacks the page's runtime files (npm ci --prefix web installs them)."),
+])
+def test_a_failed_site_export_keeps_the_model_and_says_why(tmp_path, jobs, monkeypatch, failure, sentence):
+    """export_web.py fails, or cannot run (the page's runtime files are not installed): the job is still done, its model
+    zip downloads, and the site's absence is one sentence (the export's own error line, or what the server lacks); the
+    site's zip is refused with that sentence, through the store as on the page."""
+    if failure == "export":
+        failing = tmp_path / "export_web.py"
+        failing.write_text("import sys\nprint('error: The exported model.onnx differs from the model.', file=sys.stderr)\n"
+                           "sys.exit(2)\n", encoding="utf-8")
+        monkeypatch.setattr(tj, "EXPORT_WEB_PY", failing)
+    else:
+        monkeypatch.setattr(site, "WEB", tmp_path / "web")  # no web/node_modules
+    store = Visitors(TrainingSlot(tmp_path / "runs", train_args=(*TINY, "--max-iters", "10")))
+    jobs.append(job := store.start("owner", LONG.encode(), 1))
+    st = wait_until_over(job)
+    assert st.state == "done" and st.report is not None and st.site_folder is None, st
+    assert st.site_error == sentence
+    assert zipfile.ZipFile(make_zip(job.run_dir)).testzip() is None
+    with pytest.raises(JobError) as refused:
+        store.served_zip("owner", "site")
+    assert str(refused.value) == sentence
+    assert not (job.run_dir / tj.SITE_DIR).exists()
+    store.close()
+
+
+@pytest.mark.slow
+def test_a_model_deleted_while_its_site_is_written_goes_with_its_export(tmp_path, jobs, monkeypatch):
+    """The site is written while the state is still "quantizing" (writing_site); deleting the model then kills the
+    export and removes the folder, as for the int8 step."""
+    slow = tmp_path / "export_web.py"
+    slow.write_text("import time\ntime.sleep(600)\n", encoding="utf-8")
+    monkeypatch.setattr(tj, "EXPORT_WEB_PY", slow)
+    jobs.append(job := TrainingJob(tmp_path / "runs", LONG, 1, train_args=(*TINY, "--max-iters", "10")))
+    deadline = time.monotonic() + 120
+    while not (st := job.status()).writing_site:
+        assert job.active and time.monotonic() < deadline, st
+        time.sleep(0.1)
+    assert st.state == "quantizing" and st.report is None and st.model_dir is None
+    from model.webapp.train_tab import status_text
+    assert "now writing its web site" in status_text(st)
+    export = job._proc
+    job.discard()
+    st = wait_until_over(job, timeout=30)
+    assert st.state == "failed" and st.error == "This model was deleted." and export.poll() is not None
+    assert wait_gone(job.run_dir)
+
+
+def test_site_unavailable_says_what_the_server_lacks(tmp_path, monkeypatch):
+    assert tj.site_unavailable() is None  # this checkout: export_web.py, onnx packages, npm ci --prefix web
+    def no_runtime_files():
+        raise tj.CheckpointError("The page's runtime files are missing")
+
+    monkeypatch.setattr(tj, "vendor_sources", no_runtime_files)
+    assert tj.site_unavailable() == "this server lacks the page's runtime files (npm ci --prefix web installs them)."
+    real_find_spec = tj.importlib.util.find_spec
+    monkeypatch.setattr(tj.importlib.util, "find_spec", lambda name: None if name == "onnxscript" else real_find_spec(name))
+    assert tj.site_unavailable().startswith("this server lacks the Python package onnxscript")
+    monkeypatch.setattr(tj, "EXPORT_WEB_PY", tmp_path / "export_web.py")
+    assert tj.site_unavailable() == "this server has no export_web.py."
+    assert tj.no_site(tj.site_unavailable()) == "There is no web-site download: this server has no export_web.py."
+
 
 @pytest.mark.slow
 def test_stop_keeps_the_best_weights_and_still_quantizes(tmp_path, jobs):
-    jobs.append(job := TrainingJob(tmp_path / "runs", LONG, 1, train_args=(*TINY, "--max-iters", "1000000")))
+    jobs.append(job := TrainingJob(tmp_path / "runs", LONG, 1, train_args=(*TINY, "--max-iters", "1000000"), site=False))
     wait_for_eval(job, 10)
     job.stop()
     st = wait_until_over(job)
@@ -149,7 +227,7 @@ def test_stop_keeps_the_best_weights_and_still_quantizes(tmp_path, jobs):
 def test_a_trainer_started_with_sigint_ignored_still_stops_cleanly(tmp_path, jobs):
     before = signal.signal(signal.SIGINT, signal.SIG_IGN)  # inherited by the child, as under `python app.py &` in a script
     try:
-        jobs.append(job := TrainingJob(tmp_path / "runs", LONG, 1, train_args=(*TINY, "--max-iters", "1000000")))
+        jobs.append(job := TrainingJob(tmp_path / "runs", LONG, 1, train_args=(*TINY, "--max-iters", "1000000"), site=False))
     finally:
         signal.signal(signal.SIGINT, before)
     wait_for_eval(job, 10)
@@ -162,7 +240,7 @@ def test_a_trainer_started_with_sigint_ignored_still_stops_cleanly(tmp_path, job
 @pytest.mark.slow
 def test_a_trainer_deaf_to_the_stop_is_killed_and_its_weights_kept(tmp_path, jobs, monkeypatch):
     monkeypatch.setattr(tj, "STOP_GRACE_S", 2.0)
-    jobs.append(job := TrainingJob(tmp_path / "runs", LONG, 1, train_args=(*TINY, "--max-iters", "1000000")))
+    jobs.append(job := TrainingJob(tmp_path / "runs", LONG, 1, train_args=(*TINY, "--max-iters", "1000000"), site=False))
     wait_for_eval(job, 10)
     os.kill(job._proc.pid, signal.SIGSTOP)  # a hung trainer: the SIGINT stays pending
     job.stop()
@@ -205,11 +283,16 @@ def test_a_trainer_error_becomes_its_sentence(tmp_path, jobs):
 def test_the_time_left_counts_down_while_the_int8_copy_is_made():
     """Once the trainer has exited, "ready in about N s" counts down from the int8 step's estimate, never frozen."""
     job = object.__new__(TrainingJob)  # the clock alone, no child process
-    job._lock, job.budget_s, job._state = threading.Lock(), 60.0, "quantizing"
+    job._lock, job.budget_s, job._state, job.site, job._site_why = threading.Lock(), 60.0, "quantizing", False, None
     now = time.monotonic()
     job._t0, job._t_end = now - 70, now - 10
     assert tj.QUANTIZE_ESTIMATE_S - 11 <= job.seconds_left() <= tj.QUANTIZE_ESTIMATE_S - 10
-    job._t_end = now - tj.QUANTIZE_ESTIMATE_S - 5  # slower than the estimate: 0, not below
+    job.site, job._site_why = True, "this server has no export_web.py."  # a site it cannot write counts no time
+    assert tj.QUANTIZE_ESTIMATE_S - 11 <= job.seconds_left() <= tj.QUANTIZE_ESTIMATE_S - 10
+    job._site_why = None  # the static site's export follows the int8 step
+    after = tj.QUANTIZE_ESTIMATE_S + tj.SITE_ESTIMATE_S
+    assert after - 11 <= job.seconds_left() <= after - 10
+    job._t_end = now - after - 5  # slower than the estimate: 0, not below
     assert job.seconds_left() == 0.0
     job._state = "done"
     assert job.seconds_left() == 0.0
@@ -229,7 +312,7 @@ def test_failure_sentences_never_show_a_traceback():
 def test_the_default_settings_on_tiny_shakespeare(tmp_path, jobs, shakespeare_path, gpt2_tokenizer):
     """The real default preset and tokenizer (as the app runs them), on 100 kB for a 20 s budget."""
     text = shakespeare_path.read_text(encoding="utf-8")[:100_000]
-    jobs.append(job := TrainingJob(tmp_path / "runs", text, 1 / 3))
+    jobs.append(job := TrainingJob(tmp_path / "runs", text, 1 / 3, site=False))
     st = wait_until_over(job, timeout=180)
     assert st.state == "done", st
     assert st.elapsed_s < 20 + 15  # the trainer keeps to its budget (slack for a busy machine)
@@ -281,7 +364,27 @@ def test_zip_of_an_unfinished_run_is_refused(tmp_path):
     (tmp_path / "model").mkdir()
     with pytest.raises(JobError, match="not ready to download"):
         make_zip(tmp_path)
+    with pytest.raises(JobError, match="web site is not ready to download"):
+        make_zip(tmp_path, "site")
     assert list(tmp_path.iterdir()) == [tmp_path / "model"]
+
+
+def test_a_site_zip_of_a_model_deleted_meanwhile_leaves_nothing(tmp_path, monkeypatch):
+    """The model's folder goes (its hour is up) while its site's zip is being written: a JobError, and no zip left in
+    a folder made again."""
+    run = tmp_path / "model-abc"
+    (run / tj.SITE_DIR).mkdir(parents=True)
+    (run / tj.SITE_DIR / "index.html").write_text("<html></html>", encoding="utf-8")
+    real_rglob = Path.rglob
+
+    def deleted_meanwhile(self, pattern):
+        tj.remove_tree(run)
+        return real_rglob(self, pattern)
+
+    monkeypatch.setattr(Path, "rglob", deleted_meanwhile)
+    with pytest.raises(JobError, match="This model has been deleted"):
+        make_zip(run, "site")
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_remove_tree_is_one_rename_then_gone(tmp_path):
@@ -334,7 +437,7 @@ def test_on_zerogpu_the_clock_waits_for_the_gpu_and_a_run_killed_at_its_limit_is
         raise gr.Error("GPU task aborted")
 
     on_zerogpu["call"] = queued_then_killed
-    jobs.append(job := TrainingJob(tmp_path / "runs", LONG, 0.75, train_args=(*TINY, "--max-iters", "20")))
+    jobs.append(job := TrainingJob(tmp_path / "runs", LONG, 0.75, train_args=(*TINY, "--max-iters", "20"), site=False))
     assert job.gpu_request_s == tj.zerogpu.request_seconds(tj.zerogpu.train_tokens(LONG), 0.75)
     assert job.budget_s == tj.zerogpu.train_budget_s(job.gpu_request_s)
     time.sleep(1.5)

@@ -130,6 +130,18 @@ def file_error(fn: Callable[..., Any], blocks: list[Any], values: list[Any]) -> 
     return InputError("A value is not a valid file: send files as uploads to this server (gradio_client's handle_file).")
 
 
+def _odd_file_meta(value: Any) -> bool:
+    """Whether value is or holds a dict with a text "path" and a "meta" that is not an object: Gradio's file check
+    (gradio_client's is_file_obj_with_meta calls meta.get) raises AttributeError on it, a traceback and {"error": null}."""
+    if isinstance(value, dict):
+        if isinstance(value.get("path"), str) and "meta" in value and not isinstance(value["meta"], dict):
+            return True
+        return any(_odd_file_meta(v) for v in value.values())
+    if isinstance(value, list):
+        return any(_odd_file_meta(v) for v in value)
+    return False
+
+
 def _holds_file(value: Any) -> bool:
     """Whether value is or holds a file object (FileData with its meta), which Gradio checks as a file wherever it is."""
     found: list[Any] = []
@@ -174,6 +186,10 @@ class CheckedBlocks(gr.Blocks):
     async def preprocess_data(self, block_fn: Any, inputs: list[Any], state: Any, explicit_call: bool = False) -> Any:
         if len(inputs) != len(block_fn.inputs):  # never from the page: only from a raw API call
             inputs = complete_values(block_fn.fn, inputs)
+        for (name, *_), value in zip(get_function_params(block_fn.fn), inputs, strict=False):
+            if _odd_file_meta(value):
+                raise InputError(f"{name} holds a file object whose meta is not an object, got {shown(value)}; send files as "
+                                 "uploads to this server (gradio_client's handle_file).")
         try:
             return await super().preprocess_data(block_fn, inputs, state, explicit_call)
         except (ValidationError, InvalidPathError):  # Gradio's file checks: FileData's model, or a path not uploaded

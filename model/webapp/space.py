@@ -1,5 +1,6 @@
 """Export a self-contained Hugging Face Space folder: app.py, the model package (with its GPT-2 vocabulary), the checkpoint,
-train.py, quantize.py and input.txt for the Train tab, requirements, README."""
+train.py, quantize.py, export_web.py (with the static site's page and runtime files in web/) and input.txt for the Train
+tab, requirements, README."""
 
 from __future__ import annotations
 
@@ -11,13 +12,15 @@ from pathlib import Path
 
 import torch
 
+from model.formats import site
 from model.formats.checkpoint import SERVED_CKPT, TRAIN_STATE, CheckpointError, read_config
 from model.webapp import zerogpu
 from model.webapp.training_job import MAX_MINUTES  # off ZeroGPU (where the export runs): the CPU Space's limit
 
 PACKAGE = Path(__file__).resolve().parents[1]  # model/, copied whole into the Space
 CKPT_IN_SPACE = SERVED_CKPT  # the app's default checkpoint path, so the Space needs no flags
-TRAIN_TAB_FILES = ("train.py", "quantize.py", "input.txt")  # beside app.py: the Train tab runs them (input.txt: if present)
+# Beside app.py: the Train tab runs them (export_web.py: the visitor's model as a static site; input.txt: if present).
+TRAIN_TAB_FILES = ("train.py", "quantize.py", "export_web.py", "input.txt")
 MARKER = ".smallgpt-space"  # marks a folder this function wrote, so re-exporting may replace it
 
 HARDWARE = ("zero-gpu", "cpu-basic")  # --space-hardware: what the Space asks for; zero-gpu is what a free account can create
@@ -48,6 +51,9 @@ safetensors>=0.4
 pandas>=2.0
 tqdm>=4.66
 matplotlib>=3.8
+onnx=={onnx}
+onnxruntime=={onnxruntime}
+onnxscript=={onnxscript}
 """
 
 ABOUT_HARDWARE = {
@@ -135,9 +141,12 @@ def _fill(dest: Path, ckpt: Path, meta: dict, app_file: Path, title: str, hardwa
     for src in sorted(ckpt.iterdir()):
         if src.is_file() and src.name != TRAIN_STATE and not src.name.startswith("."):
             shutil.copy2(src, ckpt_dest / src.name)
+    if site_note() is None:
+        _copy_web(dest / site.WEB.name)
     tokenizer = str(meta["tokenizer"].get("name", "?"))  # read_config checked config.json, copied above
     size_mb = sum(f.stat().st_size for f in ckpt_dest.glob("*.safetensors")) / 1e6
-    requirements = REQUIREMENTS[hardware].format(torch=torch_version()) + REQUIREMENTS_REST.format(gradio=version("gradio"))
+    requirements = REQUIREMENTS[hardware].format(torch=torch_version()) + REQUIREMENTS_REST.format(
+        gradio=version("gradio"), onnx=version("onnx"), onnxruntime=version("onnxruntime"), onnxscript=version("onnxscript"))
     (dest / "requirements.txt").write_text(requirements, encoding="utf-8")
     about = ABOUT_HARDWARE[hardware].format(max_minutes=zerogpu.MAX_MINUTES if hardware == "zero-gpu" else MAX_MINUTES)
     (dest / "README.md").write_text(README.format(title=title, gradio=version("gradio"), kind=meta.get("kind", "fp32"),
@@ -145,3 +154,26 @@ def _fill(dest: Path, ckpt: Path, meta: dict, app_file: Path, title: str, hardwa
                                                   flavor=FLAVOR[hardware], about_hardware=about), encoding="utf-8")
     (dest / MARKER).write_text("written by python app.py --export-space; safe to replace\n", encoding="utf-8")
 
+
+def site_note() -> str | None:
+    """Why an exported Space's Train tab will offer no web-site download (None: it will): the page's runtime files, which
+    the Space carries in web/, are not installed here."""
+    try:
+        site.vendor_sources()
+    except CheckpointError as e:
+        why = str(e)
+        return f"the Space's Train tab will offer no web-site download: {why[:1].lower()}{why[1:]}, then export again."
+    return None
+
+
+def _copy_web(dest: Path) -> None:
+    """The static site's page and the runtime files it copies, in web/'s layout (site.py reads them there), with their
+    packages' package.json (for vendor/VERSIONS.txt)."""
+    for name in site.PAGE_FILES:
+        (dest / name).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(site.WEB / name, dest / name)
+    packages = [site.WEB / "node_modules" / package / "package.json" for package in dict.fromkeys(p for p, _, _ in site.VENDOR)]
+    for src in [src for src, _ in site.vendor_sources()] + packages:
+        target = dest / src.relative_to(site.WEB)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(src, target)

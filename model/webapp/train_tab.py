@@ -1,7 +1,8 @@
 """The Train tab: a visitor trains a small GPT on their own text, watches the loss curves and samples, may stop early,
-reads the int8 report, downloads the checkpoints and tries the model in the Generate tab. Only the page: the jobs are
-model/webapp/training_job.py's, whose they are and how long they are kept model/webapp/visitors.py's.
-Endpoints: /train_start, /train_status, /train_stop, /train_zip (and /use_model, in the Generate tab)."""
+reads the int8 report, downloads the checkpoints and the model's static web site, and tries the model in the Generate
+tab. Only the page: the jobs are model/webapp/training_job.py's, whose they are and how long they are kept
+model/webapp/visitors.py's.
+Endpoints: /train_start, /train_status, /train_stop, /train_zip, /train_site_zip (and /use_model, in the Generate tab)."""
 
 from __future__ import annotations
 
@@ -109,6 +110,8 @@ def status_text(st: Status | None) -> str:
                 f"{_duration(st.seconds_left)}.")
     if st.state == "quantizing":
         left = f"about {_duration(st.seconds_left)} left" if st.seconds_left >= 1 else "a few more seconds"
+        if st.writing_site:
+            return f"Trained for {st.elapsed_s:.0f} s and quantized to int8; now writing its web site ({left})."
         return f"Trained for {st.elapsed_s:.0f} s; now making the int8 copy and scoring it on the validation text ({left})."
     if st.report is not None:
         if st.at_limit:
@@ -183,19 +186,32 @@ def _tokens(text: str) -> int:
     return zerogpu.train_tokens(text)
 
 
-def deletion_text(expires_in: float | None, now: float | None = None) -> str:
-    """When a model and its zip go: a UTC time of day and the minutes until then."""
+def deletion_text(expires_in: float | None, now: float | None = None, site: bool = False) -> str:
+    """When a model and its zips go (site: it has a web site's zip too): a UTC time of day and the minutes until then."""
     if expires_in is None:
         return ""
     at = time.strftime("%H:%M", time.gmtime((time.time() if now is None else now) + expires_in))
     minutes = max(1, round(expires_in / 60))
-    return (f"Your model and its zip are deleted at {at} UTC, in {minutes} minute{'s' * (minutes != 1)} (an hour after "
-            "its training started; reloading this page keeps them until then).")
+    what = "Your model, its zip and its web site's zip are" if site else "Your model and its zip are"
+    return (f"{what} deleted at {at} UTC, in {minutes} minute{'s' * (minutes != 1)} (an hour after its training started; "
+            "reloading this page keeps them until then).")
+
+
+def site_markdown(st: Status) -> str:
+    """The report's paragraph on the model's static web site: how to serve its zip, or why there is none."""
+    if st.site_error:
+        return st.site_error
+    if st.site_folder is None:
+        return ""
+    return (f"Or download it as a web site (the second button): its zip unpacks to `{st.site_folder}`, a static site whose "
+            "page runs the int8 model in the browser, with no server. Serve it with `python -m http.server --directory "
+            f"{st.site_folder} 8000`, or host it for free as a Hugging Face static Space (smallgpt's docs/web.md says how).")
 
 
 def report_markdown(st: Status | None, expires_in: float | None = None) -> str:
     """quantize.py's report of the finished model: size and validation loss of the fp32 and int8 weights, how to run the
-    download (DIR: the folder the zip unpacks to), and when the model is deleted (expires_in seconds from now)."""
+    download (DIR: the folder the zip unpacks to) and serve the web site's (or why there is none), and when the model is
+    deleted (expires_in seconds from now)."""
     if st is None or st.report is None:
         return ""
     r = st.report
@@ -205,6 +221,7 @@ def report_markdown(st: Status | None, expires_in: float | None = None) -> str:
 
     steps = max((rec.get("step", 0) for rec in st.records), default=0)
     folder = f"`{st.zip_folder}`" if st.zip_folder else "one folder"
+    site = site_markdown(st)
     return (f"**Your model**: {num('params', 1e-6, '.2f')} M parameters, {steps} steps in {st.elapsed_s:.0f} s.\n\n"
             "| weights | size | validation loss |\n|---|---|---|\n"
             f"| fp32 | {num('size_fp32_bytes', 1e-6, '.1f')} MB | {num('val_nats_per_char_fp32')} nats/char |\n"
@@ -212,7 +229,7 @@ def report_markdown(st: Status | None, expires_in: float | None = None) -> str:
             "Try it: choose **Model: yours** in the Generate tab. Or download it: the zip unpacks to "
             f"{folder} (DIR below), the fp32 checkpoint in DIR and the int8 one in DIR/int8; then run "
             "`python generate.py --ckpt DIR/int8` or `python app.py --ckpt DIR/int8` in a clone of smallgpt.\n\n"
-            f"{deletion_text(expires_in)}")
+            + (f"{site}\n\n" if site else "") + deletion_text(expires_in, site=st.site_folder is not None))
 
 
 def status_dict(st: Status | None) -> dict[str, Any]:
@@ -222,7 +239,7 @@ def status_dict(st: Status | None) -> dict[str, Any]:
     return {"state": st.state, "message": status_text(st), "elapsed_s": round(st.elapsed_s, 1), "budget_s": st.budget_s,
             "seconds_left": round(st.seconds_left), "train_curve": [[s, round(v, 4)] for s, v in st.train_curve],
             "val_curve": [[s, round(v, 4)] for s, v in st.val_curve], "sample": st.sample, "error": st.error,
-            "report": st.report}
+            "report": st.report, "site_ready": st.site_folder is not None, "site_error": st.site_error}
 
 
 def _at_page_level(component: gr.components.Component) -> gr.components.Component:
@@ -271,18 +288,25 @@ def build_train_tab(visitors: Visitors) -> None:
         with _api_errors():
             return visitors.served_zip(visitors.owner(request))
 
+    def train_site_zip(request: gr.Request | None = None) -> str:
+        with _api_errors():
+            return visitors.served_zip(visitors.owner(request), "site")
+
     # ---- the page: a JobError is a warning that leaves the outputs as they were ----
 
     def view(owner: str) -> tuple[Any, ...]:
         job = visitors.get(owner)
         st = job.status() if job is not None else None
-        download = gr.DownloadButton(visible=False)
+        download, download_site = gr.DownloadButton(visible=False), gr.DownloadButton(visible=False)
         if st is not None and st.model_dir is not None:
             with contextlib.suppress(JobError):  # deleted meanwhile
                 download = gr.DownloadButton(value=visitors.served_zip(owner), visible=True)
+        if st is not None and st.site_folder is not None:
+            with contextlib.suppress(JobError):
+                download_site = gr.DownloadButton(value=visitors.served_zip(owner, "site"), visible=True)
         running = st is not None and st.state == "running"
         return (status_html(st), curve_figure(st), (st.sample or "") if st else "",
-                report_markdown(st, visitors.expires_in(owner)), download,
+                report_markdown(st, visitors.expires_in(owner)), download, download_site,
                 gr.Button(interactive=running), gr.Timer(active=st is not None and st.active))
 
     def start_on_page(source: Any, text: Any, file: Any, minutes: Any, request: gr.Request) -> tuple[Any, ...]:
@@ -337,6 +361,7 @@ def build_train_tab(visitors: Visitors) -> None:
             status = gr.HTML(status_html(None), elem_id="train-status")
             report = gr.Markdown(elem_id="train-report")
             download = gr.DownloadButton("Download the model (.zip)", visible=False, elem_id="train-download")
+            download_site = gr.DownloadButton("Download as a web site (.zip)", visible=False, elem_id="train-download-site")
         with gr.Column(scale=1):
             curve = gr.Plot(label="Loss per character", show_label=False, format="png", elem_id="train-curve")
             sample = gr.Textbox(label="Latest sample (the model writing, at the last evaluation)", lines=6, max_lines=8,
@@ -346,13 +371,14 @@ def build_train_tab(visitors: Visitors) -> None:
     api_status, api_zip = gr.JSON(visible=False), gr.File(visible=False)  # the outputs of the API endpoints
 
     inputs = [source, text, file, minutes]
-    outputs = [status, curve, sample, report, download, stop, timer]
+    outputs = [status, curve, sample, report, download, download_site, stop, timer]
     # Cheap and quick: none of these waits for a place in the queue behind generation requests (concurrency_limit=None).
     # preprocess=False: raw values reach the checks above (Gradio still refuses a file that is not an upload).
     gr.on([], train_start, inputs, api_status, api_name="train_start", preprocess=False, concurrency_limit=None)
     gr.on([], train_status, [], api_status, api_name="train_status", concurrency_limit=None)
     gr.on([], train_stop, [], api_status, api_name="train_stop", concurrency_limit=None)
     gr.on([], train_zip, [], api_zip, api_name="train_zip", concurrency_limit=None)
+    gr.on([], train_site_zip, [], api_zip, api_name="train_site_zip", concurrency_limit=None)
     start.click(start_on_page, inputs, outputs, api_visibility="private", preprocess=False, concurrency_limit=None,
                 show_progress="minimal")
     stop.click(stop_on_page, [], outputs, api_visibility="private", concurrency_limit=None, show_progress="hidden")

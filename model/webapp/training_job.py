@@ -1,18 +1,20 @@
 """One training job of the app's Train tab, without any UI: check a visitor's text, train on it with train.py in a child
-process, quantize the result with quantize.py, and zip it for download. Whose job it is, and how long it is kept, is
-model/webapp/visitors.py's.
+process, quantize the result with quantize.py, write its static web site with export_web.py, and zip each for download.
+Whose job it is, and how long it is kept, is model/webapp/visitors.py's.
 
     slot = TrainingSlot()
     job = slot.start(data, minutes=3)   # JobError: bad text, bad minutes, or another training is running
     job.status()                        # poll every few seconds: state, progress, loss curves, sample, error, report
     job.stop()                          # keeps the best weights so far; they are quantized too
     make_zip(job.run_dir)               # once the status has a model_dir
+    make_zip(job.run_dir, "site")       # once the status has a site_folder (else its site_error says why not)
     job.discard()                       # kill what still runs and delete the folder
 """
 
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 import logging
 import math
 import os
@@ -25,13 +27,14 @@ import tempfile
 import threading
 import time
 import zipfile
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
 from model import atomic
-from model.formats.checkpoint import CONFIG, LOG, METRICS, PLOT, WEIGHTS, read_json, read_log
+from model.formats.checkpoint import CONFIG, LOG, METRICS, PLOT, WEIGHTS, CheckpointError, read_json, read_log
+from model.formats.site import vendor_sources
 from model.training.data import CONTROL, DataError, check_length, decode_text, sure_length
 from model.training.settings import PRESETS, TrainSettings
 from model.webapp import zerogpu
@@ -39,6 +42,8 @@ from model.webapp import zerogpu
 PROJECT = Path(__file__).resolve().parents[2]  # a Space bundle carries train.py and quantize.py beside app.py too
 TRAIN_PY = PROJECT / "train.py"
 QUANTIZE_PY = PROJECT / "quantize.py"
+EXPORT_WEB_PY = PROJECT / "export_web.py"  # the static site: the one export path, as a user runs it
+SITE_PACKAGES = ("onnx", "onnxruntime", "onnxscript")  # what export_web.py imports beyond the app's own packages
 
 MAX_BYTES = 10 * 2**20  # uploads and pastes above 10 MB are refused
 # What text is trainable is model/training/data.py's rule, the CLI's too. From this length on a text surely passes it;
@@ -53,6 +58,8 @@ OVERTIME_S = 120.0  # a trainer still running this long past its budget is stopp
 QUANTIZE_TIMEOUT_S = 600.0
 QUANTIZE_EVAL_WINDOWS = 200  # the int8 report scores this many evenly spaced validation windows, so it takes seconds
 QUANTIZE_ESTIMATE_S = 30.0  # for "about N minutes left"
+SITE_TIMEOUT_S = 600.0
+SITE_ESTIMATE_S = 30.0  # the static site's export, for "about N minutes left": a guess, not measured
 
 FP32_DIR = "model"  # the trainer's --out-dir inside a job folder; quantize.py writes FP32_DIR/int8
 INT8_DIR = "int8"
@@ -60,10 +67,15 @@ REPORT = "report.json"
 TEXT_FILE = "input.txt"
 TRAIN_LOG = "train.log"
 QUANTIZE_LOG = "quantize.log"
+SITE_DIR = "site"  # export_web.py's --out inside a job folder
+SITE_LOG = "site.log"
 ZIP_FP32_FILES = (WEIGHTS, CONFIG, METRICS, LOG, PLOT)  # train_state.pt (3x the weights) and the token cache stay out
 
+# "quantizing" covers the int8 copy and then the static site, so that a client polling while the state is "running" or
+# "quantizing" (as docs/app.md shows) waits for both.
 State = Literal["waiting", "running", "quantizing", "done", "stopped", "failed"]
 ACTIVE: tuple[State, ...] = ("waiting", "running", "quantizing")  # waiting: for a ZeroGPU GPU
+Download = Literal["model", "site"]  # the two zips of a finished job: its checkpoints, its static web site
 
 log = logging.getLogger(__name__)
 
@@ -82,6 +94,25 @@ def check_text(data: bytes) -> str:
     except DataError as e:
         raise JobError(str(e)) from None
     return text
+
+
+def site_unavailable() -> str | None:
+    """Why this server cannot write a model's static site, as the end of a sentence; None when it can."""
+    if not EXPORT_WEB_PY.is_file():
+        return "this server has no export_web.py."
+    missing = [name for name in SITE_PACKAGES if importlib.util.find_spec(name) is None]
+    if missing:
+        return f"this server lacks the Python package {missing[0]} (pip install -r requirements.txt installs it)."
+    try:
+        vendor_sources()
+    except CheckpointError:
+        return "this server lacks the page's runtime files (npm ci --prefix web installs them)."
+    return None
+
+
+def no_site(why: str) -> str:
+    """The one sentence a finished model without a web-site download shows."""
+    return f"There is no web-site download: {why[:1].lower()}{why[1:]}"
 
 
 def remove_tree(path: Path) -> None:
@@ -160,6 +191,9 @@ class Status:
     gpu_request_s: int | None = None  # on ZeroGPU: the GPU seconds the run asked for
     at_limit: bool = False  # ZeroGPU ended the run at its GPU time limit; the weights saved by then were kept
     expected_steps: int | None = None  # the steps the run is expected to reach, for the curve's axis (None: not known yet)
+    writing_site: bool = False  # the int8 copy is made; its static web site is being written
+    site_folder: str | None = None  # once the site is written: the folder its zip unpacks to
+    site_error: str | None = None  # once the model is ready without a site: one sentence saying why
 
     @property
     def active(self) -> bool:
@@ -177,10 +211,13 @@ class TrainingJob:
     Thread-safe: status(), stop() and discard() may be called from any thread at any time.
     """
 
-    def __init__(self, root: str | Path, text: str, minutes: float, threads: int = DEFAULT_THREADS, train_args: Sequence[str] = ()):
+    def __init__(self, root: str | Path, text: str, minutes: float, threads: int = DEFAULT_THREADS, train_args: Sequence[str] = (),
+                 site: bool = True):
         """Write text into a new folder under root and start training on it for `minutes` (train_args: extra train.py flags).
         On ZeroGPU the run asks for the GPU time its text needs, at most those minutes (zerogpu.request_seconds), and
-        trains for what that leaves (zerogpu.train_budget_s)."""
+        trains for what that leaves (zerogpu.train_budget_s). site: after the int8 copy, write the static web site too."""
+        self.site = site
+        self._site_why = site_unavailable() if site else None  # why this server cannot write it, known before training
         self.gpu_request_s = zerogpu.request_seconds(zerogpu.train_tokens(text), minutes) if zerogpu.ACTIVE else None
         self.budget_s = zerogpu.train_budget_s(self.gpu_request_s) if self.gpu_request_s else minutes * 60.0
         self.threads = threads
@@ -191,6 +228,9 @@ class TrainingJob:
         self._final_records: list[dict[str, Any]] = []
         self._stop_at: float | None = None  # when stop() was called
         self._at_limit = False  # ZeroGPU killed the trainer at its GPU time limit
+        self._writing_site = False
+        self._site_ready = False
+        self._site_error: str | None = None
         self._discarded = False
         self._t0 = time.monotonic()
         self._t_end: float | None = None  # when the trainer exited
@@ -233,22 +273,30 @@ class TrainingJob:
             return self._state in ACTIVE and not self._discarded
 
     def seconds_left(self) -> float:
-        """Roughly how long until the model is ready: the rest of the training budget plus the int8 step, counting
-        down to 0 (never below) while the int8 copy is made."""
+        """Roughly how long until the model is ready: the rest of the training budget plus the int8 step (and the static
+        site's), counting down to 0 (never below) while they run."""
+        after = QUANTIZE_ESTIMATE_S + (SITE_ESTIMATE_S if self.site and self._site_why is None else 0.0)
         with self._lock:
             if self._state not in ACTIVE:
                 return 0.0
             now = time.monotonic()
             if self._t_end is None:
                 t_train = self._t_train()
-                return max(0.0, (now if t_train is None else t_train) + self.budget_s - now) + QUANTIZE_ESTIMATE_S
-            return max(0.0, self._t_end + QUANTIZE_ESTIMATE_S - now)
+                return max(0.0, (now if t_train is None else t_train) + self.budget_s - now) + after
+            return max(0.0, self._t_end + after - now)
+
+    @property
+    def site_error(self) -> str | None:
+        """Once the model is ready without a static site: one sentence saying why (None otherwise)."""
+        with self._lock:
+            return self._site_error
 
     def status(self) -> Status:
         """Where the job stands, read from its files: cheap enough to call every few seconds."""
         state = self.state
         with self._lock:
             error, report, t_end, at_limit = self._error, self._report, self._t_end, self._at_limit
+            writing_site, site_ready, site_error = self._writing_site, self._site_ready, self._site_error
         records = self._final_records if state not in ACTIVE else self._read_records()
         train = [(r["step"], r["train_nats_per_char"]) for r in records if "train_nats_per_char" in r]
         val = [(r["step"], r["val_nats_per_char"]) for r in records if "val_nats_per_char" in r and not r.get("final")]
@@ -259,7 +307,10 @@ class TrainingJob:
                       seconds_left=self.seconds_left(), records=records, train_curve=train, val_curve=val, sample=sample,
                       error=error, report=report, model_dir=self.int8_dir if report is not None else None,
                       zip_folder=zip_folder(self.run_dir) if report is not None else None, gpu_request_s=self.gpu_request_s,
-                      at_limit=at_limit, expected_steps=self._expected_steps(records, elapsed) if state in ACTIVE else None)
+                      at_limit=at_limit, expected_steps=self._expected_steps(records, elapsed) if state in ACTIVE else None,
+                      writing_site=writing_site and state in ACTIVE,
+                      site_folder=site_folder(self.run_dir) if report is not None and site_ready else None,
+                      site_error=site_error if report is not None else None)
 
     def _expected_steps(self, records: list[dict[str, Any]], elapsed: float) -> int | None:
         """The steps the run will reach, for the curve's axis from its first frame: the size's cap when the trainer said
@@ -347,7 +398,36 @@ class TrainingJob:
             return "failed", "This model was deleted.", None
         if rc != 0:
             return "failed", self._failed(QUANTIZE_LOG, rc, "Quantizing the model"), None
-        return ("stopped" if stopped else "done"), None, read_json(self.int8_dir / REPORT)
+        report = read_json(self.int8_dir / REPORT)
+        if self.site:
+            why = self._write_site()
+            if self._discarded:
+                return "failed", "This model was deleted.", None
+            with self._lock:
+                self._writing_site, self._site_ready = False, why is None
+                self._site_error = None if why is None else no_site(why)
+        return ("stopped" if stopped else "done"), None, report
+
+    def _write_site(self) -> str | None:
+        """export_web.py on the visitor's fp32 weights into the job's folder (atomically: export_site builds it beside
+        and renames it in). None once the site is written, else why not, as the end of a sentence; the model stays
+        ready either way."""
+        if self._site_why is not None:
+            return self._site_why
+        with self._lock:
+            if self._discarded:
+                return "this model was deleted."
+            self._writing_site = True
+            self._proc = self._launch(EXPORT_WEB_PY, ["--ckpt", FP32_DIR, "--out", SITE_DIR], SITE_LOG)
+        try:
+            rc = self._proc.wait(timeout=SITE_TIMEOUT_S)
+        except subprocess.TimeoutExpired:
+            _signal(self._proc, signal.SIGKILL)
+            self._proc.wait()
+            return "writing it took too long."
+        if rc != 0:
+            return "this model was deleted." if self._discarded else self._failed(SITE_LOG, rc, "Writing the web site")
+        return None
 
     def _wait_for_trainer(self) -> int:
         """Wait for train.py to exit; kill it when it outlives a stop by STOP_GRACE_S, stop it when it overruns its budget."""
@@ -380,11 +460,14 @@ class TrainingJob:
 class TrainingSlot:
     """One training at a time per server: start() refuses while another job trains or quantizes."""
 
-    def __init__(self, root: str | Path | None = None, threads: int = DEFAULT_THREADS, train_args: Sequence[str] = ()):
-        """Jobs get folders under root (default: a new temporary folder); threads and train_args go to every train.py."""
+    def __init__(self, root: str | Path | None = None, threads: int = DEFAULT_THREADS, train_args: Sequence[str] = (),
+                 site: bool = True):
+        """Jobs get folders under root (default: a new temporary folder); threads and train_args go to every train.py;
+        site: every job writes its static web site too."""
         self.root = Path(root) if root is not None else Path(tempfile.mkdtemp(prefix="smallgpt-train-"))
         self.threads = threads
         self.train_args = tuple(train_args)
+        self.site = site
         self._lock = threading.Lock()
         self._job: TrainingJob | None = None
 
@@ -397,7 +480,7 @@ class TrainingSlot:
             if self._job is not None and self._job.active:
                 left = max(1, math.ceil(self._job.seconds_left() / 60))
                 raise JobError(f"Another model is training on this server; try again in about {left} minute{'s' * (left != 1)}.")
-            self._job = TrainingJob(self.root, text, minutes, self.threads, self.train_args)
+            self._job = TrainingJob(self.root, text, minutes, self.threads, self.train_args, self.site)
             return self._job
 
     def current(self) -> TrainingJob | None:
@@ -411,27 +494,41 @@ def zip_folder(run_dir: Path) -> str:
     return f"smallgpt-{run_dir.name}"
 
 
-def make_zip(run_dir: str | Path) -> Path:
-    """The download of a finished job: the fp32 checkpoint in the zip's top folder, the int8 one in its int8/ folder.
+def site_folder(run_dir: Path) -> str:
+    """The one folder a job's static-site zip unpacks to."""
+    return f"{zip_folder(run_dir)}-site"
+
+
+def make_zip(run_dir: str | Path, what: Download = "model") -> Path:
+    """A download of a finished job. "model": the fp32 checkpoint in the zip's top folder, the int8 one in its int8/
+    folder. "site": the static web site export_web.py wrote, as it wrote it, in the zip's top folder.
 
     Written once, atomically, into run_dir (so it is deleted with the model); later calls return the same file.
     """
     run_dir = Path(run_dir)
-    fp32, int8 = run_dir / FP32_DIR, run_dir / FP32_DIR / INT8_DIR
-    top = zip_folder(run_dir)
+    fp32, int8, site = run_dir / FP32_DIR, run_dir / FP32_DIR / INT8_DIR, run_dir / SITE_DIR
+    top = zip_folder(run_dir) if what == "model" else site_folder(run_dir)
     path = run_dir / f"{top}.zip"
     if path.is_file():
         return path
-    if not (int8 / REPORT).is_file():
+    if what == "model" and not (int8 / REPORT).is_file():
         raise JobError("This model is not ready to download: wait until it has been trained and quantized.")
+    if what == "site" and not (site / "index.html").is_file():
+        raise JobError("This model's web site is not ready to download: wait until the Train tab offers it.")
+
+    def files() -> Iterator[tuple[Path, str]]:
+        """(file, name in the zip), listed as the zip is written into run_dir: if run_dir is deleted meanwhile, the
+        zip's temporary file goes with it, and renaming it into place raises FileNotFoundError."""
+        if what == "site":
+            yield from ((f, f"{top}/{f.relative_to(site).as_posix()}") for f in sorted(site.rglob("*")) if f.is_file())
+            return
+        yield from ((fp32 / name, f"{top}/{name}") for name in ZIP_FP32_FILES if (fp32 / name).is_file())
+        yield from ((f, f"{top}/{INT8_DIR}/{f.name}") for f in sorted(int8.iterdir()) if f.is_file())
+
     try:
         with atomic.atomic_path(path) as tmp, zipfile.ZipFile(tmp, "w", zipfile.ZIP_DEFLATED) as zf:
-            for name in ZIP_FP32_FILES:
-                if (fp32 / name).is_file():
-                    zf.write(fp32 / name, f"{top}/{name}")
-            for f in sorted(int8.iterdir()):
-                if f.is_file():
-                    zf.write(f, f"{top}/{INT8_DIR}/{f.name}")
+            for src, name in files():
+                zf.write(src, name)
     except FileNotFoundError:  # deleted meanwhile; atomic_path may have made run_dir again, empty: remove that too
         with contextlib.suppress(OSError):
             run_dir.rmdir()

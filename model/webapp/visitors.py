@@ -1,9 +1,10 @@
 """Every visitor's state in one store, keyed by owner: their training job and its model (one each, at most MAX_MODELS on
-the server), that model loaded for generation, the copy of its zip that Gradio serves, and whether their Generate requests
-use it. A page's owner is a random key that the browser keeps (the Train tab's gr.BrowserState, linked to each page
-session on load), so a reload keeps the model; an API client's owner is its session (gradio_client keeps one per Client),
-whose end deletes its model. A model is deleted MAX_AGE_S after its training started, when its owner trains again, or
-when a newer visitor's model pushes it out; every deletion takes one path (_let_go).
+the server), that model loaded for generation, the copies of its zips (checkpoints, static web site) that Gradio serves,
+and whether their Generate requests use it. A page's owner is a random key that the browser keeps (the Train tab's
+gr.BrowserState, linked to each page session on load), so a reload keeps the model; an API client's owner is its session
+(gradio_client keeps one per Client), whose end deletes its model. A model is deleted MAX_AGE_S after its training
+started, when its owner trains again, or when a newer visitor's model pushes it out; every deletion takes one path
+(_let_go).
 The tabs only show this state (model/webapp/train_tab.py, generate_tab.py)."""
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ import secrets
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +32,7 @@ from model.webapp.training_job import (
     QUANTIZE_PY,
     TEXT_FILE,
     TRAIN_PY,
+    Download,
     JobError,
     TrainingJob,
     TrainingSlot,
@@ -66,7 +68,8 @@ class _Visitor:
     job: TrainingJob | None = None  # their latest training (and its model), None once deleted
     started: float = 0.0  # the store's clock when that training started
     pool: ModelPool | None = None  # the job's finished model, loaded for generation on first use
-    served_zip: Path | None = None  # the zip's copy in Gradio's cache, the file a /gradio_api/file= link serves
+    served: dict[str, Path] = field(default_factory=dict)  # each zip's copy in Gradio's cache (by training_job.Download),
+    # the file a /gradio_api/file= link serves
     uses_own: bool = False  # they chose "yours": their Generate requests ask for their own model
 
 
@@ -75,7 +78,7 @@ class _Gone:
     """What one deletion lets go of."""
 
     job: TrainingJob | None
-    served_zip: Path | None
+    served: list[Path]
 
 
 class Visitors:
@@ -215,29 +218,33 @@ class Visitors:
     @staticmethod
     def _take_model(visitor: _Visitor) -> _Gone:
         """Empty visitor of its model (under the lock); what to delete, outside it."""
-        gone = _Gone(visitor.job, visitor.served_zip)
-        visitor.job, visitor.pool, visitor.served_zip = None, None, None
+        gone = _Gone(visitor.job, list(visitor.served.values()))
+        visitor.job, visitor.pool, visitor.served = None, None, {}
         return gone
 
-    # ---- the download --------------------------------------------------------------------------------------------
+    # ---- the downloads -------------------------------------------------------------------------------------------
 
-    def served_zip(self, owner: str) -> str:
-        """The path of owner's zip in Gradio's cache, the one copy that Gradio serves (it serves a file already there
-        as it is): deleted with the model. A JobError if there is no finished model."""
+    def served_zip(self, owner: str, what: Download = "model") -> str:
+        """The path of owner's zip (what: "model", the checkpoints; "site", the static web site) in Gradio's cache, the
+        one copy that Gradio serves (it serves a file already there as it is): deleted with the model. A JobError if
+        there is no finished model, or, for the site, none was written (its sentence says why)."""
         job = self.get(owner)
         if job is None:
             raise JobError("You have no trained model in this session: start a training first.")
+        if what == "site" and job.site_error is not None:
+            raise JobError(job.site_error)
         with self._lock:
             visitor = self._visitors.get(owner)
-            if visitor is not None and visitor.job is job and visitor.served_zip is not None and visitor.served_zip.is_file():
-                return str(visitor.served_zip)
-        copy = Path(save_file_to_cache(make_zip(job.run_dir), cache_dir=get_upload_folder()))
+            copy = visitor.served.get(what) if visitor is not None and visitor.job is job else None
+            if copy is not None and copy.is_file():
+                return str(copy)
+        copy = Path(save_file_to_cache(make_zip(job.run_dir, what), cache_dir=get_upload_folder()))
         with self._lock:
             visitor = self._visitors.get(owner)
             if visitor is not None and visitor.job is job:
-                visitor.served_zip = copy
+                visitor.served[what] = copy
                 return str(copy)
-        _let_go([_Gone(None, copy)])  # deleted meanwhile
+        _let_go([_Gone(None, [copy])])  # deleted meanwhile
         raise JobError("This model has been deleted (models are kept for an hour): train it again.")
 
     # ---- which model serves a Generate request ---------------------------------------------------------------------
@@ -339,13 +346,13 @@ class Visitors:
 
 
 def _let_go(gone: list[_Gone]) -> None:
-    """The one deletion path: kill and delete each job and its folder, and delete the zip's served copy (with its
-    folder in Gradio's cache, named after the zip's hash), so that no link to it answers any more."""
+    """The one deletion path: kill and delete each job and its folder, and delete its zips' served copies (each with
+    its folder in Gradio's cache, named after the zip's hash), so that no link to them answers any more."""
     for item in gone:
         if item.job is not None:
             item.job.discard()
-        if item.served_zip is not None:
+        for copy in item.served:
             with contextlib.suppress(OSError):
-                item.served_zip.unlink()
+                copy.unlink()
             with contextlib.suppress(OSError):
-                item.served_zip.parent.rmdir()
+                copy.parent.rmdir()
