@@ -24,6 +24,7 @@ from model.formats.export import export_checkpoint  # noqa: E402
 from model.formats.hf import neox_names_for_ctranslate2  # noqa: E402
 from model.formats.hf_tokenizer import token_strings  # noqa: E402
 from model.formats.load import load  # noqa: E402
+from model.generation.cache import filling, reserve  # noqa: E402
 from model.generation.generate import SamplingConfig, decode_tokens  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -35,8 +36,9 @@ def kv_cache_gap(model: torch.nn.Module, ids: torch.Tensor, prompt: int) -> floa
     """The largest gap between logits decoded one token at a time over the KV cache and one uncached forward."""
     with torch.inference_mode():
         full, _ = model(ids)
-        model.setup_caches(ids.shape[0])
-        first, _ = model(ids[:, :prompt], fill_rows=torch.arange(ids.shape[0]))
+        reserve(model, ids.shape[0])
+        with filling(model, torch.arange(ids.shape[0])):  # the prompt, as the engine prefills it
+            first, _ = model(ids[:, :prompt], input_pos=torch.arange(prompt))
         steps = [model(ids[:, t:t + 1], input_pos=torch.tensor([t]))[0] for t in range(prompt, ids.shape[1])]
         model.clear_caches()
     cached = torch.cat([first, *steps], dim=1)

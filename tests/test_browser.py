@@ -1,7 +1,8 @@
 """The app in a real browser: Debian's chromium driven by Playwright types a prompt, clicks Generate, sees the text; at a
 desktop's width (1280 px) and a phone's (390 px), the next-token chart's labels and the sliders' ranges are readable,
-and a visitor's own model offers the start of their own text. SMALLGPT_SCREENSHOTS=1 saves the Generate tab at both
-widths, bundled and "yours", to docs/generate-*.png."""
+the attention view beside the chart follows the prompt and the head chosen, and a visitor's own model offers the start
+of their own text. SMALLGPT_SCREENSHOTS=1 saves the Generate tab at both widths, bundled and "yours", to
+docs/generate-*.png, and the "Under the hood" panel to docs/attention-*.png."""
 
 from __future__ import annotations
 
@@ -180,6 +181,49 @@ def test_the_chart_and_the_sliders_are_readable(browser_page, tmp_path, width):
         expect(block.locator(".max_value")).to_be_visible()
         expect(block.locator(".max_value")).to_have_text(high)
     screenshot(page, f"generate-{width}.png", tmp_path)
+
+
+@pytest.mark.parametrize("width", WIDTHS)
+def test_the_attention_view_follows_the_prompt_and_the_head_chosen(browser_page, gpt2_tokenizer, tmp_path, width):
+    """Under the hood, beside the chart (below it on a phone): a row per prompt token and a column per layer, the last
+    token marked as the one predicting the next; a new prompt redraws it with that prompt's tokens, a chosen head with
+    that head's weights. Its type is readable and it fits the screen's width."""
+    from playwright.sync_api import expect
+
+    from model.generation.generate import prompt_tokens
+    from model.webapp.generate_tab import FIRST_PROMPT
+
+    page = open_app(browser_page, width)
+    page.get_by_text("Under the hood").click()
+    table = page.locator("#attention-map table")
+    expect(table.locator("thead th")).to_have_count(1 + 2, timeout=30_000)  # the token column, 2 layers
+    expect(table.locator("tbody tr")).to_have_count(len(prompt_tokens(gpt2_tokenizer, FIRST_PROMPT)))  # ROM, EO, :, \n
+    expect(table.locator("tr.last th")).to_have_text("\\n \u2192 next")
+    caption = page.locator("#attention-map .attention-caption")
+    expect(caption).to_contain_text("averaged over the heads")
+
+    prompt = "To be, or not to be, that is"
+    page.locator("#prompt textarea").fill(prompt)
+    expect(table.locator("tbody tr")).to_have_count(len(prompt_tokens(gpt2_tokenizer, prompt)), timeout=30_000)
+    expect(table.locator("tr.last th")).to_have_text("\u00b7is \u2192 next")
+    mean = table.locator("tbody").inner_text()
+    page.locator("#attention-head input").click()
+    page.get_by_role("option", name="head 2").click()
+    expect(caption).to_contain_text("(head 2)", timeout=30_000)
+    assert table.locator("tbody").inner_text() != mean  # that head's weights, not the mean's
+
+    cells = label_boxes(page, "#attention-map td, #attention-map th")
+    assert cells and all(b["size"] >= 10 for b in cells), cells
+    view = page.locator("#attention-map .attention-scroll").bounding_box()
+    assert 0 <= view["x"] and view["x"] + view["width"] <= width, view
+    table_box, chart = table.bounding_box(), page.locator("#next-token-chart").bounding_box()
+    if width >= 1000:  # beside the chart
+        assert table_box["x"] >= chart["x"] + chart["width"] and table_box["y"] < chart["y"] + chart["height"], (table_box, chart)
+    else:  # below it
+        assert table_box["y"] >= chart["y"] + chart["height"], (table_box, chart)
+    folder = ROOT / "docs" if os.environ.get("SMALLGPT_SCREENSHOTS") == "1" else tmp_path
+    page.locator("#under-the-hood").screenshot(path=str(folder / f"attention-{width}.png"))
+    assert (folder / f"attention-{width}.png").stat().st_size > 10_000
 
 
 def owner_of(page, visitors) -> str:

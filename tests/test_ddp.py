@@ -28,8 +28,8 @@ ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
 FLAGS = {"preset": "tiny", "n_layer": 1, "n_embd": 16, "n_head": 2, "block_size": 16, "batch_size": 2,
          "max_iters": 4, "eval_interval": 2, "eval_windows": 2, "log_interval": 1, "max_minutes": 0, "dtype": "fp32", "device": "cpu",
          "lr": 0.01, "warmup_iters": 100}  # still warming up at the end: the LR of a step does not depend on --max-iters
-# The default block (the cpu preset: rotary positions, Muon), as small: the sample an evaluation
-# writes puts KV caches on rank 0's model only, which DDP must not try to sync.
+# The default block (the cpu preset: rotary positions, Muon), as small: rank 0 alone writes a sample at each evaluation,
+# and DDP syncs the model's buffers at every forward; the samples' KV caches must not become buffers of rank 0's model.
 DEFAULT = {"preset": "cpu", "n_layer": 1, "n_embd": 16, "n_head": 2, "block_size": 16, "dropout": 0.0, "batch_size": 2,
            "max_iters": 4, "eval_interval": 2, "eval_windows": 2, "log_interval": 1, "max_minutes": 0, "dtype": "fp32",
            "device": "cpu"}

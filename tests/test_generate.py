@@ -13,6 +13,7 @@ from model_support import tiny_gpt
 import generate as cli
 from model.config import GPTConfig
 from model.formats.checkpoint import save_config, save_weights
+from model.generation.cache import filling, reserve
 from model.generation.generate import (
     SamplingConfig,
     apply_penalties,
@@ -47,13 +48,13 @@ class ScriptedModel(nn.Module):
         self.dummy = nn.Parameter(torch.zeros(1))
         self.script, self.step, self.prefills = script, 0, []
 
-    def setup_caches(self, batch_size: int, max_len: int | None = None) -> None:
+    def setup_caches(self, batch_size: int, max_len: int | None = None, cache: type | None = None) -> None:
         self.step = 0
 
     def clear_caches(self) -> None:
         pass
 
-    def forward(self, idx, input_pos=None, last_only=False, fill_rows=None):
+    def forward(self, idx, input_pos=None, last_only=False, need_weights=False):
         if idx.shape[1] > 1 or self.step == 0:
             self.prefills.append(idx.tolist())
         logits = torch.zeros(len(self.script), 1, self.config.vocab_size)
@@ -71,8 +72,9 @@ def test_cached_logits_equal_uncached():
     x[:, :12] = x[0, :12]  # a shared prompt, then each row's own tokens
     with torch.inference_mode():
         full, _ = model(x)
-        model.setup_caches(3)
-        first, _ = model(x[:1, :12], fill_rows=torch.arange(3))  # the prompt prefilled once, for all rows
+        reserve(model, 3)
+        with filling(model, torch.arange(3)):  # the prompt prefilled once, for all rows
+            first, _ = model(x[:1, :12], input_pos=torch.arange(12))
         steps = [model(x[:, t:t + 1], input_pos=torch.tensor([t]))[0] for t in range(12, 20)]
         model.clear_caches()
     torch.testing.assert_close(first[0], full[0, :12], atol=1e-5, rtol=1e-4)

@@ -3,6 +3,10 @@ classic GPT-2 block and its variants (rotary positions, ReLU², QK-norm)."""
 
 from __future__ import annotations
 
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 from train_support import tiny_config
@@ -11,6 +15,7 @@ from model import config as config_module
 from model.config import check_memory, memory_needed, param_count
 from model.gpt import GPT
 
+ROOT = Path(__file__).resolve().parents[1]
 VARIANTS = {"classic": {}, "rotary-relu2": {"rotary": True, "mlp": "relu2"}, "rotary-qknorm": {"rotary": True, "qk_norm": True}}
 
 
@@ -109,3 +114,43 @@ def test_the_memory_check_counts_weights_caches_and_training_state(monkeypatch):
     monkeypatch.setattr(config_module, "machine_memory", lambda: need - 1)
     with pytest.raises(ValueError, match="to load and run"):
         GPT(config)
+
+
+@pytest.mark.parametrize("variant", list(VARIANTS))
+def test_a_model_built_for_training_carries_no_kv_cache(variant):
+    """A new GPT's only buffers are its rotary tables (for rotary variants): no KV cache, no mask over one. Generating
+    adds them (setup_caches), clear_caches takes them away again."""
+    model = GPT(tiny_config(**VARIANTS[variant]))
+    tables = {"rope_cos", "rope_sin"} if model.config.rotary else set()
+    assert {name for name, _ in model.named_buffers()} == tables
+    model.setup_caches(2)
+    assert {name for name, _ in model.named_buffers()} > tables
+    model.clear_caches()
+    assert {name for name, _ in model.named_buffers()} == tables
+
+
+def test_importing_the_model_loads_only_the_model_its_config_and_torch():
+    """model/gpt.py reads on its own: importing it brings no checkpoint, tokenizer, training or generation module."""
+    code = "import sys, model.gpt; print(sorted(m for m in sys.modules if m == 'model' or m.startswith('model.')))"
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True).stdout
+    assert out.split() == ["['model',", "'model.config',", "'model.gpt']"]
+
+
+def test_the_attention_weights_are_the_forwards_own_and_causal(model):
+    """need_weights returns each layer's softmax weights (B, H, T, T) from the same forward: the same logits as the
+    fused path, each row summing to 1, nothing on a later position; over the KV cache, the rows of the same weights."""
+    x = torch.randint(0, 256, (2, 10))
+    logits, loss, weights = model(x, need_weights=True)
+    torch.testing.assert_close(logits, model(x)[0], rtol=1e-5, atol=1e-5)
+    assert loss is None and len(weights) == model.config.n_layer
+    for w in weights:
+        assert w.shape == (2, model.config.n_head, 10, 10)
+        torch.testing.assert_close(w.sum(-1), torch.ones(2, model.config.n_head, 10))
+        assert torch.equal(w.triu(1), torch.zeros_like(w))  # no weight on a future token
+    model.setup_caches(2)
+    model(x[:, :6], input_pos=torch.arange(6))
+    _, _, cached = model(x[:, 6:], input_pos=torch.arange(6, 10), need_weights=True)
+    model.clear_caches()
+    for w, c in zip(weights, cached, strict=True):  # the cache holds the context's 16 positions; 10 written
+        torch.testing.assert_close(c[..., :10], w[:, :, 6:], rtol=1e-5, atol=1e-6)
+        assert torch.equal(c[..., 10:], torch.zeros_like(c[..., 10:]))

@@ -11,6 +11,7 @@ import model_support
 import pytest
 import torch
 
+from model.generation.cache import reserve
 from model.generation.generate import SamplingConfig, decode_tokens, draw, warm_up
 from model.generation.trace import forward_for, traces
 from model.gpt import GPT
@@ -56,7 +57,7 @@ def test_traced_logits_equal_eager_logits_step_by_step(make):
     with torch.inference_mode():
         outs = {}
         for name, model in (("eager", eager_model), ("traced", traced_model)):
-            model.setup_caches(3)
+            reserve(model, 3)
             rows = torch.arange(3)
             prefill = forward_for(model, 1, 6, "fill", traced=False)(x[:1, :6], rows)
             step = forward_for(model, 3, 1, "shared", traced=name == "traced")
@@ -86,7 +87,7 @@ def test_traces_are_made_once_per_shape_and_reused_across_requests():
     assert tokens(model, 1, sampling, traced=True) == fresh[1]  # fewer rows: the same caches, a trace of its own
     assert tokens(model, 3, sampling, traced=True) == fresh[3]
     assert all(traces(model)[k] is t for k, t in made.items())  # not traced again
-    model.setup_caches(5)  # more rows than the caches hold: new caches, and the traces bound to the old ones go
+    reserve(model, 5)  # more rows than the caches hold: new caches, and the traces bound to the old ones go
     assert traces(model) == {}
     assert tokens(model, 3, sampling, traced=True) == fresh[3]
 
@@ -95,7 +96,7 @@ def test_tracing_leaves_the_caches_as_they_were():
     """Tracing runs the forward once on example input; the caches it wrote are put back."""
     model = tiny_gpt()
     with torch.inference_mode():
-        model.setup_caches(2)
+        reserve(model, 2)
         forward_for(model, 1, 4, "fill", traced=False)(torch.tensor([[5, 6, 7, 8]]), torch.arange(2))
         before = [(b.attn.kv_cache.k.clone(), b.attn.kv_cache.v.clone()) for b in model.transformer.h]
         forward_for(model, 2, 3, "shared", traced=True)
@@ -141,7 +142,7 @@ def test_warm_up_makes_the_shapes_a_server_serves():
     """warm_up traces a request size's step and slide (over caches kept for more rows); the engine then uses them even
     for a short request."""
     model = tiny_gpt()
-    model.setup_caches(4)
+    reserve(model, 4)
     for n in (1, 2, 3):
         warm_up(model, n)
     assert {k[:2] for k in traces(model)} == {(1, 1), (2, 1), (3, 1), (1, 16), (2, 16), (3, 16)}
@@ -188,7 +189,7 @@ def test_after_generating_the_model_still_works_outside_inference_mode():
     model = tiny_gpt()
     tokens(model, 2, SamplingConfig(max_new_tokens=5, seed=0), traced=True)
     with torch.no_grad():
-        model.setup_caches(2)
+        reserve(model, 2)
         out, _ = model(torch.tensor([[1, 2, 3]]), input_pos=torch.arange(3))
     assert out.shape == (1, 3, 128)
 

@@ -160,10 +160,27 @@ def test_the_evaluation_sample_leaves_training_as_it_was(tmp_path, text, bytes_t
     assert trainer.raw_model.training
     for _ in range(12):  # past the engine's tracing threshold: the sample's steps are traced...
         trainer.sample()
-    made = dict(traces(trainer.raw_model))
+    made = dict(traces(trainer.sampler))  # on the twin that writes the samples over the training weights
     trainer.sample()
-    assert made and traces(trainer.raw_model) == made  # ...once, not again at every evaluation
+    assert made and traces(trainer.sampler) == made  # ...once, not again at every evaluation
     assert all(torch.equal(v, weights[k]) for k, v in trainer.raw_model.state_dict().items())
+
+
+def test_the_training_model_carries_no_kv_cache_after_its_evaluation_samples(tmp_path, text, bytes_tok):
+    """The samples' KV caches go on a twin over the same weights: the model being trained keeps only its own buffers
+    (DDP then sees the same buffers on every rank), and the twin samples with the weights as they are now."""
+    trainer = Trainer(resolve({**SMALL, "data": str(text), "out_dir": str(tmp_path / "out"), "max_iters": 2, "preset": "cpu",
+                               "n_layer": 1, "n_head": 2, "dropout": 0.0}))
+    before = {name for name, _ in trainer.raw_model.named_buffers()}
+    assert before == {"rope_cos", "rope_sin"}  # the rotary tables only
+    trainer.evaluate(None, write=False)  # scores, then writes a sample
+    first = trainer.sample()
+    assert {name for name, _ in trainer.raw_model.named_buffers()} == before
+    assert any("kv_cache" in name for name, _ in trainer.sampler.named_buffers())  # the caches are the twin's
+    with torch.no_grad():
+        for p in trainer.raw_model.parameters():
+            p.mul_(-1.0)  # an optimizer step changes the weights in place: the twin's next sample follows
+    assert trainer.sample() != first
 
 
 @pytest.mark.slow

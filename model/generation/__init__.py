@@ -1,2 +1,2 @@
-"""Generation: one decoding engine (engine), its traced forwards (trace), sampling, a lone request and its text
-(generate), and a server's requests decoded together (batching)."""
+"""Generation: one decoding engine (engine), its KV cache rows (cache), its traced forwards (trace), sampling, a lone
+request and its text (generate), and a server's requests decoded together (batching)."""

@@ -24,6 +24,7 @@ from typing import Any
 
 import torch
 
+from model.generation.cache import reserve, row_caches
 from model.generation.sampling import Sampler, SamplingConfig, sample_next
 from model.generation.trace import CachedForward, Kind, count_tokens, forward_for, warmed_forward
 from model.gpt import GPT
@@ -113,7 +114,7 @@ class Engine:
 
     def reserve(self) -> None:
         """Caches for max_rows rows (those the model has for more are kept, and with them its traces)."""
-        self.model.setup_caches(self.max_rows)
+        reserve(self.model, self.max_rows)
 
     def warm_up(self, max_sequences: int) -> None:
         """Make and run every traced forward a request of up to max_sequences rows may need: each bucket's step, the
@@ -228,8 +229,8 @@ class Engine:
                 done.append(r)
                 continue
             if r.row != row:
-                for block in self.model.transformer.h:
-                    block.attn.kv_cache.move_rows(r.row, row, r.num_samples)
+                for cache in row_caches(self.model):
+                    cache.move_rows(r.row, row, r.num_samples)
                 r.row = row
             row += r.num_samples
             running.append(r)

@@ -116,6 +116,17 @@ class RunFiles:
             shutil.rmtree(self.created, ignore_errors=True)
 
 
+def sampling_twin(model: GPT) -> GPT:
+    """A GPT (eval mode) whose parameters are model's own Parameter objects, so it always samples with the weights as
+    they are now, and whose buffers are its own: the KV caches and traces of generating go on it, not on model."""
+    with torch.device("meta"):  # no weights of its own to allocate
+        twin = GPT(model.config, init_weights=False)
+    twin.load_state_dict(model.state_dict(keep_vars=True), assign=True)
+    for name, buffer in model.named_buffers():  # the rotary tables (read only)
+        setattr(twin, name, buffer)
+    return twin.eval()
+
+
 class Trainer:
     """One run: the model (DDP-wrapped under torchrun), optimizer, data, Budget and RunState; run() trains."""
 
@@ -134,13 +145,11 @@ class Trainer:
         else:
             model = checkpoint.build_model(self.config, plan.weights, s.init_from or f"{s.out_dir}/{checkpoint.TRAIN_STATE}")
         self.raw_model = model.to(self.device)
+        self.sampler: GPT | None = None  # what writes the evaluation samples, over the same weights (sampling_twin)
         self.model = torch.compile(self.raw_model) if s.compile else self.raw_model
         if self.dist.enabled:
             with distributed.peer_errors():  # DDP starts by broadcasting rank 0's weights
-                # No buffer sync at each forward: the model's buffers are its rotary tables (the same on every rank) and
-                # the KV caches rank 0's samples add; DDP would re-list and broadcast them, a collective of another size.
-                self.model = DistributedDataParallel(self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None,
-                                                     forward_sync_buffers=False)
+                self.model = DistributedDataParallel(self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
         self.optimizer = make_optimizer(self.raw_model, s.lr, s.weight_decay, (s.beta1, s.beta2), self.device.type, s.optimizer,
                                         s.muon_lr_scale)
         self.soft_targets: SoftTargets | None = None  # the teachers' distributions (--teacher), read once before training
@@ -360,10 +369,13 @@ class Trainer:
     def sample(self) -> str:
         """A short continuation of a new line by the current weights (fixed seed), for the log and the app's live view.
 
-        The one-row KV cache stays between evaluations (the training forward ignores it), so once the engine traces
-        the step it keeps that trace instead of making a new one at every evaluation."""
+        It is written by a twin of the training model over the same weight tensors, which keeps the KV caches between
+        evaluations, so once the engine traces the step it keeps that trace instead of making a new one at every
+        evaluation; the training model itself carries no cache (nor DDP any buffer that one rank has)."""
+        if self.sampler is None:
+            self.sampler = sampling_twin(self.raw_model)
         sampling = SamplingConfig(max_new_tokens=SAMPLE_TOKENS, temperature=0.8, top_k=50, seed=self.settings.seed)
-        return generate(self.raw_model, self.tokenizer, "\n", 1, sampling)[0]
+        return generate(self.sampler, self.tokenizer, "\n", 1, sampling)[0]
 
     def expect_after_training(self) -> None:
         """Tell the budget what follows training: the final evaluation (unless already known) after one more evaluation."""

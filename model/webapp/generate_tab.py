@@ -1,7 +1,7 @@
-"""The Generate tab: prompt, sampling settings, sequence boxes and next-token chart, with the /generate and
-/next_tokens endpoints. Which model serves a request is asked per request, so a visitor's own model can serve it; with
-choose_model the tab also shows a "Model: bundled / yours" choice (and the /use_model endpoint); the choice itself is
-kept by model/webapp/visitors.py."""
+"""The Generate tab: prompt, sampling settings, sequence boxes, and under the hood the next-token chart beside the
+attention view (model/webapp/attention_view.py), with the /generate and /next_tokens endpoints. Which model serves a
+request is asked per request, so a visitor's own model can serve it; with choose_model the tab also shows a "Model:
+bundled / yours" choice (and the /use_model endpoint); the choice itself is kept by model/webapp/visitors.py."""
 
 from __future__ import annotations
 
@@ -12,6 +12,8 @@ from typing import Any
 import gradio as gr
 import pandas as pd
 
+from model.webapp.attention_view import CSS as ATTENTION_CSS
+from model.webapp.attention_view import MEAN, head_choices, heatmap_html, look
 from model.webapp.checks import InputError, check_request, prompt_text
 from model.webapp.limits import (
     DEFAULT_MAX_NEW_TOKENS,
@@ -44,7 +46,7 @@ CSS = """
 @media (width <= 480px) {
   #sampling .min_value, #sampling .max_value { display: inline !important; }
 }
-"""
+""" + ATTENTION_CSS
 
 
 def line_start(line: str) -> str:
@@ -105,12 +107,15 @@ def build_generate_tab(pool: ModelPool, pool_for: PoolFor | None = None, choose_
             gr.Warning(e.message)
             yield tuple(gr.skip() for _ in range(MAX_SEQUENCES))
 
-    def chart_on_page(prompt: Any, request: gr.Request) -> Any:
-        """The chart always shows the current prompt's next tokens: empty (no warning) while the prompt is."""
+    def hood_on_page(prompt: Any, head: Any, request: gr.Request) -> tuple[Any, str]:
+        """The chart and the attention view always show the current prompt, from one forward: empty (no warning) while
+        the prompt is."""
         try:
-            return next_tokens(prompt, request)
+            prompt = prompt_text(prompt, "to see what the model expects next")
         except InputError:
-            return None
+            return None, ""
+        view = look(pool_for(request), prompt[-MAX_PROMPT_CHARS:])
+        return view.table, heatmap_html(view, head)
 
     def show_boxes(n: float) -> list[dict[str, Any]]:
         return [gr.update(visible=i < int(n)) for i in range(MAX_SEQUENCES)]
@@ -121,10 +126,11 @@ def build_generate_tab(pool: ModelPool, pool_for: PoolFor | None = None, choose_
             card_text = choose_model(choice, request)
         except InputError as e:  # only "yours" can fail, so the choice stays "bundled"
             gr.Warning(e.message)
-            return "bundled", gr.skip(), gr.skip(), gr.skip(), gr.skip()
+            return "bundled", gr.skip(), gr.skip(), gr.skip(), gr.skip(), gr.skip(), gr.skip()
         text = own_text(request) if choice == "yours" else None
         offers = offers_from(text) if text is not None else list(EXAMPLES)
-        return (gr.skip(), card_text, chart_on_page(offers[0], request), offers[0],
+        heads = gr.Dropdown(choices=head_choices(pool_for(request).first.config.n_head), value=MEAN)  # its heads
+        return (gr.skip(), card_text, *hood_on_page(offers[0], MEAN, request), heads, offers[0],
                 gr.Dataset(samples=[[e] for e in offers]))
 
     if choose_model is not None:
@@ -149,11 +155,20 @@ def build_generate_tab(pool: ModelPool, pool_for: PoolFor | None = None, choose_
                              info="-1 = random; the same seed, prompt and settings give the same text")
     boxes = [gr.Textbox(label=f"Sequence {i + 1}", lines=6, visible=i < DEFAULT_SEQUENCES, elem_id=f"seq-{i + 1}")
              for i in range(MAX_SEQUENCES)]
-    with gr.Accordion("Under the hood: what the model expects next", open=False, elem_id="under-the-hood"):
-        gr.Markdown("Probabilities of the 10 most likely next tokens after the prompt as it is now (temperature 1, "
-                    "before top-k/top-p); redrawn as you type.")
-        chart = gr.BarPlot(next_token_table(pool, FIRST_PROMPT), x="token", y="probability", sort="-y", y_lim=[0, None],
-                           label="next token", height=360, x_label_angle=-90, elem_id="next-token-chart")
+    first = look(pool, FIRST_PROMPT)
+    with gr.Accordion("Under the hood: what the model expects next, and where it looks", open=False, elem_id="under-the-hood"):
+        with gr.Row():
+            with gr.Column(min_width=300):
+                gr.Markdown("Probabilities of the 10 most likely next tokens after the prompt as it is now (temperature 1, "
+                            "before top-k/top-p); redrawn as you type.")
+                chart = gr.BarPlot(first.table, x="token", y="probability", sort="-y", y_lim=[0, None], label="next token",
+                                   height=360, x_label_angle=-90, elem_id="next-token-chart")
+            with gr.Column(min_width=300):
+                gr.Markdown("Attention: the next token is predicted from the prompt's last position, which in every "
+                            "layer takes a weighted mean of what the tokens before it (and itself) pass on. The "
+                            "darker a cell, the more that layer's last position looks at that token.")
+                head = gr.Dropdown(head_choices(pool.first.config.n_head), value=MEAN, label="heads", elem_id="attention-head")
+                attention = gr.HTML(heatmap_html(first), elem_id="attention-map")
 
     # preprocess=False: raw values reach check_request, whose errors name the parameter and its range.
     # The API endpoints have no trigger on the page (triggers=[]); the page's triggers call the *_on_page handlers.
@@ -162,11 +177,12 @@ def build_generate_tab(pool: ModelPool, pool_for: PoolFor | None = None, choose_
     gr.on([button.click, prompt.submit], generate_on_page, inputs, boxes, api_visibility="private",
           concurrency_id="model", preprocess=False)
     gr.on([], next_tokens, [prompt], chart, api_name="next_tokens", concurrency_id="model", preprocess=False)
-    # A changed prompt redraws the chart (the latest prompt only: "always_last"), so it never shows an old prompt's bars.
-    prompt.change(chart_on_page, [prompt], chart, api_visibility="private", concurrency_id="model", preprocess=False,
-                  trigger_mode="always_last", show_progress="hidden")
+    # A changed prompt redraws the chart and the attention view (the latest prompt only: "always_last"), so they never
+    # show an old prompt's; so does another head.
+    gr.on([prompt.change, head.change], hood_on_page, [prompt, head], [chart, attention], api_visibility="private",
+          concurrency_id="model", preprocess=False, trigger_mode="always_last", show_progress="hidden")
     num.change(show_boxes, [num], boxes, api_visibility="private", queue=False)
     if choose_model is not None:  # loading a visitor's model takes a moment: it waits in the "model" queue too
         gr.on([], choose_model, [choice], card, api_name="use_model", concurrency_id="model", preprocess=False)
-        choice.input(choose_on_page, [choice], [choice, card, chart, prompt, examples.dataset], api_visibility="private",
-                     concurrency_id="model")
+        choice.input(choose_on_page, [choice], [choice, card, chart, attention, head, prompt, examples.dataset],
+                     api_visibility="private", concurrency_id="model")

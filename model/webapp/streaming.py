@@ -11,6 +11,7 @@ import pandas as pd
 import torch
 
 from model.generation.generate import SamplingConfig, prompt_tokens, texts
+from model.tokenizer import Tokenizer
 from model.webapp.limits import MAX_SEQUENCES
 from model.webapp.pool import ModelPool
 
@@ -47,7 +48,12 @@ def next_token_table(pool: ModelPool, prompt: str, k: int = 10) -> pd.DataFrame:
         tokenizer, block_size = loaded.tokenizer, loaded.config.block_size
         ids = prompt_tokens(tokenizer, prompt)[-block_size:]
         logits, _ = loaded.model(torch.tensor([ids]), last_only=True)
-    probs = torch.softmax(logits[0, -1, :tokenizer.n_vocab].float(), dim=-1)
+    return top_tokens(tokenizer, logits[0, -1], k)
+
+
+def top_tokens(tokenizer: Tokenizer, logits: torch.Tensor, k: int = 10) -> pd.DataFrame:
+    """The k most likely tokens of one position's logits (V,) at temperature 1, as rows of (token, probability)."""
+    probs = torch.softmax(logits[:tokenizer.n_vocab].float(), dim=-1)
     top = torch.topk(probs, k)
     labels = [f"{rank}. {tokenizer.decode([int(i)])!r}" for rank, i in enumerate(top.indices.tolist(), 1)]
     return pd.DataFrame({"token": labels, "probability": top.values.tolist()})
