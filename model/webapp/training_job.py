@@ -59,7 +59,7 @@ QUANTIZE_TIMEOUT_S = 600.0
 QUANTIZE_EVAL_WINDOWS = 200  # the int8 report scores this many evenly spaced validation windows, so it takes seconds
 QUANTIZE_ESTIMATE_S = 30.0  # for "about N minutes left"
 SITE_TIMEOUT_S = 600.0
-SITE_ESTIMATE_S = 30.0  # the static site's export, for "about N minutes left": a guess, not measured
+SITE_ESTIMATE_S = 15.0  # the static site's export, for "about N minutes left": the default model's took 9.3 to 10.8 s (docs/app.md)
 
 FP32_DIR = "model"  # the trainer's --out-dir inside a job folder; quantize.py writes FP32_DIR/int8
 INT8_DIR = "int8"
